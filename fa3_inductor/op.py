@@ -1,0 +1,131 @@
+"""The one attention op, `torch.ops.fa3.attention`, with its fake implementation and autograd.
+
+Every matched site becomes a call of this op. Its arguments are canonical: q (B, Hq, Sq, D),
+k (B, Hkv, Sk, D), v (B, Hkv, Sk, Dv) with Hq a multiple of Hkv (grouped-query attention without copies),
+`operands` the external tensors of the score program (each 4-D, broadcastable to (B, Hq, Sq, Sk)),
+`program` a serialised ScoreProgram and `kernel` a dispatch preference. It returns (out, lse); lse is the
+fp32 log-sum-exp per row, kept for the backward.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from . import dispatch
+from .config import KERNELS
+from .kernels.program import ScoreProgram
+
+_FLOATS = (torch.float16, torch.bfloat16, torch.float32)
+
+
+@functools.lru_cache(maxsize=1024)
+def load_program(program: str) -> ScoreProgram:
+    return ScoreProgram.loads(program)
+
+
+def check_inputs(q, k, v, operands, prog: ScoreProgram) -> None:
+    """Raise ValueError with a clear message for arguments the op cannot take."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"fa3 attention: {name} must be a tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(f"fa3 attention: {name} must be 4-D (batch, heads, seq, head_dim), got {tuple(t.shape)}")
+        if t.dtype not in _FLOATS:
+            raise ValueError(f"fa3 attention: {name} dtype {t.dtype} is not one of fp16/bf16/fp32")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(f"fa3 attention: q, k, v dtypes differ ({q.dtype}, {k.dtype}, {v.dtype})")
+    if not (q.device == k.device == v.device):
+        raise ValueError("fa3 attention: q, k, v are on different devices")
+    b, hq, sq, d = q.shape
+    if k.shape[0] != b or v.shape[0] != b:
+        raise ValueError(f"fa3 attention: batch sizes differ: q {b}, k {k.shape[0]}, v {v.shape[0]}")
+    if k.shape[1] != v.shape[1] or k.shape[2] != v.shape[2]:
+        raise ValueError(f"fa3 attention: k {tuple(k.shape)} and v {tuple(v.shape)} disagree on heads or length")
+    if k.shape[3] != d:
+        raise ValueError(f"fa3 attention: q head dim {d} != k head dim {k.shape[3]}")
+    if k.shape[1] == 0 or hq % k.shape[1] != 0:
+        raise ValueError(f"fa3 attention: q heads {hq} are not a multiple of k/v heads {k.shape[1]}")
+    if len(operands) != prog.n_operands:
+        raise ValueError(f"fa3 attention: program uses {prog.n_operands} operands, {len(operands)} given")
+    full = (b, hq, sq, k.shape[2])
+    for n, t in enumerate(operands):
+        if t.dim() != 4 or any(s not in (1, f) for s, f in zip(t.shape, full)):
+            raise ValueError(f"fa3 attention: operand {n} of shape {tuple(t.shape)} does not broadcast to {full}")
+        if t.device != q.device:
+            raise ValueError(f"fa3 attention: operand {n} is on {t.device}, q on {q.device}")
+        if prog.operand_grad and prog.operand_grad[n] and t.dtype == torch.bool:
+            raise ValueError(f"fa3 attention: operand {n} is boolean and cannot take a gradient")
+
+
+@torch.library.custom_op("fa3::attention", mutates_args=())
+def attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, operands: list[torch.Tensor],
+                 program: str, kernel: str) -> tuple[torch.Tensor, torch.Tensor]:
+    prog = load_program(program)
+    entry, _ = dispatch.select(prog, q, k, v, operands, kernel)
+    return entry.forward(q, k, v, operands, prog)
+
+
+@attention_op.register_fake
+def _attention_fake(q, k, v, operands, program, kernel):
+    b, hq, sq, _ = q.shape
+    out = q.new_empty((b, hq, sq, v.shape[-1]), dtype=v.dtype)
+    lse = q.new_empty((b, hq, sq), dtype=torch.float32)
+    return out, lse
+
+
+@torch.library.custom_op("fa3::attention_backward", mutates_args=())
+def attention_backward_op(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                          operands: list[torch.Tensor], out: torch.Tensor, lse: torch.Tensor,
+                          program: str, kernel: str) -> list[torch.Tensor]:
+    """Returns [dq, dk, dv, d operand for each operand whose program.operand_grad flag is set]."""
+    prog = load_program(program)
+    entry, _ = dispatch.select(prog, q, k, v, operands, kernel)
+    dq, dk, dv, dops = entry.backward(dout.contiguous(), q, k, v, operands, out, lse, prog)
+    return [dq, dk, dv, *dops]
+
+
+@attention_backward_op.register_fake
+def _attention_backward_fake(dout, q, k, v, operands, out, lse, program, kernel):
+    prog = load_program(program)
+    grads = [torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)]
+    for t, want in zip(operands, prog.operand_grad or ()):
+        if want:
+            grads.append(torch.empty_like(t))
+    return grads
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, operands, program, kernel = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, *operands)
+    ctx.program = program
+    ctx.kernel = kernel
+    ctx.n_operands = len(operands)
+
+
+def _backward(ctx, dout, dlse):
+    q, k, v, out, lse, *operands = ctx.saved_tensors
+    prog = load_program(ctx.program)
+    grads = attention_backward_op(dout, q, k, v, operands, out, lse, ctx.program, ctx.kernel)
+    dq, dk, dv, *dops = grads
+    it = iter(dops)
+    d_operands = [next(it) if (prog.operand_grad and prog.operand_grad[n]) else None
+                  for n in range(ctx.n_operands)]
+    return dq, dk, dv, d_operands, None, None
+
+
+attention_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def attention(q, k, v, operands=(), program: ScoreProgram | None = None, kernel: str = "auto"):
+    """Public entry: validated call of the op; returns the attention output (B, Hq, Sq, Dv)."""
+    prog = program if program is not None else ScoreProgram(("mul", ("score",), ("const", q.shape[-1] ** -0.5)))
+    if not isinstance(prog, ScoreProgram):
+        raise ValueError(f"fa3 attention: program must be a ScoreProgram, got {type(prog).__name__}")
+    if kernel not in KERNELS:
+        raise ValueError(f"fa3 attention: kernel={kernel!r} is not one of {KERNELS}")
+    operands = list(operands)
+    check_inputs(q, k, v, operands, prog)
+    return attention_op(q, k, v, operands, prog.dumps(), kernel)[0]

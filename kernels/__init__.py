@@ -1,0 +1,1 @@
+"""Kernel generation and launch for the fa3 attention op (no torch.fx here)."""

@@ -1,0 +1,205 @@
+"""PyTorch reference implementation of a ScoreProgram attention: the semantics every kernel must match.
+
+Forward and backward walk the queries in chunks, so the S×S score matrix is never materialised whole; each
+chunk is computed in fp32 (more accurate than the eager graph it replaces, which the accuracy rule allows).
+Shapes are canonical: q (B, Hq, Sq, D), k (B, Hkv, Sk, D), v (B, Hkv, Sk, Dv), Hq = G·Hkv, every operand 4-D
+and broadcastable to (B, Hq, Sq, Sk).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .program import ScoreProgram, derivative
+
+_CHUNK_BYTES = 128 << 20
+
+
+def _unary(op, a):
+    if op == "neg":
+        return -a
+    if op == "tanh":
+        return torch.tanh(a)
+    if op == "exp":
+        return torch.exp(a)
+    if op == "abs":
+        return torch.abs(a)
+    if op == "sigmoid":
+        return torch.sigmoid(a)
+    if op == "not":
+        return torch.logical_not(a)
+    if op == "identity":
+        return a
+    raise ValueError(op)
+
+
+_BINARY = {
+    "add": torch.add, "sub": torch.sub, "mul": torch.mul, "div": torch.div,
+    "maximum": torch.maximum, "minimum": torch.minimum,
+    "lt": torch.lt, "le": torch.le, "gt": torch.gt, "ge": torch.ge, "eq": torch.eq, "ne": torch.ne,
+    "and": torch.logical_and, "or": torch.logical_or,
+}
+
+
+def _as_tensor(x, like):
+    return x if isinstance(x, torch.Tensor) else torch.tensor(x, dtype=torch.float32, device=like.device)
+
+
+def evaluate(expr, s, operands, q_idx, k_idx):
+    """Evaluate a program expression on a score block `s` (fp32); operands already sliced to the block."""
+    op = expr[0]
+    if op == "score":
+        return s
+    if op == "const":
+        return float(expr[1])
+    if op == "operand":
+        t = operands[expr[1]]
+        return t if t.dtype == torch.bool else t.float()
+    if op == "q_idx":
+        return q_idx
+    if op == "k_idx":
+        return k_idx
+    args = [evaluate(a, s, operands, q_idx, k_idx) for a in expr[1:]]
+    if op == "where":
+        c, a, b = args
+        return torch.where(_as_tensor(c, s).bool(), _as_tensor(a, s), _as_tensor(b, s))
+    if len(args) == 1:
+        return _unary(op, _as_tensor(args[0], s))
+    return _BINARY[op](_as_tensor(args[0], s), _as_tensor(args[1], s))
+
+
+def structural_mask(prog: ScoreProgram, q0: int, q1: int, sq: int, sk: int, device):
+    """Boolean (q1-q0, Sk) tensor of visible positions, or None when the program has no structural mask."""
+    if prog.causal == "none":
+        return None
+    i = torch.arange(q0, q1, device=device).view(-1, 1)
+    j = torch.arange(sk, device=device).view(1, -1)
+    offset = 0 if prog.causal == "top_left" else sk - sq
+    visible = j <= i + offset
+    if prog.window is not None:
+        visible &= j >= i + offset - prog.window
+    return visible
+
+
+def _slice_operand(t, q0, q1):
+    return t[:, :, q0:q1] if t.shape[2] != 1 else t
+
+
+def _chunk_scores(prog, qc, k, ops, q0, sq):
+    """fp32 scores after the whole program for the query chunk qc, which starts at absolute row q0 of a
+    length-sq query sequence; ops are the operands already sliced to the chunk. Shape (B, Hq, rows, Sk)."""
+    b, hq, rows, d = qc.shape
+    hkv, sk = k.shape[1], k.shape[2]
+    g = hq // hkv
+    s = torch.matmul(qc.float().reshape(b, hkv, g, rows, d), k.float().unsqueeze(2).transpose(-1, -2))
+    s = s.reshape(b, hq, rows, sk)
+    q_idx = torch.arange(q0, q0 + rows, device=qc.device, dtype=torch.float32).view(-1, 1)
+    k_idx = torch.arange(sk, device=qc.device, dtype=torch.float32).view(1, -1)
+    x = _as_tensor(evaluate(prog.expr, s, ops, q_idx, k_idx), s).float().expand(b, hq, rows, sk)
+    vis = structural_mask(prog, q0, q0 + rows, sq, sk, qc.device)
+    if vis is not None:
+        x = x.masked_fill(~vis, -math.inf)
+    return x
+
+
+def _chunk_attend(prog, x, v):
+    """Softmax over keys and the P·V product for one chunk; returns (out fp32, lse fp32)."""
+    b, hq, rows, sk = x.shape
+    hkv = v.shape[1]
+    m = x.amax(dim=-1, keepdim=True)
+    empty = m == -math.inf
+    m_safe = torch.where(empty, torch.zeros_like(m), m)
+    p = torch.exp(x - m_safe)
+    l = p.sum(dim=-1, keepdim=True)
+    pv = torch.matmul(p.reshape(b, hkv, hq // hkv, rows, sk), v.float().unsqueeze(2)).reshape(b, hq, rows, -1)
+    out = pv / l
+    fill = math.nan if prog.empty_row == "nan" else 0.0
+    out = torch.where(empty, torch.full_like(out, fill), out)
+    lse = (m_safe + torch.log(l)).squeeze(-1)
+    lse = torch.where(empty.squeeze(-1), torch.full_like(lse, -math.inf), lse)
+    return out, lse
+
+
+def _chunk_rows(q, k) -> int:
+    b, hq, sq, _ = q.shape
+    per_row = max(1, b * hq * k.shape[2] * 4 * 4)
+    return max(1, min(sq, _CHUNK_BYTES // per_row))
+
+
+def forward(q, k, v, operands, prog: ScoreProgram):
+    """Returns (out in v's dtype, lse fp32 (B, Hq, Sq))."""
+    b, hq, sq, _ = q.shape
+    out = torch.empty(b, hq, sq, v.shape[-1], dtype=v.dtype, device=q.device)
+    lse = torch.empty(b, hq, sq, dtype=torch.float32, device=q.device)
+    step = _chunk_rows(q, k)
+    with torch.no_grad():
+        for q0 in range(0, sq, step):
+            q1 = min(sq, q0 + step)
+            ops = [_slice_operand(t, q0, q1) for t in operands]
+            o, l = _chunk_attend(prog, _chunk_scores(prog, q[:, :, q0:q1], k, ops, q0, sq), v)
+            out[:, :, q0:q1] = o.to(v.dtype)
+            lse[:, :, q0:q1] = l
+    return out, lse
+
+
+def backward(dout, q, k, v, operands, prog: ScoreProgram):
+    """Returns (dq, dk, dv, [d operand for each operand whose operand_grad flag is set]).
+
+    Recomputes each chunk's probabilities, then the standard attention backward:
+    dP = dO·Vᵀ, dX = P ⊙ (dP − rowsum(dO ⊙ O)), and the chain rule through the program's symbolic derivative.
+    """
+    b, hq, sq, d = q.shape
+    hkv, sk = k.shape[1], k.shape[2]
+    g = hq // hkv
+    want = prog.operand_grad or (False,) * len(operands)
+    d_score = derivative(prog.expr, ("score",))
+    d_operand = [derivative(prog.expr, ("operand", n)) if w else None for n, w in enumerate(want)]
+    dq = torch.empty(q.shape, dtype=torch.float32, device=q.device)
+    dk = torch.zeros(k.shape, dtype=torch.float32, device=q.device)
+    dv = torch.zeros(v.shape, dtype=torch.float32, device=q.device)
+    dops = [torch.zeros(t.shape, dtype=torch.float32, device=q.device) if w else None
+            for t, w in zip(operands, want)]
+    kf, vf = k.float(), v.float()
+    step = _chunk_rows(q, k)
+    with torch.no_grad():
+        for q0 in range(0, sq, step):
+            q1 = min(sq, q0 + step)
+            rows = q1 - q0
+            qc = q[:, :, q0:q1].float()
+            ops = [_slice_operand(t, q0, q1) for t in operands]
+            x = _chunk_scores(prog, qc, kf, ops, q0, sq)
+            o, lse = _chunk_attend(prog, x, vf)
+            p = torch.exp(x - lse.unsqueeze(-1))
+            if prog.empty_row == "zero":
+                p = torch.where((lse == -math.inf).unsqueeze(-1), torch.zeros_like(p), p)
+            do = dout[:, :, q0:q1].float()
+            p5 = p.reshape(b, hkv, g, rows, sk)
+            do5 = do.reshape(b, hkv, g, rows, -1)
+            dv += torch.matmul(p5.transpose(-1, -2), do5).sum(2)
+            dp = torch.matmul(do5, vf.unsqueeze(2).transpose(-1, -2)).reshape(b, hq, rows, sk)
+            delta = (do * o).sum(-1, keepdim=True)
+            dx = p * (dp - delta)
+            dx = torch.where(p == 0, torch.zeros_like(dx), dx)  # hidden positions carry no gradient
+            s = torch.matmul(qc.reshape(b, hkv, g, rows, d), kf.unsqueeze(2).transpose(-1, -2)).reshape(b, hq, rows, sk)
+            q_idx = torch.arange(q0, q1, device=q.device, dtype=torch.float32).view(-1, 1)
+            k_idx = torch.arange(sk, device=q.device, dtype=torch.float32).view(1, -1)
+            local = lambda e: _as_tensor(evaluate(e, s, ops, q_idx, k_idx), s).float()
+            ds = (dx * local(d_score)).reshape(b, hkv, g, rows, sk)
+            dq[:, :, q0:q1] = torch.matmul(ds, kf.unsqueeze(2)).reshape(b, hq, rows, d)
+            dk += torch.matmul(ds.transpose(-1, -2), qc.reshape(b, hkv, g, rows, d)).sum(2)
+            for n, de in enumerate(d_operand):
+                if de is None:
+                    continue
+                full = dx * local(de)
+                target = dops[n][:, :, q0:q1] if operands[n].shape[2] != 1 else dops[n]
+                target += _reduce_to(full, target.shape)
+    extra = [dops[n].to(operands[n].dtype) for n, w in enumerate(want) if w]
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), extra
+
+
+def _reduce_to(t, shape):
+    """Sum a broadcast gradient back to an operand's (4-D, size-1-broadcast) shape."""
+    dims = [i for i, (a, b) in enumerate(zip(t.shape, shape)) if b == 1 and a != 1]
+    return t.sum(dim=dims, keepdim=True) if dims else t
