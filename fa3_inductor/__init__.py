@@ -2,7 +2,9 @@
 it on FlashAttention-3-style kernels; everything else goes on to Inductor."""
 
 from . import op as _op  # registers torch.ops.fa3.*
+from .backend import fa3_backend
+from .explain import explain
 from .kernels.program import ScoreProgram
 from .op import attention
 
-__all__ = ["ScoreProgram", "attention"]
+__all__ = ["ScoreProgram", "attention", "explain", "fa3_backend"]

@@ -1,0 +1,45 @@
+"""The "fa3" torch.compile backend: rewrite every attention site to the fa3 op, then hand the graph to Inductor.
+
+Registered under the `torch_dynamo_backends` entry point, so `torch.compile(m, backend="fa3")` needs no import.
+`options` keys that name fa3 config fields configure us; the rest go to Inductor.
+"""
+
+from __future__ import annotations
+
+from . import config as _config
+from .patterns.matcher import find_sites
+from .report import Report
+from .rewrite import apply_spec, finish
+
+
+def rewrite_graph(gm, cfg: _config.Config) -> Report:
+    """Find and rewrite the attention sites of gm in place; return what was decided."""
+    report = Report()
+    if not cfg.enabled:
+        return report
+    specs, skips = find_sites(gm)
+    for spec in specs:
+        apply_spec(gm, spec, cfg.kernel)
+    if specs:
+        finish(gm)
+    report.add(specs, skips)
+    report.log()
+    return report
+
+
+def fa3_backend(gm, example_inputs, mode=None, options=None):
+    from torch._inductor import list_mode_options
+    from torch._inductor.compile_fx import compile_fx
+
+    cfg, inductor_options = _config.from_env().with_options(options)
+    rewrite_graph(gm, cfg)
+    patches = dict(list_mode_options(mode)) if mode else {}
+    patches.update(inductor_options)
+    return compile_fx(gm, example_inputs, config_patches=patches or None)
+
+
+def fa3_eager_backend(gm, example_inputs, mode=None, options=None):
+    """Debugging backend ("fa3_eager"): the same rewrite, then the graph runs eagerly, without Inductor."""
+    cfg, _ = _config.from_env().with_options(options)
+    rewrite_graph(gm, cfg)
+    return gm.forward

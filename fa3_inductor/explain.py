@@ -1,0 +1,33 @@
+"""fa3_inductor.explain: trace a model or function with Dynamo and report every attention site's decision.
+
+The capture backend runs the matcher on each graph Dynamo produces and then runs the graph eagerly, so
+nothing is compiled; the report says what `backend="fa3"` would do with the same inputs.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import config as _config
+from .patterns.matcher import find_sites
+from .report import Report
+
+
+def explain(model_or_fn, *args, **kwargs) -> Report:
+    if not callable(model_or_fn):
+        raise TypeError(f"fa3_inductor.explain needs a module or a function, got {type(model_or_fn).__name__}")
+    report = Report()
+    cfg = _config.from_env()
+
+    def capture(gm, example_inputs, **_):
+        if cfg.enabled:
+            specs, skips = find_sites(gm)
+            report.add(specs, skips)
+        else:
+            report.graphs += 1
+        return gm.forward
+
+    compiled = torch.compile(model_or_fn, backend=capture)
+    compiled(*args, **kwargs)
+    report.log()
+    return report

@@ -1,0 +1,290 @@
+"""Find every attention site of a Dynamo FX graph and describe it as an AttentionSpec.
+
+Two anchors: a softmax (whose input chain reaches a Q·Kᵀ product and whose output, through casts and
+inactive dropout, is the left operand of a product with v), and F.scaled_dot_product_attention itself.
+Anything that cannot be expressed exactly raises NotMatched inside and becomes a Skip with the reason;
+the graph is never touched here.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch.fx import GraphModule, Node
+
+from ..kernels.program import ScoreProgram
+from .chain import CASTS, PRODUCTS, ChainLowering
+from .gqa import repeated_heads
+from .normalize import canon, example
+from .products import broadcast_batch, first_product, is_float_tensor, same_size, second_product
+from .spec import AttentionSpec, NotMatched, SizeOf, Skip, TensorRef
+
+
+def site_name(node: Node) -> str:
+    stack = node.meta.get("nn_module_stack") or {}
+    path = ""
+    if stack:
+        path = list(stack.values())[-1][0]
+        path = path.replace("L['self'].", "").replace("L['self']", "")
+    return f"{path}:{node.name}" if path else node.name
+
+
+def find_sites(gm: GraphModule) -> tuple[list[AttentionSpec], list[Skip]]:
+    specs, skips = [], []
+    for node in list(gm.graph.nodes):
+        c = canon(node)
+        if c is None or c.kind not in ("softmax", "sdpa"):
+            continue
+        chain = None
+        try:
+            if c.kind == "sdpa":
+                specs.append(_match_sdpa(node, c))
+            else:
+                chain = ChainLowering()
+                spec = _match_softmax(node, c, chain)
+                if spec is not None:
+                    specs.append(spec)
+        except NotMatched as exc:
+            spelling = [c.spelling] + (chain.spelling[::-1] if chain else [])
+            skips.append(Skip(site_name(node), spelling, str(exc)))
+    return specs, skips
+
+
+def _lower_with_baddbmm(chain: ChainLowering, x):
+    """Lower the chain; a baddbmm product contributes beta·input + alpha·score."""
+    def on_product(node, c):
+        if c.kind != "baddbmm":
+            return ("score",)
+        inp, beta, alpha = c.args[0], c.kwargs.get("beta", 1), c.kwargs.get("alpha", 1)
+        e = ("score",) if alpha == 1 else ("mul", ("score",), chain.const(alpha))
+        if beta != 0:
+            t = chain.operand(inp) if isinstance(inp, Node) else chain.const(inp)
+            e = ("add", ("mul", t, chain.const(beta)) if beta != 1 else t, e)
+        return e
+    chain.on_product = on_product
+    return chain.lower(x)
+
+
+def _match_softmax(node: Node, c, chain: ChainLowering) -> AttentionSpec | None:
+    x, dim = c.args[0], c.args[1]
+    if not chain.reaches_product(x):
+        return None                         # a softmax that is not attention (a classifier, a router)
+    expr = _lower_with_baddbmm(chain, x)
+    prod = chain.product
+    pc = canon(prod)
+    if dim is None or not isinstance(dim, int):
+        raise NotMatched("softmax without a constant dim")
+    layout = first_product(prod, pc)
+    sx, sp = example(x), example(prod)
+    if tuple(sx.shape) != tuple(sp.shape):
+        raise NotMatched("the score chain broadcasts the scores to a larger shape")
+    if layout.roles[dim % sx.dim()] != "k":
+        raise NotMatched(f"softmax over dim {dim}, not over the key axis")
+    spelling = [layout.spelling] + chain.spelling[::-1]
+    dt = c.kwargs.get("dtype")
+    spelling.append(c.spelling + (f"(dtype={str(dt).replace('torch.', '')})" if dt is not None else ""))
+    internal = [prod] + chain.nodes + [node]
+    # softmax → casts / inactive dropout → second product
+    cur, dropout = node, "none"
+    while True:
+        users = list(cur.users)
+        if len(users) != 1:
+            raise NotMatched("the attention weights are also used outside attention (e.g. output_attentions)")
+        u = users[0]
+        uc = canon(u)
+        if uc is None:
+            raise NotMatched(f"{u.op} {u.target} after the softmax is not supported")
+        if uc.kind in CASTS and example(u).is_floating_point():
+            spelling.append(uc.spelling)
+        elif uc.kind == "dropout":
+            p, training = uc.args[1], uc.args[2] if uc.kwargs.get("train") is None else uc.kwargs["train"]
+            if isinstance(p, Node) or isinstance(training, Node):
+                raise NotMatched("dropout with a run-time probability or mode")
+            if p != 0 and training:
+                raise NotMatched(f"attention dropout p={p} in training mode (left to eager)")
+            dropout = "inactive"
+            spelling.append(uc.spelling + "(inactive)")
+        elif uc.kind in PRODUCTS:
+            break
+        else:
+            raise NotMatched(f"{uc.spelling} applied to the attention weights")
+        internal.append(u)
+        cur = u
+    out = second_product(u, uc, cur, layout.roles)
+    spelling.append(out.spelling)
+    for n in internal:
+        if any(user not in internal and user is not u for user in n.users):
+            raise NotMatched(f"an intermediate of the attention ({n.name}) is also used elsewhere")
+    spec = _assemble(
+        site=site_name(node), spelling=spelling, roles=layout.roles,
+        q=(layout.q, layout.q_shape), k=(layout.k, layout.k_shape), v=(out.v, out.v_shape),
+        expr=expr, operands=chain.operands, score_shape=tuple(sp.shape), causal="none", empty_row="nan",
+        output=u, out_perm=out.out_perm, internal=internal, native_gqa=False)
+    spec.dropout = dropout
+    return spec
+
+
+def _match_sdpa(node: Node, c) -> AttentionSpec:
+    q, k, v = c.args
+    kw = c.kwargs
+    for name in ("dropout_p", "is_causal", "scale", "enable_gqa"):
+        if isinstance(kw.get(name), Node):
+            ex = example(kw[name])
+            if not isinstance(ex, (int, float, bool)) or isinstance(ex, torch.SymInt):
+                raise NotMatched(f"scaled_dot_product_attention {name} is only known at run time")
+            kw = dict(kw, **{name: ex})
+    if kw["dropout_p"]:
+        raise NotMatched(f"scaled_dot_product_attention with dropout_p={kw['dropout_p']} (left to SDPA)")
+    for t in (q, k, v):
+        if not isinstance(t, Node) or not isinstance(example(t), torch.Tensor):
+            raise NotMatched("scaled_dot_product_attention on a non-tensor input")
+    eq, ek, ev = example(q), example(k), example(v)
+    if eq.dim() < 2 or ek.dim() != eq.dim() or ev.dim() != eq.dim():
+        raise NotMatched("scaled_dot_product_attention inputs of different ranks")
+    d = eq.shape[-1]
+    if not isinstance(d, int):
+        raise NotMatched("head dim is symbolic")
+    scale = kw["scale"] if kw["scale"] is not None else 1.0 / math.sqrt(d)
+    expr = ("mul", ("score",), ("const", float(scale)))
+    operands, mask_desc = [], "none"
+    mask = kw["attn_mask"]
+    if mask is not None:
+        em = example(mask)
+        if not isinstance(mask, Node) or not isinstance(em, torch.Tensor):
+            raise NotMatched("attn_mask is not a tensor")
+        operands = [mask]
+        if em.dtype == torch.bool:
+            expr, mask_desc = ("where", ("operand", 0), expr, ("const", -math.inf)), "bool"
+        elif em.is_floating_point():
+            expr, mask_desc = ("add", expr, ("operand", 0)), "additive"
+        else:
+            raise NotMatched(f"attn_mask of dtype {em.dtype}")
+    if kw["is_causal"] and mask is not None:
+        raise NotMatched("attn_mask together with is_causal")
+    nd = eq.dim()
+    roles = [f"b{i}" for i in range(nd - 2)] + ["q", "k"]
+    score_shape = tuple(broadcast_batch(tuple(eq.shape), tuple(ek.shape))) + (eq.shape[-2], ek.shape[-2])
+    spec = _assemble(
+        site=site_name(node), spelling=[c.spelling], roles=roles,
+        q=(TensorRef(q), tuple(eq.shape)), k=(TensorRef(k), tuple(ek.shape)), v=(TensorRef(v), tuple(ev.shape)),
+        expr=expr, operands=operands, score_shape=score_shape,
+        causal="top_left" if kw["is_causal"] else "none", empty_row="zero",
+        output=node, out_perm=None, internal=[], native_gqa=bool(kw["enable_gqa"]))
+    spec.mask = mask_desc if mask_desc != "none" else spec.mask
+    return spec
+
+
+def _assemble(*, site, spelling, roles, q, k, v, expr, operands, score_shape, causal, empty_row, output,
+              out_perm, internal, native_gqa) -> AttentionSpec:
+    """Bring q, k, v and the operands to the op's canonical 4-D layout and build the spec."""
+    nb = len(roles) - 2
+    if nb > 2:
+        raise NotMatched(f"{nb} batch dims (the op takes at most batch and heads)")
+    (qr, qs), (kr, ks), (vr, vs) = q, k, v
+    for name, ref in (("q", qr), ("k", kr), ("v", vr)):
+        if not is_float_tensor(ref.node):
+            raise NotMatched(f"{name} is not an fp16/bf16/fp32 tensor")
+    dts = {example(r.node).dtype for r in (qr, kr, vr)}
+    if len(dts) != 1:
+        raise NotMatched(f"q, k, v have different dtypes {sorted(map(str, dts))}")
+    if len({example(r.node).device for r in (qr, kr, vr)}) != 1:
+        raise NotMatched("q, k, v are on different devices")
+    if not isinstance(qs[-1], int) or not isinstance(vs[-1], int):
+        raise NotMatched("head dim is symbolic")
+    if not same_size(qs[-1], ks[-1]) or not same_size(ks[-2], vs[-2]):
+        raise NotMatched("q/k head dims or k/v lengths disagree")
+    batch = broadcast_batch(qs, ks)
+    for i in range(nb):
+        if not (isinstance(vs[i], int) and vs[i] == 1) and not same_size(vs[i], batch[i]):
+            raise NotMatched("v broadcasts the batch beyond the scores")
+    # grouped-query attention: read the unrepeated K/V
+    gqa = 1
+    if nb == 2:
+        rk = repeated_heads(kr.node) if not kr.steps else None
+        rv = repeated_heads(vr.node) if not vr.steps else None
+        if rk and rv and rk[1] == rv[1]:
+            gqa = rk[1]
+            kr, ks = TensorRef(rk[0]), tuple(example(rk[0]).shape)
+            vr, vs = TensorRef(rv[0]), tuple(example(rv[0]).shape)
+        elif native_gqa and isinstance(qs[1], int) and isinstance(ks[1], int) and ks[1] != qs[1]:
+            if qs[1] % ks[1] or ks[1] != vs[1]:
+                raise NotMatched(f"enable_gqa with {qs[1]} query heads and {ks[1]} key heads")
+            gqa = qs[1] // ks[1]
+        elif ks[1] == 1 and vs[1] == 1 and isinstance(batch[1], int) and batch[1] > 1:
+            gqa = batch[1]
+    refs = {"q": (qr, qs), "k": (kr, ks), "v": (vr, vs)}
+
+    def source(i):
+        for r, s in refs.values():
+            if same_size(s[i], batch[i]):
+                return SizeOf(r, i)
+        raise NotMatched("cannot find the batch size to broadcast to")
+
+    canon_refs = {}
+    for name, (r, s) in refs.items():
+        sizes = []
+        for i in range(nb):
+            grouped = name in "kv" and i == 1 and gqa > 1
+            needs = not same_size(s[i], batch[i]) and not grouped
+            sizes.append(source(i) if needs else -1)
+        if any(sz != -1 for sz in sizes):
+            r = r.then("expand", *sizes, -1, -1)
+        for _ in range(2 - nb):
+            r = r.then("unsqueeze", 0)
+        canon_refs[name] = r
+    # operands: broadcast against the scores in the scores' dim order, then canonical order
+    perm = [roles.index(rl) for rl in [f"b{i}" for i in range(nb)] + ["q", "k"]]
+    op_refs, grads, kinds = [], [], set()
+    for node in operands:
+        eo = example(node)
+        shape = (1,) * (len(score_shape) - eo.dim()) + tuple(eo.shape)
+        if eo.dim() > len(score_shape) or any(not (isinstance(a, int) and a == 1) and not same_size(a, b)
+                                              for a, b in zip(shape, score_shape)):
+            raise NotMatched(f"operand {node.name} of shape {tuple(eo.shape)} does not broadcast to the scores")
+        r = TensorRef(node)
+        for _ in range(len(score_shape) - eo.dim()):
+            r = r.then("unsqueeze", 0)
+        if perm != list(range(len(perm))):
+            r = r.then("permute", *perm)
+        for _ in range(2 - nb):
+            r = r.then("unsqueeze", 0)
+        op_refs.append(r)
+        grads.append(bool(eo.is_floating_point() and eo.requires_grad))
+        kinds.add("bool" if eo.dtype == torch.bool else "additive")
+    program = ScoreProgram(expr, len(operands), causal=causal, empty_row=empty_row,
+                           operand_grad=tuple(grads) if any(grads) else ())
+    out_steps = [("squeeze", (0,))] * (2 - nb)
+    if out_perm is not None:
+        out_steps.append(("permute", tuple(out_perm)))
+    eo = example(output)
+    if eo.dtype != example(vr.node).dtype:
+        raise NotMatched(f"the output dtype {eo.dtype} differs from v's")
+    heads = batch[1] if nb == 2 else (batch[0] if nb == 1 else 1)
+    shape = f"B={batch[0] if nb == 2 else 1} H={heads}" + (f"/{heads // gqa}" if gqa > 1 and isinstance(heads, int)
+                                                           else "") \
+        + f" Sq={score_shape[-2]} Sk={score_shape[-1]} D={qs[-1]}" + (f" Dv={vs[-1]}" if vs[-1] != qs[-1] else "")
+    return AttentionSpec(
+        site=site, spelling=spelling, q=canon_refs["q"], k=canon_refs["k"], v=canon_refs["v"], operands=op_refs,
+        program=program, output=output, output_steps=out_steps, nodes=internal,
+        scale=program.scale_only() if program.scale_only() is not None else _leading_scale(expr),
+        mask="+".join(sorted(kinds)) if kinds else "none", gqa=gqa, layout=f"{nb} batch dims, roles {roles}",
+        shape=shape)
+
+
+def _leading_scale(expr):
+    """The constant multiplying the raw score, when the chain starts with one (for the explain summary)."""
+    found = []
+
+    def walk(e):
+        if e[0] in ("mul",) and ("score",) in e[1:]:
+            other = e[2] if e[1] == ("score",) else e[1]
+            if other[0] == "const":
+                found.append(other[1])
+        if e[0] == "div" and e[1] == ("score",) and e[2][0] == "const" and e[2][1]:
+            found.append(1.0 / e[2][1])
+        for a in e[1:]:
+            if isinstance(a, tuple):
+                walk(a)
+    walk(expr)
+    return found[0] if len(found) == 1 else None
