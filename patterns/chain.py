@@ -21,6 +21,7 @@ UNARY = ("neg", "tanh", "exp", "sigmoid", "abs")
 BINARY = ("add", "sub", "mul", "div", "maximum", "minimum")
 CASTS = ("to", "float", "half", "bfloat16", "type_as", "contiguous", "clone")
 CHAIN = UNARY + BINARY + CASTS + ("where", "masked_fill", "clamp")
+VIEWS = ("view", "reshape", "transpose", "permute", "unsqueeze", "expand")
 
 
 def is_float_cast(c: Call, node: Node) -> bool:
@@ -48,7 +49,7 @@ class ChainLowering:
             r = False
         elif c.kind in PRODUCTS:
             r = True
-        elif c.kind in CHAIN:
+        elif c.kind in CHAIN or c.kind in VIEWS:
             r = any(self.reaches_product(a) for a in c.args if isinstance(a, Node))
         else:
             r = False
@@ -97,6 +98,8 @@ class ChainLowering:
 
     def _lower_call(self, x: Node, c: Call) -> tuple:
         k, a = c.kind, c.args
+        if k in VIEWS:
+            raise NotMatched(f"{c.spelling} reshapes the scores between the product and the softmax")
         if k in CASTS:
             if not is_float_cast(c, x):
                 raise NotMatched(f"score chain casts the scores to a non-float type ({c.spelling})")

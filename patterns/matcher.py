@@ -14,7 +14,7 @@ import torch
 from torch.fx import GraphModule, Node
 
 from ..kernels.program import ScoreProgram
-from .chain import CASTS, PRODUCTS, ChainLowering
+from .chain import CASTS, CHAIN, PRODUCTS, ChainLowering
 from .gqa import repeated_heads
 from .normalize import canon, example
 from .products import broadcast_batch, first_product, is_float_tensor, same_size, second_product
@@ -69,7 +69,10 @@ def _lower_with_baddbmm(chain: ChainLowering, x):
 def _match_softmax(node: Node, c, chain: ChainLowering) -> AttentionSpec | None:
     x, dim = c.args[0], c.args[1]
     if not chain.reaches_product(x):
-        return None                         # a softmax that is not attention (a classifier, a router)
+        if not _feeds_product(node):
+            return None                     # a softmax that is not attention (a classifier, a router)
+        raise NotMatched(f"the softmax input is not an elementwise function of a product "
+                         f"({_first_unsupported(x)} in between)")
     expr = _lower_with_baddbmm(chain, x)
     prod = chain.product
     pc = canon(prod)
@@ -123,6 +126,33 @@ def _match_softmax(node: Node, c, chain: ChainLowering) -> AttentionSpec | None:
         output=u, out_perm=out.out_perm, internal=internal, native_gqa=False)
     spec.dropout = dropout
     return spec
+
+
+def _feeds_product(node: Node) -> bool:
+    """Do the softmax's weights flow (through casts / dropout / views) into a product, like attention's?"""
+    frontier, seen = [node], set()
+    while frontier:
+        n = frontier.pop()
+        for u in n.users:
+            uc = canon(u)
+            if uc is None or u in seen:
+                continue
+            seen.add(u)
+            if uc.kind in PRODUCTS:
+                return True
+            if uc.kind in CASTS + ("dropout", "view", "reshape", "transpose", "permute", "mul"):
+                frontier.append(u)
+    return False
+
+
+def _first_unsupported(x) -> str:
+    """The first node walking back from the softmax input that is not a supported elementwise op."""
+    while isinstance(x, Node):
+        c = canon(x)
+        if c is None or c.kind not in CHAIN:
+            return c.spelling if c is not None else f"{x.op} {getattr(x.target, '__name__', x.target)}"
+        x = next((a for a in c.args if isinstance(a, Node) and isinstance(example(a), torch.Tensor)), None)
+    return "a constant"
 
 
 def _match_sdpa(node: Node, c) -> AttentionSpec:
