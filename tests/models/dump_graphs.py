@@ -80,6 +80,16 @@ def format_sites(gm: torch.fx.GraphModule) -> str:
             seen.add(n)
             if _tname(n) in ("matmul", "bmm", "einsum", "__matmul__"):
                 break
+        if n is not site:   # the consuming product's other operand (V): its slice back to the projection too
+            stack = [a for a in n.all_input_nodes if a not in seen]
+            while stack:
+                m = stack.pop()
+                if m in seen:
+                    continue
+                seen.add(m)
+                if m.op in ("placeholder", "get_attr") or _tname(m) in STOP_TARGETS:
+                    continue
+                stack.extend(m.all_input_nodes)
         nodes = sorted(seen, key=order.get)
         out.append(f"### site {k}: %{site.name}")
         for n in nodes:

@@ -1,0 +1,323 @@
+"""Turns a ScoreProgram into Triton source: one module per specialisation, cached on disk, loaded by importlib.
+
+A specialisation (`KernelSpec`) is everything that changes the generated code: the program, the head dims
+(padded to powers of two), the dtype, the grouped-query ratio, and per operand its kind, dtype and which of
+its four dims broadcast. Batch, heads and sequence lengths are runtime values. The kernels' text lives in
+`kernels/templates.py`; this file holds the expression emitter, the spec, and the disk cache.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import importlib.util
+import math
+import os
+import sys
+import tempfile
+import threading
+
+import torch
+
+from . import reference
+from .program import COMPARE, LEAVES, ScoreProgram, render
+
+CODEGEN_VERSION = "7"
+LOG2E = 1.4426950408889634
+
+
+@dataclasses.dataclass(frozen=True)
+class OperandSpec:
+    kind: str              # "bool" or "float"
+    dtype: str             # torch dtype name, e.g. "float16"
+    bcast: tuple           # (b, h, m, n): True where the operand has size 1 and is broadcast
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelSpec:
+    program: str           # ScoreProgram.dumps()
+    dtype: str             # q/k/v dtype name
+    D: int
+    DV: int
+    G: int                 # query heads per kv head
+    operands: tuple        # OperandSpec per operand
+    interpret: bool        # generated for the CPU interpreter (no libdevice there)
+
+    @property
+    def BD(self) -> int:
+        return pad_dim(self.D)
+
+    @property
+    def BDV(self) -> int:
+        return pad_dim(self.DV)
+
+    @property
+    def prog(self) -> ScoreProgram:
+        return ScoreProgram.loads(self.program)
+
+    def key(self) -> str:
+        text = repr((CODEGEN_VERSION, dataclasses.astuple(self)))
+        return hashlib.sha256(text.encode()).hexdigest()[:20]
+
+
+def pad_dim(d: int) -> int:
+    return max(16, 1 << max(0, (d - 1).bit_length()))
+
+
+def dtype_name(dt: torch.dtype) -> str:
+    return str(dt).replace("torch.", "")
+
+
+def make_spec(prog: ScoreProgram, q, k, v, operands, interpret: bool) -> KernelSpec:
+    b, hq, sq, _ = q.shape
+    full = (b, hq, sq, k.shape[2])
+    ops = []
+    for t in operands:
+        bc = tuple(bool(t.shape[i] == 1 and full[i] != 1) or t.shape[i] == 1 for i in range(4))
+        ops.append(OperandSpec("bool" if t.dtype == torch.bool else "float", dtype_name(t.dtype), bc))
+    return KernelSpec(prog.dumps(), dtype_name(q.dtype), q.shape[-1], v.shape[-1], hq // k.shape[1],
+                      tuple(ops), bool(interpret))
+
+
+# --- expression emitter -------------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class Val:
+    text: str
+    kind: str        # "float" | "bool"
+    scalar: bool     # a Python literal (constant subtree, folded)
+    full: bool       # certainly of the tile's full 2-D shape
+
+
+def _fold(e):
+    """Evaluate a constant-only subtree exactly as the reference does (fp32 torch ops); None if impossible."""
+    try:
+        val = reference.evaluate(e, torch.zeros((), dtype=torch.float32), [], None, None)
+    except Exception:
+        return None
+    if isinstance(val, torch.Tensor):
+        if val.numel() != 1:
+            return None
+        val = val.item()
+    return val
+
+
+def _literal(val) -> Val:
+    if isinstance(val, bool):
+        return Val("True" if val else "False", "bool", True, False)
+    val = float(val)
+    if math.isnan(val):
+        return Val("float('nan')", "float", True, False)
+    if math.isinf(val):
+        return Val("float('inf')" if val > 0 else "float('-inf')", "float", True, False)
+    return Val(repr(val), "float", True, False)
+
+
+def _const_only(e) -> bool:
+    if e[0] == "const":
+        return True
+    if e[0] in LEAVES:
+        return False
+    return all(_const_only(a) for a in e[1:])
+
+
+class Emitter:
+    """Emits SSA lines computing expressions on one tile, with common subexpressions shared.
+
+    score: name of the fp32 raw score tile; qi / kj: int32 row / column index tensors broadcastable to the
+    tile; row_mask / col_mask: text of the bounds predicates operand loads need (None when in bounds);
+    op_base(n): name of operand n's (b, h)-offset base pointer; op_stride(n, dim): its stride name.
+    """
+
+    def __init__(self, spec: KernelSpec, score: str, qi: str, kj: str, row_mask, col_mask, prefix="e"):
+        self.spec = spec
+        self.score, self.qi, self.kj = score, qi, kj
+        self.row_mask, self.col_mask = row_mask, col_mask
+        self.prefix = prefix
+        self.lines: list[str] = []
+        self.memo: dict = {}
+        self.count = 0
+
+    def _new(self, code: str) -> str:
+        name = f"{self.prefix}{self.count}"
+        self.count += 1
+        self.lines.append(f"{name} = {code}")
+        return name
+
+    def _float(self, v: Val) -> str:
+        if v.kind == "bool":
+            return f"{v.text}.to(tl.float32)" if not v.scalar else ("1.0" if v.text == "True" else "0.0")
+        return v.text
+
+    def _bool(self, v: Val) -> str:
+        if v.kind == "bool":
+            return v.text
+        return f"({v.text} != 0.0)"
+
+    def _tensor(self, text: str, kind: str = "float") -> str:
+        dt = "tl.int1" if kind == "bool" else "tl.float32"
+        return f"tl.full([1, 1], {text}, {dt})"
+
+    def emit(self, e) -> Val:
+        if e in self.memo:
+            return self.memo[e]
+        v = self._emit(e)
+        self.memo[e] = v
+        return v
+
+    def _emit(self, e) -> Val:
+        op = e[0]
+        if op == "const" or (op not in LEAVES and _const_only(e)):
+            val = e[1] if op == "const" else _fold(e)
+            if val is not None:
+                return _literal(val)
+        if op == "score":
+            return Val(self.score, "float", False, True)
+        if op == "q_idx":
+            return Val(self._new(f"{self.qi}.to(tl.float32)"), "float", False, False)
+        if op == "k_idx":
+            return Val(self._new(f"{self.kj}.to(tl.float32)"), "float", False, False)
+        if op == "operand":
+            return self._load_operand(e[1])
+        args = [self.emit(a) for a in e[1:]]
+        full = any(a.full for a in args)
+        if op == "identity":
+            return args[0]
+        if op == "neg":
+            return Val(self._new(f"-{self._float(args[0])}"), "float", False, full)
+        if op == "not":
+            return Val(self._new(f"{self._bool(args[0])} == 0"), "bool", False, full)
+        if op in ("tanh", "exp", "abs", "sigmoid"):
+            a = self._float(args[0])
+            if args[0].scalar:
+                a = self._tensor(a)
+            fn = {"tanh": "_tanh", "exp": "tl.exp", "abs": "tl.abs", "sigmoid": "tl.sigmoid"}[op]
+            return Val(self._new(f"{fn}({a})"), "float", False, full)
+        if op in ("add", "sub", "mul", "div"):
+            sym = {"add": "+", "sub": "-", "mul": "*", "div": "/"}[op]
+            a, b = self._float(args[0]), self._float(args[1])
+            return Val(self._new(f"{a} {sym} {b}"), "float", False, full)
+        if op in ("maximum", "minimum"):
+            a, b = self._float(args[0]), self._float(args[1])
+            if args[0].scalar:
+                a = self._tensor(a)
+            fn = "tl.maximum" if op == "maximum" else "tl.minimum"
+            return Val(self._new(f"{fn}({a}, {b}, propagate_nan=tl.PropagateNan.ALL)"), "float", False, full)
+        if op in COMPARE:
+            sym = {"lt": "<", "le": "<=", "gt": ">", "ge": ">=", "eq": "==", "ne": "!="}[op]
+            if args[0].kind == "bool" and args[1].kind == "bool":
+                a, b = args[0].text, args[1].text
+            else:
+                a, b = self._float(args[0]), self._float(args[1])
+            if args[0].scalar:
+                a = self._tensor(a, "bool" if a in ("True", "False") else "float")
+            return Val(self._new(f"{a} {sym} {b}"), "bool", False, full)
+        if op in ("and", "or"):
+            a, b = self._bool(args[0]), self._bool(args[1])
+            if args[0].scalar:
+                a = self._tensor(a, "bool")
+            sym = "&" if op == "and" else "|"
+            return Val(self._new(f"{a} {sym} {b}"), "bool", False, full)
+        if op == "where":
+            c, a, b = args
+            if c.scalar:
+                return a if c.text == "True" else b
+            return Val(self._new(f"tl.where({self._bool(c)}, {self._float(a)}, {self._float(b)})"), "float",
+                       False, full)
+        raise ValueError(f"cannot emit {op!r}")
+
+    def _load_operand(self, n: int) -> Val:
+        ospec = self.spec.operands[n]
+        _, _, bm, bn = ospec.bcast
+        ptr = f"OP{n}b"
+        if not bm:
+            ptr += f" + {self.qi}.to(tl.int64) * st{n}_m"
+        if not bn:
+            ptr += f" + {self.kj} * st{n}_n"
+        masks = [m for m, skip in ((self.row_mask, bm), (self.col_mask, bn)) if m and not skip]
+        mask = f", mask={' & '.join(masks)}, other=0" if masks else ""
+        load = f"tl.load({ptr}{mask})"
+        if ospec.kind == "bool":
+            return Val(self._new(load), "bool", False, not (bm or bn))
+        return Val(self._new(f"{load}.to(tl.float32)"), "float", False, not (bm or bn))
+
+    def full_float(self, v: Val) -> str:
+        """Text of v as a full-shaped fp32 tile."""
+        text = self._float(v)
+        if v.scalar:
+            return self._new(f"tl.full({self.score}.shape, {text}, tl.float32)")
+        if not v.full:
+            return self._new(f"{text} + tl.zeros_like({self.score})")
+        return text
+
+
+# --- loading generated modules ---------------------------------------------------------------------------
+
+_LOCK = threading.Lock()
+_MODULES: dict = {}
+
+
+def cache_dir() -> str:
+    base = os.environ.get("FA3_CACHE_DIR")
+    if not base:
+        home = os.path.expanduser("~")
+        base = os.path.join(home, ".cache", "fa3_inductor") if os.access(home, os.W_OK) else \
+            os.path.join(tempfile.gettempdir(), "fa3_inductor")
+    path = os.path.join(base, "triton_src")
+    os.makedirs(path, exist_ok=True)
+    return path
+
+
+def header(spec: KernelSpec) -> str:
+    prog = spec.prog
+    lines = [
+        "# Generated by fa3_inductor.kernels.codegen (version %s). Do not edit." % CODEGEN_VERSION,
+        f"# program: {prog.describe()}",
+        f"# expr: {render(prog.expr)}",
+        f"# serialised: {spec.program}",
+        f"# dtype={spec.dtype} D={spec.D} (block {spec.BD}) Dv={spec.DV} (block {spec.BDV}) G={spec.G} "
+        f"interpret={spec.interpret}",
+    ]
+    for n, o in enumerate(spec.operands):
+        lines.append(f"# operand t{n}: {o.kind} {o.dtype}, broadcast (b,h,m,n)={o.bcast}")
+    lines.append(f"# spec key: {spec.key()}")
+    return "\n".join(lines) + "\n"
+
+
+def _write_atomic(path: str, text: str) -> None:
+    tmp = f"{path}.{os.getpid()}.{threading.get_ident()}.tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def load(spec: KernelSpec):
+    """The generated module for spec (generated, written and imported on first use)."""
+    key = spec.key()
+    mod = _MODULES.get(key)
+    if mod is not None:
+        return mod
+    with _LOCK:
+        mod = _MODULES.get(key)
+        if mod is not None:
+            return mod
+        from .templates import generate
+        source = header(spec) + generate(spec)
+        path = os.path.join(cache_dir(), f"fa3_attn_{key}.py")
+        existing = None
+        if os.path.exists(path):
+            with open(path) as f:
+                existing = f.read()
+        if existing != source:
+            _write_atomic(path, source)
+        debug = os.environ.get("FA3_DEBUG_DIR")
+        if debug:
+            os.makedirs(debug, exist_ok=True)
+            _write_atomic(os.path.join(debug, f"fa3_attn_{key}.py"), source)
+        name = f"fa3_generated_{key}"
+        mspec = importlib.util.spec_from_file_location(name, path)
+        mod = importlib.util.module_from_spec(mspec)
+        sys.modules[name] = mod
+        mspec.loader.exec_module(mod)
+        _MODULES[key] = mod
+        return mod
