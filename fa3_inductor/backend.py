@@ -23,7 +23,7 @@ def rewrite_graph(gm, cfg: _config.Config) -> Report:
     if specs:
         finish(gm)
     report.add(specs, skips)
-    report.log()
+    report.log(cfg.log_sites)
     return report
 
 

@@ -28,7 +28,7 @@ class Config:
     enabled: bool = True            # FA3_DISABLE=1: match nothing, plain Inductor
     kernel: str = "auto"            # FA3_KERNEL: auto | reference | triton
     debug_dir: str | None = None    # FA3_DEBUG_DIR: write every generated kernel source there
-    log_sites: bool = False         # FA3_LOG=1: log each site's decision at WARNING instead of INFO
+    log_sites: bool = False         # FA3_LOG=1: log each site's decision at WARNING (visible by default) instead of INFO
 
     def validate(self) -> "Config":
         if self.kernel not in KERNELS:

@@ -29,5 +29,5 @@ def explain(model_or_fn, *args, **kwargs) -> Report:
 
     compiled = torch.compile(model_or_fn, backend=capture)
     compiled(*args, **kwargs)
-    report.log()
+    report.log(cfg.log_sites)
     return report

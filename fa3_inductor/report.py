@@ -43,9 +43,9 @@ class Report:
         for s in skips:
             self.sites.append(SiteDecision(s.site, " → ".join(s.spelling), "", f"skipped: {s.reason}"))
 
-    def log(self) -> None:
+    def log(self, loud: bool = False) -> None:
         for s in self.sites:
-            log.info("fa3 %s [%s] %s %s", s.decision, s.site, s.spelling, s.summary)
+            log.log(logging.WARNING if loud else logging.INFO, "fa3 %s [%s] %s %s", s.decision, s.site, s.spelling, s.summary)
 
     def __str__(self) -> str:
         head = (f"fa3 explain: {self.rewritten} attention site(s) rewritten, {len(self.skipped)} skipped, "
