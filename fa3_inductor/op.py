@@ -64,7 +64,8 @@ def attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, operands: li
                  program: str, kernel: str) -> tuple[torch.Tensor, torch.Tensor]:
     prog = load_program(program)
     entry, _ = dispatch.select(prog, q, k, v, operands, kernel)
-    return entry.forward(q, k, v, operands, prog)
+    out, lse = entry.forward(q, k, v, operands, prog)
+    return out.contiguous(), lse.contiguous()   # the fake promises contiguous outputs
 
 
 @attention_op.register_fake
@@ -83,16 +84,16 @@ def attention_backward_op(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, 
     prog = load_program(program)
     entry, _ = dispatch.select(prog, q, k, v, operands, kernel)
     dq, dk, dv, dops = entry.backward(dout.contiguous(), q, k, v, operands, out, lse, prog)
-    return [dq, dk, dv, *dops]
+    return [g.contiguous() for g in (dq, dk, dv, *dops)]   # the fake promises contiguous gradients
 
 
 @attention_backward_op.register_fake
 def _attention_backward_fake(dout, q, k, v, operands, out, lse, program, kernel):
     prog = load_program(program)
-    grads = [torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)]
+    grads = [q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)]
     for t, want in zip(operands, prog.operand_grad or ()):
         if want:
-            grads.append(torch.empty_like(t))
+            grads.append(t.new_empty(t.shape))
     return grads
 
 

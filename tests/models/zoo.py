@@ -37,7 +37,7 @@ IMPLS = ["eager", "sdpa"]
 class Entry:
     make: Callable[[str, str, torch.dtype], tuple]   # (impl, size, dtype) -> (model, inputs, n_calls)
     impls: tuple = ("eager", "sdpa")
-    note: str = ""
+    padded_queries_undefined: bool = False   # left padding under a causal mask: fully masked query rows
 
 
 def supported_impls(name: str) -> tuple:
@@ -65,17 +65,20 @@ def to_device(model, inputs: dict, device):
 
 
 def valid_positions(name: str, inputs: dict):
-    """(B, S) bool: the positions of the model's main output that are defined.
+    """(B, S) bool: the positions of the model's main output (outputs[0]) whose values are defined; None = all.
 
-    Query positions that are padding attend to nothing real (left padding under a causal mask: a padded row sees
-    only padded keys, i.e. every key is masked). Eager softmax over an all--inf/finfo.min row gives a uniform
-    or NaN row and SDPA gives something else again; transformers documents those positions as garbage. So only
-    positions where attention_mask == 1 are compared. Encoder-decoder models (t5, whisper) output decoder
-    positions, which are never padded here, so every position is defined.
+    Only the left-padded decoder-only LMs have undefined positions: under a causal mask a left-padding query
+    position can see only padding keys, so every key of its row is masked. Eager adds finfo.min to every score
+    of that row and softmaxes it to a uniform row (a mean over *all* keys, future ones included), SDPA gives
+    something else, a flash kernel gives 0 or NaN; transformers treats those positions as garbage. They never
+    reach a real position (next layer they are only ever keys, and masked ones), so comparing the real
+    positions is the whole contract. Encoders with right padding (bert, minilm, t5's encoder) mask keys only:
+    a padding query still attends to the real tokens, its output is defined and is compared. t5/whisper
+    outputs are decoder positions (not padded); vit has no padding.
     """
-    if name in ("t5", "whisper", "vit"):
-        return None
-    return inputs["attention_mask"].bool()
+    if ZOO[name].padded_queries_undefined:
+        return inputs["attention_mask"].bool()
+    return None
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -312,11 +315,11 @@ def _whisper(impl, size, dtype):
 
 
 ZOO = {
-    "llama": Entry(_llama),
-    "qwen2": Entry(_qwen2),
-    "mistral": Entry(_mistral),
-    "gemma2": Entry(_gemma2),
-    "gpt2": Entry(_gpt2),
+    "llama": Entry(_llama, padded_queries_undefined=True),
+    "qwen2": Entry(_qwen2, padded_queries_undefined=True),
+    "mistral": Entry(_mistral, padded_queries_undefined=True),
+    "gemma2": Entry(_gemma2, padded_queries_undefined=True),
+    "gpt2": Entry(_gpt2, padded_queries_undefined=True),
     "bert": Entry(_bert),
     "minilm": Entry(_minilm),
     "t5": Entry(_t5),
