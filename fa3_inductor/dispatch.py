@@ -12,7 +12,7 @@ import dataclasses
 import os
 from typing import Callable
 
-from .kernels import reference
+from .kernels import reference, triton_portable
 from .kernels.program import ScoreProgram
 
 
@@ -34,7 +34,10 @@ REFERENCE = KernelEntry("reference", ("cpu", "cuda"), False, lambda *a: None, re
                         _reference_backward)
 
 # Fastest first; "auto" takes the first entry that runs on the device and supports the site.
-TABLE: list[KernelEntry] = [REFERENCE]
+TRITON = KernelEntry("triton", ("cuda",), True, triton_portable.supports, triton_portable.forward,
+                     triton_portable.backward)
+
+TABLE: list[KernelEntry] = [TRITON, REFERENCE]
 
 
 def _runs_on(entry: KernelEntry, device: str) -> bool:

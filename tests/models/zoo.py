@@ -20,6 +20,7 @@ Inputs are built on CPU; move model and inputs with `to_device(model, inputs, de
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 from typing import Callable
@@ -45,8 +46,19 @@ def supported_impls(name: str) -> tuple:
     return ZOO[name].impls
 
 
-def build(name: str, attn_implementation: str, size: str = "tiny", dtype: torch.dtype = torch.float32):
-    """Return (model in eval() mode, example_inputs dict, n_attention_calls_per_forward)."""
+def build(name: str, attn_implementation: str, size: str = "tiny", dtype: torch.dtype = torch.float32,
+          device=None):
+    """Return (model in eval() mode, example_inputs dict, n_attention_calls_per_forward).
+
+    device: where to build the model and put the inputs (default CPU). Building a "bench" model directly on
+    the GPU (device="cuda") skips a slow CPU random init; device="meta" checks a config without memory.
+    """
+    if device is not None:
+        # minilm loads real weights (from_pretrained refuses a device context): it is loaded on CPU and moved.
+        with torch.device(device) if name != "minilm" else contextlib.nullcontext():
+            model, inputs, n_calls = build(name, attn_implementation, size, dtype)
+        model, inputs = to_device(model, inputs, device)   # inputs are made on CPU (seeded CPU generator)
+        return model, inputs, n_calls
     if name not in ZOO:
         raise KeyError(f"unknown zoo model {name!r}; have {MODELS}")
     if size not in ("tiny", "bench"):
@@ -86,12 +98,12 @@ def valid_positions(name: str, inputs: dict):
 
 def _ids(batch: int, seq: int, vocab: int, low: int = 3) -> torch.Tensor:
     g = torch.Generator().manual_seed(1234)
-    return torch.randint(low, vocab, (batch, seq), generator=g)
+    return torch.randint(low, vocab, (batch, seq), generator=g, device="cpu")
 
 
 def _pad_mask(batch: int, seq: int, pad: int, side: str) -> torch.Tensor:
     """All rows full length except the last, which has `pad` padding tokens on `side`."""
-    m = torch.ones(batch, seq, dtype=torch.long)
+    m = torch.ones(batch, seq, dtype=torch.long, device="cpu")
     if pad:
         if side == "left":
             m[-1, :pad] = 0
@@ -116,8 +128,12 @@ def _decoder_only(model_cls, config, impl, dtype, batch, seq, pad, vocab, n_laye
     return model, {"input_ids": ids, "attention_mask": mask, "use_cache": False}, n_layers
 
 
-# tiny: 2 layers, hidden 64, 4 heads (GQA: 2 kv heads), vocab 128, odd sequence lengths
-TINY = dict(layers=2, hidden=64, heads=4, kv_heads=2, inter=128, vocab=128)
+# tiny: 2 layers, hidden 64, 4 heads x 16 (GQA: 2 kv heads), intermediate 128, vocab 128, batch 2.
+# One odd sequence length for every model (and one for decoders of encoder-decoders): Inductor bakes static
+# shapes into its C++ kernels and caches them by source, so equal shapes let the models and the eager/sdpa
+# variants share most compiled kernels -- that roughly halves the CPU test time. (ViT: a 24x48 image gives 19.)
+S_TINY = 19
+S_DEC_TINY = 11
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -128,7 +144,7 @@ def _llama(impl, size, dtype):
     if size == "tiny":
         cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                           num_key_value_heads=2, vocab_size=128, max_position_embeddings=64, pad_token_id=0)
-        b, s, pad = 2, 19, 5
+        b, s, pad = 2, S_TINY, 5
     else:   # /work/shared/ANCHORS.md: 4 layers, hidden 2048, 16 heads x 128, 8 KV heads, inter 8192, vocab 32000
         cfg = LlamaConfig(hidden_size=2048, intermediate_size=8192, num_hidden_layers=4, num_attention_heads=16,
                           num_key_value_heads=8, head_dim=128, vocab_size=32000, max_position_embeddings=8192,
@@ -143,7 +159,7 @@ def _qwen2(impl, size, dtype):
         cfg = Qwen2Config(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                           num_key_value_heads=2, vocab_size=128, max_position_embeddings=64, pad_token_id=0,
                           use_sliding_window=False)
-        b, s, pad = 2, 21, 4
+        b, s, pad = 2, S_TINY, 4
     else:   # Qwen2-1.5B-like attention: 12 heads x 128, 2 KV heads
         cfg = Qwen2Config(hidden_size=1536, intermediate_size=8960, num_hidden_layers=4, num_attention_heads=12,
                           num_key_value_heads=2, vocab_size=32000, max_position_embeddings=4096, pad_token_id=0,
@@ -154,11 +170,11 @@ def _qwen2(impl, size, dtype):
 
 def _mistral(impl, size, dtype):
     from transformers import MistralConfig, MistralForCausalLM
-    if size == "tiny":   # sliding window 7 < seq 23: the band mask cuts keys off
+    if size == "tiny":   # sliding window 7 < seq 19: the band mask cuts keys off
         cfg = MistralConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                             num_key_value_heads=2, vocab_size=128, max_position_embeddings=64, pad_token_id=0,
                             sliding_window=7)
-        b, s, pad = 2, 23, 3
+        b, s, pad = 2, S_TINY, 3
     else:   # Mistral-7B attention shape (32 heads x 128, 8 KV heads), window 1024 < S 4096
         cfg = MistralConfig(hidden_size=4096, intermediate_size=8192, num_hidden_layers=2, num_attention_heads=32,
                             num_key_value_heads=8, head_dim=128, vocab_size=32000, max_position_embeddings=4096,
@@ -177,7 +193,7 @@ def _gemma2(impl, size, dtype):
                            num_key_value_heads=2, head_dim=16, vocab_size=128, max_position_embeddings=64,
                            pad_token_id=0, sliding_window=8, attn_logit_softcapping=50.0,
                            final_logit_softcapping=30.0, query_pre_attn_scalar=16)
-        b, s, pad = 2, 17, 4
+        b, s, pad = 2, S_TINY, 4
     else:   # Gemma2-2B attention shape: 8 heads x 256, 4 KV heads
         cfg = Gemma2Config(hidden_size=2304, intermediate_size=9216, num_hidden_layers=4, num_attention_heads=8,
                            num_key_value_heads=4, head_dim=256, vocab_size=32000, max_position_embeddings=4096,
@@ -192,7 +208,7 @@ def _gpt2(impl, size, dtype):
     if size == "tiny":
         cfg = GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=128, n_positions=64,
                          bos_token_id=1, eos_token_id=2, attn_pdrop=0.1, resid_pdrop=0.1, embd_pdrop=0.1)   # dropout present, inactive in eval()
-        b, s, pad = 2, 19, 5
+        b, s, pad = 2, S_TINY, 5
     else:   # GPT-2 medium-like: 16 heads x 64
         cfg = GPT2Config(n_embd=1024, n_layer=4, n_head=16, vocab_size=32000, n_positions=2048,
                          bos_token_id=1, eos_token_id=2)
@@ -208,7 +224,7 @@ def _bert(impl, size, dtype):
     if size == "tiny":
         cfg = BertConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
                          vocab_size=128, max_position_embeddings=64)
-        b, s, pad = 2, 21, 6
+        b, s, pad = 2, S_TINY, 6
     else:   # BERT-large attention shape: 16 heads x 64
         cfg = BertConfig(hidden_size=1024, num_hidden_layers=4, num_attention_heads=16, intermediate_size=4096,
                          vocab_size=30522, max_position_embeddings=512)
@@ -237,11 +253,11 @@ def _minilm(impl, size, dtype):
     model = AutoModel.from_pretrained(minilm_dir(), attn_implementation=impl, dtype=dtype)
     assert model.config._attn_implementation == impl
     # "Tokenized-ish" ids: [CLS]=101 ... [SEP]=102, then [PAD]=0. Row 0 full, row 1 right-padded.
-    b, s, pad = (2, 15, 5) if size == "tiny" else (32, 256, 0)
+    b, s, pad = (2, S_TINY, 5) if size == "tiny" else (32, 256, 0)
     ids = _ids(b, s, 30522, low=1000)
     ids[:, 0] = 101
     lengths = [s] * (b - 1) + [s - pad]
-    mask = torch.zeros(b, s, dtype=torch.long)
+    mask = torch.zeros(b, s, dtype=torch.long, device="cpu")
     for i, n in enumerate(lengths):
         ids[i, n - 1] = 102
         ids[i, n:] = 0
@@ -251,17 +267,18 @@ def _minilm(impl, size, dtype):
 
 def _vit(impl, size, dtype):
     from transformers import ViTConfig, ViTModel
-    if size == "tiny":   # 32x32 image, 8x8 patches: 16 patches + CLS = 17 tokens
+    if size == "tiny":   # 24x48 image, 8x8 patches: 3x6 = 18 patches + CLS = 19 tokens (= S_TINY)
         cfg = ViTConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
-                        image_size=32, patch_size=8, num_channels=3)
+                        image_size=(24, 48), patch_size=8, num_channels=3)
         b = 2
     else:   # ViT-L/16 at 512x512: 1024 patches + CLS = 1025 tokens, 16 heads x 64
         cfg = ViTConfig(hidden_size=1024, num_hidden_layers=4, num_attention_heads=16, intermediate_size=4096,
                         image_size=512, patch_size=16, num_channels=3)
         b = 8
     model = _finish(ViTModel, cfg, impl, dtype)
+    h, w = (cfg.image_size, cfg.image_size) if isinstance(cfg.image_size, int) else cfg.image_size
     g = torch.Generator().manual_seed(1234)
-    px = torch.randn(b, 3, cfg.image_size, cfg.image_size, generator=g).to(dtype)
+    px = torch.randn(b, 3, h, w, generator=g, device="cpu").to(dtype)
     return model, {"pixel_values": px}, cfg.num_hidden_layers
 
 
@@ -275,7 +292,7 @@ def _t5(impl, size, dtype):
     if size == "tiny":
         cfg = T5Config(d_model=64, d_kv=16, d_ff=128, num_layers=2, num_decoder_layers=2, num_heads=4,
                        vocab_size=128, relative_attention_num_buckets=8, decoder_start_token_id=0, pad_token_id=0)
-        b, s_enc, s_dec, pad = 2, 19, 11, 4
+        b, s_enc, s_dec, pad = 2, S_TINY, S_DEC_TINY, 4
     else:   # T5-large attention shape: 16 heads x 64
         cfg = T5Config(d_model=1024, d_kv=64, d_ff=4096, num_layers=4, num_decoder_layers=4, num_heads=16,
                        vocab_size=32128, decoder_start_token_id=0, pad_token_id=0)
@@ -292,12 +309,12 @@ def _t5(impl, size, dtype):
 def _whisper(impl, size, dtype):
     # Encoder: conv stem (stride 2) on log-mel features, input length must be 2 * max_source_positions.
     from transformers import WhisperConfig, WhisperForConditionalGeneration
-    if size == "tiny":   # encoder sequence 15, decoder sequence 9
+    if size == "tiny":   # encoder sequence 19, decoder sequence 11
         cfg = WhisperConfig(d_model=64, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
                             decoder_attention_heads=4, encoder_ffn_dim=128, decoder_ffn_dim=128, num_mel_bins=16,
-                            max_source_positions=15, max_target_positions=32, vocab_size=128,
+                            max_source_positions=S_TINY, max_target_positions=32, vocab_size=128,
                             decoder_start_token_id=1, pad_token_id=0, bos_token_id=1, eos_token_id=2)
-        b, s_dec = 2, 9
+        b, s_dec = 2, S_DEC_TINY
     else:   # whisper-medium-like attention: 16 heads x 64, 1500 encoder positions (30 s of audio)
         cfg = WhisperConfig(d_model=1024, encoder_layers=4, decoder_layers=4, encoder_attention_heads=16,
                             decoder_attention_heads=16, encoder_ffn_dim=4096, decoder_ffn_dim=4096,
@@ -307,7 +324,7 @@ def _whisper(impl, size, dtype):
         b, s_dec = 4, 448
     model = _finish(WhisperForConditionalGeneration, cfg, impl, dtype)
     g = torch.Generator().manual_seed(1234)
-    feats = torch.randn(b, cfg.num_mel_bins, 2 * cfg.max_source_positions, generator=g).to(dtype)
+    feats = torch.randn(b, cfg.num_mel_bins, 2 * cfg.max_source_positions, generator=g, device="cpu").to(dtype)
     dec = _ids(b, s_dec, cfg.vocab_size)
     dec[:, 0] = cfg.decoder_start_token_id
     n = cfg.encoder_layers + 2 * cfg.decoder_layers

@@ -1,0 +1,261 @@
+"""Text of the generated backward kernels (attn_bwd_pre, attn_bwd_dkdv, attn_bwd_dq); see templates.py.
+
+A mixin of templates._Gen: it uses the generator's spec, program facts and shared pieces (score_lines,
+exp_p, visible, op_bases, pids, rng).
+"""
+
+from __future__ import annotations
+
+from .codegen import Emitter
+
+
+def _ind(lines, n=4):
+    pad = " " * n
+    return "\n".join(pad + ln if ln else ln for ln in lines)
+
+
+def _and(*parts):
+    parts = [p for p in parts if p]
+    return " & ".join(parts) if parts else None
+
+
+def _mask_kw(*parts, other="0.0"):
+    m = _and(*parts)
+    return f", mask={m}, other={other}" if m else ""
+
+
+class BackwardKernels:
+    """Backward kernel text; mixed into templates._Gen."""
+
+    def bwd_pre(self):
+        spec = self.spec
+        body = [
+            "pid_m = tl.program_id(0)",
+            "off_h = tl.program_id(1)",
+            "off_b = tl.program_id(2)",
+            "b64 = off_b.to(tl.int64)",
+            "h64 = off_h.to(tl.int64)",
+            "offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)",
+            f"offs_dv = tl.arange(0, {spec.BDV})",
+            "row_ok = offs_m < Sq",
+            f"mask = {_and('row_ok[:, None]', self.dvmask and self.dvmask + '[None, :]')}",
+            "o = tl.load(O + b64 * sob + h64 * soh + offs_m[:, None] * som + offs_dv[None, :] * sod, mask=mask, "
+            "other=0.0).to(tl.float32)",
+            "do = tl.load(DO + b64 * sdob + h64 * sdoh + offs_m[:, None] * sdom + offs_dv[None, :] * sdod, "
+            "mask=mask, other=0.0).to(tl.float32)",
+            "delta = tl.sum(o * do, 1)",
+            "tl.store(DELTA + (b64 * H + h64) * Sq + offs_m, delta, mask=row_ok)",
+        ]
+        if self.nan_mode:
+            body += [
+                "lse = tl.load(LSE + b64 * slb + h64 * slh + offs_m * slm, mask=row_ok, other=0.0)",
+                "e = tl.max((row_ok & (lse == float('-inf'))).to(tl.int32), 0)",
+                f"tl.atomic_max(FLAG + off_b * (H // {spec.G}) + off_h // {spec.G}, e)",
+            ]
+        head = [
+            '@triton.jit(do_not_specialize=["Sq", "slb", "slh"])',
+            "def attn_bwd_pre(O, DO, LSE, DELTA, FLAG, sob, soh, som, sod, sdob, sdoh, sdom, sdod, slb, slh, slm, "
+            "Sq, H, BLOCK_M: tl.constexpr):",
+        ]
+        return head + [_ind(body)] + [""]
+
+    def dkdv_tile(self, masked: bool):
+        spec = self.spec
+        tag = "masked" if masked else "full"
+        em = Emitter(spec, "sT", "qi", "kj", "(qi < Sq)" if masked else None, "(kj < Sk)" if masked else None)
+        xl, dloc, _ = self.score_lines(em, "sT", want_dscore=True)
+        rowm = "(offs_m[None, :] < Sq)" if masked else None
+        body = [
+            "offs_m = start_m + tl.arange(0, BLOCK_M)",
+            f"offs_d = tl.arange(0, {spec.BD})",
+            f"offs_dv = tl.arange(0, {spec.BDV})",
+            "qi = offs_m[None, :]",
+            "kj = offs_n[:, None]",
+            f"qT = tl.load(q_base + offs_m[None, :] * sqm + offs_d[:, None] * sqd"
+            f"{_mask_kw(rowm, self.dmask and self.dmask + '[:, None]')})",
+            f"do = tl.load(do_base + offs_m[:, None] * sdom + offs_dv[None, :] * sdod"
+            f"{_mask_kw(masked and '(offs_m[:, None] < Sq)', self.dvmask and self.dvmask + '[None, :]')})",
+            f"lse = tl.load(lse_base + offs_m * slm{_mask_kw(masked and '(offs_m < Sq)', other='0.0')})",
+            "lse = tl.where(lse == float('-inf'), float('inf'), lse)",
+            f"delta = tl.load(delta_base + offs_m{_mask_kw(masked and '(offs_m < Sq)', other='0.0')})",
+            f"sT = tl.dot(k, qT{self.prec})",
+        ] + xl
+        if masked:
+            body.append(f"valid = {_and('(qi < Sq)', '(kj < Sk)', *self.visible())}")
+            body.append("x = tl.where(valid, x, float('-inf'))")
+        ref = "(lse * 1.4426950408889634)[None, :]" if self.scale is not None else "lse[None, :]"
+        body += [
+            f"pT = {self.exp_p('x', ref)}",
+            f"dv += tl.dot(pT.to({self.elt}), do{self.prec})",
+            f"dpT = tl.dot(v, tl.trans(do){self.prec})",
+            "dxT = pT * (dpT - delta[None, :])",
+            "dxT = tl.where(pT == 0.0, 0.0, dxT)",
+            f"dsT = dxT * {dloc}",
+        ]
+        if masked:
+            body.append("dsT = tl.where(valid, dsT, 0.0)")
+        body += [f"dk += tl.dot(dsT.to({self.elt}), tl.trans(qT){self.prec})", "return dk, dv"]
+        head = [
+            "@triton.jit",
+            f"def _dkdv_tile_{tag}(dk, dv, k, v, q_base, do_base, lse_base, delta_base, sqm, sqd, sdom, sdod, slm,"
+            f" start_m, offs_n, Sq, Sk, coff, {self.op_tile_params()}BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):",
+        ]
+        return head + [_ind(body)] + [""]
+
+    def dkdv_kernel(self):
+        spec = self.spec
+        call = ("dk, dv = _dkdv_tile_{tag}(dk, dv, k, v, q_base, do_base, lse_base, delta_base, sqm, sqd, sdom,"
+                f" sdod, slm, start_m, offs_n, Sq, Sk, coff, {self.op_tile_params()}BLOCK_M, BLOCK_N)")
+        colm = "(offs_n[:, None] < Sk)"
+        body = [
+            "pid_n = tl.program_id(0)",
+            "off_hk = tl.program_id(1)",
+            "off_b = tl.program_id(2)",
+            "HK = tl.num_programs(1)",
+            "b64 = off_b.to(tl.int64)",
+            "hk64 = off_hk.to(tl.int64)",
+            "n0 = pid_n * BLOCK_N",
+            "offs_n = n0 + tl.arange(0, BLOCK_N)",
+            f"offs_d = tl.arange(0, {spec.BD})",
+            f"offs_dv = tl.arange(0, {spec.BDV})",
+            f"k = tl.load(K + b64 * skb + hk64 * skh + offs_n[:, None] * skn + offs_d[None, :] * skd"
+            f"{_mask_kw(colm, self.dmask and self.dmask + '[None, :]')})",
+            f"v = tl.load(V + b64 * svb + hk64 * svh + offs_n[:, None] * svn + offs_dv[None, :] * svd"
+            f"{_mask_kw(colm, self.dvmask and self.dvmask + '[None, :]')})",
+            f"dk = tl.zeros([BLOCK_N, {spec.BD}], tl.float32)",
+            f"dv = tl.zeros([BLOCK_N, {spec.BDV}], tl.float32)",
+            "lo, a, b, hi = _q_blocks(n0, Sq, Sk, coff, BLOCK_M, BLOCK_N)",
+            f"for g in range({spec.G}):",
+        ]
+        inner = [
+            f"off_h = off_hk * {spec.G} + g",
+            "h64 = off_h.to(tl.int64)",
+            "q_base = Q + b64 * sqb + h64 * sqh",
+            "do_base = DO + b64 * sdob + h64 * sdoh",
+            "lse_base = LSE + b64 * slb + h64 * slh",
+            f"delta_base = DELTA + (b64 * (HK * {spec.G}) + h64) * Sq",
+        ] + self.op_bases() + [
+            "for start_m in " + self.rng("lo", "a", "BLOCK_M") + ":",
+            "    " + call.format(tag="masked"),
+            "for start_m in " + self.rng("a", "b", "BLOCK_M") + ":",
+            "    " + call.format(tag="full"),
+            "for start_m in " + self.rng("b", "hi", "BLOCK_M") + ":",
+            "    " + call.format(tag="masked"),
+        ]
+        body += ["    " + ln for ln in inner]
+        if self.nan_mode:
+            body += [
+                "flag = tl.load(FLAG + off_b * HK + off_hk)",
+                "dk = tl.where(flag != 0, float('nan'), dk)",
+                "dv = tl.where(flag != 0, float('nan'), dv)",
+            ]
+        body += [
+            f"tl.store(DK + b64 * sdkb + hk64 * sdkh + offs_n[:, None] * sdkn + offs_d[None, :] * sdkd, "
+            f"dk.to(DK.dtype.element_ty), mask={_and(colm, self.dmask and self.dmask + '[None, :]')})",
+            f"tl.store(DV + b64 * sdvb + hk64 * sdvh + offs_n[:, None] * sdvn + offs_dv[None, :] * sdvd, "
+            f"dv.to(DV.dtype.element_ty), mask={_and(colm, self.dvmask and self.dvmask + '[None, :]')})",
+        ]
+        head = [
+            '@triton.jit(do_not_specialize=["Sq", "Sk", "coff", "slb", "slh"])',
+            f"def attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, FLAG, DK, DV, {self.op_kernel_params()}"
+            "sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdob, sdoh, sdom, sdod, slb, slh, slm, "
+            "sdkb, sdkh, sdkn, sdkd, sdvb, sdvh, sdvn, sdvd, Sq, Sk, coff, "
+            "BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):",
+        ]
+        return head + [_ind(body)] + [""]
+
+    def dq_tile(self, masked: bool):
+        spec = self.spec
+        tag = "masked" if masked else "full"
+        em = Emitter(spec, "s", "qi", "kj", "(qi < Sq)", "(kj < Sk)" if masked else None)
+        xl, dloc, dops = self.score_lines(em, "s", want_dscore=True, operand_grads=self.grad_ops)
+        colm = "(offs_n[None, :] < Sk)" if masked else None
+        body = [
+            "offs_n = start_n + tl.arange(0, BLOCK_N)",
+            f"offs_d = tl.arange(0, {spec.BD})",
+            f"offs_dv = tl.arange(0, {spec.BDV})",
+            "qi = offs_m[:, None]",
+            "kj = offs_n[None, :]",
+            f"kT = tl.load(k_base + offs_n[None, :] * skn + offs_d[:, None] * skd"
+            f"{_mask_kw(colm, self.dmask and self.dmask + '[:, None]')})",
+            f"vT = tl.load(v_base + offs_n[None, :] * svn + offs_dv[:, None] * svd"
+            f"{_mask_kw(colm, self.dvmask and self.dvmask + '[:, None]')})",
+            f"s = tl.dot(q, kT{self.prec})",
+        ]
+        body += xl
+        if masked:
+            body.append(f"valid = {_and('(qi < Sq)', '(kj < Sk)', *self.visible())}")
+            body.append("x = tl.where(valid, x, float('-inf'))")
+        ref = "(lse * 1.4426950408889634)[:, None]" if self.scale is not None else "lse[:, None]"
+        body += [
+            f"p = {self.exp_p('x', ref)}",
+            f"dp = tl.dot(do, vT{self.prec})",
+            "dx = p * (dp - delta[:, None])",
+            "dx = tl.where(p == 0.0, 0.0, dx)",
+            f"ds = dx * {dloc}",
+        ]
+        if masked:
+            body.append("ds = tl.where(valid, ds, 0.0)")
+        body.append(f"dq += tl.dot(ds.to({self.elt}), tl.trans(kT){self.prec})")
+        for n in self.grad_ops:
+            val = f"dx * {dops[n]}"
+            if masked:
+                val = f"tl.where(valid, {val}, 0.0)"
+            body.append(f"tl.store(DOP{n}b + qi.to(tl.int64) * dst{n}_m + kj * dst{n}_n, {val}, "
+                        f"mask={_and('(qi < Sq)', masked and '(kj < Sk)')})")
+        body.append("return dq")
+        head = [
+            "@triton.jit",
+            f"def _dq_tile_{tag}(dq, q, do, lse, delta, k_base, v_base, skn, skd, svn, svd, start_n, offs_m, Sq, "
+            f"Sk, coff, {self.op_tile_params()}{self.dop_tile_params()}BLOCK_M: tl.constexpr, "
+            "BLOCK_N: tl.constexpr):",
+        ]
+        return head + [_ind(body)] + [""]
+
+    def dq_kernel(self):
+        spec = self.spec
+        call = ("dq = _dq_tile_{tag}(dq, q, do, lse, delta, k_base, v_base, skn, skd, svn, svd, start_n, offs_m,"
+                f" Sq, Sk, coff, {self.op_tile_params()}{self.dop_tile_params()}BLOCK_M, BLOCK_N)")
+        body = self.pids() + [
+            "q_base = Q + b64 * sqb + h64 * sqh",
+            "k_base = K + b64 * skb + hk64 * skh",
+            "v_base = V + b64 * svb + hk64 * svh",
+        ] + self.op_bases(grads=True) + [
+            "m0 = pid_m * BLOCK_M",
+            "offs_m = m0 + tl.arange(0, BLOCK_M)",
+            f"offs_d = tl.arange(0, {spec.BD})",
+            f"offs_dv = tl.arange(0, {spec.BDV})",
+            "row_ok = offs_m < Sq",
+            f"q = tl.load(q_base + offs_m[:, None] * sqm + offs_d[None, :] * sqd"
+            f"{_mask_kw('row_ok[:, None]', self.dmask and self.dmask + '[None, :]')})",
+            f"do = tl.load(DO + b64 * sdob + h64 * sdoh + offs_m[:, None] * sdom + offs_dv[None, :] * sdod"
+            f"{_mask_kw('row_ok[:, None]', self.dvmask and self.dvmask + '[None, :]')})",
+            "lse_raw = tl.load(LSE + b64 * slb + h64 * slh + offs_m * slm, mask=row_ok, other=0.0)",
+            "lse = tl.where(lse_raw == float('-inf'), float('inf'), lse_raw)",
+            "delta = tl.load(DELTA + (b64 * H + h64) * Sq + offs_m, mask=row_ok, other=0.0)",
+            f"dq = tl.zeros([BLOCK_M, {spec.BD}], tl.float32)",
+            "lo, a, b, hi = _kv_blocks(m0, Sq, Sk, coff, BLOCK_M, BLOCK_N)",
+            "for start_n in " + self.rng("lo", "a", "BLOCK_N") + ":",
+            "    " + call.format(tag="masked"),
+            "for start_n in " + self.rng("a", "b", "BLOCK_N") + ":",
+            "    " + call.format(tag="full"),
+            "for start_n in " + self.rng("b", "hi", "BLOCK_N") + ":",
+            "    " + call.format(tag="masked"),
+        ]
+        if self.nan_mode:
+            body.append("dq = tl.where((lse_raw == float('-inf'))[:, None], float('nan'), dq)")
+        body.append(
+            f"tl.store(DQ + b64 * sdqb + h64 * sdqh + offs_m[:, None] * sdqm + offs_d[None, :] * sdqd, "
+            f"dq.to(DQ.dtype.element_ty), mask={_and('row_ok[:, None]', self.dmask and self.dmask + '[None, :]')})")
+        head = [
+            '@triton.jit(do_not_specialize=["Sq", "Sk", "coff", "slb", "slh"])',
+            f"def attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, {self.op_kernel_params()}{self.dop_kernel_params()}"
+            "sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdob, sdoh, sdom, sdod, slb, slh, slm, "
+            "sdqb, sdqh, sdqm, sdqd, Sq, Sk, H, coff, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):",
+        ]
+        return head + [_ind(body)] + [""]
+
+    def rng(self, lo, hi, step):
+        if self.spec.interpret:  # the interpreter's scalars are 1-element arrays, which range() rejects
+            return f"range(_ix({lo}), _ix({hi}), {step})"
+        return f"range({lo}, {hi}, {step})"

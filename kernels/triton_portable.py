@@ -1,0 +1,326 @@
+"""Launch side of the portable Triton attention kernels: supports / forward / backward for the dispatch table.
+
+Runs natively on CUDA and on CPU tensors under TRITON_INTERPRET=1. Kernel source comes from codegen.py
+(one module per specialisation); block sizes and warps are launch-time choices picked by a small cached
+autotuner on CUDA (never while a CUDA graph is being captured) and fixed small tiles in the interpreter.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+
+from . import codegen
+from .program import COMPARE, LEAVES, LOGICAL, ScoreProgram
+
+_FLOATS = (torch.float16, torch.bfloat16, torch.float32)
+MAX_HEAD_DIM = 256
+
+
+def _empty(shape, dtype, device):
+    """Every output buffer comes from here (tests replace it with a NaN-poisoning allocator)."""
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+# --- what the kernels can run ---------------------------------------------------------------------------
+
+def _bool_arith(e, n_operands, operand_kinds) -> str | None:
+    """Reason if the expression does arithmetic on two boolean values (torch keeps those boolean)."""
+    def kind(x):
+        op = x[0]
+        if op == "operand":
+            return operand_kinds[x[1]]
+        if op in COMPARE or op in LOGICAL:
+            return "bool"
+        if op == "identity":
+            return kind(x[1])
+        return "float"
+
+    def walk(x):
+        op = x[0]
+        if op in LEAVES:
+            return None
+        if op in ("add", "sub", "mul", "div", "maximum", "minimum") and kind(x[1]) == kind(x[2]) == "bool":
+            return f"arithmetic '{op}' on two boolean values"
+        if op == "neg" and kind(x[1]) == "bool":
+            return "negation of a boolean value"
+        for a in x[1:]:
+            r = walk(a)
+            if r:
+                return r
+        return None
+
+    return walk(e)
+
+
+def _ints(*xs) -> bool:
+    """All plain ints (not symbolic sizes): checks on symbolic sizes would add compile-time guards."""
+    return all(type(x) is int for x in xs)
+
+
+def _span(t) -> int:
+    """Largest element offset inside one (batch, head) slice of t (0 when sizes are symbolic)."""
+    if t.dim() < 4 or not _ints(*t.shape, *t.stride()):
+        return 0
+    return sum((s - 1) * abs(st) for s, st in zip(t.shape[2:], t.stride()[2:]) if s > 0)
+
+
+def supports(prog: ScoreProgram, q, k, v, operands) -> str | None:
+    if q.dtype not in _FLOATS:
+        return f"dtype {q.dtype} is not fp16/bf16/fp32"
+    if not (q.dtype == k.dtype == v.dtype):
+        return "q, k, v dtypes differ"
+    d, dv = q.shape[-1], v.shape[-1]
+    if d > MAX_HEAD_DIM:
+        return f"head dim {d} > {MAX_HEAD_DIM}"
+    if dv > MAX_HEAD_DIM:
+        return f"value head dim {dv} > {MAX_HEAD_DIM}"
+    if q.device.type == "cpu" and q.dtype == torch.bfloat16:
+        return "bf16 tl.dot is wrong in the Triton CPU interpreter"
+    if q.device.type not in ("cpu", "cuda", "meta"):
+        return f"device {q.device.type} is not supported"
+    if _ints(q.shape[1], k.shape[1]) and (k.shape[1] == 0 or q.shape[1] % k.shape[1] != 0):
+        return "query heads are not a multiple of kv heads"
+    kinds = []
+    for n, t in enumerate(operands):
+        if t.dim() != 4:
+            return f"operand {n} is not 4-D"
+        if t.dtype.is_complex:
+            return f"operand {n} is complex"
+        kinds.append("bool" if t.dtype == torch.bool else "float")
+    reason = _bool_arith(prog.expr, prog.n_operands, kinds)
+    if reason:
+        return reason
+    for name, t in [("q", q), ("k", k), ("v", v)] + [(f"operand {n}", t) for n, t in enumerate(operands)]:
+        if _span(t) >= 2 ** 31 - 1:
+            return f"{name} spans more than 2^31 elements within one (batch, head)"
+    if (prog.operand_grad and any(prog.operand_grad) and _ints(*q.shape, *k.shape)
+            and q.shape[0] * q.shape[1] * q.shape[2] * k.shape[2] >= 2 ** 31):
+        return "operand gradient buffer (B·H·Sq·Sk) exceeds 2^31 elements"
+    return None
+
+
+# --- configurations -------------------------------------------------------------------------------------
+
+# (BLOCK_M, BLOCK_N, num_warps, num_stages); the first entry is the default when tuning is not possible.
+# Lists checked by compiling for sm_90 offline: none of these spills registers at bf16/fp16. fp32 uses
+# IEEE fp32 tl.dot (no TF32, to match eager fp32), an FMA path that spills at any tile: small tiles.
+def _fwd_configs(d: int, dtype: torch.dtype):
+    if dtype == torch.float32:
+        return [(32, 32, 8, 1), (16, 32, 4, 1)] if d <= 128 else [(32, 32, 8, 1), (32, 32, 4, 1)]
+    if d <= 64:
+        return [(128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 3)]
+    if d <= 128:
+        return [(128, 64, 8, 3), (128, 64, 8, 2), (128, 128, 8, 2)]
+    return [(128, 64, 8, 2), (128, 32, 8, 2), (64, 64, 8, 2)]
+
+
+def _dkdv_configs(d: int, dtype: torch.dtype):
+    if dtype == torch.float32:
+        return [(16, 32, 4, 1), (16, 64, 8, 1), (32, 32, 8, 1)]
+    if d <= 64:
+        return [(32, 128, 8, 3), (64, 128, 8, 2), (64, 64, 4, 3)]
+    if d <= 128:
+        return [(32, 128, 8, 2), (64, 64, 8, 2), (64, 128, 8, 2)]
+    return [(32, 32, 8, 2), (16, 32, 4, 2), (16, 64, 8, 2)]
+
+
+def _dq_configs(d: int, dtype: torch.dtype):
+    if dtype == torch.float32:
+        return [(32, 32, 8, 1), (32, 32, 4, 1)]
+    if d <= 64:
+        return [(128, 32, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3)]
+    if d <= 128:
+        return [(128, 32, 8, 2), (128, 64, 8, 2), (64, 64, 4, 3)]
+    return [(64, 32, 8, 2), (32, 64, 8, 2), (32, 32, 4, 2)]
+
+
+_CONFIGS = {"fwd": _fwd_configs, "dkdv": _dkdv_configs, "dq": _dq_configs}
+
+# Interpreter tiles: small and unequal, so that several blocks, partial blocks and both masked and unmasked
+# runs are exercised on short sequences. Tests may change these.
+INTERPRET_CONFIGS = {"fwd": (32, 16, 4, 1), "dkdv": (16, 32, 4, 1), "dq": (32, 16, 4, 1)}
+
+_TUNED: dict = {}
+_AUTOTUNE = os.environ.get("FA3_AUTOTUNE", "1") != "0"
+
+
+def _bucket(n: int) -> int:
+    return 1 << max(6, min(17, (max(n, 1) - 1).bit_length()))
+
+
+def _capturing(device) -> bool:
+    try:
+        return torch.cuda.is_current_stream_capturing()
+    except Exception:
+        return False
+
+
+def _launch_tuned(kind: str, key: tuple, d: int, dtype, device, launch):
+    """launch(config) runs the kernel once; returns nothing. Picks/caches the fastest config for key."""
+    if device.type != "cuda":
+        launch(INTERPRET_CONFIGS[kind])
+        return
+    configs = _CONFIGS[kind](d, dtype)
+    full_key = (kind,) + key
+    best = _TUNED.get(full_key)
+    if best is not None:
+        launch(best)
+        return
+    if not _AUTOTUNE or _capturing(device):
+        for cfg in configs:
+            try:
+                launch(cfg)
+                return
+            except Exception as exc:  # out of shared memory etc.: next config
+                last = exc
+        raise last
+    import triton.testing
+    timings = []
+    for cfg in configs:
+        try:
+            launch(cfg)
+            torch.cuda.synchronize(device)
+            ms = triton.testing.do_bench(lambda: launch(cfg), warmup=3, rep=15)
+            timings.append((ms, cfg))
+        except Exception:
+            continue
+    if not timings:
+        launch(configs[0])  # raises the real error
+        return
+    best = min(timings)[1]
+    _TUNED[full_key] = best
+    launch(best)
+
+
+def _grid_m(spec_gen_head_fastest: bool, n_m: int, h: int, b: int):
+    return (h, n_m, b) if spec_gen_head_fastest else (n_m, h, b)
+
+
+def _head_fastest(spec: codegen.KernelSpec) -> bool:
+    return any(o.bcast[1] and not (o.bcast[2] and o.bcast[3]) for o in spec.operands)
+
+
+def _expanded_strides(t, full):
+    st = t.expand(*full).stride() if t.dim() == 4 else (0, 0, 0, 0)
+    return [int(s) for s in st]
+
+
+_SPECS: dict = {}
+
+
+def _spec_and_module(prog, q, k, v, operands, interpret: bool):
+    """Spec and generated module, memoised on cheap facts so that a launch costs a dict lookup."""
+    fast = (prog, q.dtype, q.shape[-1], v.shape[-1], q.shape[1] // k.shape[1], interpret,
+            tuple((t.dtype, tuple(s == 1 for s in t.shape)) for t in operands))
+    hit = _SPECS.get(fast)
+    if hit is None:
+        spec = codegen.make_spec(prog, q, k, v, operands, interpret)
+        hit = (spec, codegen.load(spec), spec.key(), _head_fastest(spec))
+        _SPECS[fast] = hit
+    return hit
+
+
+def _prepare(q, k, v, operands, prog):
+    spec, mod, key, hf = _spec_and_module(prog, q, k, v, operands, interpreting() and q.device.type == "cpu")
+    b, hq, sq, _ = q.shape
+    sk = k.shape[2]
+    full = (b, hq, sq, sk)
+    op_args = []
+    for t in operands:
+        op_args += [t] + _expanded_strides(t, full)
+    coff = 0 if prog.causal != "bottom_right" else sk - sq
+    return spec, mod, op_args, coff, key, hf
+
+
+def _tune_key(key, sq, sk):
+    return (key, _bucket(sq), _bucket(sk))
+
+
+def forward(q, k, v, operands, prog: ScoreProgram):
+    """Returns (out (B, Hq, Sq, Dv) in v.dtype, lse fp32 (B, Hq, Sq))."""
+    b, hq, sq, d = q.shape
+    sk, dv = k.shape[2], v.shape[-1]
+    out = _empty((b, hq, sq, dv), v.dtype, q.device)
+    lse = _empty((b, hq, sq), torch.float32, q.device)
+    if out.numel() == 0 and lse.numel() == 0:
+        return out, lse
+    spec, mod, op_args, coff, skey, hf = _prepare(q, k, v, operands, prog)
+
+    def launch(cfg):
+        bm, bn, warps, stages = cfg
+        grid = _grid_m(hf, triton_cdiv(sq, bm), hq, b)
+        mod.attn_fwd[grid](q, k, v, out, lse, *op_args, *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+                           *lse.stride(), sq, sk, coff, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps,
+                           num_stages=stages)
+
+    _launch_tuned("fwd", _tune_key(skey, sq, sk), d, q.dtype, q.device, launch)
+    return out, lse
+
+
+def triton_cdiv(a: int, b: int) -> int:
+    return (a + b - 1) // b
+
+
+def backward(dout, q, k, v, operands, out, lse, prog: ScoreProgram):
+    """Returns (dq, dk, dv, [d operand for each operand whose operand_grad flag is set])."""
+    b, hq, sq, d = q.shape
+    hk, sk, dvd = k.shape[1], k.shape[2], v.shape[-1]
+    g = hq // hk
+    dq = _empty(q.shape, q.dtype, q.device)
+    dk = _empty(k.shape, k.dtype, q.device)
+    dv = _empty(v.shape, v.dtype, q.device)
+    want = prog.operand_grad or (False,) * len(operands)
+    grad_ops = [n for n, w in enumerate(want) if w]
+    full_shape = (b, hq, sq, sk)
+    dfull = {n: torch.zeros(full_shape, dtype=torch.float32, device=q.device) for n in grad_ops}
+    if b * hq * sq == 0 or sk == 0:
+        dq.zero_(), dk.zero_(), dv.zero_()
+        if prog.empty_row == "nan" and sk == 0 and b * hq * sq > 0:
+            dq.fill_(math.nan)
+        return dq, dk, dv, [torch.zeros_like(operands[n]) for n in grad_ops]
+    spec, mod, op_args, coff, skey, hf = _prepare(q, k, v, operands, prog)
+    delta = _empty((b, hq, sq), torch.float32, q.device)
+    flag = torch.zeros((b * hk,), dtype=torch.int32, device=q.device)
+    bm_pre = 64 if q.device.type == "cuda" else 32
+    mod.attn_bwd_pre[(triton_cdiv(sq, bm_pre), hq, b)](out, dout, lse, delta, flag, *out.stride(), *dout.stride(),
+                                                       *lse.stride(), sq, hq, BLOCK_M=bm_pre)
+    qkv_strides = [*q.stride(), *k.stride(), *v.stride(), *dout.stride(), *lse.stride()]
+
+    def launch_dkdv(cfg):
+        bm, bn, warps, stages = cfg
+        grid = (triton_cdiv(sk, bn), hk, b)
+        mod.attn_bwd_dkdv[grid](q, k, v, dout, lse, delta, flag, dk, dv, *op_args, *qkv_strides, *dk.stride(),
+                                *dv.stride(), sq, sk, coff, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps,
+                                num_stages=stages)
+
+    dop_args = []
+    for n in grad_ops:
+        dop_args += [dfull[n]] + list(dfull[n].stride())
+
+    def launch_dq(cfg):
+        bm, bn, warps, stages = cfg
+        grid = _grid_m(hf, triton_cdiv(sq, bm), hq, b)
+        mod.attn_bwd_dq[grid](q, k, v, dout, lse, delta, dq, *op_args, *dop_args, *qkv_strides, *dq.stride(),
+                              sq, sk, hq, coff, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages)
+
+    key = _tune_key(skey, sq, sk)
+    _launch_tuned("dkdv", key, d, q.dtype, q.device, launch_dkdv)
+    _launch_tuned("dq", key, d, q.dtype, q.device, launch_dq)
+    extra = []
+    for n in grad_ops:
+        full = dfull[n]
+        if prog.empty_row == "nan":
+            full = torch.where((lse == -math.inf).unsqueeze(-1), torch.full_like(full, math.nan), full)
+        t = operands[n]
+        dims = [i for i in range(4) if t.shape[i] == 1 and full_shape[i] != 1]
+        red = full.sum(dim=dims, keepdim=True) if dims else full
+        extra.append(red.reshape(t.shape).to(t.dtype))
+    _ = g
+    return dq, dk, dv, extra

@@ -1,0 +1,459 @@
+"""The portable Triton kernels (kernels/triton_portable.py) on CPU through TRITON_INTERPRET=1.
+
+Every case compares forward and backward with kernels/reference.py (exact NaN pattern, same dtypes and
+shapes) and, by FlashAttention's accuracy rule, with an fp64 eager computation: the kernel's error versus
+fp64 must stay within 2x the error of PyTorch eager in the same dtype, plus a small absolute guard.
+Output buffers are poisoned with NaN so an element the kernels fail to write shows up.
+
+TRITON_INTERPRET is set by a module-scoped fixture (not globally), so other test modules keep running the
+reference on CPU; Triton reads the variable when a kernel module is loaded, which happens inside the tests.
+The interpreter computes bf16 tl.dot wrongly, so only fp16 and fp32 are tested here (tests/gpu covers bf16).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import pytest
+import torch
+
+from fa3_inductor.kernels import codegen, reference
+from fa3_inductor.kernels import triton_portable as tp
+from fa3_inductor.kernels.program import ScoreProgram
+
+pytestmark = pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")
+
+S = ("score",)
+
+
+def C(x):
+    return ("const", float(x))
+
+
+def OP(n):
+    return ("operand", n)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _interpret(tmp_path_factory):
+    mp = pytest.MonkeyPatch()
+    mp.setenv("TRITON_INTERPRET", "1")
+    mp.setenv("FA3_CACHE_DIR", str(tmp_path_factory.mktemp("fa3_cache")))
+
+    def poisoned(shape, dtype, device):
+        t = torch.empty(shape, dtype=dtype, device=device)
+        if t.dtype.is_floating_point:
+            t.fill_(math.nan)
+        else:
+            t.fill_(-12345)
+        return t
+
+    mp.setattr(tp, "_empty", poisoned)
+    yield
+    mp.undo()
+
+
+# --- eager implementation (autograd) in any dtype -------------------------------------------------------
+
+def _ev(e, s, ops, i, j):
+    op = e[0]
+    if op == "score":
+        return s
+    if op == "const":
+        return torch.tensor(float(e[1]), dtype=s.dtype)
+    if op == "operand":
+        t = ops[e[1]]
+        return t if t.dtype == torch.bool else t.to(s.dtype)
+    if op == "q_idx":
+        return i
+    if op == "k_idx":
+        return j
+    a = [_ev(x, s, ops, i, j) for x in e[1:]]
+    if op == "where":
+        return torch.where(a[0].bool(), a[1], a[2])
+    if len(a) == 1:
+        return reference._unary(op, a[0])
+    return reference._BINARY[op](a[0], a[1])
+
+
+def eager(q, k, v, ops, prog, dtype):
+    """softmax(program(q·kᵀ)) · v computed the unfused eager way in `dtype`, with the program's empty-row rule."""
+    q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+    ops = [t if t.dtype == torch.bool else t.to(dtype) for t in ops]
+    g = q.shape[1] // k.shape[1]
+    kk, vv = k.repeat_interleave(g, 1), v.repeat_interleave(g, 1)
+    s = q @ kk.transpose(-1, -2)
+    sq, sk = s.shape[-2:]
+    i = torch.arange(sq, dtype=dtype).view(-1, 1)
+    j = torch.arange(sk, dtype=dtype).view(1, -1)
+    x = _ev(prog.expr, s, ops, i, j).expand_as(s)
+    vis = reference.structural_mask(prog, 0, sq, sq, sk, q.device)
+    if vis is not None:
+        x = x.masked_fill(~vis, -math.inf)
+    if prog.empty_row == "zero":
+        empty = (x == -math.inf).all(-1, keepdim=True)
+        p = torch.softmax(x.masked_fill(empty, 0.0), -1).masked_fill(empty, 0.0)
+    else:
+        p = torch.softmax(x, -1)
+    return p @ vv
+
+
+def run_eager(q, k, v, ops, prog, dout, dtype):
+    leaves = [t.detach().to(dtype).requires_grad_() for t in (q, k, v)]
+    want = prog.operand_grad or (False,) * len(ops)
+    opl = [t.detach().to(dtype).requires_grad_() if w else t for t, w in zip(ops, want)]
+    out = eager(*leaves, opl, prog, dtype)
+    wrt = leaves + [t for t, w in zip(opl, want) if w]
+    grads = torch.autograd.grad(out, wrt, dout.to(dtype), allow_unused=True)
+    return out.detach(), [torch.zeros_like(t) if g is None else g for g, t in zip(grads, wrt)]
+
+
+# --- comparison -----------------------------------------------------------------------------------------
+
+GUARD = {torch.float32: 1e-5, torch.float16: 2e-3}
+
+
+def check(name, ours, refpy, eag, r64):
+    assert ours.shape == refpy.shape, f"{name}: shape {tuple(ours.shape)} vs reference {tuple(refpy.shape)}"
+    assert ours.dtype == refpy.dtype, f"{name}: dtype {ours.dtype} vs reference {refpy.dtype}"
+    nan_o, nan_r = torch.isnan(ours), torch.isnan(refpy)
+    assert torch.equal(nan_o, nan_r), (f"{name}: NaN pattern differs from reference.py "
+                                        f"({int(nan_o.sum())} vs {int(nan_r.sum())} NaNs)")
+    keep = ~(nan_o | torch.isnan(r64) | torch.isnan(eag))
+    a, e, r, rp = (t[keep].double() for t in (ours, eag, r64, refpy))
+    if a.numel() == 0:
+        return
+    guard = GUARD[ours.dtype] * max(1.0, r.abs().max().item())
+    ours_err = (a - r).abs().max().item()
+    eager_err = (e - r).abs().max().item()
+    assert ours_err <= 2 * eager_err + guard, \
+        f"{name}: error vs fp64 {ours_err:.3g} > 2 x eager {eager_err:.3g} + {guard:.3g}"
+    ref_err = (rp - r).abs().max().item()
+    assert (a - rp).abs().max().item() <= 2 * eager_err + ref_err + guard, f"{name}: far from reference.py"
+
+
+_ZERO_DOUT: list = []
+
+
+class _zero_dout_rows:
+    def __init__(self, rows):
+        self.rows = rows
+
+    def __enter__(self):
+        _ZERO_DOUT.extend(self.rows)
+
+    def __exit__(self, *exc):
+        _ZERO_DOUT.clear()
+
+
+def attend_and_check(q, k, v, ops, prog, backward=True):
+    dtype = q.dtype
+    assert tp.supports(prog, q, k, v, ops) is None
+    out, lse = tp.forward(q, k, v, ops, prog)
+    rout, rlse = reference.forward(q, k, v, ops, prog)
+    dout = torch.randn_like(out)
+    for idx in _ZERO_DOUT:
+        dout[idx] = 0
+    eout, egr = run_eager(q, k, v, ops, prog, dout, dtype)
+    out64, gr64 = run_eager(q, k, v, ops, prog, dout, torch.float64)
+    check("out", out, rout, eout, out64)
+    assert lse.dtype == torch.float32 and lse.shape == rlse.shape
+    assert torch.equal(torch.isinf(lse), torch.isinf(rlse)) and not torch.isnan(lse).any()
+    fin = torch.isfinite(rlse)
+    torch.testing.assert_close(lse[fin], rlse[fin], atol=1e-4 if dtype == torch.float32 else 2e-3, rtol=1e-4)
+    if not backward:
+        return
+    grads = tp.backward(dout, q, k, v, ops, out, lse, prog)
+    rgr = reference.backward(dout, q, k, v, ops, prog)
+    assert len(grads[3]) == len(rgr[3])
+    names = ["dq", "dk", "dv"] + [f"d operand {n}" for n, w in enumerate(prog.operand_grad) if w]
+    for name, a, r, e, r64 in zip(names, [*grads[:3], *grads[3]], [*rgr[:3], *rgr[3]], egr, gr64):
+        check(name, a, r, e, r64)
+
+
+def qkv(b, hq, hk, sq, sk, d, dtype, dv=None, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(b, hq, sq, d, generator=gen).to(dtype)
+    k = torch.randn(b, hk, sk, d, generator=gen).to(dtype)
+    v = torch.randn(b, hk, sk, dv or d, generator=gen).to(dtype)
+    return q, k, v
+
+
+def scaled(d, **kw):
+    return ScoreProgram(("mul", S, C(d ** -0.5)), **kw)
+
+
+# --- cases ------------------------------------------------------------------------------------------------
+
+BASIC = [
+    # dtype, d, b, hq, hk, sq, sk, causal, window
+    (torch.float16, 16, 1, 1, 1, 1, 33, "none", None),
+    (torch.float16, 40, 2, 2, 1, 37, 45, "none", None),
+    (torch.float32, 64, 1, 2, 2, 64, 64, "top_left", None),
+    (torch.float16, 80, 1, 4, 1, 29, 45, "bottom_right", None),
+    (torch.float32, 128, 1, 2, 1, 33, 50, "top_left", 5),
+    (torch.float16, 128, 1, 1, 1, 64, 64, "bottom_right", 16),
+    (torch.float32, 40, 1, 2, 1, 1, 64, "bottom_right", None),
+    (torch.float16, 64, 2, 2, 2, 50, 1, "none", None),
+    (torch.float32, 16, 1, 4, 2, 47, 31, "none", None),
+    (torch.float16, 64, 1, 2, 1, 48, 48, "top_left", 0),
+]
+
+
+@pytest.mark.parametrize("dtype,d,b,hq,hk,sq,sk,causal,window", BASIC,
+                         ids=[f"{str(c[0])[6:]}-d{c[1]}-g{c[3] // c[4]}-{c[5]}x{c[6]}-{c[7]}-w{c[8]}" for c in BASIC])
+def test_scaled_attention(dtype, d, b, hq, hk, sq, sk, causal, window):
+    q, k, v = qkv(b, hq, hk, sq, sk, d, dtype)
+    attend_and_check(q, k, v, [], scaled(d, causal=causal, window=window))
+
+
+def test_value_head_dim_differs():
+    q, k, v = qkv(1, 2, 1, 30, 40, 40, torch.float16, dv=24)
+    attend_and_check(q, k, v, [], scaled(40, causal="top_left"))
+
+
+def test_strided_inputs():
+    """(B, S, H, D) storage viewed as (B, H, S, D), and a k that is a slice of a wider tensor: no copies."""
+    gen = torch.Generator().manual_seed(1)
+    q = torch.randn(2, 35, 2, 64, generator=gen).half().transpose(1, 2)
+    kv = torch.randn(2, 41, 1, 2 * 64, generator=gen).half().transpose(1, 2)
+    k, v = kv[..., :64], kv[..., 64:]
+    assert not q.is_contiguous() and not k.is_contiguous()
+    attend_and_check(q, k, v, [], scaled(64, causal="bottom_right"))
+
+
+BIAS_SHAPES = [(1, 2, 33, 41), (2, 1, 33, 41), (2, 1, 1, 41), (2, 2, 33, 41), (1, 2, 1, 1), (2, 2, 33, 1)]
+
+
+@pytest.mark.parametrize("shape", BIAS_SHAPES, ids=["x".join(map(str, s)) for s in BIAS_SHAPES])
+def test_bias_operand_with_grad(shape):
+    q, k, v = qkv(2, 2, 1, 33, 41, 32, torch.float32, seed=2)
+    bias = torch.randn(shape, generator=torch.Generator().manual_seed(3))
+    prog = ScoreProgram(("add", ("mul", S, C(32 ** -0.5)), OP(0)), n_operands=1, operand_grad=(True,),
+                        causal="top_left")
+    attend_and_check(q, k, v, [bias], prog)
+
+
+def test_fp16_bias_broadcast_heads_with_grad():
+    q, k, v = qkv(2, 4, 2, 40, 40, 64, torch.float16, seed=4)
+    bias = torch.randn(2, 1, 40, 40, generator=torch.Generator().manual_seed(5)).half()
+    prog = ScoreProgram(("add", ("mul", S, C(0.125)), OP(0)), n_operands=1, operand_grad=(True,))
+    attend_and_check(q, k, v, [bias], prog)
+
+
+@pytest.mark.parametrize("empty_row", ["nan", "zero"])
+def test_bool_mask_with_empty_rows(empty_row):
+    q, k, v = qkv(2, 2, 2, 36, 44, 40, torch.float16, seed=6)
+    gen = torch.Generator().manual_seed(7)
+    mask = torch.rand(2, 1, 36, 44, generator=gen) > 0.4
+    mask[0, 0, 3] = False            # rows with no visible key
+    mask[1, 0, 20] = False
+    prog = ScoreProgram(("where", OP(0), ("mul", S, C(40 ** -0.5)), C(-math.inf)), n_operands=1,
+                        empty_row=empty_row)
+    attend_and_check(q, k, v, [mask], prog)
+
+
+@pytest.mark.parametrize("empty_row", ["nan", "zero"])
+def test_structurally_empty_rows(empty_row):
+    """bottom_right with Sq > Sk: the first Sq - Sk rows see no key at all."""
+    q, k, v = qkv(1, 2, 1, 40, 24, 32, torch.float32, seed=8)
+    attend_and_check(q, k, v, [], scaled(32, causal="bottom_right", empty_row=empty_row))
+
+
+def test_key_padding_mask_bool_broadcast():
+    q, k, v = qkv(2, 2, 1, 21, 37, 64, torch.float32, seed=9)
+    mask = torch.ones(2, 1, 1, 37, dtype=torch.bool)
+    mask[0, ..., 30:] = False
+    mask[1, ..., 11:] = False
+    prog = ScoreProgram(("where", OP(0), ("mul", S, C(0.125)), C(-math.inf)), n_operands=1, causal="none")
+    attend_and_check(q, k, v, [mask], prog)
+
+
+def test_hf_additive_mask_with_fully_masked_row():
+    """HF Llama eager form: s·c + mask, mask = finfo.min above the diagonal and on a padded query row.
+
+    The fully masked row's output is the uniform average of v (as eager). Its gradient: lse = max + log(l)
+    absorbs log(l) at |max| ~ 3e38, so exp(x - lse) is 1 instead of 1/l there, in reference.py as here; the
+    2x rule is checked with a zero output gradient on that row (as for HF padding rows, whose loss is
+    ignored), and with a nonzero one the kernels must agree with reference.py."""
+    q, k, v = qkv(2, 2, 1, 33, 33, 64, torch.float32, seed=10)
+    lo = torch.finfo(torch.float32).min
+    mask = torch.triu(torch.full((33, 33), lo), 1).expand(2, 1, 33, 33).clone()
+    mask[1, 0, 5] = lo                 # a fully masked row: the eager graph averages v uniformly
+    prog = ScoreProgram(("add", ("mul", S, C(0.125)), OP(0)), n_operands=1)
+    with _zero_dout_rows([(1, slice(None), 5)]):
+        attend_and_check(q, k, v, [mask], prog)
+    out, lse = tp.forward(q, k, v, [mask], prog)
+    dout = torch.randn_like(out)
+    for a, r in zip(tp.backward(dout, q, k, v, [mask], out, lse, prog)[:3],
+                    reference.backward(dout, q, k, v, [mask], prog)[:3]):
+        torch.testing.assert_close(a, r, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_softcap_tanh(dtype):
+    q, k, v = qkv(1, 2, 1, 45, 45, 64, dtype, seed=11)
+    q = q * 3
+    cap = 20.0
+    prog = ScoreProgram(("mul", ("tanh", ("div", ("mul", S, C(0.125)), C(cap))), C(cap)), causal="top_left")
+    attend_and_check(q, k, v, [], prog)
+
+
+def test_index_program_alibi():
+    q, k, v = qkv(1, 2, 2, 30, 38, 32, torch.float32, seed=12)
+    prog = ScoreProgram(("add", ("mul", S, C(32 ** -0.5)),
+                         ("mul", C(-0.25), ("abs", ("sub", ("q_idx",), ("k_idx",))))))
+    attend_and_check(q, k, v, [], prog)
+
+
+def test_expression_zoo():
+    """sigmoid, exp, maximum, minimum, neg, logical ops, comparisons on indices, bool and float operands."""
+    q, k, v = qkv(1, 2, 1, 34, 34, 16, torch.float32, seed=13)
+    gen = torch.Generator().manual_seed(14)
+    keep = torch.rand(1, 1, 34, 34, generator=gen) > 0.2
+    bias = torch.randn(1, 2, 1, 34, generator=gen)
+    x = ("mul", S, C(0.25))
+    expr = ("where",
+            ("and", ("ge", ("q_idx",), ("k_idx",)), ("or", OP(0), ("not", ("lt", ("k_idx",), C(3.0))))),
+            ("add", ("maximum", x, ("neg", ("exp", C(1.0)))),
+             ("mul", ("sigmoid", OP(1)), ("minimum", ("abs", x), C(2.0)))),
+            C(-math.inf))
+    prog = ScoreProgram(expr, n_operands=2, operand_grad=(False, True))
+    attend_and_check(q, k, v, [keep, bias], prog)
+
+
+def test_zero_length_keys_and_batch():
+    q, k, v = qkv(0, 2, 1, 5, 7, 16, torch.float32)
+    out, lse = tp.forward(q, k, v, [], scaled(16))
+    assert out.shape == (0, 2, 5, 16) and lse.shape == (0, 2, 5)
+
+
+# --- plumbing ---------------------------------------------------------------------------------------------
+
+def test_supports_reasons():
+    q, k, v = qkv(1, 1, 1, 4, 4, 16, torch.float32)
+    assert tp.supports(scaled(16), q, k, v, []) is None
+    big = torch.randn(1, 1, 4, 320)
+    assert "head dim 320 > 256" in tp.supports(scaled(320), big, big, big, [])
+    assert "bf16" in tp.supports(scaled(16), q.bfloat16(), k.bfloat16(), v.bfloat16(), [])
+    m = torch.ones(1, 1, 4, 4, dtype=torch.bool)
+    prog = ScoreProgram(("add", S, ("add", OP(0), OP(0))), n_operands=1)
+    assert "boolean" in tp.supports(prog, q, k, v, [m])
+
+
+def test_debug_dir_and_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("FA3_DEBUG_DIR", str(tmp_path))
+    q, k, v = qkv(1, 2, 1, 17, 17, 24, torch.float16, seed=15)
+    prog = ScoreProgram(("mul", S, C(0.2)), causal="top_left", window=3)
+    spec = codegen.make_spec(prog, q, k, v, [], True)
+    codegen._MODULES.pop(spec.key(), None)
+    tp._SPECS.clear()
+    tp.forward(q, k, v, [], prog)
+    files = list(tmp_path.glob("*.py"))
+    assert len(files) == 1 and spec.key() in files[0].name
+    text = files[0].read_text()
+    assert "causal=top_left window=3" in text and "D=24 (block 32)" in text
+    assert os.path.exists(os.path.join(codegen.cache_dir(), files[0].name))
+
+
+def test_dispatch_and_op_autograd():
+    from fa3_inductor import dispatch
+    from fa3_inductor.op import attention
+    q, k, v = qkv(1, 2, 1, 20, 20, 32, torch.float32, seed=16)
+    prog = scaled(32, causal="top_left")
+    entry, _ = dispatch.select(prog, q, k, v, [])
+    assert entry.name == "triton"
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    out = attention(*leaves, program=prog)
+    out.sum().backward()
+    ref_leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    ref = attention(*ref_leaves, program=prog, kernel="reference")
+    ref.sum().backward()
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    for a, b in zip(leaves, ref_leaves):
+        torch.testing.assert_close(a.grad, b.grad, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("cfg", [
+    {"fwd": (16, 32, 4, 1), "dkdv": (32, 16, 4, 1), "dq": (16, 32, 4, 1)},
+    {"fwd": (16, 16, 4, 1), "dkdv": (16, 16, 4, 1), "dq": (16, 16, 4, 1)},
+], ids=["bm<bn", "bm=bn"])
+@pytest.mark.parametrize("causal,window", [("bottom_right", 9), ("top_left", None), ("none", None)])
+def test_block_shapes(cfg, causal, window, monkeypatch):
+    monkeypatch.setattr(tp, "INTERPRET_CONFIGS", cfg)
+    q, k, v = qkv(1, 2, 1, 39, 53, 32, torch.float16, seed=17)
+    attend_and_check(q, k, v, [], scaled(32, causal=causal, window=window))
+
+
+# --- random programs --------------------------------------------------------------------------------------
+
+from hypothesis import given, strategies as st  # noqa: E402
+
+
+@st.composite
+def _float_expr(draw, depth):
+    leaves = [("mul", S, C(draw(st.sampled_from([0.125, 0.3, -0.2])))),
+              C(draw(st.floats(-3, 3, allow_nan=False).map(lambda x: round(x, 2)))),
+              ("mul", ("q_idx",), C(0.05)), ("mul", ("k_idx",), C(-0.05)), OP(1)]
+    if depth == 0 or draw(st.integers(0, 3)) == 0:
+        return draw(st.sampled_from(leaves))
+    kind = draw(st.sampled_from(["tanh", "sigmoid", "abs", "neg", "exp_tanh", "add", "sub", "mul_c", "div_c",
+                                 "maximum", "minimum", "where"]))
+    a = draw(_float_expr(depth - 1))
+    if kind == "exp_tanh":
+        return ("exp", ("tanh", a))
+    if kind in ("tanh", "sigmoid", "abs", "neg"):
+        return (kind, a)
+    if kind == "mul_c":
+        return ("mul", a, C(draw(st.sampled_from([0.5, -1.5, 2.0]))))
+    if kind == "div_c":
+        return ("div", a, C(draw(st.sampled_from([0.5, -4.0]))))
+    b = draw(_float_expr(depth - 1))
+    if kind == "where":
+        return ("where", draw(_bool_expr(depth - 1)), a, b)
+    return (kind, a, b)
+
+
+@st.composite
+def _bool_expr(draw, depth):
+    kind = draw(st.sampled_from(["operand", "cmp", "not", "and", "or"] if depth > 0 else ["operand", "cmp"]))
+    if kind == "operand":
+        return OP(0)
+    if kind == "cmp":
+        op = draw(st.sampled_from(["lt", "le", "gt", "ge", "ne"]))
+        return (op, draw(_float_expr(0)), draw(_float_expr(0)))
+    if kind == "not":
+        return ("not", draw(_bool_expr(depth - 1)))
+    return (kind, draw(_bool_expr(depth - 1)), draw(_bool_expr(depth - 1)))
+
+
+@st.composite
+def _programs(draw):
+    body = draw(_float_expr(3))
+    if draw(st.booleans()):
+        body = ("add", ("mul", S, C(0.25)), body)  # keep the score in play
+    if draw(st.booleans()):
+        body = ("where", draw(_bool_expr(1)), body, C(-math.inf))
+    causal = draw(st.sampled_from(["none", "top_left", "bottom_right"]))
+    window = draw(st.sampled_from([None, 4])) if causal != "none" else None
+    prog = ScoreProgram(body, n_operands=2, causal=causal, window=window,
+                        empty_row=draw(st.sampled_from(["nan", "zero"])),
+                        operand_grad=(False, draw(st.booleans())))
+    shape = draw(st.tuples(st.integers(1, 2), st.sampled_from([(1, 1), (2, 1), (2, 2)]), st.integers(1, 40),
+                           st.integers(1, 40), st.sampled_from([16, 24, 32])))
+    bias_shape = draw(st.sampled_from(["full", "b1", "h1", "m1", "n1"]))
+    return prog, shape, bias_shape, draw(st.integers(0, 2 ** 16))
+
+
+@given(_programs())
+def test_random_programs(case):
+    prog, (b, (hq, hk), sq, sk, d), bias_shape, seed = case
+    q, k, v = qkv(b, hq, hk, sq, sk, d, torch.float32, seed=seed)
+    gen = torch.Generator().manual_seed(seed + 1)
+    mask = torch.rand(b, 1, sq, sk, generator=gen) > 0.3
+    full = [b, hq, sq, sk]
+    if bias_shape != "full":
+        full[{"b1": 0, "h1": 1, "m1": 2, "n1": 3}[bias_shape]] = 1
+    bias = torch.randn(full, generator=gen)
+    attend_and_check(q, k, v, [mask, bias], prog)
