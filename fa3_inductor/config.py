@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import os
 
-KERNELS = ("auto", "reference", "triton")
+KERNELS = ("auto", "reference", "triton", "hopper")
 
 
 def _env_bool(name: str, default: bool) -> bool:
@@ -26,7 +26,7 @@ def _env_bool(name: str, default: bool) -> bool:
 @dataclasses.dataclass
 class Config:
     enabled: bool = True            # FA3_DISABLE=1: match nothing, plain Inductor
-    kernel: str = "auto"            # FA3_KERNEL: auto | reference | triton
+    kernel: str = "auto"            # FA3_KERNEL: auto | reference | triton | hopper
     debug_dir: str | None = None    # FA3_DEBUG_DIR: write every generated kernel source there
     log_sites: bool = False         # FA3_LOG=1: log each site's decision at WARNING (visible by default) instead of INFO
 

@@ -12,7 +12,7 @@ import dataclasses
 import os
 from typing import Callable
 
-from .kernels import reference, triton_portable
+from .kernels import hopper, reference, triton_portable
 from .kernels.program import ScoreProgram
 
 
@@ -37,7 +37,11 @@ REFERENCE = KernelEntry("reference", ("cpu", "cuda"), False, lambda *a: None, re
 TRITON = KernelEntry("triton", ("cuda",), True, triton_portable.supports, triton_portable.forward,
                      triton_portable.backward)
 
-TABLE: list[KernelEntry] = [TRITON, REFERENCE]
+# sm_90: the warp-specialized Gluon forward (FlashAttention-3 schedule); its backward is the portable one,
+# which reads the same (out, lse).
+HOPPER = KernelEntry("hopper", ("cuda",), False, hopper.supports, hopper.forward, triton_portable.backward)
+
+TABLE: list[KernelEntry] = [HOPPER, TRITON, REFERENCE]
 
 
 def _runs_on(entry: KernelEntry, device: str) -> bool:

@@ -241,7 +241,7 @@ class _Gen(BackwardKernels):
                     "    return tl.where(x < 0, -r, r)", ""]
         else:
             tanh = ["@triton.jit", "def _tanh(x):", "    return libdevice.tanh(x)", ""]
-        return tanh
+        return tanh + ["@triton.jit", "def _sigmoid(x):", "    return tl.sigmoid(x)", ""]
 
     def module(self):
         out = ["import triton", "import triton.language as tl"]

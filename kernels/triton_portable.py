@@ -162,12 +162,13 @@ def _capturing(device) -> bool:
         return False
 
 
-def _launch_tuned(kind: str, key: tuple, d: int, dtype, device, launch):
-    """launch(config) runs the kernel once; returns nothing. Picks/caches the fastest config for key."""
+def _launch_tuned(kind: str, key: tuple, d: int, dtype, device, launch, configs=None):
+    """launch(config) runs the kernel once; returns nothing. Picks/caches the fastest config for key among
+    `configs` (default: this module's list for `kind`; the first is the default when tuning is not possible)."""
     if device.type != "cuda":
         launch(INTERPRET_CONFIGS[kind])
         return
-    configs = _CONFIGS[kind](d, dtype)
+    configs = configs or _CONFIGS[kind](d, dtype)
     full_key = (kind,) + key
     best = _TUNED.get(full_key)
     if best is not None:
