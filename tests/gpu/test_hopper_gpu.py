@@ -24,6 +24,13 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(
     not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] != 9, reason="needs an sm_90 GPU")]
 
 
+@pytest.fixture(autouse=True)
+def _no_tuning(monkeypatch):
+    """Each test then compiles one schedule, not every candidate; bench/kernels.py exercises the tuner."""
+    from fa3_inductor.kernels import triton_portable
+    monkeypatch.setattr(triton_portable, "_AUTOTUNE", False)
+
+
 def _compiled(kernel):
     return [k for cache in kernel.device_caches.values() for k in cache[0].values()]
 
