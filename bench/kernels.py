@@ -183,7 +183,8 @@ def fa3_available() -> bool:
     try:
         import flash_attn_jax  # noqa: F401
         return True
-    except Exception:
+    except Exception as exc:
+        print(f"flash_attn_jax not importable: {exc!r}"[:400])
         return False
 
 
