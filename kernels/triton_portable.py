@@ -109,7 +109,7 @@ def supports(prog: ScoreProgram, q, k, v, operands) -> str | None:
 # --- configurations -------------------------------------------------------------------------------------
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages); the first entry is the default when tuning is not possible.
-# Lists checked by compiling for sm_90 offline: none of these spills registers at bf16/fp16. fp32 uses
+# Backward lists from the H100 sweep in bench/NOTES.md (scratch sweep of dkdv / dq tiles at S=4096). fp32 uses
 # IEEE fp32 tl.dot (no TF32, to match eager fp32), an FMA path that spills at any tile: small tiles.
 def _fwd_configs(d: int, dtype: torch.dtype):
     if dtype == torch.float32:
@@ -127,8 +127,8 @@ def _dkdv_configs(d: int, dtype: torch.dtype):
     if d <= 64:
         return [(32, 128, 8, 3), (64, 128, 8, 2), (64, 64, 4, 3)]
     if d <= 128:
-        return [(32, 128, 8, 2), (64, 64, 8, 2), (64, 128, 8, 2)]
-    return [(32, 32, 8, 2), (16, 32, 4, 2), (16, 64, 8, 2)]
+        return [(64, 64, 4, 2), (64, 128, 8, 2), (32, 128, 8, 2)]
+    return [(64, 32, 8, 2), (64, 64, 8, 1), (32, 64, 8, 1)]
 
 
 def _dq_configs(d: int, dtype: torch.dtype):
@@ -137,8 +137,8 @@ def _dq_configs(d: int, dtype: torch.dtype):
     if d <= 64:
         return [(128, 32, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3)]
     if d <= 128:
-        return [(128, 32, 8, 2), (128, 64, 8, 2), (64, 64, 4, 3)]
-    return [(64, 32, 8, 2), (32, 64, 8, 2), (32, 32, 4, 2)]
+        return [(128, 64, 8, 2), (128, 128, 8, 1), (128, 32, 8, 2)]
+    return [(128, 64, 8, 1), (128, 32, 8, 1), (64, 32, 8, 2)]
 
 
 _CONFIGS = {"fwd": _fwd_configs, "dkdv": _dkdv_configs, "dq": _dq_configs}
