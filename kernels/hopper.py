@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from . import codegen, triton_portable
+from . import codegen, mask_tiles, triton_portable
 from .program import ScoreProgram
 
 HEAD_DIMS = (64, 96, 128, 192, 256)
@@ -103,8 +103,9 @@ def _spec_and_module(prog, q, k, v, operands):
             tuple((t.dtype, tuple(s == 1 for s in t.shape)) for t in operands))
     hit = _SPECS.get(fast)
     if hit is None:
+        from .templates_hopper import tile_plan
         spec = codegen.make_spec(prog, q, k, v, operands, False)
-        hit = _SPECS[fast] = (spec.key(), codegen.load(spec, "hopper"))
+        hit = _SPECS[fast] = (spec.key(), codegen.load(spec, "hopper"), tile_plan(spec))
     return hit
 
 
@@ -112,9 +113,23 @@ def _spec_key(prog, q, k, v, operands):
     return _spec_and_module(prog, q, k, v, operands)[0]
 
 
+def tile_args(q, k, operands, prog: ScoreProgram, block_n: int) -> list:
+    """Kernel arguments of the mask pre-pass's tile lists (mask_tiles.py), [] when the kernel has none."""
+    plan = _spec_and_module(prog, q, k, k, operands)[2] if operands else None
+    if plan is None:
+        return []
+    n, kind = plan
+    b, hq, sq, _ = q.shape
+    idx, cls, cnt = mask_tiles.tile_lists(operands[n], kind, (b, hq, sq, k.shape[2]), 2 * BLOCK_M, block_n)
+    bc_b, bc_h = idx.shape[0] == 1, idx.shape[1] == 1
+    return [idx, cls, cnt, 0 if bc_b else idx.stride(0), 0 if bc_h else idx.stride(1), idx.stride(2),
+            0 if bc_b else cnt.stride(0), 0 if bc_h else cnt.stride(1)]
+
+
 def launch_args(q, k, v, operands, prog: ScoreProgram, out, lse, pingpong: bool = True, block_n=None,
-                stages=None):
-    """(kernel, grid, args, kwargs) of one launch; also used by tests to compile and read the PTX."""
+                stages=None, tiles=None):
+    """(kernel, grid, args, kwargs) of one launch; also used by tests to compile and read the PTX.
+    tiles: tile_args(...) computed once per call (recomputed when None)."""
     b, hq, sq, d = q.shape
     sk, dv = k.shape[2], v.shape[-1]
     bn, st = config(d, dv)
@@ -123,11 +138,13 @@ def launch_args(q, k, v, operands, prog: ScoreProgram, out, lse, pingpong: bool 
     op_args = []
     for t in operands:
         op_args += [t] + [int(s) for s in t.expand(*full).stride()]
+    if tiles is None:
+        tiles = tile_args(q, k, operands, prog, bn)
     coff = 0 if prog.causal != "bottom_right" else sk - sq
     mod = _spec_and_module(prog, q, k, v, operands)[1]
     grid = (triton_portable.triton_cdiv(sq, 2 * BLOCK_M), hq, b)
-    args = (_desc(q, BLOCK_M), _desc(k, bn), _desc(v, bn), _desc(out, BLOCK_M), lse, *op_args, *lse.stride(),
-            sq, sk, coff)
+    args = (_desc(q, BLOCK_M), _desc(k, bn), _desc(v, bn), _desc(out, BLOCK_M), lse, *op_args, *tiles,
+            *lse.stride(), sq, sk, coff)
     kwargs = dict(BLOCK_M=BLOCK_M, BLOCK_N=bn, STAGES=st, PINGPONG=pingpong, num_warps=4)
     return mod.attn_fwd_ws, grid, args, kwargs
 
@@ -157,11 +174,12 @@ def forward(q, k, v, operands, prog: ScoreProgram, **variant):
         kernel[grid](*args, **kwargs)
         return out, lse
     d, dv = q.shape[-1], v.shape[-1]
+    tiles = tile_args(q, k, operands, prog, config(d, dv)[0])
 
     def launch(cfg):
         pingpong, stages = cfg
         kernel, grid, args, kwargs = launch_args(q, k, v, operands, prog, out, lse, pingpong=pingpong,
-                                                 stages=stages)
+                                                 stages=stages, tiles=tiles)
         kernel[grid](*args, **kwargs)
 
     key = (_spec_key(prog, q, k, v, operands), triton_portable._bucket(sq), triton_portable._bucket(k.shape[2]))

@@ -18,25 +18,28 @@ softmax runs under the other's GEMMs. The epilogue writes O through shared memor
 head dims match) with a TMA store, and the log-sum-exp with plain stores.
 
 The score chain (scale, biases, masks, soft-capping) is the same ScoreProgram the portable kernel compiles,
-emitted by codegen.Emitter in Gluon spelling; x is kept in log2 units so the softmax uses exp2.
+emitted by codegen.Emitter in Gluon spelling. A pure scale is folded into log2 units (x = s·scale·log2 e, so
+the softmax is a bare exp2); any other chain stays in natural units and the softmax scales by log2 e after
+subtracting the row max, so finfo.min fills never overflow to -inf (eager's uniform rows stay uniform).
 """
 
 from __future__ import annotations
 
+from . import mask_tiles
 from .codegen import LOG2E, Emitter, KernelSpec
 from .templates_bwd import _and, _ind
 
 _KERNEL = '''
 @gluon.jit
 def _producer(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_full, v_full, k_empty, v_empty,
-              off_b, off_h, off_hk, m0, lo, hi,
+              off_b, off_h, off_hk, m0, lo, n_tiles, __TLA__
               BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
     for w in gl.static_range(2):
         mbarrier.expect(q_bar.index(w), q_desc.block_type.nbytes)
         tma.async_copy_global_to_shared(q_desc, [off_b, off_h, m0 + w * BLOCK_M, 0], q_bar.index(w),
                                         q_smem.index(w))
-    i = 0
-    for start_n in range(lo, hi, BLOCK_N):
+    for i in range(n_tiles):
+        start_n = _tile_start(i, lo, __TLA__BLOCK_N)
         st = i % STAGES
         ph = (i // STAGES) & 1
         # a fresh barrier passes a wait on parity 1, so the first STAGES loads do not wait
@@ -46,20 +49,22 @@ def _producer(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_full, v_f
         mbarrier.wait(v_empty.index(st), ph ^ 1)
         mbarrier.expect(v_full.index(st), v_desc.block_type.nbytes)
         tma.async_copy_global_to_shared(v_desc, [off_b, off_hk, start_n, 0], v_full.index(st), v_smem.index(st))
-        i += 1
 
 
 @gluon.jit
-def _softmax_step(s, m_i, qi, kj, Sq, Sk, coff, __OPS_ARGS__MASKED: gl.constexpr):
-    if MASKED:
+def _softmax_step(s, m_i, qi, kj, Sq, Sk, coff, __OPS_ARGS__MASKED: gl.constexpr, NEUTRAL: gl.constexpr):
+    if NEUTRAL:
+        x = _score_neutral(s, qi, kj, Sq, Sk, __OPS_ARGS__)
+    elif MASKED:
         x = _score_masked(s, qi, kj, Sq, Sk, __OPS_ARGS__)
-        x = gl.where(__VISIBLE__, x, float("-inf"))
     else:
         x = _score_full(s, qi, kj, Sq, Sk, __OPS_ARGS__)
+    if MASKED:
+        x = gl.where(__VISIBLE__, x, float("-inf"))
     m_new = gl.maximum(m_i, gl.max(x, 1))
     m_use = gl.where(m_new == float("-inf"), 0.0, m_new)
-    p = gl.exp2(x - gl.expand_dims(m_use, 1))
-    alpha = gl.exp2(m_i - m_use)
+    p = gl.exp2((x - gl.expand_dims(m_use, 1)) * __XS__)
+    alpha = gl.exp2((m_i - m_use) * __XS__)
     return p, m_new, alpha
 
 
@@ -72,7 +77,7 @@ __TILE_MASKED__    return masked
 
 @gluon.jit
 def _consumer(q_smem, k_smem, v_smem, o_smem, o4, q_bar, k_full, v_full, k_empty, v_empty, turn, o_desc, LSE,
-              slb, slh, slm, off_b, off_h, m0, lo, hi, Sq, Sk, coff, __OPS_PARAMS__
+              slb, slh, slm, off_b, off_h, m0, lo, n_tiles, __TLA__Sq, Sk, coff, __OPS_PARAMS__
               WG: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DV: gl.constexpr,
               STAGES: gl.constexpr, PINGPONG: gl.constexpr):
     dtype: gl.constexpr = q_smem.dtype
@@ -105,13 +110,17 @@ __OPS_BASES__
         mbarrier.arrive(turn.index(1 - WG))
     s = warpgroup_mma_wait(0, deps=(s_tok,))
     mbarrier.arrive(k_empty.index(0))
-    kj = gl.expand_dims(lo + gl.arange(0, BLOCK_N, col_l), 0)
-    p, m_i, alpha = _softmax_step(s, m_i, qi, kj, Sq, Sk, coff, __OPS_ARGS__True)
+    kj = gl.expand_dims(_tile_start(0, lo, __TLA__BLOCK_N) + gl.arange(0, BLOCK_N, col_l), 0)
+    if _tile_neutral(0, __TLA__):
+        p, m_i, alpha = _softmax_step(s, m_i, qi, kj, Sq, Sk, coff, __OPS_ARGS__True, True)
+    else:
+        p, m_i, alpha = _softmax_step(s, m_i, qi, kj, Sq, Sk, coff, __OPS_ARGS__True, False)
     l_i = gl.sum(p, 1)
     p_op = gl.convert_layout(p.to(dtype), p_layout)
 
     i = 0
-    for start_n in range(lo + BLOCK_N, hi, BLOCK_N):
+    for j in range(1, n_tiles):
+        start_n = _tile_start(j, lo, __TLA__BLOCK_N)
         cur = i % STAGES
         cur_ph = (i // STAGES) & 1
         nxt = (i + 1) % STAGES
@@ -128,10 +137,17 @@ __OPS_BASES__
         s = warpgroup_mma_wait(1, deps=(s_tok,))
         mbarrier.arrive(k_empty.index(nxt))   # K is read only by S; its slot refills while PV still runs
         kj = gl.expand_dims(start_n + gl.arange(0, BLOCK_N, col_l), 0)
-        if _tile_masked(start_n, row0, Sk, coff, BLOCK_M, BLOCK_N):
-            p, m_new, alpha = _softmax_step(s, m_i, qi, kj, Sq, Sk, coff, __OPS_ARGS__True)
+        masked = _tile_masked(start_n, row0, Sk, coff, BLOCK_M, BLOCK_N)
+        if _tile_neutral(j, __TLA__):
+            if masked:
+                p, m_new, alpha = _softmax_step(s, m_i, qi, kj, Sq, Sk, coff, __OPS_ARGS__True, True)
+            else:
+                p, m_new, alpha = _softmax_step(s, m_i, qi, kj, Sq, Sk, coff, __OPS_ARGS__False, True)
         else:
-            p, m_new, alpha = _softmax_step(s, m_i, qi, kj, Sq, Sk, coff, __OPS_ARGS__False)
+            if masked:
+                p, m_new, alpha = _softmax_step(s, m_i, qi, kj, Sq, Sk, coff, __OPS_ARGS__True, False)
+            else:
+                p, m_new, alpha = _softmax_step(s, m_i, qi, kj, Sq, Sk, coff, __OPS_ARGS__False, False)
         acc = warpgroup_mma_wait(0, deps=(o_tok,))
         mbarrier.arrive(v_empty.index(cur))
         acc = acc * gl.expand_dims(gl.convert_layout(alpha, orow_l), 1)
@@ -154,7 +170,7 @@ __OPS_BASES__
 
     empty = m_i == float("-inf")
     l_safe = gl.where(empty, 1.0, l_i)
-    lse = gl.where(empty, float("-inf"), (m_i + gl.log2(l_safe)) * 0.6931471805599453)
+    lse = gl.where(empty, float("-inf"), __LSE__)
     out = acc * gl.expand_dims(gl.convert_layout(1.0 / l_safe, orow_l), 1)
 __EMPTY_ROWS__
     o_buf = o_smem.index(WG)
@@ -167,7 +183,7 @@ __EMPTY_ROWS__
 
 
 @gluon.jit(do_not_specialize=["Sq", "Sk", "coff", "slb", "slh"])
-def attn_fwd_ws(q_desc, k_desc, v_desc, o_desc, LSE, __OPS_KPARAMS__slb, slh, slm, Sq, Sk, coff,
+def attn_fwd_ws(q_desc, k_desc, v_desc, o_desc, LSE, __OPS_KPARAMS____TLP__slb, slh, slm, Sq, Sk, coff,
                 BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, PINGPONG: gl.constexpr):
     HEAD_D: gl.constexpr = q_desc.block_type.shape[3]
     HEAD_DV: gl.constexpr = v_desc.block_type.shape[3]
@@ -183,6 +199,7 @@ __CAUSAL_ORDER__
 __KV_RANGE__
     # every consumer runs at least one (masked) tile, so the barrier schedule has one shape
     hi = gl.maximum(hi, lo + 1)
+__N_TILES__
 
     q_l: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, HEAD_D], dtype)
     k_l: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, HEAD_D], dtype)
@@ -218,13 +235,13 @@ __KV_RANGE__
     o2 = o_smem._reinterpret(dtype, [2, BLOCK_M, HEAD_DV], o_l)
     gl.warp_specialize([
         (_consumer, (q2, k2, v2, o2, o_smem, q_bar, k_full, v_full, k_empty, v_empty, turn, o_desc, LSE, slb, slh, slm,
-                     off_b, off_h, m0, lo, hi, Sq, Sk, coff, __OPS_KARGS__0, BLOCK_M, BLOCK_N, HEAD_DV, STAGES,
+                     off_b, off_h, m0, lo, n_tiles, __TLA__Sq, Sk, coff, __OPS_KARGS__0, BLOCK_M, BLOCK_N, HEAD_DV, STAGES,
                      PINGPONG)),
         (_consumer, (q2, k2, v2, o2, o_smem, q_bar, k_full, v_full, k_empty, v_empty, turn, o_desc, LSE, slb, slh, slm,
-                     off_b, off_h, m0, lo, hi, Sq, Sk, coff, __OPS_KARGS__1, BLOCK_M, BLOCK_N, HEAD_DV, STAGES,
+                     off_b, off_h, m0, lo, n_tiles, __TLA__Sq, Sk, coff, __OPS_KARGS__1, BLOCK_M, BLOCK_N, HEAD_DV, STAGES,
                      PINGPONG)),
         (_producer, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_full, v_full, k_empty, v_empty,
-                     off_b, off_h, off_hk, m0, lo, hi, BLOCK_M, BLOCK_N, STAGES)),
+                     off_b, off_h, off_hk, m0, lo, n_tiles, __TLA__BLOCK_M, BLOCK_N, STAGES)),
     ], [4, 1], [240, 24])
 '''
 
@@ -250,6 +267,15 @@ def _sigmoid(x):
 '''
 
 
+def tile_plan(spec: KernelSpec):
+    """(operand, kind) of the mask operand the kernel visits through tile lists, or None. Only without a
+    structural mask: a structural mask already bounds the key range, and mixing both is not worth the code."""
+    prog = spec.prog
+    if prog.causal != "none":
+        return None
+    return mask_tiles.plan(prog, [o.kind for o in spec.operands])
+
+
 class _HopperGen:
     def __init__(self, spec: KernelSpec):
         self.spec = spec
@@ -258,19 +284,28 @@ class _HopperGen:
         self.nops = len(spec.operands)
         self.causal = self.prog.causal != "none"
         self.window = self.prog.window
+        self.tiles = tile_plan(spec)
 
-    def score_fn(self, masked: bool) -> list[str]:
+    def score_fn(self, name: str, masked: bool, expr) -> list[str]:
         """x in log2 units for one tile; operand loads are bounds-checked on rows always, on keys when masked."""
         em = Emitter(self.spec, "s", "qi", "kj", "(qi < Sq)", "(kj < Sk)" if masked else None, ns="gl")
-        if self.scale is not None:
+        if self.scale is not None:      # log2 units; only scale-only programs, whose every variant is s * scale
             body = [f"x = s * {self.scale * LOG2E!r}"]
         else:
-            root = em.emit(self.prog.expr)
-            xt = em.full_float(root)
-            body = em.lines + [f"x = {xt} * {LOG2E!r}"]
+            root = em.emit(expr)
+            body = em.lines + [f"x = {em.full_float(root)}"]
         params = "".join(f"OP{n}b, st{n}_m, st{n}_n, " for n in range(self.nops))
-        name = "_score_masked" if masked else "_score_full"
         return ["@gluon.jit", f"def {name}(s, qi, kj, Sq, Sk, {params}):"] + [_ind(body + ["return x"]), "", ""]
+
+    def tile_fns(self) -> list[str]:
+        """Which key blocks a CTA visits: a range, or the pre-pass's list (mask_tiles.py) with each tile's class."""
+        if self.tiles is None:
+            return ["@gluon.jit", "def _tile_start(j, lo, BLOCK_N: gl.constexpr):", "    return lo + j * BLOCK_N", "",
+                    "", "@gluon.jit", "def _tile_neutral(j):", "    return False", "", ""]
+        return ["@gluon.jit", "def _tile_start(j, lo, TL_IDX, TL_CLS, tl_off, BLOCK_N: gl.constexpr):",
+                "    return gl.load(TL_IDX + tl_off + j) * BLOCK_N", "", "",
+                "@gluon.jit", "def _tile_neutral(j, TL_IDX, TL_CLS, tl_off):",
+                f"    return gl.load(TL_CLS + tl_off + j) == {mask_tiles.NEUTRAL}", "", ""]
 
     def visible(self) -> str:
         parts = ["(kj < Sk)"]
@@ -314,15 +349,30 @@ class _HopperGen:
         else:
             empty = ""
         causal_order = "    pid_m = gl.num_programs(0) - 1 - pid_m   # heavy tiles first" if self.causal else ""
+        if self.tiles is None:
+            tla, tlp = "", ""
+            n_tiles = "    n_tiles = gl.cdiv(hi - lo, BLOCK_N)"
+        else:
+            tla = "TL_IDX, TL_CLS, tl_off, "
+            tlp = "TL_IDX, TL_CLS, TL_CNT, tl_sb, tl_sh, tl_sm, tl_cb, tl_ch, "
+            n_tiles = ("    tl_off = off_b.to(gl.int64) * tl_sb + off_h.to(gl.int64) * tl_sh + pid_m.to(gl.int64) * tl_sm\n"
+                       "    n_tiles = gl.load(TL_CNT + off_b.to(gl.int64) * tl_cb + off_h.to(gl.int64) * tl_ch + pid_m)")
+        if self.scale is not None:
+            xs, lse = "1.0", "(m_i + gl.log2(l_safe)) * 0.6931471805599453"
+        else:
+            xs, lse = repr(LOG2E), "m_i + gl.log2(l_safe) * 0.6931471805599453"
         text = _KERNEL
-        for token, value in [
+        for token, value in [("__XS__", xs), ("__LSE__", lse), ("__TLA__", tla), ("__TLP__", tlp), ("__N_TILES__", n_tiles),
             ("__OPS_KPARAMS__", ops_params), ("__OPS_PARAMS__", ops_params), ("__OPS_KARGS__", ops_params),
             ("__OPS_ARGS__", ops_args), ("__OPS_BASES__", "\n".join(bases)), ("__VISIBLE__", self.visible()),
             ("__TILE_MASKED__", self.tile_masked()), ("__KV_RANGE__", self.kv_range()),
             ("__EMPTY_ROWS__", empty), ("__CAUSAL_ORDER__", causal_order), ("__G__", str(spec.G)),
         ]:
             text = text.replace(token, value)
-        return _HEAD + "\n".join(self.score_fn(True) + self.score_fn(False)) + text
+        neutral = self.prog.expr if self.tiles is None else mask_tiles.neutral_program_expr(self.prog, *self.tiles)
+        fns = (self.score_fn("_score_masked", True, self.prog.expr) + self.score_fn("_score_full", False, self.prog.expr)
+               + self.score_fn("_score_neutral", False, neutral) + self.tile_fns())
+        return _HEAD + "\n".join(fns) + text
 
 
 def generate(spec: KernelSpec) -> str:
