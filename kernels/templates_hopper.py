@@ -111,10 +111,7 @@ __OPS_BASES__
     s = warpgroup_mma_wait(0, deps=(s_tok,))
     mbarrier.arrive(k_empty.index(0))
     kj = gl.expand_dims(_tile_start(0, lo, __TLA__BLOCK_N) + gl.arange(0, BLOCK_N, col_l), 0)
-    if _tile_neutral(0, __TLA__):
-        p, m_i, alpha = _softmax_step(s, m_i, qi, kj, Sq, Sk, coff, __OPS_ARGS__True, True)
-    else:
-        p, m_i, alpha = _softmax_step(s, m_i, qi, kj, Sq, Sk, coff, __OPS_ARGS__True, False)
+__STEP0__
     l_i = gl.sum(p, 1)
     p_op = gl.convert_layout(p.to(dtype), p_layout)
 
@@ -138,16 +135,7 @@ __OPS_BASES__
         mbarrier.arrive(k_empty.index(nxt))   # K is read only by S; its slot refills while PV still runs
         kj = gl.expand_dims(start_n + gl.arange(0, BLOCK_N, col_l), 0)
         masked = _tile_masked(start_n, row0, Sk, coff, BLOCK_M, BLOCK_N)
-        if _tile_neutral(j, __TLA__):
-            if masked:
-                p, m_new, alpha = _softmax_step(s, m_i, qi, kj, Sq, Sk, coff, __OPS_ARGS__True, True)
-            else:
-                p, m_new, alpha = _softmax_step(s, m_i, qi, kj, Sq, Sk, coff, __OPS_ARGS__False, True)
-        else:
-            if masked:
-                p, m_new, alpha = _softmax_step(s, m_i, qi, kj, Sq, Sk, coff, __OPS_ARGS__True, False)
-            else:
-                p, m_new, alpha = _softmax_step(s, m_i, qi, kj, Sq, Sk, coff, __OPS_ARGS__False, False)
+__STEPJ__
         acc = warpgroup_mma_wait(0, deps=(o_tok,))
         mbarrier.arrive(v_empty.index(cur))
         acc = acc * gl.expand_dims(gl.convert_layout(alpha, orow_l), 1)
@@ -297,11 +285,31 @@ class _HopperGen:
         params = "".join(f"OP{n}b, st{n}_m, st{n}_n, " for n in range(self.nops))
         return ["@gluon.jit", f"def {name}(s, qi, kj, Sq, Sk, {params}):"] + [_ind(body + ["return x"]), "", ""]
 
+    def steps(self) -> tuple[str, str]:
+        """The softmax-step calls of the prologue (tile 0, always masked) and of tile j: with tile lists, a
+        neutral tile takes the operand-free variant (a runtime branch); without, there is no such branch."""
+        call = "{lhs} = _softmax_step(s, m_i, qi, kj, Sq, Sk, coff, __OPS_ARGS__{masked}, {neutral})"
+        p0, pj = "p, m_i, alpha", "p, m_new, alpha"
+        if self.tiles is None:
+            step0 = "    " + call.format(lhs=p0, masked="True", neutral="False")
+            stepj = ("        if masked:\n            " + call.format(lhs=pj, masked="True", neutral="False")
+                     + "\n        else:\n            " + call.format(lhs=pj, masked="False", neutral="False"))
+            return step0, stepj
+        step0 = ("    if _tile_neutral(0, __TLA__):\n        " + call.format(lhs=p0, masked="True", neutral="True")
+                 + "\n    else:\n        " + call.format(lhs=p0, masked="True", neutral="False"))
+        rows = []
+        for neutral, head in (("True", "        if _tile_neutral(j, __TLA__):"), ("False", "        else:")):
+            rows += [head, "            if masked:",
+                     "                " + call.format(lhs=pj, masked="True", neutral=neutral),
+                     "            else:",
+                     "                " + call.format(lhs=pj, masked="False", neutral=neutral)]
+        return step0, "\n".join(rows)
+
     def tile_fns(self) -> list[str]:
         """Which key blocks a CTA visits: a range, or the pre-pass's list (mask_tiles.py) with each tile's class."""
         if self.tiles is None:
             return ["@gluon.jit", "def _tile_start(j, lo, BLOCK_N: gl.constexpr):", "    return lo + j * BLOCK_N", "",
-                    "", "@gluon.jit", "def _tile_neutral(j):", "    return False", "", ""]
+                    ""]
         return ["@gluon.jit", "def _tile_start(j, lo, TL_IDX, TL_CLS, tl_off, BLOCK_N: gl.constexpr):",
                 "    return gl.load(TL_IDX + tl_off + j) * BLOCK_N", "", "",
                 "@gluon.jit", "def _tile_neutral(j, TL_IDX, TL_CLS, tl_off):",
@@ -361,7 +369,8 @@ class _HopperGen:
             xs, lse = "1.0", "(m_i + gl.log2(l_safe)) * 0.6931471805599453"
         else:
             xs, lse = repr(LOG2E), "m_i + gl.log2(l_safe) * 0.6931471805599453"
-        text = _KERNEL
+        step0, stepj = self.steps()
+        text = _KERNEL.replace("__STEP0__", step0).replace("__STEPJ__", stepj)
         for token, value in [("__XS__", xs), ("__LSE__", lse), ("__TLA__", tla), ("__TLP__", tlp), ("__N_TILES__", n_tiles),
             ("__OPS_KPARAMS__", ops_params), ("__OPS_PARAMS__", ops_params), ("__OPS_KARGS__", ops_params),
             ("__OPS_ARGS__", ops_args), ("__OPS_BASES__", "\n".join(bases)), ("__VISIBLE__", self.visible()),
