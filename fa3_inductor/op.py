@@ -136,7 +136,9 @@ def _backward(ctx, dout, dlse):
     it = iter(dops)
     d_operands = [next(it) if (prog.operand_grad and prog.operand_grad[n]) else None
                   for n in range(ctx.n_operands)]
-    return dq, dk, dv, d_operands, None, None, None
+    # one entry per input as the dispatcher passed them: it drops a trailing argument equal to its default
+    # (fp8=""), and ctx.needs_input_grad has exactly that structure
+    return (dq, dk, dv, d_operands) + (None,) * (len(ctx.needs_input_grad) - 4)
 
 
 attention_op.register_autograd(_backward, setup_context=_setup_context)

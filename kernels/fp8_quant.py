@@ -44,6 +44,11 @@ class Fp8Operand:
         return self.data.transpose(-1, -2) if self.transposed else self.data
 
 
+def _empty(shape, dtype, device):
+    """Every output buffer comes from here (tests replace it with a NaN-poisoning allocator)."""
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
 def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -93,17 +98,17 @@ def quantize(x: torch.Tensor, *, block: int, rotate: bool = False, seed: int = 0
     dev = x.device
     if transposed:
         s_alloc = _round16(s)
-        buf = torch.empty((b, h, dq, s_alloc), dtype=FP8, device=dev)
+        buf = _empty((b, h, dq, s_alloc), FP8, dev)
         data = buf[..., :s]
         y_strides = (buf.stride(0), buf.stride(1), buf.stride(3), buf.stride(2))
         s_store, d_store = s_alloc, dq
     else:
         d_alloc = _round16(dq)
-        buf = torch.empty((b, h, s, d_alloc), dtype=FP8, device=dev)
+        buf = _empty((b, h, s, d_alloc), FP8, dev)
         data = buf[..., :dq]
         y_strides = tuple(buf.stride())
         s_store, d_store = s, d_alloc
-    scale = torch.empty((b, h, triton_cdiv(s, block)), dtype=torch.float32, device=dev)
+    scale = _empty((b, h, triton_cdiv(s, block)), torch.float32, dev)
     out = Fp8Operand(data, scale, block, transposed, rotate)
     if b * h == 0 or s_store == 0:
         return out
