@@ -222,3 +222,12 @@ def test_public_fp8_argument_errors():
         fa3_inductor.attention(q, q, q, fp8="fast")
     with pytest.raises(ValueError, match="fp8"):
         fa3_inductor.attention(q, q, q, fp8=1.5)
+
+
+def test_inductor_path_with_fp8_option(monkeypatch):
+    """Through Inductor the recipe string is a constant argument of the op; on CPU it falls back to 16-bit."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    args = [_rand(2, 2, 17, 32, seed=n) for n in range(3)]
+    torch._dynamo.reset()
+    out = torch.compile(_site, backend="fa3", options={"fp8": True, "fp8_seed": 4})(*args)
+    torch.testing.assert_close(out, _site(*args), atol=2e-5, rtol=1e-4)
