@@ -1,4 +1,5 @@
-"""Attention kernel benchmark: our portable Triton kernels beside cuDNN, FlashAttention-2 (both through SDPA),
+"""Attention kernel benchmark: our kernels (`ours` = what dispatch picks: the Hopper warp-specialized forward on
+sm_90; `portable` = the portable Triton kernels) beside cuDNN, FlashAttention-2 (both through SDPA),
 FlexAttention and FlashAttention-3 (through JAX, if `flash_attn_jax` imports), on the FA3 paper's grid
 (16k tokens, B = 16384 / S, H = 2048 / D, bf16), plus the HF Llama masked form against Inductor.
 
@@ -30,6 +31,7 @@ import torch.nn.functional as F  # noqa: E402
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # fa3_inductor must be the installed package: the source tree maps kernels/ and patterns/ into it.
 
+from fa3_inductor import dispatch  # noqa: E402
 from fa3_inductor.kernels import triton_portable as tp  # noqa: E402
 from fa3_inductor.kernels.program import ScoreProgram  # noqa: E402
 
@@ -98,15 +100,19 @@ def bench_ms(fn, grads=None):
 
 # --- implementations -----------------------------------------------------------------------------------
 
-def ours_fns(q, k, v, dout, causal):
+def ours_fns(q, k, v, dout, causal, entry=None):
+    """Forward / forward+backward of a dispatch entry (default: the one dispatch picks for this point)."""
     prog = ScoreProgram(("mul", ("score",), ("const", q.shape[-1] ** -0.5)),
                         causal="top_left" if causal else "none")
+    if entry is None:
+        entry, _ = dispatch.select(prog, q, k, v, [])
+
     def fwd():
-        return tp.forward(q, k, v, [], prog)
+        return entry.forward(q, k, v, [], prog)
 
     def fwdbwd():
-        out, lse = tp.forward(q, k, v, [], prog)
-        return tp.backward(dout, q, k, v, [], out, lse, prog)
+        out, lse = entry.forward(q, k, v, [], prog)
+        return entry.backward(dout, q, k, v, [], out, lse, prog)
     return fwd, fwdbwd
 
 
@@ -177,7 +183,8 @@ def fa3_available() -> bool:
     try:
         import flash_attn_jax  # noqa: F401
         return True
-    except Exception:
+    except Exception as exc:
+        print(f"flash_attn_jax not importable: {exc!r}"[:400])
         return False
 
 
@@ -192,9 +199,10 @@ def check_point(q, k, v, dout, causal, pas):
     errs = {"out": (out.float() - ref.float()).abs().max().item()}
     if pas == "fwd+bwd":
         ref.backward(dout)
-        dq, dk, dv, _ = tp.backward(dout, q, k, v, [], out, lse,
-                                    ScoreProgram(("mul", ("score",), ("const", q.shape[-1] ** -0.5)),
-                                                 causal="top_left" if causal else "none"))
+        prog = ScoreProgram(("mul", ("score",), ("const", q.shape[-1] ** -0.5)),
+                            causal="top_left" if causal else "none")
+        entry, _ = dispatch.select(prog, q, k, v, [])
+        dq, dk, dv, _ = entry.backward(dout, q, k, v, [], out, lse, prog)
         for name, a, r in (("dq", dq, qg.grad), ("dk", dk, kg.grad), ("dv", dv, vg.grad)):
             errs[name] = (a.float() - r.float()).abs().max().item()
     return errs
@@ -220,11 +228,12 @@ def llama_masked(results, budget_left):
     f = flops(b, h, s, d, False, "fwd")
     row = {"pass": "fwd", "D": d, "S": s, "causal": "mask", "B": b, "H": h, "form": "llama-masked"}
     try:
-        out, _ = tp.forward(q, k, v, [mask], prog)
+        entry, _ = dispatch.select(prog, q, k, v, [mask])
+        out, _ = entry.forward(q, k, v, [mask], prog)
         ref = eager(q, k, v, mask)
         err = (out.float() - ref.float()).abs().max().item()
-        print(f"llama-masked: max |ours - eager| = {err:.3g}")
-        ms = bench_ms(lambda: tp.forward(q, k, v, [mask], prog))
+        print(f"llama-masked ({entry.name}): max |ours - eager| = {err:.3g}")
+        ms = bench_ms(lambda: entry.forward(q, k, v, [mask], prog))
         results.append({**row, "impl": "ours", "ms": ms, "tflops": f / ms / 1e9, "max_err": err})
     except Exception as exc:
         traceback.print_exc()
@@ -242,7 +251,9 @@ def llama_masked(results, budget_left):
 
 # --- output ----------------------------------------------------------------------------------------------
 
-IMPLS = ("ours", "cudnn", "fa2", "flex", "fa3-jax", "inductor")
+IMPLS = ("ours", "portable", "cudnn", "fa2", "flex", "fa3-jax", "inductor")
+PEERS = ("cudnn", "fa2", "flex", "fa3-jax")
+MATMUL_CEILING = 772.0       # bf16 8192^3 matmul on this H100 (ANCHORS.md)
 
 
 def table(results, header_lines):
@@ -252,8 +263,9 @@ def table(results, header_lines):
         rows.setdefault(keyf(r), {})[r["impl"]] = r
     impls = [i for i in IMPLS if any(i in v for v in rows.values())]
     lines = list(header_lines) + ["", "TFLOPS (ms in parentheses); '-' not run, 'err' failed", "",
-                                  "| pass | D | S | causal | " + " | ".join(impls) + " | ours/fa2 |",
-                                  "|" + "---|" * (len(impls) + 5)]
+                                  "| pass | D | S | causal | " + " | ".join(impls)
+                                  + " | ours/best peer | ours/cudnn | ours/fa3 | ours % of matmul |",
+                                  "|" + "---|" * (len(impls) + 8)]
     for key in sorted(rows, key=lambda k: (PASSES.index(k[0]) if k[0] in PASSES else 9, k[1], k[2], k[3])):
         cells = []
         for i in impls:
@@ -264,9 +276,15 @@ def table(results, header_lines):
                 cells.append("err")
             else:
                 cells.append(f"{r['tflops']:.0f} ({r['ms']:.3g})")
-        o, f2 = rows[key].get("ours"), rows[key].get("fa2")
-        ratio = f"{o['tflops'] / f2['tflops']:.2f}" if o and f2 and "tflops" in o and "tflops" in f2 else "-"
-        lines.append(f"| {key[0]} | {key[1]} | {key[2]} | {key[3]} | " + " | ".join(cells) + f" | {ratio} |")
+        o = rows[key].get("ours")
+        ok = o is not None and "tflops" in o
+
+        def ratio(names):
+            vals = [rows[key][n]["tflops"] for n in names if n in rows[key] and "tflops" in rows[key][n]]
+            return f"{o['tflops'] / max(vals):.2f}" if ok and vals else "-"
+        frac = f"{100 * o['tflops'] / MATMUL_CEILING:.0f}%" if ok else "-"
+        lines.append(f"| {key[0]} | {key[1]} | {key[2]} | {key[3]} | " + " | ".join(cells)
+                     + f" | {ratio(PEERS)} | {ratio(['cudnn'])} | {ratio(['fa3-jax'])} | {frac} |")
     return lines
 
 
@@ -326,6 +344,10 @@ def main(argv=None):
     from torch.nn.attention import SDPBackend
     have_fa3 = fa3_available()
     print(f"FA3 via JAX: {'yes' if have_fa3 else 'not importable'}")
+    probe = torch.empty(1, 1, 128, 128, device="cuda", dtype=torch.bfloat16)
+    picked, _ = dispatch.select(ScoreProgram(("mul", ("score",), ("const", 0.1))), probe, probe, probe, [])
+    header.append(f"ours = dispatch's pick ({picked.name} forward, its backward); portable = the portable Triton "
+                  f"kernels; FA3 = flash-attn3-jax {'(carried)' if have_fa3 else '(not available)'}")
     filters = parse_grid(args.grid)
     points = [p for p in grid(args.quick) if keep(p, filters)]
     results = []
@@ -343,7 +365,8 @@ def main(argv=None):
         except Exception as exc:
             traceback.print_exc()
             errs = {"error": repr(exc)[:200]}
-        peers = [("ours", lambda: ours_fns(q, k, v, dout, causal), None)]
+        peers = [("ours", lambda: ours_fns(q, k, v, dout, causal), None),
+                 ("portable", lambda: ours_fns(q, k, v, dout, causal, dispatch.TRITON), None)]
         if budget_left() > 0:
             peers += [("cudnn", lambda: sdpa_fns(q, k, v, dout, causal, SDPBackend.CUDNN_ATTENTION), None),
                       ("fa2", lambda: sdpa_fns(q, k, v, dout, causal, SDPBackend.FLASH_ATTENTION), None)]

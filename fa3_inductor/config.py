@@ -11,7 +11,7 @@ import os
 
 from .kernels.fp8_recipe import SCALINGS, Fp8Recipe
 
-KERNELS = ("auto", "reference", "triton")
+KERNELS = ("auto", "reference", "triton", "hopper")
 
 
 def _env_bool(name: str, default: bool) -> bool:
@@ -38,7 +38,7 @@ def _env_int(name: str, default: int) -> int:
 @dataclasses.dataclass
 class Config:
     enabled: bool = True            # FA3_DISABLE=1: match nothing, plain Inductor
-    kernel: str = "auto"            # FA3_KERNEL: auto | reference | triton
+    kernel: str = "auto"            # FA3_KERNEL: auto | reference | triton | hopper
     debug_dir: str | None = None    # FA3_DEBUG_DIR: write every generated kernel source there
     log_sites: bool = False         # FA3_LOG=1: log each site's decision at WARNING (visible by default) instead of INFO
     fp8: bool = False               # FA3_FP8=1: FP8 (e4m3) forward where a kernel can serve the site

@@ -19,7 +19,7 @@ import dataclasses
 import os
 from typing import Callable
 
-from .kernels import fp8_portable, reference, triton_portable
+from .kernels import fp8_portable, hopper, reference, triton_portable
 from .kernels.fp8_recipe import Fp8Recipe
 from .kernels.program import ScoreProgram
 
@@ -52,10 +52,14 @@ REFERENCE = KernelEntry("reference", ("cpu", "cuda"), False, lambda *a: None, re
 TRITON = KernelEntry("triton", ("cuda",), True, triton_portable.supports, triton_portable.forward,
                      triton_portable.backward)
 
+# sm_90: the warp-specialized Gluon forward (FlashAttention-3 schedule); its backward is the portable one,
+# which reads the same (out, lse).
+HOPPER = KernelEntry("hopper", ("cuda",), False, hopper.supports, hopper.forward, triton_portable.backward)
+
 TRITON_FP8 = KernelEntry("triton_fp8", ("cuda",), True, fp8_portable.supports, fp8_portable.forward,
                          triton_portable.backward, fp8=True, family="triton")
 
-TABLE: list[KernelEntry] = [TRITON_FP8, TRITON, REFERENCE]
+TABLE: list[KernelEntry] = [TRITON_FP8, HOPPER, TRITON, REFERENCE]
 
 
 def _runs_on(entry: KernelEntry, device: str) -> bool:

@@ -22,7 +22,7 @@ import torch
 from . import reference
 from .program import COMPARE, LEAVES, ScoreProgram, render
 
-CODEGEN_VERSION = "9"
+CODEGEN_VERSION = "11"
 LOG2E = 1.4426950408889634
 
 
@@ -134,8 +134,9 @@ class Emitter:
     op_base(n): name of operand n's (b, h)-offset base pointer; op_stride(n, dim): its stride name.
     """
 
-    def __init__(self, spec: KernelSpec, score: str, qi: str, kj: str, row_mask, col_mask, prefix="e"):
+    def __init__(self, spec: KernelSpec, score: str, qi: str, kj: str, row_mask, col_mask, prefix="e", ns="tl"):
         self.spec = spec
+        self.ns = ns            # "tl" (triton.language) or "gl" (Gluon; tensors carry layouts)
         self.score, self.qi, self.kj = score, qi, kj
         self.row_mask, self.col_mask = row_mask, col_mask
         self.prefix = prefix
@@ -151,7 +152,7 @@ class Emitter:
 
     def _float(self, v: Val) -> str:
         if v.kind == "bool":
-            return f"{v.text}.to(tl.float32)" if not v.scalar else ("1.0" if v.text == "True" else "0.0")
+            return f"{v.text}.to({self.ns}.float32)" if not v.scalar else ("1.0" if v.text == "True" else "0.0")
         return v.text
 
     def _bool(self, v: Val) -> str:
@@ -160,6 +161,8 @@ class Emitter:
         return f"({v.text} != 0.0)"
 
     def _tensor(self, text: str, kind: str = "float") -> str:
+        if self.ns == "gl":
+            return text     # Gluon broadcasts Python scalars into the other operand's layout
         dt = "tl.int1" if kind == "bool" else "tl.float32"
         return f"tl.full([1, 1], {text}, {dt})"
 
@@ -179,9 +182,9 @@ class Emitter:
         if op == "score":
             return Val(self.score, "float", False, True)
         if op == "q_idx":
-            return Val(self._new(f"{self.qi}.to(tl.float32)"), "float", False, False)
+            return Val(self._new(f"{self.qi}.to({self.ns}.float32)"), "float", False, False)
         if op == "k_idx":
-            return Val(self._new(f"{self.kj}.to(tl.float32)"), "float", False, False)
+            return Val(self._new(f"{self.kj}.to({self.ns}.float32)"), "float", False, False)
         if op == "operand":
             return self._load_operand(e[1])
         args = [self.emit(a) for a in e[1:]]
@@ -196,7 +199,7 @@ class Emitter:
             a = self._float(args[0])
             if args[0].scalar:
                 a = self._tensor(a)
-            fn = {"tanh": "_tanh", "exp": "tl.exp", "abs": "tl.abs", "sigmoid": "tl.sigmoid"}[op]
+            fn = {"tanh": "_tanh", "exp": f"{self.ns}.exp", "abs": f"{self.ns}.abs", "sigmoid": "_sigmoid"}[op]
             return Val(self._new(f"{fn}({a})"), "float", False, full)
         if op in ("add", "sub", "mul", "div"):
             sym = {"add": "+", "sub": "-", "mul": "*", "div": "/"}[op]
@@ -206,7 +209,7 @@ class Emitter:
             a, b = self._float(args[0]), self._float(args[1])
             if args[0].scalar:
                 a = self._tensor(a)
-            fn = "tl.maximum" if op == "maximum" else "tl.minimum"
+            fn = f"{self.ns}.maximum" if op == "maximum" else f"{self.ns}.minimum"
             return Val(self._new(f"{fn}({a}, {b}, propagate_nan=tl.PropagateNan.ALL)"), "float", False, full)
         if op in COMPARE:
             sym = {"lt": "<", "le": "<=", "gt": ">", "ge": ">=", "eq": "==", "ne": "!="}[op]
@@ -227,7 +230,7 @@ class Emitter:
             c, a, b = args
             if c.scalar:
                 return a if c.text == "True" else b
-            return Val(self._new(f"tl.where({self._bool(c)}, {self._float(a)}, {self._float(b)})"), "float",
+            return Val(self._new(f"{self.ns}.where({self._bool(c)}, {self._float(a)}, {self._float(b)})"), "float",
                        False, full)
         raise ValueError(f"cannot emit {op!r}")
 
@@ -236,23 +239,25 @@ class Emitter:
         _, _, bm, bn = ospec.bcast
         ptr = f"OP{n}b"
         if not bm:
-            ptr += f" + {self.qi}.to(tl.int64) * st{n}_m"
+            ptr += f" + {self.qi}.to({self.ns}.int64) * st{n}_m"
         if not bn:
             ptr += f" + {self.kj} * st{n}_n"
         masks = [m for m, skip in ((self.row_mask, bm), (self.col_mask, bn)) if m and not skip]
         mask = f", mask={' & '.join(masks)}, other=0" if masks else ""
-        load = f"tl.load({ptr}{mask})"
+        load = f"{self.ns}.load({ptr}{mask})"
         if ospec.kind == "bool":
             return Val(self._new(load), "bool", False, not (bm or bn))
-        return Val(self._new(f"{load}.to(tl.float32)"), "float", False, not (bm or bn))
+        return Val(self._new(f"{load}.to({self.ns}.float32)"), "float", False, not (bm or bn))
 
     def full_float(self, v: Val) -> str:
         """Text of v as a full-shaped fp32 tile."""
         text = self._float(v)
         if v.scalar:
+            if self.ns == "gl":
+                return self._new(f"gl.full({self.score}.shape, {text}, gl.float32, {self.score}.type.layout)")
             return self._new(f"tl.full({self.score}.shape, {text}, tl.float32)")
         if not v.full:
-            return self._new(f"{text} + tl.zeros_like({self.score})")
+            return self._new(f"{text} + {self.ns}.zeros_like({self.score})")
         return text
 
 
@@ -296,9 +301,21 @@ def _write_atomic(path: str, text: str) -> None:
     os.replace(tmp, path)
 
 
-def load(spec: KernelSpec):
-    """The generated module for spec (generated, written and imported on first use)."""
-    key = spec.key()
+def _generator(flavor: str):
+    if flavor == "portable":
+        from .templates import generate
+        return generate, "fa3_attn"
+    if flavor == "hopper":
+        from .templates_hopper import generate
+        return generate, "fa3_hopper"
+    raise ValueError(f"unknown kernel flavor {flavor!r}")
+
+
+def load(spec: KernelSpec, flavor: str = "portable"):
+    """The generated module of one flavor (portable Triton or Hopper Gluon) for spec (generated, written and
+    imported on first use)."""
+    generate, prefix = _generator(flavor)
+    key = f"{prefix}_{spec.key()}"
     mod = _MODULES.get(key)
     if mod is not None:
         return mod
@@ -306,9 +323,8 @@ def load(spec: KernelSpec):
         mod = _MODULES.get(key)
         if mod is not None:
             return mod
-        from .templates import generate
         source = header(spec) + generate(spec)
-        path = os.path.join(cache_dir(), f"fa3_attn_{key}.py")
+        path = os.path.join(cache_dir(), f"{key}.py")
         existing = None
         if os.path.exists(path):
             with open(path) as f:
@@ -318,7 +334,7 @@ def load(spec: KernelSpec):
         debug = os.environ.get("FA3_DEBUG_DIR")
         if debug:
             os.makedirs(debug, exist_ok=True)
-            _write_atomic(os.path.join(debug, f"fa3_attn_{key}.py"), source)
+            _write_atomic(os.path.join(debug, f"{key}.py"), source)
         name = f"fa3_generated_{key}"
         mspec = importlib.util.spec_from_file_location(name, path)
         mod = importlib.util.module_from_spec(mspec)

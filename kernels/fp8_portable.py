@@ -90,5 +90,5 @@ def forward(q, k, v, operands, prog: ScoreProgram, recipe: Fp8Recipe):
                            QBM=qbm, QBN=qbn, num_warps=warps, num_stages=stages)
 
     tp._launch_tuned("fp8_fwd", tp._tune_key(skey, sq, sk), qr.shape[-1], q.dtype, dev, launch,
-                     configs=_fwd_configs, interpret_config=INTERPRET_CONFIG)
+                     configs=_fwd_configs(qr.shape[-1], q.dtype), interpret_config=INTERPRET_CONFIG)
     return out, lse

@@ -21,10 +21,10 @@ last V scale and 1/P_SCALE are applied in the epilogue. Output in O's dtype (the
 from __future__ import annotations
 
 from .codegen import LOG2E, Emitter, KernelSpec
-
-P_SCALE = 256.0     # softmax probabilities (<= 1) are stored in e4m3 as p * P_SCALE
 from .program import derivative
 from .templates_bwd import BackwardKernels, _and, _ind, _mask_kw
+
+P_SCALE = 256.0     # softmax probabilities (<= 1) are stored in e4m3 as p * P_SCALE
 
 
 class _Gen(BackwardKernels):
@@ -282,7 +282,7 @@ class _Gen(BackwardKernels):
                     "    return tl.where(x < 0, -r, r)", ""]
         else:
             tanh = ["@triton.jit", "def _tanh(x):", "    return libdevice.tanh(x)", ""]
-        return tanh
+        return tanh + ["@triton.jit", "def _sigmoid(x):", "    return tl.sigmoid(x)", ""]
 
     def module(self):
         out = ["import triton", "import triton.language as tl"]

@@ -111,7 +111,7 @@ def supports(prog: ScoreProgram, q, k, v, operands, fp8: bool = False) -> str | 
 # --- configurations -------------------------------------------------------------------------------------
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages); the first entry is the default when tuning is not possible.
-# Lists checked by compiling for sm_90 offline: none of these spills registers at bf16/fp16. fp32 uses
+# Backward lists from the H100 sweep in bench/NOTES.md (scratch sweep of dkdv / dq tiles at S=4096). fp32 uses
 # IEEE fp32 tl.dot (no TF32, to match eager fp32), an FMA path that spills at any tile: small tiles.
 def _fwd_configs(d: int, dtype: torch.dtype):
     if dtype == torch.float32:
@@ -129,8 +129,8 @@ def _dkdv_configs(d: int, dtype: torch.dtype):
     if d <= 64:
         return [(32, 128, 8, 3), (64, 128, 8, 2), (64, 64, 4, 3)]
     if d <= 128:
-        return [(32, 128, 8, 2), (64, 64, 8, 2), (64, 128, 8, 2)]
-    return [(32, 32, 8, 2), (16, 32, 4, 2), (16, 64, 8, 2)]
+        return [(64, 64, 4, 2), (64, 128, 8, 2), (32, 128, 8, 2)]
+    return [(64, 32, 8, 2), (64, 64, 8, 1), (32, 64, 8, 1)]
 
 
 def _dq_configs(d: int, dtype: torch.dtype):
@@ -139,8 +139,8 @@ def _dq_configs(d: int, dtype: torch.dtype):
     if d <= 64:
         return [(128, 32, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3)]
     if d <= 128:
-        return [(128, 32, 8, 2), (128, 64, 8, 2), (64, 64, 4, 3)]
-    return [(64, 32, 8, 2), (32, 64, 8, 2), (32, 32, 4, 2)]
+        return [(128, 64, 8, 2), (128, 128, 8, 1), (128, 32, 8, 2)]
+    return [(128, 64, 8, 1), (128, 32, 8, 1), (64, 32, 8, 2)]
 
 
 _CONFIGS = {"fwd": _fwd_configs, "dkdv": _dkdv_configs, "dq": _dq_configs}
@@ -165,12 +165,13 @@ def _capturing(device) -> bool:
 
 
 def _launch_tuned(kind: str, key: tuple, d: int, dtype, device, launch, configs=None, interpret_config=None):
-    """launch(config) runs the kernel once; returns nothing. Picks/caches the fastest config for key.
-    configs(d, dtype) / interpret_config replace this module's lists for kernels defined elsewhere."""
+    """launch(config) runs the kernel once; returns nothing. Picks/caches the fastest config for key among
+    `configs` (default: this module's list for `kind`; the first is the default when tuning is not possible).
+    interpret_config replaces INTERPRET_CONFIGS[kind] for kernels defined elsewhere."""
     if device.type != "cuda":
         launch(interpret_config or INTERPRET_CONFIGS[kind])
         return
-    configs = (configs or _CONFIGS[kind])(d, dtype)
+    configs = configs or _CONFIGS[kind](d, dtype)
     full_key = (kind,) + key
     best = _TUNED.get(full_key)
     if best is not None:

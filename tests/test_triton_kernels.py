@@ -463,3 +463,54 @@ def test_random_programs(case):
         full[{"b1": 0, "h1": 1, "m1": 2, "n1": 3}[bias_shape]] = 1
     bias = torch.randn(full, generator=gen)
     attend_and_check(q, k, v, [mask, bias], prog)
+
+
+# --- the dense-mask tile pre-pass (kernels/mask_tiles.py) ----------------------------------------------
+
+def _tiles_brute(m, kind, sq, sk, bm, bn):
+    """Per (batch*head, row block): list of (key block, class) the kernel must visit, by plain torch."""
+    if kind == "bool":
+        visible, neutral = m, m
+    else:
+        visible, neutral = m > -1.7e38, m == 0
+    out = {}
+    bh = m.shape[0] * m.shape[1]
+    vis = visible.reshape(bh, sq, sk)
+    neu = neutral.reshape(bh, sq, sk)
+    for g in range(bh):
+        for mb in range(-(-sq // bm)):
+            rows = slice(mb * bm, min(sq, (mb + 1) * bm))
+            rows_ok = bool(vis[g, rows].any(-1).all())
+            kept = []
+            for nb in range(-(-sk // bn)):
+                cols = slice(nb * bn, min(sk, (nb + 1) * bn))
+                if bool(neu[g, rows, cols].all()):
+                    kept.append((nb, 1))
+                elif bool(vis[g, rows, cols].any()) or not rows_ok:
+                    kept.append((nb, 0))
+            out[(g, mb)] = kept
+    return out
+
+
+@pytest.mark.parametrize("kind", ["add", "bool"])
+def test_mask_tile_lists(kind):
+    from fa3_inductor.kernels import mask_tiles
+    gen = torch.Generator().manual_seed(7)
+    b, h, sq, sk, bm, bn = 2, 1, 70, 90, 16, 32
+    causal = torch.arange(sk)[None, :] <= torch.arange(sq)[:, None] + (sk - sq)
+    vis = causal.expand(b, h, sq, sk).clone()
+    vis[1, :, :, 60:] = False                       # padding of batch 1
+    vis[0, 0, 5] = False                            # a row with no visible key: its row block keeps all tiles
+    vis[1, 0, 40:48, 0:32] = torch.rand(8, 32, generator=gen) > 0.5   # a mixed tile inside a visible region
+    if kind == "bool":
+        m = vis
+    else:
+        m = torch.where(vis, 0.0, torch.finfo(torch.float32).min)
+        m[0, 0, 60:64, 0:8] = 0.5                   # a non-zero bias: mixed, never neutral
+    idx, cls, cnt = mask_tiles.tile_lists(m, kind, (b, h, sq, sk), bm, bn)
+    want = _tiles_brute(m, kind, sq, sk, bm, bn)
+    for (g, mb), kept in want.items():
+        n = int(cnt.view(-1, cnt.shape[-1])[g, mb])
+        got = [(int(idx.view(-1, *idx.shape[2:])[g, mb, t]), int(cls.view(-1, *cls.shape[2:])[g, mb, t]))
+               for t in range(n)]
+        assert got == kept, (g, mb, got, kept)

@@ -1,0 +1,191 @@
+"""Launch side of the Hopper warp-specialized forward (templates_hopper.py) for the dispatch table.
+
+sm_90 only (wgmma, TMA, setmaxnreg). Same ScoreProgram semantics as the portable kernel, whose backward
+consumes this kernel's (out, lse) unchanged. Head dims 64/96/128/192/256, fp16/bf16, q/k/v with a unit last
+stride and 16-byte aligned strides (TMA's rules); anything else falls back with the reason in explain.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import codegen, mask_tiles, triton_portable
+from .program import ScoreProgram
+
+HEAD_DIMS = (64, 96, 128, 192, 256)
+BLOCK_M = 64                      # rows per consumer warpgroup (wgmma M); a CTA owns 2 x BLOCK_M rows
+SMEM_LIMIT = 232448 - 1024        # bytes per block on the H100, less room for barriers
+
+
+def _ints(*xs) -> bool:
+    return all(type(x) is int for x in xs)
+
+
+def _tile_dim(d: int) -> int:
+    """TMA boxes are powers of two: head dims 96 / 192 run in 128 / 256 tiles whose extra columns TMA
+    zero-fills on load (and clips on store)."""
+    return 1 << (d - 1).bit_length()
+
+
+def config(d: int, dv: int, dtype_bytes: int = 2) -> tuple[int, int]:
+    """(BLOCK_N, STAGES): 128-key tiles up to head dim 128, else 64; as many K/V stages as fit (2..4)."""
+    d, dv = _tile_dim(d), _tile_dim(dv)
+    block_n = 128 if max(d, dv) <= 128 else 64
+    fixed = 2 * BLOCK_M * d * dtype_bytes + (0 if d == dv else 2 * BLOCK_M * dv * dtype_bytes)
+    per_stage = block_n * (d + dv) * dtype_bytes
+    stages = min(4, (SMEM_LIMIT - fixed) // per_stage)
+    return block_n, stages
+
+
+def _capability(device) -> tuple[int, int] | None:
+    try:
+        return torch.cuda.get_device_capability(device)
+    except Exception:
+        return None
+
+
+def _tma_ok(name: str, t) -> str | None:
+    if not _ints(*t.shape, *t.stride()):
+        return None                     # symbolic at compile time; decided again at run time
+    if t.stride(-1) != 1:
+        return f"{name} has a non-unit last stride (TMA needs a contiguous head dim)"
+    for size, st in zip(t.shape[:-1], t.stride()[:-1]):
+        if size > 1 and (st * t.element_size()) % 16 != 0:
+            return f"{name} strides are not multiples of 16 bytes (TMA)"
+    if t.device.type == "cuda" and t.data_ptr() % 16 != 0:
+        return f"{name} is not 16-byte aligned (TMA)"
+    return None
+
+
+def supports(prog: ScoreProgram, q, k, v, operands) -> str | None:
+    reason = triton_portable.supports(prog, q, k, v, operands)
+    if reason:
+        return reason
+    if q.device.type != "cuda":
+        return f"needs an sm_90 GPU (device is {q.device.type})"
+    cap = _capability(q.device)
+    if cap is None or cap[0] != 9:
+        return f"needs an sm_90 GPU (wgmma, TMA); this one is sm_{cap[0]}{cap[1]}" if cap else "no CUDA device"
+    if q.dtype not in (torch.float16, torch.bfloat16):
+        return f"dtype {q.dtype} (the Hopper kernel runs fp16/bf16)"
+    d, dv = q.shape[-1], v.shape[-1]
+    if d not in HEAD_DIMS or dv not in HEAD_DIMS:
+        return f"head dims ({d}, {dv}) not in {HEAD_DIMS}"
+    _, stages = config(d, dv)
+    if stages < 2:
+        return f"head dims ({d}, {dv}) leave shared memory for fewer than 2 K/V stages"
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        r = _tma_ok(name, t)
+        if r:
+            return r
+    return None
+
+
+def _desc(t, rows: int):
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+    block = [1, 1, rows, _tile_dim(t.shape[-1])]
+    gdt = gl.float16 if t.dtype == torch.float16 else gl.bfloat16
+    # dims of size 1 never advance; give them a legal (16-byte multiple) stride
+    strides = list(t.stride())
+    for i in range(3):
+        if t.shape[i] == 1:
+            strides[i] = max(t.shape[3], 8)
+    return TensorDescriptor(t, list(t.shape), strides, block, gl.NVMMASharedLayout.get_default_for(block, gdt))
+
+
+_SPECS: dict = {}
+
+
+def _spec_and_module(prog, q, k, v, operands):
+    """(spec key, generated module), memoised on cheap facts so that a launch costs a dict lookup."""
+    fast = (prog, q.dtype, q.shape[-1], v.shape[-1], q.shape[1] // k.shape[1],
+            tuple((t.dtype, tuple(s == 1 for s in t.shape)) for t in operands))
+    hit = _SPECS.get(fast)
+    if hit is None:
+        from .templates_hopper import tile_plan
+        spec = codegen.make_spec(prog, q, k, v, operands, False)
+        hit = _SPECS[fast] = (spec.key(), codegen.load(spec, "hopper"), tile_plan(spec))
+    return hit
+
+
+def _spec_key(prog, q, k, v, operands):
+    return _spec_and_module(prog, q, k, v, operands)[0]
+
+
+def tile_args(q, k, operands, prog: ScoreProgram, block_n: int) -> list:
+    """Kernel arguments of the mask pre-pass's tile lists (mask_tiles.py), [] when the kernel has none."""
+    plan = _spec_and_module(prog, q, k, k, operands)[2] if operands else None
+    if plan is None:
+        return []
+    n, kind = plan
+    b, hq, sq, _ = q.shape
+    idx, cls, cnt = mask_tiles.tile_lists(operands[n], kind, (b, hq, sq, k.shape[2]), 2 * BLOCK_M, block_n)
+    bc_b, bc_h = idx.shape[0] == 1, idx.shape[1] == 1
+    return [idx, cls, cnt, 0 if bc_b else idx.stride(0), 0 if bc_h else idx.stride(1), idx.stride(2),
+            0 if bc_b else cnt.stride(0), 0 if bc_h else cnt.stride(1)]
+
+
+def launch_args(q, k, v, operands, prog: ScoreProgram, out, lse, pingpong: bool = True, block_n=None,
+                stages=None, tiles=None):
+    """(kernel, grid, args, kwargs) of one launch; also used by tests to compile and read the PTX.
+    tiles: tile_args(...) computed once per call (recomputed when None)."""
+    b, hq, sq, d = q.shape
+    sk, dv = k.shape[2], v.shape[-1]
+    bn, st = config(d, dv)
+    bn, st = block_n or bn, stages or st
+    full = (b, hq, sq, sk)
+    op_args = []
+    for t in operands:
+        op_args += [t] + [int(s) for s in t.expand(*full).stride()]
+    if tiles is None:
+        tiles = tile_args(q, k, operands, prog, bn)
+    coff = 0 if prog.causal != "bottom_right" else sk - sq
+    mod = _spec_and_module(prog, q, k, v, operands)[1]
+    grid = (triton_portable.triton_cdiv(sq, 2 * BLOCK_M), hq, b)
+    args = (_desc(q, BLOCK_M), _desc(k, bn), _desc(v, bn), _desc(out, BLOCK_M), lse, *op_args, *tiles,
+            *lse.stride(), sq, sk, coff)
+    kwargs = dict(BLOCK_M=BLOCK_M, BLOCK_N=bn, STAGES=st, PINGPONG=pingpong, num_warps=4)
+    return mod.attn_fwd_ws, grid, args, kwargs
+
+
+def schedules(d: int, dv: int) -> list[tuple[bool, int]]:
+    """(PINGPONG, STAGES) candidates, the measured default first (bench/NOTES.md): at head dim 256 only two
+    stages fit and ping-pong costs more than it hides; below, both help depending on length and causality."""
+    _, most = config(d, dv)
+    if max(d, dv) > 128:
+        return [(False, 2), (True, 2)]
+    return [(True, 2), (True, min(3, most)), (False, 2)]
+
+
+def forward(q, k, v, operands, prog: ScoreProgram, **variant):
+    """Returns (out (B, Hq, Sq, Dv) in v.dtype, lse fp32 (B, Hq, Sq)). `variant` (pingpong, block_n, stages)
+    pins a schedule (benchmarks, tests); otherwise the tuner picks one per (spec, length bucket)."""
+    b, hq, sq, _ = q.shape
+    dv = v.shape[-1]
+    out = triton_portable._empty((b, hq, sq, dv), v.dtype, q.device)
+    lse = triton_portable._empty((b, hq, sq), torch.float32, q.device)
+    if out.numel() == 0 and lse.numel() == 0:
+        return out, lse
+    if k.shape[2] == 0:
+        return triton_portable.forward(q, k, v, operands, prog)
+    if variant:
+        kernel, grid, args, kwargs = launch_args(q, k, v, operands, prog, out, lse, **variant)
+        kernel[grid](*args, **kwargs)
+        return out, lse
+    d, dv = q.shape[-1], v.shape[-1]
+    tiles = tile_args(q, k, operands, prog, config(d, dv)[0])
+
+    def launch(cfg):
+        pingpong, stages = cfg
+        kernel, grid, args, kwargs = launch_args(q, k, v, operands, prog, out, lse, pingpong=pingpong,
+                                                 stages=stages, tiles=tiles)
+        kernel[grid](*args, **kwargs)
+
+    key = (_spec_key(prog, q, k, v, operands), triton_portable._bucket(sq), triton_portable._bucket(k.shape[2]))
+    triton_portable._launch_tuned("hopper_fwd", key, d, q.dtype, q.device, launch, schedules(d, dv))
+    return out, lse
+
+
+# The backward reads (out, lse), which this forward writes exactly as the portable one does.
+backward = triton_portable.backward

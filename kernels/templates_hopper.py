@@ -1,0 +1,379 @@
+"""Text of the generated Hopper (sm_90a) warp-specialized forward kernel, in Gluon, for one KernelSpec.
+
+The schedule is FlashAttention-3's. One CTA owns 2 x BLOCK_M query rows of one (batch, head) and runs three
+partitions (`gl.warp_specialize`):
+
+    producer   1 warp, 24 registers. TMA-loads the two Q tiles (one per consumer, barrier q_bar[w]), then
+               walks the key blocks through a STAGES-deep ring: waits k_empty[stage] (both consumers are done
+               with that K slot), TMA-loads K (completes k_full[stage]); likewise V with v_empty / v_full.
+    consumer 0 the default partition, 4 warps = one warpgroup, rows [m0, m0 + BLOCK_M);
+    consumer 1 a worker partition, 4 warps, rows [m0 + BLOCK_M, m0 + 2 BLOCK_M); 240 registers each.
+
+Each consumer (one warpgroup, wgmma with M = 64 rows) runs the intra-warpgroup pipeline: in iteration j it
+issues S_j = Q K_jᵀ and O += P_{j-1} V_{j-1} back to back (async wgmma), waits for S_j only, computes the
+score chain and online softmax of S_j while the PV product still runs, then waits for PV, rescales O and
+releases the V slot (v_empty); the K slot is released as soon as S_j is done (k_empty). With PINGPONG the two consumers take turns issuing their GEMMs (mbarriers
+turn[0] / turn[1]: a consumer waits for its turn, issues, then hands the turn over), so one warpgroup's
+softmax runs under the other's GEMMs. The epilogue writes O through shared memory (the Q buffer, when the
+head dims match) with a TMA store, and the log-sum-exp with plain stores.
+
+The score chain (scale, biases, masks, soft-capping) is the same ScoreProgram the portable kernel compiles,
+emitted by codegen.Emitter in Gluon spelling. A pure scale is folded into log2 units (x = s·scale·log2 e, so
+the softmax is a bare exp2); any other chain stays in natural units and the softmax scales by log2 e after
+subtracting the row max, so finfo.min fills never overflow to -inf (eager's uniform rows stay uniform).
+"""
+
+from __future__ import annotations
+
+from . import mask_tiles
+from .codegen import LOG2E, Emitter, KernelSpec
+from .templates_bwd import _and, _ind
+
+_KERNEL = '''
+@gluon.jit
+def _producer(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_full, v_full, k_empty, v_empty,
+              off_b, off_h, off_hk, m0, lo, n_tiles, __TLA__
+              BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
+    for w in gl.static_range(2):
+        mbarrier.expect(q_bar.index(w), q_desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(q_desc, [off_b, off_h, m0 + w * BLOCK_M, 0], q_bar.index(w),
+                                        q_smem.index(w))
+    for i in range(n_tiles):
+        start_n = _tile_start(i, lo, __TLA__BLOCK_N)
+        st = i % STAGES
+        ph = (i // STAGES) & 1
+        # a fresh barrier passes a wait on parity 1, so the first STAGES loads do not wait
+        mbarrier.wait(k_empty.index(st), ph ^ 1)
+        mbarrier.expect(k_full.index(st), k_desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(k_desc, [off_b, off_hk, start_n, 0], k_full.index(st), k_smem.index(st))
+        mbarrier.wait(v_empty.index(st), ph ^ 1)
+        mbarrier.expect(v_full.index(st), v_desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(v_desc, [off_b, off_hk, start_n, 0], v_full.index(st), v_smem.index(st))
+
+
+@gluon.jit
+def _softmax_step(s, m_i, qi, kj, Sq, Sk, coff, __OPS_ARGS__MASKED: gl.constexpr, NEUTRAL: gl.constexpr):
+    if NEUTRAL:
+        x = _score_neutral(s, qi, kj, Sq, Sk, __OPS_ARGS__)
+    elif MASKED:
+        x = _score_masked(s, qi, kj, Sq, Sk, __OPS_ARGS__)
+    else:
+        x = _score_full(s, qi, kj, Sq, Sk, __OPS_ARGS__)
+    if MASKED:
+        x = gl.where(__VISIBLE__, x, float("-inf"))
+    m_new = gl.maximum(m_i, gl.max(x, 1))
+    m_use = gl.where(m_new == float("-inf"), 0.0, m_new)
+    p = gl.exp2((x - gl.expand_dims(m_use, 1)) * __XS__)
+    alpha = gl.exp2((m_i - m_use) * __XS__)
+    return p, m_new, alpha
+
+
+@gluon.jit
+def _tile_masked(start_n, row0, Sk, coff, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr):
+    """True when some (row, key) of the tile may be hidden: key bounds or the structural mask."""
+    masked = start_n + BLOCK_N > Sk
+__TILE_MASKED__    return masked
+
+
+@gluon.jit
+def _consumer(q_smem, k_smem, v_smem, o_smem, o4, q_bar, k_full, v_full, k_empty, v_empty, turn, o_desc, LSE,
+              slb, slh, slm, off_b, off_h, m0, lo, n_tiles, __TLA__Sq, Sk, coff, __OPS_PARAMS__
+              WG: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DV: gl.constexpr,
+              STAGES: gl.constexpr, PINGPONG: gl.constexpr):
+    dtype: gl.constexpr = q_smem.dtype
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                        instr_shape=[16, BLOCK_N, 16])
+    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                        instr_shape=[16, HEAD_DV, 16])
+    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+    row_l: gl.constexpr = gl.SliceLayout(1, s_layout)
+    col_l: gl.constexpr = gl.SliceLayout(0, s_layout)
+    orow_l: gl.constexpr = gl.SliceLayout(1, o_layout)
+__OPS_BASES__
+    row0 = m0 + WG * BLOCK_M
+    qi = gl.expand_dims(row0 + gl.arange(0, BLOCK_M, row_l), 1)
+    q = q_smem.index(WG)
+    mbarrier.wait(q_bar.index(WG), 0)
+
+    zero_s = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout)
+    acc = gl.zeros([BLOCK_M, HEAD_DV], gl.float32, o_layout)
+    m_i = gl.full([BLOCK_M], float("-inf"), gl.float32, row_l)
+    turn_ph = 1 - WG   # consumer 0 takes the first turn
+
+    # prologue: S_0 and its softmax
+    mbarrier.wait(k_full.index(0), 0)
+    if PINGPONG:
+        mbarrier.wait(turn.index(WG), turn_ph)
+        turn_ph ^= 1
+    s_tok = warpgroup_mma(q, k_smem.index(0).permute((1, 0)), zero_s, use_acc=False, is_async=True)
+    if PINGPONG:
+        mbarrier.arrive(turn.index(1 - WG))
+    s = warpgroup_mma_wait(0, deps=(s_tok,))
+    mbarrier.arrive(k_empty.index(0))
+    kj = gl.expand_dims(_tile_start(0, lo, __TLA__BLOCK_N) + gl.arange(0, BLOCK_N, col_l), 0)
+    if _tile_neutral(0, __TLA__):
+        p, m_i, alpha = _softmax_step(s, m_i, qi, kj, Sq, Sk, coff, __OPS_ARGS__True, True)
+    else:
+        p, m_i, alpha = _softmax_step(s, m_i, qi, kj, Sq, Sk, coff, __OPS_ARGS__True, False)
+    l_i = gl.sum(p, 1)
+    p_op = gl.convert_layout(p.to(dtype), p_layout)
+
+    i = 0
+    for j in range(1, n_tiles):
+        start_n = _tile_start(j, lo, __TLA__BLOCK_N)
+        cur = i % STAGES
+        cur_ph = (i // STAGES) & 1
+        nxt = (i + 1) % STAGES
+        nxt_ph = ((i + 1) // STAGES) & 1
+        mbarrier.wait(k_full.index(nxt), nxt_ph)
+        if PINGPONG:
+            mbarrier.wait(turn.index(WG), turn_ph)
+            turn_ph ^= 1
+        s_tok = warpgroup_mma(q, k_smem.index(nxt).permute((1, 0)), zero_s, use_acc=False, is_async=True)
+        mbarrier.wait(v_full.index(cur), cur_ph)
+        o_tok = warpgroup_mma(p_op, v_smem.index(cur), acc, is_async=True)
+        if PINGPONG:
+            mbarrier.arrive(turn.index(1 - WG))
+        s = warpgroup_mma_wait(1, deps=(s_tok,))
+        mbarrier.arrive(k_empty.index(nxt))   # K is read only by S; its slot refills while PV still runs
+        kj = gl.expand_dims(start_n + gl.arange(0, BLOCK_N, col_l), 0)
+        masked = _tile_masked(start_n, row0, Sk, coff, BLOCK_M, BLOCK_N)
+        if _tile_neutral(j, __TLA__):
+            if masked:
+                p, m_new, alpha = _softmax_step(s, m_i, qi, kj, Sq, Sk, coff, __OPS_ARGS__True, True)
+            else:
+                p, m_new, alpha = _softmax_step(s, m_i, qi, kj, Sq, Sk, coff, __OPS_ARGS__False, True)
+        else:
+            if masked:
+                p, m_new, alpha = _softmax_step(s, m_i, qi, kj, Sq, Sk, coff, __OPS_ARGS__True, False)
+            else:
+                p, m_new, alpha = _softmax_step(s, m_i, qi, kj, Sq, Sk, coff, __OPS_ARGS__False, False)
+        acc = warpgroup_mma_wait(0, deps=(o_tok,))
+        mbarrier.arrive(v_empty.index(cur))
+        acc = acc * gl.expand_dims(gl.convert_layout(alpha, orow_l), 1)
+        l_i = l_i * alpha + gl.sum(p, 1)
+        m_i = m_new
+        p_op = gl.convert_layout(p.to(dtype), p_layout)
+        i += 1
+
+    # the last PV product
+    cur = i % STAGES
+    cur_ph = (i // STAGES) & 1
+    mbarrier.wait(v_full.index(cur), cur_ph)
+    if PINGPONG:
+        mbarrier.wait(turn.index(WG), turn_ph)
+    o_tok = warpgroup_mma(p_op, v_smem.index(cur), acc, is_async=True)
+    if PINGPONG:
+        mbarrier.arrive(turn.index(1 - WG))
+    acc = warpgroup_mma_wait(0, deps=(o_tok,))
+    mbarrier.arrive(v_empty.index(cur))
+
+    empty = m_i == float("-inf")
+    l_safe = gl.where(empty, 1.0, l_i)
+    lse = gl.where(empty, float("-inf"), __LSE__)
+    out = acc * gl.expand_dims(gl.convert_layout(1.0 / l_safe, orow_l), 1)
+__EMPTY_ROWS__
+    o_buf = o_smem.index(WG)
+    o_buf.store(out.to(dtype))
+    fence_async_shared()
+    tma.async_copy_shared_to_global(o_desc, [off_b, off_h, row0, 0], o4.index(WG))
+    rows = row0 + gl.arange(0, BLOCK_M, row_l)
+    gl.store(LSE + off_b.to(gl.int64) * slb + off_h.to(gl.int64) * slh + rows * slm, lse, mask=rows < Sq)
+    tma.store_wait(0)
+
+
+@gluon.jit(do_not_specialize=["Sq", "Sk", "coff", "slb", "slh"])
+def attn_fwd_ws(q_desc, k_desc, v_desc, o_desc, LSE, __OPS_KPARAMS____TLP__slb, slh, slm, Sq, Sk, coff,
+                BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, PINGPONG: gl.constexpr):
+    HEAD_D: gl.constexpr = q_desc.block_type.shape[3]
+    HEAD_DV: gl.constexpr = v_desc.block_type.shape[3]
+    dtype: gl.constexpr = q_desc.dtype
+    pid_m = gl.program_id(0)
+    off_h = gl.program_id(1)
+    off_b = gl.program_id(2)
+__CAUSAL_ORDER__
+    off_hk = off_h // __G__
+    m0 = pid_m * (2 * BLOCK_M)
+    lo = 0
+    hi = Sk
+__KV_RANGE__
+    # every consumer runs at least one (masked) tile, so the barrier schedule has one shape
+    hi = gl.maximum(hi, lo + 1)
+__N_TILES__
+
+    q_l: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, HEAD_D], dtype)
+    k_l: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, HEAD_D], dtype)
+    v_l: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, HEAD_DV], dtype)
+    o_l: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, HEAD_DV], dtype)
+    # TMA tiles are rank 4 (batch, head, rows, dim) so any batch / head strides work; the MMAs see rank 2
+    q_smem = gl.allocate_shared_memory(dtype, [2, 1, 1, BLOCK_M, HEAD_D], q_desc.layout)
+    k_smem = gl.allocate_shared_memory(dtype, [STAGES, 1, 1, BLOCK_N, HEAD_D], k_desc.layout)
+    v_smem = gl.allocate_shared_memory(dtype, [STAGES, 1, 1, BLOCK_N, HEAD_DV], v_desc.layout)
+    if HEAD_D == HEAD_DV:
+        o_smem = q_smem      # Q is dead once a consumer's last S is computed
+    else:
+        o_smem = gl.allocate_shared_memory(dtype, [2, 1, 1, BLOCK_M, HEAD_DV], o_desc.layout)
+    q_bar = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    k_full = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    v_full = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    k_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    v_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    turn = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    for w in gl.static_range(2):
+        mbarrier.init(q_bar.index(w), count=1)
+        mbarrier.init(turn.index(w), count=1)
+    for st in gl.static_range(STAGES):
+        mbarrier.init(k_full.index(st), count=1)
+        mbarrier.init(v_full.index(st), count=1)
+        mbarrier.init(k_empty.index(st), count=2)    # both consumers release a slot
+        mbarrier.init(v_empty.index(st), count=2)
+    fence_async_shared()
+
+    q2 = q_smem._reinterpret(dtype, [2, BLOCK_M, HEAD_D], q_l)
+    k2 = k_smem._reinterpret(dtype, [STAGES, BLOCK_N, HEAD_D], k_l)
+    v2 = v_smem._reinterpret(dtype, [STAGES, BLOCK_N, HEAD_DV], v_l)
+    o2 = o_smem._reinterpret(dtype, [2, BLOCK_M, HEAD_DV], o_l)
+    gl.warp_specialize([
+        (_consumer, (q2, k2, v2, o2, o_smem, q_bar, k_full, v_full, k_empty, v_empty, turn, o_desc, LSE, slb, slh, slm,
+                     off_b, off_h, m0, lo, n_tiles, __TLA__Sq, Sk, coff, __OPS_KARGS__0, BLOCK_M, BLOCK_N, HEAD_DV, STAGES,
+                     PINGPONG)),
+        (_consumer, (q2, k2, v2, o2, o_smem, q_bar, k_full, v_full, k_empty, v_empty, turn, o_desc, LSE, slb, slh, slm,
+                     off_b, off_h, m0, lo, n_tiles, __TLA__Sq, Sk, coff, __OPS_KARGS__1, BLOCK_M, BLOCK_N, HEAD_DV, STAGES,
+                     PINGPONG)),
+        (_producer, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_full, v_full, k_empty, v_empty,
+                     off_b, off_h, off_hk, m0, lo, n_tiles, __TLA__BLOCK_M, BLOCK_N, STAGES)),
+    ], [4, 1], [240, 24])
+'''
+
+_HEAD = '''import triton
+import triton.language as tl
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
+                                                               warpgroup_mma_wait)
+
+
+@gluon.jit
+def _tanh(x):
+    t = gl.exp(-2.0 * gl.abs(x))
+    r = (1.0 - t) / (1.0 + t)
+    return gl.where(x < 0, -r, r)
+
+
+@gluon.jit
+def _sigmoid(x):
+    return 1.0 / (1.0 + gl.exp(-x))
+
+'''
+
+
+def tile_plan(spec: KernelSpec):
+    """(operand, kind) of the mask operand the kernel visits through tile lists, or None. Only without a
+    structural mask: a structural mask already bounds the key range, and mixing both is not worth the code."""
+    prog = spec.prog
+    if prog.causal != "none":
+        return None
+    return mask_tiles.plan(prog, [o.kind for o in spec.operands])
+
+
+class _HopperGen:
+    def __init__(self, spec: KernelSpec):
+        self.spec = spec
+        self.prog = spec.prog
+        self.scale = self.prog.scale_only()
+        self.nops = len(spec.operands)
+        self.causal = self.prog.causal != "none"
+        self.window = self.prog.window
+        self.tiles = tile_plan(spec)
+
+    def score_fn(self, name: str, masked: bool, expr) -> list[str]:
+        """x in log2 units for one tile; operand loads are bounds-checked on rows always, on keys when masked."""
+        em = Emitter(self.spec, "s", "qi", "kj", "(qi < Sq)", "(kj < Sk)" if masked else None, ns="gl")
+        if self.scale is not None:      # log2 units; only scale-only programs, whose every variant is s * scale
+            body = [f"x = s * {self.scale * LOG2E!r}"]
+        else:
+            root = em.emit(expr)
+            body = em.lines + [f"x = {em.full_float(root)}"]
+        params = "".join(f"OP{n}b, st{n}_m, st{n}_n, " for n in range(self.nops))
+        return ["@gluon.jit", f"def {name}(s, qi, kj, Sq, Sk, {params}):"] + [_ind(body + ["return x"]), "", ""]
+
+    def tile_fns(self) -> list[str]:
+        """Which key blocks a CTA visits: a range, or the pre-pass's list (mask_tiles.py) with each tile's class."""
+        if self.tiles is None:
+            return ["@gluon.jit", "def _tile_start(j, lo, BLOCK_N: gl.constexpr):", "    return lo + j * BLOCK_N", "",
+                    "", "@gluon.jit", "def _tile_neutral(j):", "    return False", "", ""]
+        return ["@gluon.jit", "def _tile_start(j, lo, TL_IDX, TL_CLS, tl_off, BLOCK_N: gl.constexpr):",
+                "    return gl.load(TL_IDX + tl_off + j) * BLOCK_N", "", "",
+                "@gluon.jit", "def _tile_neutral(j, TL_IDX, TL_CLS, tl_off):",
+                f"    return gl.load(TL_CLS + tl_off + j) == {mask_tiles.NEUTRAL}", "", ""]
+
+    def visible(self) -> str:
+        parts = ["(kj < Sk)"]
+        if self.causal:
+            parts.append("(kj <= qi + coff)")
+            if self.window is not None:
+                parts.append(f"(kj >= qi + coff - {self.window})")
+        return _and(*parts)
+
+    def tile_masked(self) -> str:
+        lines = []
+        if self.causal:
+            lines.append("    masked = masked | (start_n + BLOCK_N > row0 + coff + 1)")
+            if self.window is not None:
+                lines.append(f"    masked = masked | (start_n < row0 + BLOCK_M - 1 + coff - {self.window})")
+        return "".join(ln + "\n" for ln in lines)
+
+    def kv_range(self) -> str:
+        lines = []
+        if self.causal:
+            lines.append("    hi = gl.minimum(hi, gl.maximum(m0 + 2 * BLOCK_M + coff, 0))")
+            if self.window is not None:
+                lines.append(f"    lo = (gl.maximum(m0 + coff - {self.window}, 0) // BLOCK_N) * BLOCK_N")
+        return "\n".join(lines)
+
+    def module(self) -> str:
+        spec = self.spec
+        n = range(self.nops)
+        ops_params = "".join(f"OP{i}, st{i}_b, st{i}_h, st{i}_m, st{i}_n, " for i in n)
+        ops_args = "".join(f"OP{i}b, st{i}_m, st{i}_n, " for i in n)
+        bases = []
+        for i, o in enumerate(spec.operands):
+            ptr = f"OP{i}"
+            if not o.bcast[0]:
+                ptr += f" + off_b.to(gl.int64) * st{i}_b"
+            if not o.bcast[1]:
+                ptr += f" + off_h.to(gl.int64) * st{i}_h"
+            bases.append(f"    OP{i}b = {ptr}")
+        if self.prog.empty_row == "nan":
+            empty = "    out = gl.where(gl.expand_dims(gl.convert_layout(empty, orow_l), 1), float('nan'), out)"
+        else:
+            empty = ""
+        causal_order = "    pid_m = gl.num_programs(0) - 1 - pid_m   # heavy tiles first" if self.causal else ""
+        if self.tiles is None:
+            tla, tlp = "", ""
+            n_tiles = "    n_tiles = gl.cdiv(hi - lo, BLOCK_N)"
+        else:
+            tla = "TL_IDX, TL_CLS, tl_off, "
+            tlp = "TL_IDX, TL_CLS, TL_CNT, tl_sb, tl_sh, tl_sm, tl_cb, tl_ch, "
+            n_tiles = ("    tl_off = off_b.to(gl.int64) * tl_sb + off_h.to(gl.int64) * tl_sh + pid_m.to(gl.int64) * tl_sm\n"
+                       "    n_tiles = gl.load(TL_CNT + off_b.to(gl.int64) * tl_cb + off_h.to(gl.int64) * tl_ch + pid_m)")
+        if self.scale is not None:
+            xs, lse = "1.0", "(m_i + gl.log2(l_safe)) * 0.6931471805599453"
+        else:
+            xs, lse = repr(LOG2E), "m_i + gl.log2(l_safe) * 0.6931471805599453"
+        text = _KERNEL
+        for token, value in [("__XS__", xs), ("__LSE__", lse), ("__TLA__", tla), ("__TLP__", tlp), ("__N_TILES__", n_tiles),
+            ("__OPS_KPARAMS__", ops_params), ("__OPS_PARAMS__", ops_params), ("__OPS_KARGS__", ops_params),
+            ("__OPS_ARGS__", ops_args), ("__OPS_BASES__", "\n".join(bases)), ("__VISIBLE__", self.visible()),
+            ("__TILE_MASKED__", self.tile_masked()), ("__KV_RANGE__", self.kv_range()),
+            ("__EMPTY_ROWS__", empty), ("__CAUSAL_ORDER__", causal_order), ("__G__", str(spec.G)),
+        ]:
+            text = text.replace(token, value)
+        neutral = self.prog.expr if self.tiles is None else mask_tiles.neutral_program_expr(self.prog, *self.tiles)
+        fns = (self.score_fn("_score_masked", True, self.prog.expr) + self.score_fn("_score_full", False, self.prog.expr)
+               + self.score_fn("_score_neutral", False, neutral) + self.tile_fns())
+        return _HEAD + "\n".join(fns) + text
+
+
+def generate(spec: KernelSpec) -> str:
+    return _HopperGen(spec).module()

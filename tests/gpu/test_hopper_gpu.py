@@ -1,0 +1,193 @@
+"""The Hopper warp-specialized forward on an sm_90 GPU: its PTX is what it claims (wgmma, TMA, mbarriers,
+setmaxnreg); accuracy by FlashAttention's 2x rule against fp64 for every head dim it serves, with masks,
+operands, GQA, odd lengths and strided layouts; the portable backward from its lse; dispatch picks it;
+no recompilation per sequence length; CUDA-graph capture. Skipped without an sm_90 GPU.
+
+    pytest -q tests/gpu/test_hopper_gpu.py
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from accuracy import C, S, attend_and_check, randn
+from fa3_inductor import dispatch
+from fa3_inductor.kernels import hopper
+from fa3_inductor.kernels.program import ScoreProgram
+
+DEV = "cuda"
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(
+    not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] != 9, reason="needs an sm_90 GPU")]
+
+
+@pytest.fixture(autouse=True)
+def _no_tuning(monkeypatch):
+    """Each test then compiles one schedule, not every candidate; bench/kernels.py exercises the tuner."""
+    from fa3_inductor.kernels import triton_portable
+    monkeypatch.setattr(triton_portable, "_AUTOTUNE", False)
+
+
+def _compiled(kernel):
+    return [k for cache in kernel.device_caches.values() for k in cache[0].values()]
+
+
+def test_ptx_is_warp_specialized():
+    q, k, v = (randn(1, 2, 256, 128) for _ in range(3))
+    prog = ScoreProgram(("mul", S, C(128 ** -0.5)), causal="top_left")
+    hopper.forward(q, k, v, [], prog)
+    kernel, *_ = hopper.launch_args(q, k, v, [], prog, torch.empty_like(q), torch.empty(1, 2, 256, device=DEV))
+    ptx = _compiled(kernel)[-1].asm["ptx"]
+    for instr in ("wgmma.mma_async", "cp.async.bulk.tensor", "mbarrier.try_wait", "setmaxnreg"):
+        assert instr in ptx, f"{instr} missing from the Hopper kernel's PTX"
+
+
+def test_dispatch_picks_hopper():
+    q, k, v = (randn(2, 4, 300, 128) for _ in range(3))
+    entry, passed = dispatch.select(ScoreProgram(("mul", S, C(0.1))), q, k, v, [])
+    assert entry.name == "hopper", passed
+    q32 = q.float()
+    entry, passed = dispatch.select(ScoreProgram(("mul", S, C(0.1))), q32, q32, q32, [])
+    assert entry.name == "triton" and any("hopper" in p for p in passed)
+
+
+CASES = [(dt, d, causal, outlier)
+         for dt in (torch.bfloat16, torch.float16)
+         for d in hopper.HEAD_DIMS
+         for causal in ("none", "top_left")
+         for outlier in (False, True)]
+
+
+@pytest.mark.parametrize("dtype,d,causal,outlier", CASES,
+                         ids=[f"{str(c[0])[6:]}-d{c[1]}-{c[2]}-{'outlier' if c[3] else 'normal'}" for c in CASES])
+def test_accuracy(dtype, d, causal, outlier):
+    gen = torch.Generator(device=DEV).manual_seed(d)
+    q, k, v = (randn(2, 4, 1031, d, outlier=outlier, dtype=dtype, gen=gen) for _ in range(3))
+    attend_and_check(q, k, v, [], ScoreProgram(("mul", S, C(d ** -0.5)), causal=causal), kernel=hopper)
+
+
+def test_anchor_outlier_rmse():
+    """ANCHORS.md outlier data, B=1 H=16 S=4096 D=128: RMSE vs fp64 within 2x of SDPA's in the same dtype."""
+    gen = torch.Generator(device=DEV).manual_seed(0)
+    for dtype in (torch.float16, torch.bfloat16):
+        q, k, v = (randn(1, 16, 4096, 128, outlier=True, dtype=dtype, gen=gen) for _ in range(3))
+        out, _ = hopper.forward(q, k, v, [], ScoreProgram(("mul", S, C(128 ** -0.5))))
+        ref = torch.nn.functional.scaled_dot_product_attention(q.double(), k.double(), v.double())
+        sdpa = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+        rmse = ((out.double() - ref) ** 2).mean().sqrt().item()
+        rmse_sdpa = ((sdpa.double() - ref) ** 2).mean().sqrt().item()
+        print(f"{dtype}: RMSE ours {rmse:.3g}, SDPA {rmse_sdpa:.3g}")
+        assert rmse <= 2 * rmse_sdpa + 1e-6
+
+
+@pytest.mark.parametrize("sq,sk", [(700, 900), (900, 700), (1, 4096), (64, 64), (300, 100)])
+def test_gqa_window_bottom_right(sq, sk):
+    gen = torch.Generator(device=DEV).manual_seed(sq)
+    q = randn(2, 8, sq, 128, gen=gen)
+    k, v = (randn(2, 2, sk, 128, gen=gen) for _ in range(2))
+    for prog in (ScoreProgram(("mul", S, C(128 ** -0.5)), causal="bottom_right", window=256),
+                 ScoreProgram(("mul", S, C(128 ** -0.5)), causal="bottom_right", empty_row="zero"),
+                 ScoreProgram(("mul", S, C(128 ** -0.5)), causal="top_left")):
+        attend_and_check(q, k, v, [], prog, kernel=hopper)
+
+
+def test_head_dims_differ():
+    gen = torch.Generator(device=DEV).manual_seed(5)
+    q, k = (randn(1, 4, 600, 192, gen=gen) for _ in range(2))
+    v = randn(1, 4, 600, 128, gen=gen)
+    attend_and_check(q, k, v, [], ScoreProgram(("mul", S, C(192 ** -0.5)), causal="top_left"), kernel=hopper)
+
+
+def test_bshd_layout_no_copy():
+    """q/k/v as transposed views of (B, S, H, D) buffers, the HF layout: TMA reads them in place."""
+    gen = torch.Generator(device=DEV).manual_seed(6)
+    q, k, v = (randn(2, 777, 4, 64, gen=gen).transpose(1, 2) for _ in range(3))
+    assert not q.is_contiguous()
+    prog = ScoreProgram(("mul", S, C(0.125)), causal="top_left")
+    assert hopper.supports(prog, q, k, v, []) is None
+    attend_and_check(q, k, v, [], prog, kernel=hopper)
+
+
+@pytest.mark.parametrize("shape", [(1, 4, 513, 513), (2, 1, 513, 513), (2, 1, 1, 513)])
+def test_bias_grad(shape):
+    gen = torch.Generator(device=DEV).manual_seed(2)
+    q, k, v = (randn(2, 4, 513, 64, dtype=torch.float16, gen=gen) for _ in range(3))
+    bias = randn(*shape, dtype=torch.float32, gen=gen)
+    prog = ScoreProgram(("add", ("mul", S, C(0.125)), ("operand", 0)), n_operands=1, operand_grad=(True,),
+                        causal="top_left")
+    attend_and_check(q, k, v, [bias], prog, kernel=hopper)
+
+
+@pytest.mark.parametrize("empty_row", ["nan", "zero"])
+def test_bool_mask_empty_rows(empty_row):
+    gen = torch.Generator(device=DEV).manual_seed(3)
+    q, k, v = (randn(2, 4, 300, 128, gen=gen) for _ in range(3))
+    mask = torch.rand(2, 1, 300, 300, device=DEV, generator=gen) > 0.5
+    mask[0, 0, 17] = False
+    prog = ScoreProgram(("where", ("operand", 0), ("mul", S, C(128 ** -0.5)), C(-math.inf)), n_operands=1,
+                        empty_row=empty_row)
+    attend_and_check(q, k, v, [mask], prog, kernel=hopper)
+
+
+def test_softcap_and_hf_mask():
+    gen = torch.Generator(device=DEV).manual_seed(4)
+    q, k, v = (randn(1, 4, 600, 256, gen=gen) for _ in range(3))
+    cap = ScoreProgram(("mul", ("tanh", ("div", ("mul", S, C(256 ** -0.5)), C(30.0))), C(30.0)), causal="top_left")
+    attend_and_check(q, k, v, [], cap, kernel=hopper)
+    lo = torch.finfo(torch.bfloat16).min
+    mask = torch.triu(torch.full((600, 600), lo, device=DEV), 1).to(torch.bfloat16).expand(1, 1, 600, 600)
+    hf = ScoreProgram(("add", ("mul", S, C(256 ** -0.5)), ("operand", 0)), n_operands=1)
+    attend_and_check(q, k, v, [mask], hf, kernel=hopper)
+
+
+def test_no_recompile_per_sequence_length():
+    prog = ScoreProgram(("mul", S, C(128 ** -0.5)), causal="bottom_right")
+    counts = []
+    for s in (1100, 1537, 2011, 2048, 1999):
+        q, k, v = (randn(1, 4, s, 128) for _ in range(3))
+        hopper.forward(q, k, v, [], prog)
+        torch.cuda.synchronize()
+        kernel, *_ = hopper.launch_args(q, k, v, [], prog, torch.empty_like(q), torch.empty(1, 4, s, device=DEV))
+        counts.append(len(_compiled(kernel)))
+    assert all(c == counts[0] for c in counts), f"compiled variants per length: {counts}"
+
+
+def test_cuda_graph_capture():
+    prog = ScoreProgram(("mul", S, C(64 ** -0.5)), causal="top_left")
+    q, k, v = (randn(2, 4, 777, 64) for _ in range(3))
+    eager_out, _ = hopper.forward(q, k, v, [], prog)
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        out, _ = hopper.forward(q, k, v, [], prog)
+    g.replay()
+    torch.cuda.synchronize()
+    torch.testing.assert_close(out, eager_out, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("kind", ["add", "bool"])
+def test_dense_mask_tile_skipping(kind):
+    """A causal + padding mask passed as a tensor: the pre-pass skips hidden tiles and drops the mask load on
+    neutral ones; rows whose every key is hidden (finfo.min fill: eager gives the mean of V) stay exact."""
+    gen = torch.Generator(device=DEV).manual_seed(8)
+    b, h, s, d = 2, 4, 1000, 128
+    q, k, v = (randn(b, h, s, d, gen=gen) for _ in range(3))
+    vis = (torch.arange(s, device=DEV)[None, :] <= torch.arange(s, device=DEV)[:, None]).expand(b, 1, s, s).clone()
+    vis[1, :, :, 700:] = False
+    vis[0, 0, 300] = False
+    if kind == "add":
+        mask = torch.where(vis, 0.0, torch.finfo(torch.bfloat16).min).to(torch.bfloat16)
+        prog = ScoreProgram(("add", ("mul", S, C(d ** -0.5)), ("operand", 0)), n_operands=1)
+    else:
+        mask = vis
+        prog = ScoreProgram(("where", ("operand", 0), ("mul", S, C(d ** -0.5)), C(-math.inf)), n_operands=1,
+                            empty_row="zero")
+    tiles = hopper.tile_args(q, k, [mask], prog, hopper.config(d, d)[0])
+    assert tiles, "the mask was not tile-classified"
+    idx, cls, cnt = tiles[:3]
+    assert cnt.sum().item() < idx.numel() * 0.7, "no tiles skipped"
+    assert (cls == 1).any(), "no neutral tiles"
+    attend_and_check(q, k, v, [mask], prog, kernel=hopper)

@@ -1,0 +1,50 @@
+"""Compile a Gluon kernel for sm_90a on a machine without a GPU (Triton's bundled ptxas), to read its PTX/SASS.
+
+Mirrors what `kernel[grid](...)` does up to the launch: bind the arguments, specialise, build the
+GluonASTSource and compile it for GPUTarget("cuda", 90, 32).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import tempfile
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import compile as triton_compile
+from triton.compiler import make_backend
+from triton.experimental.gluon._runtime import GluonASTSource
+from triton.runtime.jit import create_function_from_signature
+
+H100 = GPUTarget("cuda", 90, 32)
+
+
+def compile_sm90(kernel, *args, **kwargs):
+    backend = make_backend(H100)
+    binder = create_function_from_signature(kernel.signature, kernel.params, backend)
+    bound_args, specialization, options = binder(*args, **kwargs)
+    options, signature, constexprs, attrs = kernel._pack_args(backend, kwargs, bound_args, specialization, options)
+    src = GluonASTSource(kernel, signature, constexprs, attrs)
+    return triton_compile(src, target=H100, options=options.__dict__)
+
+
+def sass_facts(compiled) -> dict:
+    """Registers, local-memory traffic and tensor-core instruction counts from the cubin."""
+    bindir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+    with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
+        f.write(compiled.asm["cubin"])
+        path = f.name
+    try:
+        usage = subprocess.run([os.path.join(bindir, "cuobjdump"), "--dump-resource-usage", path],
+                               capture_output=True, text=True, check=True).stdout
+        sass = subprocess.run([os.path.join(bindir, "cuobjdump"), "--dump-sass", path],
+                              capture_output=True, text=True, check=True).stdout
+    finally:
+        os.unlink(path)
+    regs = re.search(r"REG:(\d+)", usage)
+    return {"regs": int(regs.group(1)) if regs else None,
+            "local_ops": len(re.findall(r"\b(?:LDL|STL)\b", sass)),
+            "hgmma": len(re.findall(r"\bHGMMA\b", sass)),
+            "shared": compiled.metadata.shared}
