@@ -10,6 +10,7 @@ from . import config as _config
 from .patterns.matcher import find_sites
 from .report import Report
 from .rewrite import apply_spec, finish
+from .site_kernel import note
 
 
 def rewrite_graph(gm, cfg: _config.Config) -> Report:
@@ -18,11 +19,12 @@ def rewrite_graph(gm, cfg: _config.Config) -> Report:
     if not cfg.enabled:
         return report
     specs, skips = find_sites(gm)
+    notes = [note(spec, cfg) for spec in specs]
     for spec in specs:
-        apply_spec(gm, spec, cfg.kernel)
+        apply_spec(gm, spec, cfg.kernel, cfg.fp8_arg())
     if specs:
         finish(gm)
-    report.add(specs, skips)
+    report.add(specs, skips, notes)
     report.log(cfg.log_sites)
     return report
 

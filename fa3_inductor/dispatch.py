@@ -4,6 +4,13 @@ Each entry names a kernel module of `fa3_inductor.kernels` exposing `supports(pr
 (None when it can run, else the reason it cannot), `forward` and `backward`. A new kernel variant is one
 new entry here. `supports` looks only at shapes, dtypes and devices, so the same call answers at compile
 time on fake tensors (for the explain report) and at run time.
+
+FP8 entries (`fp8=True`) are considered only when the op received an FP8 recipe (kernels/fp8_recipe.py),
+and before every 16-bit entry; their `supports` and `forward` take the recipe as one more argument. A site
+they cannot serve falls back to the 16-bit entries, and the reasons are reported (explain, log). The
+backward of an FP8 forward is the 16-bit backward: the op's backward dispatches without the recipe, so it
+runs the entry that would serve the site without FP8, on the original q, k, v and the FP8 forward's out
+and lse (the fp8 entry's `backward` names that same 16-bit kernel).
 """
 
 from __future__ import annotations
@@ -12,7 +19,8 @@ import dataclasses
 import os
 from typing import Callable
 
-from .kernels import hopper, reference, triton_portable
+from .kernels import fp8_portable, hopper, reference, triton_portable
+from .kernels.fp8_recipe import Fp8Recipe
 from .kernels.program import ScoreProgram
 
 
@@ -24,6 +32,13 @@ class KernelEntry:
     supports: Callable      # (prog, q, k, v, operands) -> str | None
     forward: Callable       # (q, k, v, operands, prog) -> (out, lse)
     backward: Callable      # (dout, q, k, v, operands, out, lse, prog) -> (dq, dk, dv, [d operands])
+    fp8: bool = False       # an FP8 forward: supports / forward take the recipe as a last argument
+    family: str | None = None   # the `kernel` preference that selects it (default: its name)
+
+    def run_forward(self, q, k, v, operands, prog, recipe: Fp8Recipe | None):
+        if self.fp8:
+            return self.forward(q, k, v, operands, prog, recipe)
+        return self.forward(q, k, v, operands, prog)
 
 
 def _reference_backward(dout, q, k, v, operands, out, lse, prog):
@@ -41,7 +56,10 @@ TRITON = KernelEntry("triton", ("cuda",), True, triton_portable.supports, triton
 # which reads the same (out, lse).
 HOPPER = KernelEntry("hopper", ("cuda",), False, hopper.supports, hopper.forward, triton_portable.backward)
 
-TABLE: list[KernelEntry] = [HOPPER, TRITON, REFERENCE]
+TRITON_FP8 = KernelEntry("triton_fp8", ("cuda",), True, fp8_portable.supports, fp8_portable.forward,
+                         triton_portable.backward, fp8=True, family="triton")
+
+TABLE: list[KernelEntry] = [TRITON_FP8, HOPPER, TRITON, REFERENCE]
 
 
 def _runs_on(entry: KernelEntry, device: str) -> bool:
@@ -50,18 +68,24 @@ def _runs_on(entry: KernelEntry, device: str) -> bool:
     return device == "cpu" and entry.interpretable and os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def select(prog: ScoreProgram, q, k, v, operands, preference: str = "auto") -> tuple[KernelEntry, list[str]]:
-    """Pick the kernel; also say why faster entries were passed over. The reference always serves."""
+def select(prog: ScoreProgram, q, k, v, operands, preference: str = "auto",
+           fp8: Fp8Recipe | None = None) -> tuple[KernelEntry, list[str]]:
+    """Pick the kernel; also say why faster entries were passed over. The reference always serves.
+    fp8: the recipe when FP8 was asked for (FP8 entries are skipped silently when it is None)."""
     device = q.device.type
     passed_over = []
     for entry in TABLE:
-        if preference != "auto" and entry.name != preference:
+        if entry.fp8 and fp8 is None:
+            continue
+        if preference != "auto" and (entry.family or entry.name) != preference:
+            if entry.fp8:
+                passed_over.append(f"{entry.name}: kernel={preference} asked for")
             continue
         if not _runs_on(entry, device):
             passed_over.append(f"{entry.name}: does not run on {device}"
                                + (" (set TRITON_INTERPRET=1)" if entry.interpretable else ""))
             continue
-        reason = entry.supports(prog, q, k, v, operands)
+        reason = entry.supports(prog, q, k, v, operands, *((fp8,) if entry.fp8 else ()))
         if reason is None:
             return entry, passed_over
         passed_over.append(f"{entry.name}: {reason}")

@@ -11,6 +11,7 @@ import torch
 from . import config as _config
 from .patterns.matcher import find_sites
 from .report import Report
+from .site_kernel import note
 
 
 def explain(model_or_fn, *args, **kwargs) -> Report:
@@ -22,7 +23,7 @@ def explain(model_or_fn, *args, **kwargs) -> Report:
     def capture(gm, example_inputs, **_):
         if cfg.enabled:
             specs, skips = find_sites(gm)
-            report.add(specs, skips)
+            report.add(specs, skips, [note(spec, cfg) for spec in specs])
         else:
             report.graphs += 1
         return gm.forward

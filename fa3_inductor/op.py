@@ -3,26 +3,45 @@
 Every matched site becomes a call of this op. Its arguments are canonical: q (B, Hq, Sq, D),
 k (B, Hkv, Sk, D), v (B, Hkv, Sk, Dv) with Hq a multiple of Hkv (grouped-query attention without copies),
 `operands` the external tensors of the score program (each 4-D, broadcastable to (B, Hq, Sq, Sk)),
-`program` a serialised ScoreProgram and `kernel` a dispatch preference. It returns (out, lse); lse is the
-fp32 log-sum-exp per row, kept for the backward.
+`program` a serialised ScoreProgram, `kernel` a dispatch preference and `fp8` a serialised FP8 recipe
+("" = FP8 off; kernels/fp8_recipe.py). It returns (out, lse); lse is the fp32 log-sum-exp per row, kept for
+the backward. The backward of an FP8 forward is the 16-bit backward (see dispatch.py).
 """
 
 from __future__ import annotations
 
 import functools
+import logging
 
 import torch
 
 from . import dispatch
 from .config import KERNELS
+from .kernels.fp8_recipe import Fp8Recipe
 from .kernels.program import ScoreProgram
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32)
+log = logging.getLogger("fa3_inductor")
+_FP8_WARNED: set = set()
 
 
 @functools.lru_cache(maxsize=1024)
 def load_program(program: str) -> ScoreProgram:
     return ScoreProgram.loads(program)
+
+
+@functools.lru_cache(maxsize=64)
+def load_recipe(fp8: str) -> Fp8Recipe | None:
+    return Fp8Recipe.loads(fp8)
+
+
+def _warn_fp8_fallback(entry, passed_over) -> None:
+    """FP8 was asked for and a 16-bit kernel runs: say so once per distinct reason."""
+    fp8_names = {e.name for e in dispatch.TABLE if e.fp8}
+    why = "; ".join(r for r in passed_over if r.split(":")[0] in fp8_names) or "no FP8 kernel"
+    if why not in _FP8_WARNED:
+        _FP8_WARNED.add(why)
+        log.warning("fa3: FP8 requested, running the 16-bit %s kernel instead: %s", entry.name, why)
 
 
 def check_inputs(q, k, v, operands, prog: ScoreProgram) -> None:
@@ -61,15 +80,18 @@ def check_inputs(q, k, v, operands, prog: ScoreProgram) -> None:
 
 @torch.library.custom_op("fa3::attention", mutates_args=())
 def attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, operands: list[torch.Tensor],
-                 program: str, kernel: str) -> tuple[torch.Tensor, torch.Tensor]:
+                 program: str, kernel: str, fp8: str = "") -> tuple[torch.Tensor, torch.Tensor]:
     prog = load_program(program)
-    entry, _ = dispatch.select(prog, q, k, v, operands, kernel)
-    out, lse = entry.forward(q, k, v, operands, prog)
+    recipe = load_recipe(fp8)
+    entry, passed_over = dispatch.select(prog, q, k, v, operands, kernel, recipe)
+    if recipe is not None and not entry.fp8:
+        _warn_fp8_fallback(entry, passed_over)
+    out, lse = entry.run_forward(q, k, v, operands, prog, recipe)
     return out.contiguous(), lse.contiguous()   # the fake promises contiguous outputs
 
 
 @attention_op.register_fake
-def _attention_fake(q, k, v, operands, program, kernel):
+def _attention_fake(q, k, v, operands, program, kernel, fp8=""):
     b, hq, sq, _ = q.shape
     out = q.new_empty((b, hq, sq, v.shape[-1]), dtype=v.dtype)
     lse = q.new_empty((b, hq, sq), dtype=torch.float32)
@@ -98,7 +120,7 @@ def _attention_backward_fake(dout, q, k, v, operands, out, lse, program, kernel)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, operands, program, kernel = inputs
+    q, k, v, operands, program, kernel, _fp8 = inputs
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse, *operands)
     ctx.program = program
@@ -114,14 +136,30 @@ def _backward(ctx, dout, dlse):
     it = iter(dops)
     d_operands = [next(it) if (prog.operand_grad and prog.operand_grad[n]) else None
                   for n in range(ctx.n_operands)]
-    return dq, dk, dv, d_operands, None, None
+    # one entry per input as the dispatcher passed them: it drops a trailing argument equal to its default
+    # (fp8=""), and ctx.needs_input_grad has exactly that structure
+    return (dq, dk, dv, d_operands) + (None,) * (len(ctx.needs_input_grad) - 4)
 
 
 attention_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-def attention(q, k, v, operands=(), program: ScoreProgram | None = None, kernel: str = "auto"):
-    """Public entry: validated call of the op; returns the attention output (B, Hq, Sq, Dv)."""
+def _fp8_arg(fp8) -> str:
+    if fp8 is None or fp8 is False:
+        return ""
+    if fp8 is True:
+        return Fp8Recipe().dumps()
+    if isinstance(fp8, Fp8Recipe):
+        return fp8.dumps()
+    if isinstance(fp8, str):
+        Fp8Recipe.loads(fp8)
+        return fp8
+    raise ValueError(f"fa3 attention: fp8 must be a bool, an Fp8Recipe or its serialised form, got {fp8!r}")
+
+
+def attention(q, k, v, operands=(), program: ScoreProgram | None = None, kernel: str = "auto", fp8=None):
+    """Public entry: validated call of the op; returns the attention output (B, Hq, Sq, Dv).
+    fp8: True (default recipe: block scales + Hadamard), an Fp8Recipe, or None/False for 16-bit."""
     prog = program if program is not None else ScoreProgram(("mul", ("score",), ("const", q.shape[-1] ** -0.5)))
     if not isinstance(prog, ScoreProgram):
         raise ValueError(f"fa3 attention: program must be a ScoreProgram, got {type(prog).__name__}")
@@ -129,4 +167,4 @@ def attention(q, k, v, operands=(), program: ScoreProgram | None = None, kernel:
         raise ValueError(f"fa3 attention: kernel={kernel!r} is not one of {KERNELS}")
     operands = list(operands)
     check_inputs(q, k, v, operands, prog)
-    return attention_op(q, k, v, operands, prog.dumps(), kernel)[0]
+    return attention_op(q, k, v, operands, prog.dumps(), kernel, _fp8_arg(fp8))[0]

@@ -16,6 +16,29 @@ from . import op as _op  # noqa: F401  (registers torch.ops.fa3.attention)
 from .patterns.spec import AttentionSpec, SizeOf, TensorRef
 
 
+def example_inputs(spec: AttentionSpec):
+    """The op's canonical (q, k, v, operands) as the fake values Dynamo recorded, for compile-time dispatch
+    questions (the explain report); None when a value is missing."""
+    memo: dict = {}
+
+    def value(ref: TensorRef):
+        key = (ref.node, repr(ref.steps))
+        if key not in memo:
+            t = ref.node.meta.get("example_value")
+            if t is None:
+                raise LookupError(ref.node.name)
+            for method, args in ref.steps:
+                args = tuple(value(a.ref).size(a.dim) if isinstance(a, SizeOf) else a for a in args)
+                t = getattr(t, method)(*args)
+            memo[key] = t
+        return memo[key]
+
+    try:
+        return value(spec.q), value(spec.k), value(spec.v), [value(r) for r in spec.operands]
+    except LookupError:
+        return None
+
+
 def _materialize(graph, ref: TensorRef, memo: dict):
     key = (ref.node, repr(ref.steps))
     if key in memo:
@@ -29,7 +52,8 @@ def _materialize(graph, ref: TensorRef, memo: dict):
     return cur
 
 
-def apply_spec(gm: GraphModule, spec: AttentionSpec, kernel: str) -> None:
+def apply_spec(gm: GraphModule, spec: AttentionSpec, kernel: str, fp8: str = "") -> None:
+    """fp8: serialised FP8 recipe ("" = off); passed to the op only when set, so 16-bit graphs are unchanged."""
     graph = gm.graph
     memo: dict = {}
     with graph.inserting_before(spec.output):
@@ -37,8 +61,8 @@ def apply_spec(gm: GraphModule, spec: AttentionSpec, kernel: str) -> None:
         k = _materialize(graph, spec.k, memo)
         v = _materialize(graph, spec.v, memo)
         operands = [_materialize(graph, r, memo) for r in spec.operands]
-        res = graph.call_function(torch.ops.fa3.attention.default,
-                                  (q, k, v, operands, spec.program.dumps(), kernel))
+        args = (q, k, v, operands, spec.program.dumps(), kernel) + ((fp8,) if fp8 else ())
+        res = graph.call_function(torch.ops.fa3.attention.default, args)
         out = graph.call_function(operator.getitem, (res, 0))
         for method, args in spec.output_steps:
             out = graph.call_method(method, (out, *args))

@@ -36,7 +36,7 @@ class OperandSpec:
 @dataclasses.dataclass(frozen=True)
 class KernelSpec:
     program: str           # ScoreProgram.dumps()
-    dtype: str             # q/k/v dtype name
+    dtype: str             # q/k/v dtype name (float8_e4m3fn: the FP8 forward)
     D: int
     DV: int
     G: int                 # query heads per kv head
@@ -44,12 +44,17 @@ class KernelSpec:
     interpret: bool        # generated for the CPU interpreter (no libdevice there)
 
     @property
+    def fp8(self) -> bool:
+        """q/k/v are e4m3 (kernels/fp8_quant.py): the FP8 forward variant of the templates."""
+        return self.dtype.startswith("float8")
+
+    @property
     def BD(self) -> int:
-        return pad_dim(self.D)
+        return pad_dim(self.D, 32 if self.fp8 else 16)      # an FP8 tensor-core dot needs K >= 32
 
     @property
     def BDV(self) -> int:
-        return pad_dim(self.DV)
+        return pad_dim(self.DV, 32 if self.fp8 else 16)
 
     @property
     def prog(self) -> ScoreProgram:
@@ -60,8 +65,8 @@ class KernelSpec:
         return hashlib.sha256(text.encode()).hexdigest()[:20]
 
 
-def pad_dim(d: int) -> int:
-    return max(16, 1 << max(0, (d - 1).bit_length()))
+def pad_dim(d: int, least: int = 16) -> int:
+    return max(least, 1 << max(0, (d - 1).bit_length()))
 
 
 def dtype_name(dt: torch.dtype) -> str:

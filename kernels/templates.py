@@ -8,6 +8,14 @@ Kernels in every generated module:
     attn_bwd_dq     one program per (query block, head, batch): dQ, and d(operand) tiles for grad operands
 Key (or query) blocks are visited in three runs: [lo, a) masked, [a, b) needing no mask, [b, hi) masked,
 so the structural mask and bounds checks cost nothing in the bulk of the loop and hidden tiles are skipped.
+
+FP8 variant (spec.dtype float8_e4m3fn; only attn_fwd): Q, K, V arrive as e4m3 with fp32 scales, one per
+QBM query rows and per QBN key rows (kernels/fp8_quant.py; BLOCK_M divides QBM and BLOCK_N divides QBN, so
+each tile has one scale of each). The tile's q·k descale multiplies the product together with the softmax
+scale (one multiply per score, as without FP8); P is converted to e4m3 as P·P_SCALE (P <= 1, a power of two:
+exact scaling); the per-tile V scale is folded into the running rescale of the accumulator (acc is kept
+in units of the current tile's V scale, so `acc = dot(p, v, acc)` stays a plain accumulating dot), and the
+last V scale and 1/P_SCALE are applied in the epilogue. Output in O's dtype (the input's), lse in fp32.
 """
 
 from __future__ import annotations
@@ -16,13 +24,17 @@ from .codegen import LOG2E, Emitter, KernelSpec
 from .program import derivative
 from .templates_bwd import BackwardKernels, _and, _ind, _mask_kw
 
+P_SCALE = 256.0     # softmax probabilities (<= 1) are stored in e4m3 as p * P_SCALE
+
 
 class _Gen(BackwardKernels):
     def __init__(self, spec: KernelSpec):
         self.spec = spec
         self.prog = spec.prog
         self.scale = self.prog.scale_only()
-        self.elt = {"float16": "tl.float16", "bfloat16": "tl.bfloat16", "float32": "tl.float32"}[spec.dtype]
+        self.fp8 = spec.fp8
+        self.elt = {"float16": "tl.float16", "bfloat16": "tl.bfloat16", "float32": "tl.float32",
+                    "float8_e4m3fn": "tl.float8e4nv"}[spec.dtype]
         self.prec = ', input_precision="ieee"' if spec.dtype == "float32" else ""
         self.nops = len(spec.operands)
         self.grad_ops = [n for n, w in enumerate(self.prog.operand_grad or ()) if w]
@@ -153,7 +165,12 @@ class _Gen(BackwardKernels):
         tag = "masked" if masked else "full"
         colm = "(offs_n[None, :] < Sk)" if masked else None
         em = Emitter(spec, "s", "qi", "kj", "(qi < Sq)", "(kj < Sk)" if masked else None)
-        xl, _, _ = self.score_lines(em, "s")
+        if self.fp8 and self.scale is not None:
+            xl = [f"x = s * (qk_ds * {self.scale * LOG2E!r})"]       # descale and softmax scale: one multiply
+        else:
+            xl, _, _ = self.score_lines(em, "s")
+            if self.fp8:
+                xl = ["s = s * qk_ds"] + xl
         body = [
             "offs_n = start_n + tl.arange(0, BLOCK_N)",
             f"offs_d = tl.arange(0, {spec.BD})",
@@ -165,7 +182,8 @@ class _Gen(BackwardKernels):
             f"v = tl.load(v_base + offs_n[:, None] * svn + offs_dv[None, :] * svd"
             f"{_mask_kw(masked and '(offs_n[:, None] < Sk)', self.dvmask and self.dvmask + '[None, :]')})",
             f"s = tl.dot(q, kT{self.prec})",
-        ] + xl
+        ] + (["ks = tl.load(KSb + (start_n // QBN) * sksn)", "vs = tl.load(VSb + (start_n // QBN) * svsn)",
+              "qk_ds = qs * ks"] if self.fp8 else []) + xl
         if masked:
             body.append(f"x = tl.where({_and('(kj < Sk)', *self.visible())}, x, float('-inf'))")
         body += [
@@ -174,21 +192,36 @@ class _Gen(BackwardKernels):
             f"p = {self.exp_p('x', 'm_use[:, None]')}",
             f"alpha = {self.exp_p('m_i', 'm_use')}",
             "l_i = l_i * alpha + tl.sum(p, 1)",
-            "acc = acc * alpha[:, None]",
-            f"acc = tl.dot(p.to({self.elt}), v, acc{self.prec})",
-            "return acc, l_i, m_new",
         ]
+        if self.fp8:
+            body += [
+                "acc = acc * (alpha * (vs_i / vs))[:, None]",
+                f"acc = tl.dot(to_e4m3(p * {P_SCALE!r}, {self.spec.interpret}), v, acc)",
+                "return acc, l_i, m_new, vs",
+            ]
+        else:
+            body += [
+                "acc = acc * alpha[:, None]",
+                f"acc = tl.dot(p.to({self.elt}), v, acc{self.prec})",
+                "return acc, l_i, m_new",
+            ]
+        fp8 = ("vs_i, ", "qs, KSb, VSb, sksn, svsn, ", ", QBN: tl.constexpr") if self.fp8 else ("", "", "")
         head = [
             "@triton.jit",
-            f"def _fwd_tile_{tag}(acc, l_i, m_i, q, k_base, v_base, skn, skd, svn, svd, start_n, offs_m, Sq, Sk,"
-            f" coff, {self.op_tile_params()}BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):",
+            f"def _fwd_tile_{tag}(acc, l_i, m_i, {fp8[0]}q, k_base, v_base, skn, skd, svn, svd, start_n, offs_m, "
+            f"Sq, Sk, coff, {fp8[1]}{self.op_tile_params()}BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr{fp8[2]}):",
         ]
         return head + [_ind(body)] + [""]
 
     def fwd_kernel(self):
         spec = self.spec
-        call = ("acc, l_i, m_i = _fwd_tile_{tag}(acc, l_i, m_i, q, k_base, v_base, skn, skd, svn, svd, start_n,"
-                f" offs_m, Sq, Sk, coff, {self.op_tile_params()}BLOCK_M, BLOCK_N)")
+        if self.fp8:
+            call = ("acc, l_i, m_i, vs_i = _fwd_tile_{tag}(acc, l_i, m_i, vs_i, q, k_base, v_base, skn, skd, svn,"
+                    " svd, start_n, offs_m, Sq, Sk, coff, qs, KSb, VSb, sksn, svsn, "
+                    f"{self.op_tile_params()}BLOCK_M, BLOCK_N, QBN)")
+        else:
+            call = ("acc, l_i, m_i = _fwd_tile_{tag}(acc, l_i, m_i, q, k_base, v_base, skn, skd, svn, svd, start_n,"
+                    f" offs_m, Sq, Sk, coff, {self.op_tile_params()}BLOCK_M, BLOCK_N)")
         fill = "float('nan')" if self.nan_mode else "0.0"
         if self.scale is not None:
             lse = "(m_i + tl.math.log2(l_safe)) * 0.6931471805599453"
@@ -205,6 +238,12 @@ class _Gen(BackwardKernels):
             f"offs_dv = tl.arange(0, {spec.BDV})",
             f"q = tl.load(q_base + offs_m[:, None] * sqm + offs_d[None, :] * sqd"
             f"{_mask_kw('(offs_m[:, None] < Sq)', self.dmask and self.dmask + '[None, :]')})",
+        ] + ([
+            "qs = tl.load(QS + b64 * sqsb + h64 * sqsh + (m0 // QBM) * sqsn)",
+            "KSb = KS + b64 * sksb + hk64 * sksh",
+            "VSb = VS + b64 * svsb + hk64 * svsh",
+            "vs_i = qs * 0.0 + 1.0",
+        ] if self.fp8 else []) + [
             "m_i = tl.full([BLOCK_M], float('-inf'), tl.float32)",
             "l_i = tl.zeros([BLOCK_M], tl.float32)",
             f"acc = tl.zeros([BLOCK_M, {spec.BDV}], tl.float32)",
@@ -217,7 +256,7 @@ class _Gen(BackwardKernels):
             "    " + call.format(tag="masked"),
             "empty = m_i == float('-inf')",
             "l_safe = tl.where(empty, 1.0, l_i)",
-            "out = acc / l_safe[:, None]",
+            f"out = acc * (vs_i * {1.0 / P_SCALE!r}) / l_safe[:, None]" if self.fp8 else "out = acc / l_safe[:, None]",
             f"out = tl.where(empty[:, None], {fill}, out)",
             f"lse = tl.where(empty, float('-inf'), {lse})",
             "row_ok = offs_m < Sq",
@@ -225,11 +264,13 @@ class _Gen(BackwardKernels):
             f"out.to(O.dtype.element_ty), mask={_and('row_ok[:, None]', self.dvmask and self.dvmask + '[None, :]')})",
             "tl.store(LSE + b64 * slb + h64 * slh + offs_m * slm, lse, mask=row_ok)",
         ]
+        fp8 = ("QS, KS, VS, sqsb, sqsh, sqsn, sksb, sksh, sksn, svsb, svsh, svsn, ",
+               ", QBM: tl.constexpr, QBN: tl.constexpr") if self.fp8 else ("", "")
         head = [
             '@triton.jit(do_not_specialize=["Sq", "Sk", "coff", "slb", "slh"])',
-            f"def attn_fwd(Q, K, V, O, LSE, {self.op_kernel_params()}"
+            f"def attn_fwd(Q, K, V, O, LSE, {fp8[0]}{self.op_kernel_params()}"
             "sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, som, sod, slb, slh, slm, "
-            "Sq, Sk, coff, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):",
+            f"Sq, Sk, coff, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr{fp8[1]}):",
         ]
         return head + [_ind(body)] + [""]
 
@@ -245,6 +286,8 @@ class _Gen(BackwardKernels):
 
     def module(self):
         out = ["import triton", "import triton.language as tl"]
+        if self.fp8:
+            out.append("from fa3_inductor.kernels.fp8_quant_kernel import to_e4m3")
         if not self.spec.interpret:
             out.append("from triton.language.extra import libdevice")
         out.append("")
@@ -253,6 +296,8 @@ class _Gen(BackwardKernels):
                     "if hasattr(t, 'handle') else int(t)", ""]
         out += self.helpers() + self.ranges()
         out += self.fwd_tile(True) + self.fwd_tile(False) + self.fwd_kernel()
+        if self.fp8:                # the backward of an FP8 forward is the 16-bit backward
+            return "\n".join(out) + "\n"
         out += self.bwd_pre() + self.dkdv_tile(True) + self.dkdv_tile(False) + self.dkdv_kernel()
         out += self.dq_tile(True) + self.dq_tile(False) + self.dq_kernel()
         return "\n".join(out) + "\n"

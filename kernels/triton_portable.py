@@ -71,7 +71,9 @@ def _span(t) -> int:
     return sum((s - 1) * abs(st) for s, st in zip(t.shape[2:], t.stride()[2:]) if s > 0)
 
 
-def supports(prog: ScoreProgram, q, k, v, operands) -> str | None:
+def supports(prog: ScoreProgram, q, k, v, operands, fp8: bool = False) -> str | None:
+    """None when the generated kernels can run the site, else why not. fp8: the FP8 forward asks (its dots
+    take e4m3, so the interpreter's bf16 dot does not matter)."""
     if q.dtype not in _FLOATS:
         return f"dtype {q.dtype} is not fp16/bf16/fp32"
     if not (q.dtype == k.dtype == v.dtype):
@@ -81,7 +83,7 @@ def supports(prog: ScoreProgram, q, k, v, operands) -> str | None:
         return f"head dim {d} > {MAX_HEAD_DIM}"
     if dv > MAX_HEAD_DIM:
         return f"value head dim {dv} > {MAX_HEAD_DIM}"
-    if q.device.type == "cpu" and q.dtype == torch.bfloat16:
+    if q.device.type == "cpu" and q.dtype == torch.bfloat16 and not fp8:
         return "bf16 tl.dot is wrong in the Triton CPU interpreter"
     if q.device.type not in ("cpu", "cuda", "meta"):
         return f"device {q.device.type} is not supported"
@@ -162,11 +164,12 @@ def _capturing(device) -> bool:
         return False
 
 
-def _launch_tuned(kind: str, key: tuple, d: int, dtype, device, launch, configs=None):
+def _launch_tuned(kind: str, key: tuple, d: int, dtype, device, launch, configs=None, interpret_config=None):
     """launch(config) runs the kernel once; returns nothing. Picks/caches the fastest config for key among
-    `configs` (default: this module's list for `kind`; the first is the default when tuning is not possible)."""
+    `configs` (default: this module's list for `kind`; the first is the default when tuning is not possible).
+    interpret_config replaces INTERPRET_CONFIGS[kind] for kernels defined elsewhere."""
     if device.type != "cuda":
-        launch(INTERPRET_CONFIGS[kind])
+        launch(interpret_config or INTERPRET_CONFIGS[kind])
         return
     configs = configs or _CONFIGS[kind](d, dtype)
     full_key = (kind,) + key

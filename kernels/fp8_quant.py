@@ -1,0 +1,149 @@
+"""FP8 (e4m3) quantization of attention operands: one fused Triton pass per operand.
+
+Each pass reads a 16/32-bit (B, H, S, D) tensor of any strides once, optionally rotates every row by the
+recipe's random-sign Hadamard matrix (kernels/fp8_recipe.py; Q and K only, in registers, O(d log d)),
+takes one amax per tile of `block` rows (block scaling) or per tensor (tensor scaling: a second pass after a
+tiny reduction of the tiles' amax), and writes e4m3 plus fp32 scales. Conventions, for the kernels that
+consume them (kernels/fp8_portable.py, the Hopper FP8 kernel):
+
+    x[b, h, s, :] ≈ float(data[b, h, s, :]) * scale[b, h, s // block]    (rotated x for rotated operands)
+    scale = amax / 448 (1.0 for an all-zero tile); values are clamped to ±448 and rounded to nearest even.
+
+Layouts. Rows: data (B, H, S, Dq), last dim contiguous, row stride a multiple of 16 elements (TMA-ready).
+Transposed (`transposed=True`, meant for V): data (B, H, Dv, S) with S contiguous and the row stride
+rounded up to 16 — the k-major B operand of the FP8 P·V wgmma; padding columns are zeros. `Fp8Operand.rows()`
+gives the (B, H, S, D) view of either layout. Dq = hadamard_dim(D) for rotated operands, else D.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+
+import torch
+
+from .fp8_recipe import Fp8Recipe, hadamard_dim, signs
+
+FP8 = torch.float8_e4m3fn
+INPUT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+MAX_HEAD_DIM = 256
+# fp32 values one program keeps live per chunk, and its warps: compiled for sm_90 offline (ptxas -v), a whole
+# 128 x 128 tile at 16 warps and 32 x 256 chunks at 8 warps run without spills; 64 x 256 spills.
+_LIVE_VALUES = {128: 16384, 256: 8192}
+
+
+@dataclasses.dataclass(frozen=True)
+class Fp8Operand:
+    data: torch.Tensor      # float8_e4m3fn, (B, H, S, Dq) or, transposed, (B, H, Dv, S)
+    scale: torch.Tensor     # fp32 (B, H, ceil(S / block)); tensor scaling repeats one value
+    block: int              # rows per scale
+    transposed: bool
+    rotated: bool
+
+    def rows(self) -> torch.Tensor:
+        """(B, H, S, D) view of data, whatever its layout."""
+        return self.data.transpose(-1, -2) if self.transposed else self.data
+
+
+def _empty(shape, dtype, device):
+    """Every output buffer comes from here (tests replace it with a NaN-poisoning allocator)."""
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _round16(n: int) -> int:
+    return (n + 15) // 16 * 16
+
+
+def _chunk(block: int, bd: int, interpret: bool) -> int:
+    """Rows per register chunk: the largest power of two dividing block, within the live-value budget."""
+    c = block & -block
+    if not interpret:
+        while c > 16 and c * bd > _LIVE_VALUES.get(bd, 16384):
+            c //= 2
+    return c
+
+
+def check_quantizable(x: torch.Tensor, block: int, rotate: bool) -> str | None:
+    """Reason x cannot be quantized by quantize(), or None."""
+    if x.dim() != 4:
+        return f"expected a 4-D (B, H, S, D) tensor, got {tuple(x.shape)}"
+    if x.dtype not in INPUT_DTYPES:
+        return f"dtype {x.dtype} is not fp16/bf16/fp32"
+    d = x.shape[-1]
+    if (hadamard_dim(d) if rotate else d) > MAX_HEAD_DIM:
+        return f"head dim {d}{' (rotated width ' + str(hadamard_dim(d)) + ')' if rotate else ''} > {MAX_HEAD_DIM}"
+    if not isinstance(block, int) or block <= 0:
+        return f"block must be a positive int, got {block!r}"
+    if block & (block - 1) and block % 16:
+        return f"block {block} is neither a power of two nor a multiple of 16"
+    if x.device.type == "cpu" and not interpreting():
+        return "CPU tensors need TRITON_INTERPRET=1"
+    return None
+
+
+def quantize(x: torch.Tensor, *, block: int, rotate: bool = False, seed: int = 0, scaling: str = "block",
+             transposed: bool = False) -> Fp8Operand:
+    """Quantize x (B, H, S, D) to e4m3 with one scale per `block` rows (or per tensor); see the module doc."""
+    reason = check_quantizable(x, block, rotate)
+    if reason:
+        raise ValueError(f"fp8 quantize: {reason}")
+    if scaling not in ("block", "tensor"):
+        raise ValueError(f"fp8 quantize: scaling {scaling!r} is not 'block' or 'tensor'")
+    b, h, s, d = x.shape
+    bd = hadamard_dim(d)                      # register width: a power of two >= d
+    dq = bd if rotate else d
+    dev = x.device
+    if transposed:
+        s_alloc = _round16(s)
+        buf = _empty((b, h, dq, s_alloc), FP8, dev)
+        data = buf[..., :s]
+        y_strides = (buf.stride(0), buf.stride(1), buf.stride(3), buf.stride(2))
+        s_store, d_store = s_alloc, dq
+    else:
+        d_alloc = _round16(dq)
+        buf = _empty((b, h, s, d_alloc), FP8, dev)
+        data = buf[..., :dq]
+        y_strides = tuple(buf.stride())
+        s_store, d_store = s, d_alloc
+    scale = _empty((b, h, triton_cdiv(s, block)), torch.float32, dev)
+    out = Fp8Operand(data, scale, block, transposed, rotate)
+    if b * h == 0 or s_store == 0:
+        return out
+    from . import fp8_quant_kernel as qk
+    interpret = dev.type == "cpu"
+    sg = signs(seed, bd, dev) if rotate else scale
+    grid = (triton_cdiv(s_store, block), h, b)
+    chunk = _chunk(block, bd, interpret)
+    warps = max(4, min(16, chunk * bd // 1024))
+
+    def launch(mode, gamax):
+        qk.quantize_kernel[grid](x, buf, scale, sg, gamax, *x.stride(), *y_strides, *scale.stride(),
+                                 s, s_store, d, d_store, 1.0 / math.sqrt(bd), BLOCK=block, CHUNK=chunk, BD=bd,
+                                 LOG_BD=bd.bit_length() - 1, ROTATE=rotate, MODE=mode, EXACT=interpret,
+                                 num_warps=warps)
+
+    if scaling == "block":
+        launch(qk.MODE_BLOCK, scale)
+    else:
+        launch(qk.MODE_AMAX, scale)                 # tile amaxes into scale, then the global one
+        gamax = scale.amax().reshape(1) if s > 0 else torch.zeros(1, device=dev)
+        launch(qk.MODE_TENSOR, gamax)
+    return out
+
+
+def quantize_qkv(q, k, v, recipe: Fp8Recipe, block_m: int, block_n: int, v_transposed: bool = True):
+    """The three operands of an FP8 attention: Q per block_m rows, K and V per block_n rows; Q and K rotated
+    by the same M when recipe.hadamard. Returns (Fp8Operand q, k, v)."""
+    rot = recipe.hadamard
+    return (quantize(q, block=block_m, rotate=rot, seed=recipe.seed, scaling=recipe.scaling),
+            quantize(k, block=block_n, rotate=rot, seed=recipe.seed, scaling=recipe.scaling),
+            quantize(v, block=block_n, scaling=recipe.scaling, transposed=v_transposed))
+
+
+def triton_cdiv(a: int, b: int) -> int:
+    return (a + b - 1) // b
