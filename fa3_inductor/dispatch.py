@@ -59,7 +59,11 @@ HOPPER = KernelEntry("hopper", ("cuda",), False, hopper.supports, hopper.forward
 TRITON_FP8 = KernelEntry("triton_fp8", ("cuda",), True, fp8_portable.supports, fp8_portable.forward,
                          triton_portable.backward, fp8=True, family="triton")
 
-TABLE: list[KernelEntry] = [TRITON_FP8, HOPPER, TRITON, REFERENCE]
+# sm_90 FP8: the same warp-specialized schedule on e4m3 wgmma after the fused quantize pass.
+HOPPER_FP8 = KernelEntry("hopper_fp8", ("cuda",), False, hopper.supports_fp8, hopper.forward_fp8,
+                         triton_portable.backward, fp8=True, family="hopper")
+
+TABLE: list[KernelEntry] = [HOPPER_FP8, TRITON_FP8, HOPPER, TRITON, REFERENCE]
 
 
 def _runs_on(entry: KernelEntry, device: str) -> bool:

@@ -28,10 +28,11 @@ def _tile_dim(d: int) -> int:
 
 
 def config(d: int, dv: int, dtype_bytes: int = 2) -> tuple[int, int]:
+    # FP8 (dtype_bytes=1): the output tile (16-bit) cannot alias Q, so it is counted separately
     """(BLOCK_N, STAGES): 128-key tiles up to head dim 128, else 64; as many K/V stages as fit (2..4)."""
     d, dv = _tile_dim(d), _tile_dim(dv)
     block_n = 128 if max(d, dv) <= 128 else 64
-    fixed = 2 * BLOCK_M * d * dtype_bytes + (0 if d == dv else 2 * BLOCK_M * dv * dtype_bytes)
+    fixed = 2 * BLOCK_M * d * dtype_bytes + (0 if d == dv and dtype_bytes == 2 else 2 * BLOCK_M * dv * 2)
     per_stage = block_n * (d + dv) * dtype_bytes
     stages = min(4, (SMEM_LIMIT - fixed) // per_stage)
     return block_n, stages
@@ -189,3 +190,79 @@ def forward(q, k, v, operands, prog: ScoreProgram, **variant):
 
 # The backward reads (out, lse), which this forward writes exactly as the portable one does.
 backward = triton_portable.backward
+
+
+# --- FP8 (e4m3) variant: the same schedule on FP8 wgmma, inputs from the fused quantize pass ---------------
+
+def supports_fp8(prog: ScoreProgram, q, k, v, operands, recipe) -> str | None:
+    from . import fp8_portable
+    from .fp8_recipe import hadamard_dim
+    reason = fp8_portable.supports(prog, q, k, v, operands, recipe)
+    if reason:
+        return reason
+    if q.device.type != "cuda":
+        return f"needs an sm_90 GPU (device is {q.device.type})"
+    cap = _capability(q.device)
+    if cap is None or cap[0] != 9:
+        return "needs an sm_90 GPU (FP8 wgmma, TMA)"
+    d = hadamard_dim(q.shape[-1]) if recipe.hadamard else q.shape[-1]
+    dv = v.shape[-1]
+    if d not in HEAD_DIMS or dv not in HEAD_DIMS or _tile_dim(d) != d or _tile_dim(dv) != dv:
+        return f"FP8 head dims ({d}, {dv}) not powers of two in {HEAD_DIMS}"
+    from .templates_hopper import FP8_QUANT_BLOCKS
+    if FP8_QUANT_BLOCKS[0] != 2 * BLOCK_M or FP8_QUANT_BLOCKS[1] % config(d, dv, 1)[0]:
+        return "FP8 quantization blocks do not match the kernel's tiles"
+    return None
+
+
+def _desc8(t, block):
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+    gdt = {torch.float8_e4m3fn: gl.float8e4nv, torch.float16: gl.float16, torch.bfloat16: gl.bfloat16}[t.dtype]
+    strides = list(t.stride())
+    for i in range(3):
+        if t.shape[i] == 1:
+            strides[i] = max(t.shape[3], 16)
+    return TensorDescriptor(t, list(t.shape), strides, block, gl.NVMMASharedLayout.get_default_for(block, gdt))
+
+
+def fp8_launch_args(q8, k8, v8, operands, prog: ScoreProgram, out, lse, pingpong=True, stages=None):
+    """Launch of the FP8 kernel on quantized operands (kernels/fp8_quant.Fp8Operand; V transposed)."""
+    qd, kd, vt = q8.data, k8.data, v8.data
+    b, hq, sq, d = qd.shape
+    sk, dv = kd.shape[2], vt.shape[2]
+    bn, st = config(d, dv, 1)
+    st = stages or min(st, 4)
+    full = (b, hq, sq, sk)
+    op_args = []
+    for t in operands:
+        op_args += [t] + [int(x) for x in t.expand(*full).stride()]
+    tiles = tile_args(qd, kd, operands, prog, bn)
+    coff = 0 if prog.causal != "bottom_right" else sk - sq
+    mod = _spec_and_module(prog, qd, kd, v8.rows(), operands)[1]
+    grid = (triton_portable.triton_cdiv(sq, 2 * BLOCK_M), hq, b)
+    scales = []
+    for s in (q8.scale, k8.scale, v8.scale):
+        scales += [s.stride(0) if s.shape[0] > 1 else 0, s.stride(1) if s.shape[1] > 1 else 0]
+    args = (_desc8(qd, [1, 1, BLOCK_M, d]), _desc8(kd, [1, 1, bn, d]), _desc8(vt, [1, 1, dv, bn]),
+            _desc8(out, [1, 1, BLOCK_M, dv]), lse, q8.scale, k8.scale, v8.scale, *scales, *op_args, *tiles,
+            *lse.stride(), sq, sk, coff)
+    return mod.attn_fwd_ws, grid, args, dict(BLOCK_M=BLOCK_M, BLOCK_N=bn, STAGES=st, PINGPONG=pingpong,
+                                             num_warps=4)
+
+
+def forward_fp8(q, k, v, operands, prog: ScoreProgram, recipe, **variant):
+    """FP8 forward: one quantize pass per operand, then the warp-specialized kernel on e4m3 wgmma."""
+    from . import fp8_quant
+    from .templates_hopper import FP8_QUANT_BLOCKS
+    b, hq, sq, _ = q.shape
+    dv = v.shape[-1]
+    out = triton_portable._empty((b, hq, sq, dv), v.dtype, q.device)
+    lse = triton_portable._empty((b, hq, sq), torch.float32, q.device)
+    if out.numel() == 0 or k.shape[2] == 0:
+        from . import fp8_portable
+        return fp8_portable.forward(q, k, v, operands, prog, recipe)
+    q8, k8, v8 = fp8_quant.quantize_qkv(q, k, v, recipe, *FP8_QUANT_BLOCKS, v_transposed=True)
+    kernel, grid, args, kwargs = fp8_launch_args(q8, k8, v8, operands, prog, out, lse, **variant)
+    kernel[grid](*args, **kwargs)
+    return out, lse

@@ -48,7 +48,7 @@ def _producer(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_full, v_f
         tma.async_copy_global_to_shared(k_desc, [off_b, off_hk, start_n, 0], k_full.index(st), k_smem.index(st))
         mbarrier.wait(v_empty.index(st), ph ^ 1)
         mbarrier.expect(v_full.index(st), v_desc.block_type.nbytes)
-        tma.async_copy_global_to_shared(v_desc, [off_b, off_hk, start_n, 0], v_full.index(st), v_smem.index(st))
+        tma.async_copy_global_to_shared(v_desc, __V_COORD__, v_full.index(st), v_smem.index(st))
 
 
 @gluon.jit
@@ -77,15 +77,18 @@ __TILE_MASKED__    return masked
 
 @gluon.jit
 def _consumer(q_smem, k_smem, v_smem, o_smem, o4, q_bar, k_full, v_full, k_empty, v_empty, turn, o_desc, LSE,
-              slb, slh, slm, off_b, off_h, m0, lo, n_tiles, __TLA__Sq, Sk, coff, __OPS_PARAMS__
+              slb, slh, slm, off_b, off_h, m0, lo, n_tiles, __TLA__Sq, Sk, coff, __FP8P____OPS_PARAMS__
               WG: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DV: gl.constexpr,
               STAGES: gl.constexpr, PINGPONG: gl.constexpr):
     dtype: gl.constexpr = q_smem.dtype
+    out_dtype: gl.constexpr = o_smem.dtype
+    KI: gl.constexpr = 256 // dtype.primitive_bitwidth       # wgmma K per instruction: 16 (16-bit), 32 (fp8)
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                        instr_shape=[16, BLOCK_N, 16])
+                                                        instr_shape=[16, BLOCK_N, KI])
     o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                        instr_shape=[16, HEAD_DV, 16])
-    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+                                                        instr_shape=[16, HEAD_DV, KI])
+    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout,
+                                                 k_width=32 // dtype.primitive_bitwidth)
     row_l: gl.constexpr = gl.SliceLayout(1, s_layout)
     col_l: gl.constexpr = gl.SliceLayout(0, s_layout)
     orow_l: gl.constexpr = gl.SliceLayout(1, o_layout)
@@ -94,7 +97,7 @@ __OPS_BASES__
     qi = gl.expand_dims(row0 + gl.arange(0, BLOCK_M, row_l), 1)
     q = q_smem.index(WG)
     mbarrier.wait(q_bar.index(WG), 0)
-
+__FP8_Q__
     zero_s = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout)
     acc = gl.zeros([BLOCK_M, HEAD_DV], gl.float32, o_layout)
     m_i = gl.full([BLOCK_M], float("-inf"), gl.float32, row_l)
@@ -110,10 +113,10 @@ __OPS_BASES__
         mbarrier.arrive(turn.index(1 - WG))
     s = warpgroup_mma_wait(0, deps=(s_tok,))
     mbarrier.arrive(k_empty.index(0))
-    kj = gl.expand_dims(_tile_start(0, lo, __TLA__BLOCK_N) + gl.arange(0, BLOCK_N, col_l), 0)
+__FP8_S0__    kj = gl.expand_dims(_tile_start(0, lo, __TLA__BLOCK_N) + gl.arange(0, BLOCK_N, col_l), 0)
 __STEP0__
     l_i = gl.sum(p, 1)
-    p_op = gl.convert_layout(p.to(dtype), p_layout)
+    p_op = gl.convert_layout(__P_CAST__, p_layout)
 
     i = 0
     for j in range(1, n_tiles):
@@ -128,20 +131,20 @@ __STEP0__
             turn_ph ^= 1
         s_tok = warpgroup_mma(q, k_smem.index(nxt).permute((1, 0)), zero_s, use_acc=False, is_async=True)
         mbarrier.wait(v_full.index(cur), cur_ph)
-        o_tok = warpgroup_mma(p_op, v_smem.index(cur), acc, is_async=True)
+        o_tok = warpgroup_mma(p_op, v_smem.index(cur)__VT__, acc, is_async=True)
         if PINGPONG:
             mbarrier.arrive(turn.index(1 - WG))
         s = warpgroup_mma_wait(1, deps=(s_tok,))
         mbarrier.arrive(k_empty.index(nxt))   # K is read only by S; its slot refills while PV still runs
-        kj = gl.expand_dims(start_n + gl.arange(0, BLOCK_N, col_l), 0)
+__FP8_SJ__        kj = gl.expand_dims(start_n + gl.arange(0, BLOCK_N, col_l), 0)
         masked = _tile_masked(start_n, row0, Sk, coff, BLOCK_M, BLOCK_N)
 __STEPJ__
         acc = warpgroup_mma_wait(0, deps=(o_tok,))
         mbarrier.arrive(v_empty.index(cur))
-        acc = acc * gl.expand_dims(gl.convert_layout(alpha, orow_l), 1)
+        acc = acc * gl.expand_dims(gl.convert_layout(__ALPHA__, orow_l), 1)
         l_i = l_i * alpha + gl.sum(p, 1)
         m_i = m_new
-        p_op = gl.convert_layout(p.to(dtype), p_layout)
+        p_op = gl.convert_layout(__P_CAST__, p_layout)
         i += 1
 
     # the last PV product
@@ -150,7 +153,7 @@ __STEPJ__
     mbarrier.wait(v_full.index(cur), cur_ph)
     if PINGPONG:
         mbarrier.wait(turn.index(WG), turn_ph)
-    o_tok = warpgroup_mma(p_op, v_smem.index(cur), acc, is_async=True)
+    o_tok = warpgroup_mma(p_op, v_smem.index(cur)__VT__, acc, is_async=True)
     if PINGPONG:
         mbarrier.arrive(turn.index(1 - WG))
     acc = warpgroup_mma_wait(0, deps=(o_tok,))
@@ -159,10 +162,10 @@ __STEPJ__
     empty = m_i == float("-inf")
     l_safe = gl.where(empty, 1.0, l_i)
     lse = gl.where(empty, float("-inf"), __LSE__)
-    out = acc * gl.expand_dims(gl.convert_layout(1.0 / l_safe, orow_l), 1)
+    out = acc * gl.expand_dims(gl.convert_layout(__OUT_SCALE__ / l_safe, orow_l), 1)
 __EMPTY_ROWS__
     o_buf = o_smem.index(WG)
-    o_buf.store(out.to(dtype))
+    o_buf.store(out.to(out_dtype))
     fence_async_shared()
     tma.async_copy_shared_to_global(o_desc, [off_b, off_h, row0, 0], o4.index(WG))
     rows = row0 + gl.arange(0, BLOCK_M, row_l)
@@ -171,11 +174,12 @@ __EMPTY_ROWS__
 
 
 @gluon.jit(do_not_specialize=["Sq", "Sk", "coff", "slb", "slh"])
-def attn_fwd_ws(q_desc, k_desc, v_desc, o_desc, LSE, __OPS_KPARAMS____TLP__slb, slh, slm, Sq, Sk, coff,
+def attn_fwd_ws(q_desc, k_desc, v_desc, o_desc, LSE, __FP8P____OPS_KPARAMS____TLP__slb, slh, slm, Sq, Sk, coff,
                 BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, PINGPONG: gl.constexpr):
     HEAD_D: gl.constexpr = q_desc.block_type.shape[3]
-    HEAD_DV: gl.constexpr = v_desc.block_type.shape[3]
+    HEAD_DV: gl.constexpr = o_desc.block_type.shape[3]
     dtype: gl.constexpr = q_desc.dtype
+    out_dtype: gl.constexpr = o_desc.dtype
     pid_m = gl.program_id(0)
     off_h = gl.program_id(1)
     off_b = gl.program_id(2)
@@ -191,16 +195,16 @@ __N_TILES__
 
     q_l: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, HEAD_D], dtype)
     k_l: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, HEAD_D], dtype)
-    v_l: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, HEAD_DV], dtype)
-    o_l: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, HEAD_DV], dtype)
+    v_l: gl.constexpr = gl.NVMMASharedLayout.get_default_for(__V_TILE__, dtype)
+    o_l: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, HEAD_DV], out_dtype)
     # TMA tiles are rank 4 (batch, head, rows, dim) so any batch / head strides work; the MMAs see rank 2
     q_smem = gl.allocate_shared_memory(dtype, [2, 1, 1, BLOCK_M, HEAD_D], q_desc.layout)
     k_smem = gl.allocate_shared_memory(dtype, [STAGES, 1, 1, BLOCK_N, HEAD_D], k_desc.layout)
-    v_smem = gl.allocate_shared_memory(dtype, [STAGES, 1, 1, BLOCK_N, HEAD_DV], v_desc.layout)
-    if HEAD_D == HEAD_DV:
+    v_smem = gl.allocate_shared_memory(dtype, [STAGES, 1, 1] + __V_TILE__, v_desc.layout)
+    if HEAD_D == HEAD_DV and dtype == out_dtype:
         o_smem = q_smem      # Q is dead once a consumer's last S is computed
     else:
-        o_smem = gl.allocate_shared_memory(dtype, [2, 1, 1, BLOCK_M, HEAD_DV], o_desc.layout)
+        o_smem = gl.allocate_shared_memory(out_dtype, [2, 1, 1, BLOCK_M, HEAD_DV], o_desc.layout)
     q_bar = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
     k_full = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     v_full = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
@@ -219,14 +223,14 @@ __N_TILES__
 
     q2 = q_smem._reinterpret(dtype, [2, BLOCK_M, HEAD_D], q_l)
     k2 = k_smem._reinterpret(dtype, [STAGES, BLOCK_N, HEAD_D], k_l)
-    v2 = v_smem._reinterpret(dtype, [STAGES, BLOCK_N, HEAD_DV], v_l)
-    o2 = o_smem._reinterpret(dtype, [2, BLOCK_M, HEAD_DV], o_l)
+    v2 = v_smem._reinterpret(dtype, [STAGES] + __V_TILE__, v_l)
+    o2 = o_smem._reinterpret(out_dtype, [2, BLOCK_M, HEAD_DV], o_l)
     gl.warp_specialize([
         (_consumer, (q2, k2, v2, o2, o_smem, q_bar, k_full, v_full, k_empty, v_empty, turn, o_desc, LSE, slb, slh, slm,
-                     off_b, off_h, m0, lo, n_tiles, __TLA__Sq, Sk, coff, __OPS_KARGS__0, BLOCK_M, BLOCK_N, HEAD_DV, STAGES,
+                     off_b, off_h, m0, lo, n_tiles, __TLA__Sq, Sk, coff, __FP8P____OPS_KARGS__0, BLOCK_M, BLOCK_N, HEAD_DV, STAGES,
                      PINGPONG)),
         (_consumer, (q2, k2, v2, o2, o_smem, q_bar, k_full, v_full, k_empty, v_empty, turn, o_desc, LSE, slb, slh, slm,
-                     off_b, off_h, m0, lo, n_tiles, __TLA__Sq, Sk, coff, __OPS_KARGS__1, BLOCK_M, BLOCK_N, HEAD_DV, STAGES,
+                     off_b, off_h, m0, lo, n_tiles, __TLA__Sq, Sk, coff, __FP8P____OPS_KARGS__1, BLOCK_M, BLOCK_N, HEAD_DV, STAGES,
                      PINGPONG)),
         (_producer, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_full, v_full, k_empty, v_empty,
                      off_b, off_h, off_hk, m0, lo, n_tiles, __TLA__BLOCK_M, BLOCK_N, STAGES)),
@@ -264,6 +268,11 @@ def tile_plan(spec: KernelSpec):
     return mask_tiles.plan(prog, [o.kind for o in spec.operands])
 
 
+# FP8: rows per Q scale and per K / V scale (kernels/fp8_quant.py); a CTA's 2 x 64 query rows share one Q
+# scale, a 64- or 128-key tile lies inside one K / V scale block.
+FP8_QUANT_BLOCKS = (128, 128)
+
+
 class _HopperGen:
     def __init__(self, spec: KernelSpec):
         self.spec = spec
@@ -273,6 +282,7 @@ class _HopperGen:
         self.causal = self.prog.causal != "none"
         self.window = self.prog.window
         self.tiles = tile_plan(spec)
+        self.fp8 = spec.dtype.startswith("float8")
 
     def score_fn(self, name: str, masked: bool, expr) -> list[str]:
         """x in log2 units for one tile; operand loads are bounds-checked on rows always, on keys when masked."""
@@ -369,8 +379,35 @@ class _HopperGen:
             xs, lse = "1.0", "(m_i + gl.log2(l_safe)) * 0.6931471805599453"
         else:
             xs, lse = repr(LOG2E), "m_i + gl.log2(l_safe) * 0.6931471805599453"
+        if self.fp8:
+            fp8p = "QS, KS, VS, sqs_b, sqs_h, sks_b, sks_h, svs_b, svs_h, "
+            # one Q scale per CTA (QBM = 2 x BLOCK_M rows), one K / V scale per QBN keys; V's scale is folded
+            # into the accumulator's rescale, so acc is always in units of the last V tile added
+            fp8_q = (f"    qsc = gl.load(QS + off_b.to(gl.int64) * sqs_b + off_h.to(gl.int64) * sqs_h + m0 // (2 * BLOCK_M))\n"
+                     f"    ks_base = KS + off_b.to(gl.int64) * sks_b + (off_h // {spec.G}).to(gl.int64) * sks_h\n"
+                     f"    vs_base = VS + off_b.to(gl.int64) * svs_b + (off_h // {spec.G}).to(gl.int64) * svs_h\n")
+            qbn = FP8_QUANT_BLOCKS[1]
+            fp8_s0 = ("    start0 = _tile_start(0, lo, __TLA__BLOCK_N)\n"
+                      "    s = s * (qsc * gl.load(ks_base + start0 // " + str(qbn) + "))\n"
+                      "    vs_prev = gl.load(vs_base + start0 // " + str(qbn) + ")\n")
+            fp8_sj = ("        s = s * (qsc * gl.load(ks_base + start_n // " + str(qbn) + "))\n"
+                      "        vs_new = gl.load(vs_base + start_n // " + str(qbn) + ")\n")
+            alpha = "alpha * (vs_prev / vs_new)"
+            p_cast = "(p * 256.0).to(gl.float8e4nv)"
+            out_scale = "(vs_prev / 256.0)"
+            v_coord, v_tile, vt = "[off_b, off_hk, 0, start_n]", "[HEAD_DV, BLOCK_N]", ".permute((1, 0))"
+        else:
+            fp8p = fp8_q = fp8_s0 = fp8_sj = ""
+            alpha, p_cast, out_scale = "alpha", "p.to(dtype)", "1.0"
+            v_coord, v_tile, vt = "[off_b, off_hk, start_n, 0]", "[BLOCK_N, HEAD_DV]", ""
         step0, stepj = self.steps()
         text = _KERNEL.replace("__STEP0__", step0).replace("__STEPJ__", stepj)
+        if self.fp8:
+            text = text.replace("        m_i = m_new\n", "        m_i = m_new\n        vs_prev = vs_new\n")
+        text = (text.replace("__FP8_Q__", fp8_q).replace("__FP8_S0__", fp8_s0).replace("__FP8_SJ__", fp8_sj)
+                .replace("__ALPHA__", alpha).replace("__P_CAST__", p_cast).replace("__OUT_SCALE__", out_scale)
+                .replace("__V_COORD__", v_coord).replace("__V_TILE__", v_tile).replace("__VT__", vt)
+                .replace("__FP8P__", fp8p))
         for token, value in [("__XS__", xs), ("__LSE__", lse), ("__TLA__", tla), ("__TLP__", tlp), ("__N_TILES__", n_tiles),
             ("__OPS_KPARAMS__", ops_params), ("__OPS_PARAMS__", ops_params), ("__OPS_KARGS__", ops_params),
             ("__OPS_ARGS__", ops_args), ("__OPS_BASES__", "\n".join(bases)), ("__VISIBLE__", self.visible()),

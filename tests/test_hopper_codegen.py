@@ -93,3 +93,23 @@ def test_supports_reasons():
     assert hopper.config(128, 128) == (128, 3)
     assert hopper.config(256, 256) == (64, 2)
     assert hopper.config(64, 64)[1] == 4
+
+
+@pytest.mark.skipif(not _HAVE, reason="Triton without Gluon / NVIDIA backend")
+@pytest.mark.parametrize("d", [64, 128, 256])
+def test_fp8_variant_compiles_to_e4m3_wgmma(d):
+    from fa3_inductor.kernels.fp8_quant import Fp8Operand
+    b, h, s = 2, 4, 512
+
+    def op(shape, transposed=False):
+        return Fp8Operand(torch.randn(*shape).to(torch.float8_e4m3fn), torch.ones(b, h, s // 128), 128,
+                          transposed, False)
+    q8, k8, v8 = op((b, h, s, d)), op((b, h, s, d)), op((b, h, d, s), True)
+    out, lse = torch.empty(b, h, s, d, dtype=torch.bfloat16), torch.empty(b, h, s)
+    prog = ScoreProgram(("mul", S, C(d ** -0.5)), causal="top_left")
+    kernel, grid, args, kwargs = hopper.fp8_launch_args(q8, k8, v8, [], prog, out, lse)
+    compiled = compile_sm90(kernel, *args, **kwargs)
+    ptx = compiled.asm["ptx"]
+    assert ".e4m3.e4m3" in ptx and "cp.async.bulk.tensor" in ptx and "setmaxnreg" in ptx
+    facts = sass_facts(compiled)
+    assert facts["local_ops"] == 0 and facts["shared"] <= 232448, facts

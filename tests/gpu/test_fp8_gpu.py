@@ -120,9 +120,11 @@ def test_fp8_accuracy_rule(name, dtype, d, dv, hq, hk, sq, sk, prog, recipe):
     check(q, k, v, [], prog, recipe)
 
 
-def check(q, k, v, ops, prog, recipe):
-    assert fp.supports(prog, q, k, v, ops, recipe) is None
-    out, lse = fp.forward(q, k, v, ops, prog, recipe)
+def check(q, k, v, ops, prog, recipe, kernel=None):
+    """kernel: (supports, forward) of an FP8 kernel; default the portable one."""
+    supports, forward = kernel or (fp.supports, fp.forward)
+    assert supports(prog, q, k, v, ops, recipe) is None, supports(prog, q, k, v, ops, recipe)
+    out, lse = forward(q, k, v, ops, prog, recipe)
     assert out.dtype == q.dtype and lse.dtype == torch.float32
     qb = fp.quant_blocks(q.device)
     deq = fr.dequantized_attention(q, k, v, ops, prog, recipe, *qb)[0]
@@ -180,3 +182,39 @@ def test_compiled_model_with_fp8_option():
     finally:
         del os.environ["FA3_FP8"]
     assert report.rewritten == 1 and report.sites[0].note.startswith("fp8 e4m3 block scales + Hadamard")
+
+
+HOPPER = pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] != 9,
+                            reason="the Hopper FP8 kernel needs sm_90")
+
+
+@HOPPER
+@pytest.mark.parametrize("d,causal,recipe", [(128, "none", BLOCK_HADAMARD), (128, "top_left", BLOCK_HADAMARD),
+                                             (64, "bottom_right", TENSOR), (256, "none", BLOCK_HADAMARD),
+                                             (128, "none", TENSOR)])
+def test_hopper_fp8_bounds(d, causal, recipe):
+    from fa3_inductor.kernels import hopper
+    q = rand(2, 8, 1000, d, seed=30, outliers=True)
+    k, v = (rand(2, 2, 1300 if causal == "bottom_right" else 1000, d, seed=31 + n, outliers=True) for n in range(2))
+    prog = ScoreProgram(("mul", S, ("const", d ** -0.5)), causal=causal)
+    check(q, k, v, [], prog, recipe, kernel=(hopper.supports_fp8, hopper.forward_fp8))
+
+
+@HOPPER
+def test_hopper_fp8_mask_and_ptx():
+    from fa3_inductor import dispatch
+    from fa3_inductor.kernels import hopper
+    q, k, v = (rand(2, 4, 700, 128, seed=40 + n, outliers=True) for n in range(3))
+    vis = torch.rand(2, 1, 700, 700, generator=torch.Generator().manual_seed(44)).to(DEV) > 0.3
+    mask = torch.where(vis, 0.0, torch.finfo(torch.bfloat16).min).to(torch.bfloat16)
+    prog = ScoreProgram(("add", ("mul", S, ("const", 128 ** -0.5)), ("operand", 0)), n_operands=1)
+    check(q, k, v, [mask], prog, BLOCK_HADAMARD, kernel=(hopper.supports_fp8, hopper.forward_fp8))
+    entry, _ = dispatch.select(prog, q, k, v, [mask], fp8=BLOCK_HADAMARD)
+    assert entry.name == "hopper_fp8"
+    from fa3_inductor.kernels import codegen
+    ptxs = [c.asm["ptx"] for key, mod in codegen._MODULES.items() if key.startswith("fa3_hopper")
+            for cache in mod.attn_fwd_ws.device_caches.values() for c in cache[0].values()]
+    fp8_ptx = [p for p in ptxs if ".e4m3.e4m3" in p]
+    assert fp8_ptx, "no FP8 wgmma in any compiled Hopper kernel"
+    for instr in ("wgmma.mma_async", "cp.async.bulk.tensor", "mbarrier.try_wait", "setmaxnreg"):
+        assert instr in fp8_ptx[-1]
