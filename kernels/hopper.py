@@ -82,16 +82,17 @@ def supports(prog: ScoreProgram, q, k, v, operands) -> str | None:
     return None
 
 
-def _desc(t, rows: int):
+def _desc(t, rows: int, cols: int | None = None):
+    """Rank-4 TMA descriptor of t with a (1, 1, rows, cols) box (cols: the head dim padded to a power of two)."""
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
-    block = [1, 1, rows, _tile_dim(t.shape[-1])]
-    gdt = gl.float16 if t.dtype == torch.float16 else gl.bfloat16
+    block = [1, 1, rows, cols or _tile_dim(t.shape[-1])]
+    gdt = {torch.float8_e4m3fn: gl.float8e4nv, torch.float16: gl.float16, torch.bfloat16: gl.bfloat16}[t.dtype]
     # dims of size 1 never advance; give them a legal (16-byte multiple) stride
     strides = list(t.stride())
     for i in range(3):
         if t.shape[i] == 1:
-            strides[i] = max(t.shape[3], 8)
+            strides[i] = max(t.shape[3], 16)
     return TensorDescriptor(t, list(t.shape), strides, block, gl.NVMMASharedLayout.get_default_for(block, gdt))
 
 
@@ -215,17 +216,6 @@ def supports_fp8(prog: ScoreProgram, q, k, v, operands, recipe) -> str | None:
     return None
 
 
-def _desc8(t, block):
-    from triton.experimental.gluon import language as gl
-    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
-    gdt = {torch.float8_e4m3fn: gl.float8e4nv, torch.float16: gl.float16, torch.bfloat16: gl.bfloat16}[t.dtype]
-    strides = list(t.stride())
-    for i in range(3):
-        if t.shape[i] == 1:
-            strides[i] = max(t.shape[3], 16)
-    return TensorDescriptor(t, list(t.shape), strides, block, gl.NVMMASharedLayout.get_default_for(block, gdt))
-
-
 def fp8_launch_args(q8, k8, v8, operands, prog: ScoreProgram, out, lse, pingpong=True, stages=None):
     """Launch of the FP8 kernel on quantized operands (kernels/fp8_quant.Fp8Operand; V transposed)."""
     qd, kd, vt = q8.data, k8.data, v8.data
@@ -244,8 +234,7 @@ def fp8_launch_args(q8, k8, v8, operands, prog: ScoreProgram, out, lse, pingpong
     scales = []
     for s in (q8.scale, k8.scale, v8.scale):
         scales += [s.stride(0) if s.shape[0] > 1 else 0, s.stride(1) if s.shape[1] > 1 else 0]
-    args = (_desc8(qd, [1, 1, BLOCK_M, d]), _desc8(kd, [1, 1, bn, d]), _desc8(vt, [1, 1, dv, bn]),
-            _desc8(out, [1, 1, BLOCK_M, dv]), lse, q8.scale, k8.scale, v8.scale, *scales, *op_args, *tiles,
+    args = (_desc(qd, BLOCK_M), _desc(kd, bn), _desc(vt, dv, bn), _desc(out, BLOCK_M), lse, q8.scale, k8.scale, v8.scale, *scales, *op_args, *tiles,
             *lse.stride(), sq, sk, coff)
     return mod.attn_fwd_ws, grid, args, dict(BLOCK_M=BLOCK_M, BLOCK_N=bn, STAGES=st, PINGPONG=pingpong,
                                              num_warps=4)
