@@ -14,7 +14,7 @@ import torch
 from torch.fx import Node
 
 from .normalize import Call, canon, example
-from .spec import NotMatched
+from .spec import NotMatched, OperandRef
 
 PRODUCTS = ("matmul", "bmm", "baddbmm", "einsum")
 UNARY = ("neg", "tanh", "exp", "sigmoid", "abs")
@@ -33,7 +33,7 @@ class ChainLowering:
     def __init__(self, on_product=None):
         self.on_product = on_product or (lambda node, c: ("score",))   # (node, call) -> the product's expression
         self.product: Node | None = None
-        self.operands: list[Node] = []
+        self.operands: list = []            # Node or OperandRef (a view of a node, e.g. a padding vector)
         self.nodes: list[Node] = []         # chain nodes (they vanish with the site)
         self.spelling: list[str] = []
         self._reach: dict[Node, bool] = {}
@@ -56,10 +56,13 @@ class ChainLowering:
         self._reach[x] = r
         return r
 
-    def operand(self, x: Node) -> tuple:
-        if x not in self.operands:
+    def operand(self, x) -> tuple:
+        key = x.key() if isinstance(x, OperandRef) else x
+        keys = [o.key() if isinstance(o, OperandRef) else o for o in self.operands]
+        if key not in keys:
             self.operands.append(x)
-        return ("operand", self.operands.index(x))
+            keys.append(key)
+        return ("operand", keys.index(key))
 
     def const(self, value) -> tuple:
         if isinstance(value, bool) or not isinstance(value, numbers.Number):
