@@ -83,8 +83,8 @@ def _lower_scores(chain: ChainLowering, x) -> tuple[tuple, ProvenMask | None, st
         expr = proven.wrap(chain.operand, y_expr)
     except NotProven as exc:
         return chain.lower(x), None, str(exc)
-    chain.nodes.append(x)
-    chain.spelling.append(canon(x).spelling)
+    chain.nodes.insert(0, x)                  # the root first, as chain.lower records it
+    chain.spelling.insert(0, canon(x).spelling)
     return expr, proven, ""
 
 
