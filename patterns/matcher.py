@@ -19,6 +19,7 @@ from .gqa import repeated_heads
 from .mask_proof import MaskProof, NotProven
 from .normalize import canon, example
 from .products import broadcast_batch, first_product, is_float_tensor, same_size, second_product
+from .regroup import find_regroup, refine, refine_operand
 from .site_masks import ProvenMask, prove_root_mask, prove_sdpa_mask, split_root
 from .spec import AttentionSpec, NotMatched, OperandRef, SizeOf, Skip, TensorRef
 
@@ -61,7 +62,7 @@ def _lower_with_baddbmm(chain: ChainLowering, x):
         inp, beta, alpha = c.args[0], c.kwargs.get("beta", 1), c.kwargs.get("alpha", 1)
         e = ("score",) if alpha == 1 else ("mul", ("score",), chain.const(alpha))
         if beta != 0:
-            t = chain.operand(inp) if isinstance(inp, Node) else chain.const(inp)
+            t = chain.operand(inp, rank=example(node).dim()) if isinstance(inp, Node) else chain.const(inp)
             e = ("add", ("mul", t, chain.const(beta)) if beta != 1 else t, e)
         return e
     chain.on_product = on_product
@@ -76,11 +77,13 @@ def _lower_scores(chain: ChainLowering, x) -> tuple[tuple, ProvenMask | None, st
         return _lower_with_baddbmm(chain, x), None, ""
     y, form, mask, negate = split
     y_expr = _lower_with_baddbmm(chain, y)
-    score = example(chain.product)
+    score = example(x)
     roles = first_product(chain.product, canon(chain.product)).roles
+    if score.dim() != len(roles):               # regrouped scores (regroup.py): standard roles
+        roles = [f"b{i}" for i in range(score.dim() - 2)] + ["q", "k"]
     try:
         proven = prove_root_mask(form, mask, negate, tuple(score.shape), roles, score.dtype)
-        expr = proven.wrap(chain.operand, y_expr)
+        expr = proven.wrap(lambda ref: chain.operand(ref, rank=score.dim()), y_expr)
     except NotProven as exc:
         return chain.lower(x), None, str(exc)
     chain.nodes.insert(0, x)                  # the root first, as chain.lower records it
@@ -102,10 +105,20 @@ def _match_softmax(node: Node, c, chain: ChainLowering) -> AttentionSpec | None:
         raise NotMatched("softmax without a constant dim")
     layout = first_product(prod, pc)
     sx, sp = example(x), example(prod)
-    if tuple(sx.shape) != tuple(sp.shape):
-        raise NotMatched("the score chain broadcasts the scores to a larger shape")
-    if layout.roles[dim % sx.dim()] != "k":
-        raise NotMatched(f"softmax over dim {dim}, not over the key axis")
+    regroup = find_regroup(chain, prod, layout)
+    roles, score_shape = layout.roles, tuple(sp.shape)
+    q_in, k_in = (layout.q, layout.q_shape), (layout.k, layout.k_shape)
+    if regroup is None:
+        if tuple(sx.shape) != tuple(sp.shape):
+            raise NotMatched("the score chain broadcasts the scores to a larger shape")
+        if layout.roles[dim % sx.dim()] != "k":
+            raise NotMatched(f"softmax over dim {dim}, not over the key axis")
+    else:
+        if layout.roles[-2:] != ["q", "k"] or dim % sx.dim() != sx.dim() - 1:
+            raise NotMatched(f"softmax over dim {dim} of regrouped scores, not over the key axis")
+        roles, score_shape = ["b0", "b1", "q", "k"], regroup.fine
+        if sp.dim() == 3:
+            q_in, k_in = refine(regroup, *q_in), refine(regroup, *k_in)
     spelling = [layout.spelling] + chain.spelling[::-1]
     dt = c.kwargs.get("dtype")
     spelling.append(c.spelling + (f"(dtype={str(dt).replace('torch.', '')})" if dt is not None else ""))
@@ -136,16 +149,23 @@ def _match_softmax(node: Node, c, chain: ChainLowering) -> AttentionSpec | None:
             raise NotMatched(f"{uc.spelling} applied to the attention weights")
         internal.append(u)
         cur = u
-    out = second_product(u, uc, cur, layout.roles)
+    probs_rank = example(cur).dim()
+    out = second_product(u, uc, cur, layout.roles if probs_rank == len(layout.roles)
+                         else [f"b{i}" for i in range(probs_rank - 2)] + ["q", "k"])
     spelling.append(out.spelling)
+    v_in, flatten, operands = (out.v, out.v_shape), False, list(chain.operands)
+    if regroup is not None:
+        operands = [refine_operand(regroup, o) if r == len(regroup.coarse) else o
+                    for o, r in zip(operands, chain.operand_rank)]
+        if probs_rank == len(regroup.coarse):      # weights and v merged: output flattened back to B·H
+            v_in, flatten = refine(regroup, *v_in), True
     for n in internal:
         if any(user not in internal and user is not u for user in n.users):
             raise NotMatched(f"an intermediate of the attention ({n.name}) is also used elsewhere")
     spec = _assemble(
-        site=site_name(node), spelling=spelling, roles=layout.roles,
-        q=(layout.q, layout.q_shape), k=(layout.k, layout.k_shape), v=(out.v, out.v_shape),
-        expr=expr, operands=chain.operands, score_shape=tuple(sp.shape), proven=proven, empty_row="nan",
-        output=u, out_perm=out.out_perm, internal=internal, native_gqa=False)
+        site=site_name(node), spelling=spelling, roles=roles, q=q_in, k=k_in, v=v_in,
+        expr=expr, operands=operands, score_shape=score_shape, proven=proven, empty_row="nan",
+        output=u, out_perm=out.out_perm, internal=internal, native_gqa=False, out_flatten=flatten)
     spec.dropout = dropout
     spec.mask_note = mask_note
     return spec
@@ -235,7 +255,7 @@ def _match_sdpa(node: Node, c) -> AttentionSpec:
         site=site_name(node), spelling=[c.spelling], roles=roles,
         q=(TensorRef(q), tuple(eq.shape)), k=(TensorRef(k), tuple(ek.shape)), v=(TensorRef(v), tuple(ev.shape)),
         expr=expr, operands=operands, score_shape=score_shape, proven=proven, empty_row="zero",
-        output=node, out_perm=None, internal=[], native_gqa=bool(kw["enable_gqa"]))
+        output=node, out_perm=None, internal=[], native_gqa=bool(kw["enable_gqa"]), out_flatten=False)
     if proven is None:
         spec.mask = mask_desc if mask_desc != "none" else spec.mask
     spec.mask_note = mask_note
@@ -243,7 +263,7 @@ def _match_sdpa(node: Node, c) -> AttentionSpec:
 
 
 def _assemble(*, site, spelling, roles, q, k, v, expr, operands, score_shape, proven, empty_row, output,
-              out_perm, internal, native_gqa) -> AttentionSpec:
+              out_perm, internal, native_gqa, out_flatten) -> AttentionSpec:
     """Bring q, k, v and the operands to the op's canonical 4-D layout and build the spec. With a proven
     mask, its structure and empty-row rule replace the defaults."""
     nb = len(roles) - 2
@@ -306,7 +326,7 @@ def _assemble(*, site, spelling, roles, q, k, v, expr, operands, score_shape, pr
     op_refs, grads, kinds = [], [], set()
     for node in operands:
         if isinstance(node, OperandRef):        # a view of a graph value, already laid out like the scores
-            r, oshape, odtype, ograd, name = node.ref, tuple(node.shape), node.dtype, False, node.ref.node.name
+            r, oshape, odtype, ograd, name = node.ref, tuple(node.shape), node.dtype, node.grad, node.ref.node.name
         else:
             eo = example(node)
             r, oshape, odtype, name = TensorRef(node), tuple(eo.shape), eo.dtype, node.name
@@ -332,6 +352,8 @@ def _assemble(*, site, spelling, roles, q, k, v, expr, operands, score_shape, pr
     out_steps = [("squeeze", (0,))] * (2 - nb)
     if out_perm is not None:
         out_steps.append(("permute", tuple(out_perm)))
+    if out_flatten:
+        out_steps.append(("flatten", (0, 1)))
     eo = example(output)
     if eo.dtype != example(vr.node).dtype:
         raise NotMatched(f"the output dtype {eo.dtype} differs from v's")

@@ -39,6 +39,7 @@ class OperandRef:
     ref: TensorRef
     shape: tuple
     dtype: torch.dtype
+    grad: bool = False              # a float operand that requires grad (gradient flows back through the view)
 
     def key(self):
         return (self.ref.node, repr(self.ref.steps))
