@@ -59,7 +59,7 @@ def attention_programs(draw, dtypes=(torch.float32,)):
     h = hkv * g
     sq = draw(st.sampled_from([1, 3, 5, 8, 13]))
     sk = draw(st.sampled_from([sq, 1, 4, 7, 9, 16])) if sq != 1 else draw(st.sampled_from([1, 6, 11]))
-    d = draw(st.sampled_from([8, 16, 40, 64, 80]))
+    d = draw(st.sampled_from([8, 16, 40, 64, 80, 96, 112]))
     style = draw(st.sampled_from(["eager", "eager", "eager", "einsum", "baddbmm", "bmm", "bart", "sdpa"]))
     gqa_spelling = draw(st.sampled_from(["repeat_kv", "repeat_interleave"])) if g > 1 else "none"
     scale = 1.0 / math.sqrt(d) if draw(st.booleans()) else draw(st.floats(0.05, 0.5))
