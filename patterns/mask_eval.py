@@ -108,6 +108,14 @@ def _truth(s: Sym):
     return sympy.Ne(s.expr, 0)
 
 
+def _check_representable(e, dtype: torch.dtype) -> None:
+    """Every float constant of a value must be exact in the tensor's dtype (-1e9 in fp16 is -inf)."""
+    for f in e.atoms(sympy.Float):
+        v = float(f)
+        if torch.tensor(v, dtype=dtype).item() != v:
+            raise NotProven(f"constant {v:g} is not exact in {dtype}")
+
+
 def reindex(s: Sym, out_shape: tuple):
     """s's expression in the index symbols of out_shape, broadcasting right-aligned."""
     r, m = len(out_shape), len(s.shape)
@@ -250,8 +258,15 @@ class Evaluator:
         if kind is None:
             return self.opaque_value(node)
         out_shape = shape_of(node)
-        out_kind = _kind_of(example(node).dtype)
-        return getattr(self, "_op_" + kind)(node, out_shape, out_kind)
+        dtype = example(node).dtype
+        out_kind = _kind_of(dtype)
+        try:
+            s = getattr(self, "_op_" + kind)(node, out_shape, out_kind)
+        except (TypeError, ValueError, IndexError, KeyError, AttributeError, ZeroDivisionError) as exc:
+            raise NotProven(f"cannot evaluate {node.name} ({type(exc).__name__})") from exc
+        if out_kind == "float":
+            _check_representable(s.expr, dtype)
+        return s
 
     # helpers ------------------------------------------------------------------------------------------
     def _arg(self, node, i, name, default=None):
@@ -276,8 +291,8 @@ class Evaluator:
             step = a[2] if len(a) > 2 else node.kwargs.get("step", 1)
         start = node.kwargs.get("start", start)
         step = node.kwargs.get("step", step)
-        if any(isinstance(v, float) for v in (start, step)) or kind == "bool":
-            raise NotProven("arange with float bounds")
+        if any(isinstance(v, float) for v in (start, step)) or kind != "int":
+            raise NotProven("arange of floats (rounding above 2^24)")
         return Sym(shape, self._int(start) + self._int(step) * IDX[0], kind)
 
     def _binary_num(self, node, shape, kind, fn):
@@ -286,6 +301,8 @@ class Evaluator:
             raise NotProven("add/sub with alpha")
         if a.kind == "bool" and b.kind == "bool":
             raise NotProven("arithmetic on two booleans")
+        if kind != "int":
+            raise NotProven("floating-point arithmetic (it rounds; only integer arithmetic is evaluated exactly)")
         ea, eb = (reindex(Sym(s.shape, _num(s), s.kind), shape) for s in (a, b))
         return Sym(shape, fn(ea, eb), kind)
 
@@ -391,16 +408,17 @@ class Evaluator:
         a = self.value(node.args[0])
         if kind == "bool" and a.kind != "bool" and a.expr.has(AppliedUndef):
             return self.opaque_value(node)      # a data tensor made boolean: the converted tensor is the leaf
+        src, dst = example(node.args[0]).dtype, example(node).dtype
+        if src != dst and src.is_floating_point and dst.is_floating_point:
+            raise NotProven(f"conversion {src} -> {dst} (may round or overflow)")
         if a.kind == kind:
             e = a.expr
         elif kind == "bool":
             e = _truth(a)
         elif a.kind == "bool":
             e = _num(a)
-        elif a.kind == "int" and kind == "float":
-            e = a.expr
         else:
-            raise NotProven("float to integer conversion")
+            raise NotProven(f"conversion of {a.kind} values to {kind} (may round)")
         if len(a.shape) != len(shape) or not all(eq_size(x, y) for x, y in zip(a.shape, shape)):
             raise NotProven("conversion changes the shape")
         return Sym(shape, e, kind)
@@ -426,7 +444,9 @@ class Evaluator:
     def _op_permute(self, node, shape, kind):
         a = self.value(node.args[0])
         perm = node.args[1:] if len(node.args) > 2 else (node.args[1] if len(node.args) == 2 else node.kwargs["dims"])
-        perm = [p % len(shape) for p in perm]
+        perm = [int(p) % len(shape) for p in (perm if isinstance(perm, (list, tuple)) else [perm])]
+        if sorted(perm) != list(range(len(shape))):
+            raise NotProven("not a permutation")
         return Sym(shape, a.expr.xreplace({IDX[p]: IDX[d] for d, p in enumerate(perm)}), kind)
 
     def _op_transpose(self, node, shape, kind):
@@ -453,6 +473,8 @@ class Evaluator:
 
     def _op_cumsum(self, node, shape, kind):
         a = self.value(node.args[0])
+        if kind != "int":
+            raise NotProven("cumsum of floats")
         dim = self._arg(node, 1, "dim")
         d = int(dim) % len(shape)
         e = _num(a)
@@ -464,8 +486,8 @@ class Evaluator:
         a = self.value(node.args[0])
         n, dim = self._arg(node, 1, "n", 1), self._arg(node, 2, "dim", -1)
         pre, app = self._arg(node, 3, "prepend"), self._arg(node, 4, "append")
-        if n != 1 or app is not None or a.kind == "bool":
-            raise NotProven("diff other than first differences")
+        if n != 1 or app is not None or kind != "int":
+            raise NotProven("diff other than first differences of integers")
         d = int(dim) % len(shape)
         t = IDX[d]
         at = lambda s, idx: s.expr.xreplace({t: idx})   # noqa: E731

@@ -280,24 +280,34 @@ def _near(name):
         s = (q @ k.transpose(-1, -2) * D ** -0.5).masked_fill(~attention_mask.bool()[:, None, :, None], float("-inf"))
         return torch.softmax(s + hf_mask(kv_idx <= q_idx), -1) @ v
 
+    def float_arithmetic(q, k, v):        # (1 - m) * finfo.min: floating-point arithmetic is not evaluated
+        q_idx, kv_idx = _indices(q.shape[2], k.shape[2])
+        return eager_attention(q, k, v, (1.0 - (kv_idx <= q_idx).float()) * MIN)
+
+    def fp16_fill_overflows(q, k, v, attention_mask):   # finfo(fp32).min in an fp16 mask is -inf: NaN rows
+        q_idx, kv_idx = _indices(q.shape[2], k.shape[2])
+        visible = (kv_idx <= q_idx) & attention_mask.bool()[:, None, None, :]
+        return eager_attention(q, k, v, torch.where(visible, torch.tensor(0.0, dtype=torch.float16), MIN))
+
     return locals()[name]
 
 
 NEAR = ["strict_causal", "shifted_causal", "window_only", "two_bands", "scaled_index", "batch_dependent",
-        "query_padding", "data_mask", "shifted_gather", "soft_fill", "mask_after_softcap_input", "double_mask"]
-WITH_PAD = ("query_padding", "data_mask", "shifted_gather", "double_mask")
+        "query_padding", "data_mask", "shifted_gather", "soft_fill", "mask_after_softcap_input", "double_mask",
+        "float_arithmetic", "fp16_fill_overflows"]
+WITH_PAD = ("query_padding", "data_mask", "shifted_gather", "double_mask", "fp16_fill_overflows")
 
 
 @pytest.mark.parametrize("name", NEAR)
 def test_near_misses_keep_the_dense_mask(name):
     fn = _near(name)
-    args = _qkv(7, 7) + ([_pad(7, [7, 4])] if name in WITH_PAD else [])
+    args = _qkv(7, 7) + ([_pad(7, [7, 4], left=name == "fp16_fill_overflows")] if name in WITH_PAD else [])
     spec = site_of(fn, args)
     assert spec.program.causal == "none" and spec.program.window is None, name
     assert set(spec.mask.split("+")) <= {"additive", "bool"}, (name, spec.mask)
     if name != "mask_after_softcap_input":
         assert spec.mask_note, f"{name}: an unproven mask must say why"
-    check_equal_eager(fn, args, grad=name not in ("query_padding", "double_mask"))
+    check_equal_eager(fn, args, grad=name not in ("query_padding", "double_mask", "fp16_fill_overflows"))
 
 
 def test_fully_masked_rows_uniform_gradients():
