@@ -44,7 +44,8 @@ _BINARY = {
 
 
 def _as_tensor(x, like):
-    return x if isinstance(x, torch.Tensor) else torch.tensor(x, dtype=torch.float32, device=like.device)
+    # torch.full, not torch.tensor: no host-to-device copy (allowed while a CUDA graph is captured)
+    return x if isinstance(x, torch.Tensor) else torch.full((), x, dtype=torch.float32, device=like.device)
 
 
 def evaluate(expr, s, operands, q_idx, k_idx):
@@ -225,21 +226,36 @@ def backward(dout, q, k, v, operands, prog: ScoreProgram):
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), extra
 
 
+def _capturing(device) -> bool:
+    if device.type != "cuda":
+        return False
+    try:
+        return torch.cuda.is_current_stream_capturing()
+    except Exception:
+        return False
+
+
 def uniform_rows_grads(dout, q, k, v, operands, prog: ScoreProgram, lse):
     """Gradient contributions of the rows that empty_row="uniform" fills (lse = -inf), or None if none.
 
     Such a row has p = 1/Sk on every key and out = mean of v; as autograd does through eager's y + mask,
     dX = p ⊙ (dP − rowsum(dO ⊙ out)) flows into s and the operands through `unmasked(expr)`. Kernels give
     these rows no gradient and add this (fp32: dq, dk, dv, [d operand or None]). Only the query rows from the
-    first to the last empty one are visited.
+    first to the last empty one are visited (finding them syncs with the device; while a CUDA graph is being
+    captured every row is visited instead).
     """
     empty = lse == -math.inf
     sk = k.shape[2]
-    if sk == 0 or not bool(empty.any()):
-        return None
-    rows_any = empty.any(dim=1).any(dim=0).nonzero().flatten()
-    r0, r1 = int(rows_any.min()), int(rows_any.max()) + 1
     b, hq, sq, d = q.shape
+    if sk == 0:
+        return None
+    if _capturing(q.device):    # no host sync inside a CUDA graph: visit every row (the empty mask weights them)
+        r0, r1 = 0, sq
+    else:
+        if not bool(empty.any()):
+            return None
+        rows_any = empty.any(dim=1).any(dim=0).nonzero().flatten()
+        r0, r1 = int(rows_any.min()), int(rows_any.max()) + 1
     hkv = k.shape[1]
     g = hq // hkv
     want = prog.operand_grad or (False,) * len(operands)
