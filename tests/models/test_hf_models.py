@@ -165,3 +165,23 @@ def test_compiled(name, impl):
         assert g is not None, f"{name}/{impl}: grad of {n}: eager has one, compiled has none"
         if g_ref is not None:
             _assert_close(g, g_ref, GRAD_TOL, f"{name}/{impl} grad of {n}", floor=floor)
+
+
+@pytest.mark.parametrize("impl", ["eager", "sdpa"])
+def test_kv_cache_step_is_bottom_right(impl):
+    """A decoding step after a 12-token prefix (DynamicCache): transformers offsets q_idx by the cache length,
+    the proof finds the bottom-right causal mask (offset Sk - Sq) with the padding vector, and the step's logits
+    equal eager's."""
+    import copy
+    from helpers import compile_counting
+    model, inputs, _ = _build("llama", impl)
+    ids, mask = inputs["input_ids"], inputs["attention_mask"]
+    with torch.no_grad():
+        past = model(input_ids=ids[:, :12], attention_mask=mask[:, :12], use_cache=True).past_key_values
+        step = dict(input_ids=ids[:, 12:15], attention_mask=mask[:, :15], use_cache=True)
+        ref = model(**step, past_key_values=copy.deepcopy(past)).logits
+        compiled, backend = compile_counting(model)
+        out = compiled(**step, past_key_values=copy.deepcopy(past)).logits
+    sites = [s for r in backend.reports for s in r.sites]
+    assert [s.mask for s in sites] == ["causal+padding"] * 2 and all("causal=bottom_right" in s.summary for s in sites)
+    _assert_close(out, ref, OUT_TOL, f"llama/{impl} cached step")
