@@ -260,6 +260,8 @@ class Evaluator:
         out_shape = shape_of(node)
         dtype = example(node).dtype
         out_kind = _kind_of(dtype)
+        if out_kind == "int" and dtype not in (torch.int64, torch.int32):
+            raise NotProven(f"{dtype} values (narrow integers wrap around)")
         try:
             s = getattr(self, "_op_" + kind)(node, out_shape, out_kind)
         except (TypeError, ValueError, IndexError, KeyError, AttributeError, ZeroDivisionError) as exc:
@@ -326,6 +328,8 @@ class Evaluator:
 
     def _compare(self, node, shape, op):
         a, b = self.value(node.args[0]), self.value(node.args[1])
+        if "float" in (a.kind, b.kind) and a.kind != b.kind:
+            raise NotProven("an integer compared with a float (compared after rounding to float)")
         if a.kind == "bool" and b.kind == "bool" and op in ("eq", "ne"):
             ea, eb = reindex(a, shape), reindex(b, shape)
             eq = sympy.Equivalent(ea, eb)
@@ -426,6 +430,8 @@ class Evaluator:
     def _op_relabel(self, node, shape, kind):
         """view / reshape / squeeze that only inserts or removes size-1 dims (any other reshape: NotProven)."""
         a = self.value(node.args[0])
+        if example(node.args[0]).dtype != example(node).dtype:
+            raise NotProven("a view as another dtype")
         src = [k for k, n in enumerate(a.shape) if not is_one(n)]
         dst = [k for k, n in enumerate(shape) if not is_one(n)]
         if len(src) != len(dst) or not all(eq_size(a.shape[i], shape[j]) for i, j in zip(src, dst)):

@@ -252,6 +252,20 @@ def _space(score_shape, roles) -> _Space:
     return _Space(shape, roles.index("q"), roles.index("k"))
 
 
+def _guarded(fn):
+    """Anything unexpected while proving (an argument form, a sympy limitation) means: not proven."""
+    def run(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except NotProven:
+            raise
+        except Exception as exc:    # the caller keeps the dense mask, which is always right
+            raise NotProven(f"could not analyse the mask ({type(exc).__name__}: {exc})") from exc
+    run.__doc__, run.__name__ = fn.__doc__, fn.__name__
+    return run
+
+
+@_guarded
 def prove_visible(cond: Node, score_shape, roles, negate: bool = False) -> MaskProof:
     """`cond` (bool, broadcastable to the scores) marks the visible positions (the hidden ones if negate)."""
     ev = Evaluator()
@@ -263,6 +277,7 @@ def prove_visible(cond: Node, score_shape, roles, negate: bool = False) -> MaskP
     return decide(sympy.Not(f) if negate else f, space, ev)
 
 
+@_guarded
 def prove_additive(mask: Node, score_shape, roles) -> tuple[MaskProof, float]:
     """`mask` (float) is 0 where visible and a constant fill elsewhere; returns the proof and the fill."""
     ev = Evaluator()
