@@ -7,8 +7,9 @@ x = where(C, y, -inf), x = y.masked_fill(~C, -inf), or SDPA's attn_mask. Hidden 
 a softmax sees no difference on any row with a visible key (exp(fill − max) underflows to 0 for fill = finfo.min
 as for -inf). A row with no visible key follows the program's empty_row: NaN (eager over -inf), 0 (SDPA over
 -inf) or "uniform" (eager and SDPA over finfo.min fills: the mean of v, gradient through y). Other fills
-(e.g. -10000.0, which leaves a little weight on hidden keys) are not replaced. When nothing is proven the
-site keeps the dense operand and the reason is kept for the explain report.
+(e.g. -10000.0, which leaves a little weight on hidden keys) are not replaced, nor are where / masked_fill
+with a finite fill (their fully masked rows pass no gradient to the scores, unlike y + mask). When nothing is
+proven the site keeps the dense operand and the reason is kept for the explain report.
 """
 
 from __future__ import annotations
