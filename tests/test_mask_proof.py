@@ -100,9 +100,9 @@ def operand_shapes(monkeypatch):
     seen = []
     select = dispatch.select
 
-    def recording(prog, q, k, v, operands, preference="auto"):
+    def recording(prog, q, k, v, operands, *args, **kwargs):
         seen.append([tuple(t.shape) for t in operands])
-        return select(prog, q, k, v, operands, preference)
+        return select(prog, q, k, v, operands, *args, **kwargs)
 
     monkeypatch.setattr(dispatch, "select", recording)
     return seen
