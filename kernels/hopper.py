@@ -272,4 +272,4 @@ def forward_fp8(q, k, v, operands, prog: ScoreProgram, recipe, **variant):
     q8, k8, v8 = fp8_quant.quantize_qkv(q, k, v, recipe, *FP8_QUANT_BLOCKS, v_transposed=True)
     kernel, grid, args, kwargs = fp8_launch_args(q8, k8, v8, operands, prog, out, lse, **variant)
     kernel[grid](*args, **kwargs)
-    return out, lse
+    return _filled(out, lse, v, prog)
