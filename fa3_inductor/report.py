@@ -17,6 +17,7 @@ class SiteDecision:
     summary: str
     decision: str           # "rewritten" or "skipped: <reason>"
     note: str = ""          # rewritten sites with FP8 asked for: the FP8 recipe, or why the site stays 16-bit
+    mask: str = ""          # rewritten sites: the mask kind (proven: causal, sliding_window, padding, ...)
 
     @property
     def reason(self) -> str:
@@ -40,7 +41,8 @@ class Report:
         self.graphs += 1
         for s, note in zip(specs, notes or [""] * len(specs)):
             self.sites.append(SiteDecision(s.site, " → ".join(s.spelling),
-                                           f"{s.program.describe()}; {s.summary()}", "rewritten", note))
+                                           f"{s.program.describe()}; {s.summary()}", "rewritten", note,
+                                           s.mask))
         for s in skips:
             self.sites.append(SiteDecision(s.site, " → ".join(s.spelling), "", f"skipped: {s.reason}"))
 

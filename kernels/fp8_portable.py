@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from . import fp8_quant
+from . import fp8_quant, reference
 from . import triton_portable as tp
 from .fp8_recipe import Fp8Recipe, hadamard_dim
 from .program import ScoreProgram
@@ -91,4 +91,6 @@ def forward(q, k, v, operands, prog: ScoreProgram, recipe: Fp8Recipe):
 
     tp._launch_tuned("fp8_fwd", tp._tune_key(skey, sq, sk), qr.shape[-1], q.dtype, dev, launch,
                      configs=_fwd_configs(qr.shape[-1], q.dtype), interpret_config=INTERPRET_CONFIG)
+    if prog.empty_row == "uniform":     # the kernel leaves rows with no visible key at 0
+        out = reference.uniform_fill(out, lse, v)
     return out, lse

@@ -128,7 +128,10 @@ def attention(q8, qs, k8, ks, v8, vs, operands, prog: ScoreProgram, qblock: int,
 def emulate(q, k, v, operands, prog: ScoreProgram, recipe: Fp8Recipe, qblock: int, kblock: int, block_n: int):
     """Quantize with the kernels' math, then the emulated FP8 forward: (out fp32, lse fp32)."""
     (q8, qs), (k8, ks), (v8, vs) = quantize_qkv(q, k, v, recipe, qblock, kblock)
-    return attention(q8, qs, k8, ks, v8, vs, operands, prog, qblock, kblock, block_n)
+    out, lse = attention(q8, qs, k8, ks, v8, vs, operands, prog, qblock, kblock, block_n)
+    if prog.empty_row == "uniform":     # as the FP8 kernel: rows with no visible key take the mean of v
+        out = reference.uniform_fill(out, lse, v)
+    return out, lse
 
 
 def dequantized_attention(q, k, v, operands, prog: ScoreProgram, recipe: Fp8Recipe, qblock: int, kblock: int):

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from . import codegen, mask_tiles, triton_portable
+from . import codegen, mask_tiles, reference, triton_portable
 from .program import ScoreProgram
 
 HEAD_DIMS = (64, 96, 128, 192, 256)
@@ -174,7 +174,7 @@ def forward(q, k, v, operands, prog: ScoreProgram, **variant):
     if variant:
         kernel, grid, args, kwargs = launch_args(q, k, v, operands, prog, out, lse, **variant)
         kernel[grid](*args, **kwargs)
-        return out, lse
+        return _filled(out, lse, v, prog)
     d, dv = q.shape[-1], v.shape[-1]
     tiles = tile_args(q, k, operands, prog, config(d, dv)[0])
 
@@ -186,6 +186,13 @@ def forward(q, k, v, operands, prog: ScoreProgram, **variant):
 
     key = (_spec_key(prog, q, k, v, operands), triton_portable._bucket(sq), triton_portable._bucket(k.shape[2]))
     triton_portable._launch_tuned("hopper_fwd", key, d, q.dtype, q.device, launch, schedules(d, dv))
+    return _filled(out, lse, v, prog)
+
+
+def _filled(out, lse, v, prog: ScoreProgram):
+    """empty_row="uniform": the kernel leaves rows with no visible key at 0; they take the mean of v."""
+    if prog.empty_row == "uniform":
+        out = reference.uniform_fill(out, lse, v)
     return out, lse
 
 
@@ -254,4 +261,4 @@ def forward_fp8(q, k, v, operands, prog: ScoreProgram, recipe, **variant):
     q8, k8, v8 = fp8_quant.quantize_qkv(q, k, v, recipe, *FP8_QUANT_BLOCKS, v_transposed=True)
     kernel, grid, args, kwargs = fp8_launch_args(q8, k8, v8, operands, prog, out, lse, **variant)
     kernel[grid](*args, **kwargs)
-    return out, lse
+    return _filled(out, lse, v, prog)

@@ -9,8 +9,16 @@ Semantics, for every (b, h, i, j) of the canonical score tensor (B, Hq, Sq, Sk):
     s      = sum_d q[b, h, i, d] * k[b, h // G, j, d]            (fp32 accumulation)
     x      = eval(expr)                                          (fp32 for float values)
     x      = -inf where the structural mask (causal / window) hides (i, j)
-    p      = softmax_j(x)         rows with no finite x give `empty_row` (NaN like eager softmax, 0 like SDPA)
+    p      = softmax_j(x)         rows with no finite x give `empty_row` (below)
     out    = sum_j p[b, h, i, j] * v[b, h // G, j, :]
+
+A row with no finite x (every key hidden) follows `empty_row`:
+    "nan"      NaN, like eager softmax over -inf
+    "zero"     0, like SDPA (its safe softmax), with no gradient
+    "uniform"  p = 1/Sk on every key (out = mean of v), like eager softmax over a row that an additive mask
+               filled with finfo.min (fl(y + finfo.min) = finfo.min for every real score y); the backward
+               differentiates that uniform softmax through `unmasked(expr)`, the expression without its
+               top-level -inf masking, as autograd does through `y + mask`
 
 Expression nodes are tuples:
     ("score",)                     the raw product s
@@ -37,7 +45,7 @@ LOGICAL = ("and", "or", "not")
 LEAVES = ("score", "const", "operand", "q_idx", "k_idx")
 
 CAUSAL_KINDS = ("none", "top_left", "bottom_right")
-EMPTY_ROW_KINDS = ("nan", "zero")
+EMPTY_ROW_KINDS = ("nan", "zero", "uniform")
 
 
 class ProgramError(ValueError):
@@ -154,6 +162,13 @@ class ScoreProgram:
         if self.empty_row != "nan":
             parts.append(f"empty_row={self.empty_row}")
         return ", ".join(parts)
+
+
+def unmasked(e) -> tuple:
+    """The expression without its top-level masking: where(c, a, -inf) -> a (nested ones too)."""
+    while e[0] == "where" and e[3] == ("const", -math.inf):
+        e = e[2]
+    return e
 
 
 _INFIX = {"add": "+", "sub": "-", "mul": "*", "div": "/", "lt": "<", "le": "<=", "gt": ">", "ge": ">=",

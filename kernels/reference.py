@@ -12,7 +12,7 @@ import math
 
 import torch
 
-from .program import ScoreProgram, derivative
+from .program import ScoreProgram, derivative, unmasked
 
 _CHUNK_BYTES = 128 << 20
 
@@ -44,7 +44,8 @@ _BINARY = {
 
 
 def _as_tensor(x, like):
-    return x if isinstance(x, torch.Tensor) else torch.tensor(x, dtype=torch.float32, device=like.device)
+    # torch.full, not torch.tensor: no host-to-device copy (allowed while a CUDA graph is captured)
+    return x if isinstance(x, torch.Tensor) else torch.full((), x, dtype=torch.float32, device=like.device)
 
 
 def evaluate(expr, s, operands, q_idx, k_idx):
@@ -105,21 +106,40 @@ def _chunk_scores(prog, qc, k, ops, q0, sq):
 
 
 def _chunk_attend(prog, x, v):
-    """Softmax over keys and the P·V product for one chunk; returns (out fp32, lse fp32)."""
+    """Softmax over keys and the P·V product for one chunk; returns (out fp32, lse fp32, p fp32).
+
+    p is normalised by the running max and sum themselves, not recomputed as exp(x - lse): on a row whose
+    max is ~finfo.min (every key hit by an additive finfo.min mask) m + log(l) rounds to m, and exp(x - lse)
+    would give 1 instead of 1/l. Rows with no finite score get p = NaN ("nan") or 0 (their output is set
+    by `empty_row`); lse is -inf there.
+    """
     b, hq, rows, sk = x.shape
     hkv = v.shape[1]
     m = x.amax(dim=-1, keepdim=True)
     empty = m == -math.inf
     m_safe = torch.where(empty, torch.zeros_like(m), m)
-    p = torch.exp(x - m_safe)
-    l = p.sum(dim=-1, keepdim=True)
-    pv = torch.matmul(p.reshape(b, hkv, hq // hkv, rows, sk), v.float().unsqueeze(2)).reshape(b, hq, rows, -1)
-    out = pv / l
-    fill = math.nan if prog.empty_row == "nan" else 0.0
-    out = torch.where(empty, torch.full_like(out, fill), out)
+    e = torch.exp(x - m_safe)
+    l = e.sum(dim=-1, keepdim=True)
+    p = e / torch.where(empty, torch.ones_like(l), l)
+    if prog.empty_row == "nan":
+        p = torch.where(empty, torch.full_like(p, math.nan), p)
+    out = torch.matmul(p.reshape(b, hkv, hq // hkv, rows, sk), v.float().unsqueeze(2)).reshape(b, hq, rows, -1)
     lse = (m_safe + torch.log(l)).squeeze(-1)
     lse = torch.where(empty.squeeze(-1), torch.full_like(lse, -math.inf), lse)
-    return out, lse
+    if prog.empty_row == "uniform":
+        out = uniform_fill(out, lse, v)
+    return out, lse, p
+
+
+def uniform_fill(out, lse, v):
+    """empty_row="uniform": rows with lse = -inf (no visible key) get the mean of v over all keys."""
+    b, hq, rows, _ = out.shape
+    hkv = v.shape[1]
+    if v.shape[2] == 0:
+        return out
+    mean = v.float().mean(dim=2)                                        # (B, Hkv, Dv)
+    mean = mean.unsqueeze(2).expand(b, hkv, hq // hkv, mean.shape[-1]).reshape(b, hq, 1, -1)
+    return torch.where((lse == -math.inf).unsqueeze(-1), mean.to(out.dtype), out)
 
 
 def _chunk_rows(q, k) -> int:
@@ -138,7 +158,7 @@ def forward(q, k, v, operands, prog: ScoreProgram):
         for q0 in range(0, sq, step):
             q1 = min(sq, q0 + step)
             ops = [_slice_operand(t, q0, q1) for t in operands]
-            o, l = _chunk_attend(prog, _chunk_scores(prog, q[:, :, q0:q1], k, ops, q0, sq), v)
+            o, l, _ = _chunk_attend(prog, _chunk_scores(prog, q[:, :, q0:q1], k, ops, q0, sq), v)
             out[:, :, q0:q1] = o.to(v.dtype)
             lse[:, :, q0:q1] = l
     return out, lse
@@ -162,6 +182,7 @@ def backward(dout, q, k, v, operands, prog: ScoreProgram):
     dops = [torch.zeros(t.shape, dtype=torch.float32, device=q.device) if w else None
             for t, w in zip(operands, want)]
     kf, vf = k.float(), v.float()
+    lse_all = torch.empty(q.shape[:3], dtype=torch.float32, device=q.device)
     step = _chunk_rows(q, k)
     with torch.no_grad():
         for q0 in range(0, sq, step):
@@ -170,10 +191,7 @@ def backward(dout, q, k, v, operands, prog: ScoreProgram):
             qc = q[:, :, q0:q1].float()
             ops = [_slice_operand(t, q0, q1) for t in operands]
             x = _chunk_scores(prog, qc, kf, ops, q0, sq)
-            o, lse = _chunk_attend(prog, x, vf)
-            p = torch.exp(x - lse.unsqueeze(-1))
-            if prog.empty_row == "zero":
-                p = torch.where((lse == -math.inf).unsqueeze(-1), torch.zeros_like(p), p)
+            o, lse_all[:, :, q0:q1], p = _chunk_attend(prog, x, vf)
             do = dout[:, :, q0:q1].float()
             p5 = p.reshape(b, hkv, g, rows, sk)
             do5 = do.reshape(b, hkv, g, rows, -1)
@@ -195,8 +213,89 @@ def backward(dout, q, k, v, operands, prog: ScoreProgram):
                 full = dx * local(de)
                 target = dops[n][:, :, q0:q1] if operands[n].shape[2] != 1 else dops[n]
                 target += _reduce_to(full, target.shape)
+    if prog.empty_row == "uniform":
+        extra_grads = uniform_rows_grads(dout, q, k, v, operands, prog, lse_all)
+        if extra_grads is not None:
+            dq += extra_grads[0]
+            dk += extra_grads[1]
+            dv += extra_grads[2]
+            for n, gr in enumerate(extra_grads[3]):
+                if gr is not None:
+                    dops[n] += gr
     extra = [dops[n].to(operands[n].dtype) for n, w in enumerate(want) if w]
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), extra
+
+
+def _capturing(device) -> bool:
+    if device.type != "cuda":
+        return False
+    try:
+        return torch.cuda.is_current_stream_capturing()
+    except Exception:
+        return False
+
+
+def uniform_rows_grads(dout, q, k, v, operands, prog: ScoreProgram, lse):
+    """Gradient contributions of the rows that empty_row="uniform" fills (lse = -inf), or None if none.
+
+    Such a row has p = 1/Sk on every key and out = mean of v; as autograd does through eager's y + mask,
+    dX = p ⊙ (dP − rowsum(dO ⊙ out)) flows into s and the operands through `unmasked(expr)`. Kernels give
+    these rows no gradient and add this (fp32: dq, dk, dv, [d operand or None]). Only the query rows from the
+    first to the last empty one are visited (finding them syncs with the device; while a CUDA graph is being
+    captured every row is visited instead).
+    """
+    empty = lse == -math.inf
+    sk = k.shape[2]
+    b, hq, sq, d = q.shape
+    if sk == 0:
+        return None
+    if _capturing(q.device):    # no host sync inside a CUDA graph: visit every row (the empty mask weights them)
+        r0, r1 = 0, sq
+    else:
+        if not bool(empty.any()):
+            return None
+        rows_any = empty.any(dim=1).any(dim=0).nonzero().flatten()
+        r0, r1 = int(rows_any.min()), int(rows_any.max()) + 1
+    hkv = k.shape[1]
+    g = hq // hkv
+    want = prog.operand_grad or (False,) * len(operands)
+    y = unmasked(prog.expr)
+    d_score = derivative(y, ("score",))
+    d_operand = [derivative(y, ("operand", n)) if w else None for n, w in enumerate(want)]
+    dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+    dk = torch.zeros(k.shape, dtype=torch.float32, device=q.device)
+    dv = torch.zeros(v.shape, dtype=torch.float32, device=q.device)
+    dops = [torch.zeros(t.shape, dtype=torch.float32, device=q.device) if w else None
+            for t, w in zip(operands, want)]
+    kf, vf = k.float(), v.float()
+    vmean = vf.mean(dim=2, keepdim=True).unsqueeze(2)                   # (B, Hkv, 1, 1, Dv)
+    step = _chunk_rows(q, k)
+    with torch.no_grad():
+        for q0 in range(r0, r1, step):
+            q1 = min(r1, q0 + step)
+            rows = q1 - q0
+            qc = q[:, :, q0:q1].float()
+            ops = [_slice_operand(t, q0, q1) for t in operands]
+            p = (empty[:, :, q0:q1].float() / sk).unsqueeze(-1).expand(b, hq, rows, sk)
+            do5 = dout[:, :, q0:q1].float().reshape(b, hkv, g, rows, -1)
+            p5 = p.reshape(b, hkv, g, rows, sk)
+            dv += torch.matmul(p5.transpose(-1, -2), do5).sum(2)
+            dp = torch.matmul(do5, vf.unsqueeze(2).transpose(-1, -2))
+            delta = (do5 * vmean).sum(-1, keepdim=True)
+            dx = (p5 * (dp - delta)).reshape(b, hq, rows, sk)
+            s = torch.matmul(qc.reshape(b, hkv, g, rows, d), kf.unsqueeze(2).transpose(-1, -2)).reshape(b, hq, rows, sk)
+            q_idx = torch.arange(q0, q1, device=q.device, dtype=torch.float32).view(-1, 1)
+            k_idx = torch.arange(sk, device=q.device, dtype=torch.float32).view(1, -1)
+            local = lambda e: _as_tensor(evaluate(e, s, ops, q_idx, k_idx), s).float()  # noqa: E731
+            ds = (dx * local(d_score)).reshape(b, hkv, g, rows, sk)
+            dq[:, :, q0:q1] = torch.matmul(ds, kf.unsqueeze(2)).reshape(b, hq, rows, d)
+            dk += torch.matmul(ds.transpose(-1, -2), qc.reshape(b, hkv, g, rows, d)).sum(2)
+            for n, de in enumerate(d_operand):
+                if de is None:
+                    continue
+                target = dops[n][:, :, q0:q1] if operands[n].shape[2] != 1 else dops[n]
+                target += _reduce_to(dx * local(de), target.shape)
+    return dq, dk, dv, dops
 
 
 def _reduce_to(t, shape):

@@ -12,7 +12,7 @@ import os
 
 import torch
 
-from . import codegen
+from . import codegen, reference
 from .program import COMPARE, LEAVES, LOGICAL, ScoreProgram
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32)
@@ -265,6 +265,8 @@ def forward(q, k, v, operands, prog: ScoreProgram):
                            num_stages=stages)
 
     _launch_tuned("fwd", _tune_key(skey, sq, sk), d, q.dtype, q.device, launch)
+    if prog.empty_row == "uniform":     # the kernel leaves rows with no visible key at 0
+        out = reference.uniform_fill(out, lse, v)
     return out, lse
 
 
@@ -317,6 +319,10 @@ def backward(dout, q, k, v, operands, out, lse, prog: ScoreProgram):
     key = _tune_key(skey, sq, sk)
     _launch_tuned("dkdv", key, d, q.dtype, q.device, launch_dkdv)
     _launch_tuned("dq", key, d, q.dtype, q.device, launch_dq)
+    # rows the kernels left without gradient under empty_row="uniform" (no visible key: uniform weights)
+    more = reference.uniform_rows_grads(dout, q, k, v, operands, prog, lse) if prog.empty_row == "uniform" else None
+    if more is not None:
+        dq, dk, dv = ((t.float() + m).to(t.dtype) for t, m in zip((dq, dk, dv), more[:3]))
     extra = []
     for n in grad_ops:
         full = dfull[n]
@@ -325,6 +331,8 @@ def backward(dout, q, k, v, operands, out, lse, prog: ScoreProgram):
         t = operands[n]
         dims = [i for i in range(4) if t.shape[i] == 1 and full_shape[i] != 1]
         red = full.sum(dim=dims, keepdim=True) if dims else full
+        if more is not None:
+            red = red + more[3][n]
         extra.append(red.reshape(t.shape).to(t.dtype))
     _ = g
     return dq, dk, dv, extra

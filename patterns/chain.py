@@ -10,11 +10,14 @@ from __future__ import annotations
 import math
 import numbers
 
+import sympy
 import torch
 from torch.fx import Node
 
+from .mask_eval import NotProven, size_of
 from .normalize import Call, canon, example
-from .spec import NotMatched
+from .products import same_size
+from .spec import NotMatched, OperandRef
 
 PRODUCTS = ("matmul", "bmm", "baddbmm", "einsum")
 UNARY = ("neg", "tanh", "exp", "sigmoid", "abs")
@@ -22,6 +25,23 @@ BINARY = ("add", "sub", "mul", "div", "maximum", "minimum")
 CASTS = ("to", "float", "half", "bfloat16", "type_as", "contiguous", "clone")
 CHAIN = UNARY + BINARY + CASTS + ("where", "masked_fill", "clamp")
 VIEWS = ("view", "reshape", "transpose", "permute", "unsqueeze", "expand")
+
+
+def regroups_batch(src: tuple, dst: tuple) -> bool:
+    """Is a view/reshape from shape src to dst a pure relabeling of the scores: the (q, k) dims kept and the
+    batch dims regrouped row-major, one batch dim <-> two (their product proven equal with sympy)?"""
+    if len(src) < 2 or len(dst) < 2 or not (same_size(src[-1], dst[-1]) and same_size(src[-2], dst[-2])):
+        return False
+    a, b = tuple(src[:-2]), tuple(dst[:-2])
+    if len(a) == len(b):
+        return all(same_size(x, y) for x, y in zip(a, b))
+    if sorted((len(a), len(b))) != [1, 2]:
+        return False
+    one, two = (a, b) if len(a) == 1 else (b, a)
+    try:
+        return sympy.simplify(size_of(one[0]) - size_of(two[0]) * size_of(two[1])) == 0
+    except NotProven:
+        return False
 
 
 def is_float_cast(c: Call, node: Node) -> bool:
@@ -33,7 +53,10 @@ class ChainLowering:
     def __init__(self, on_product=None):
         self.on_product = on_product or (lambda node, c: ("score",))   # (node, call) -> the product's expression
         self.product: Node | None = None
-        self.operands: list[Node] = []
+        self.operands: list = []            # Node or OperandRef (a view of a node, e.g. a padding vector)
+        self.operand_rank: list = []        # rank of the chain value each operand is combined with
+        self.relabels: list[Node] = []      # views of the scores that only regroup their batch dims
+        self._rank: list[int] = []          # ranks of the chain nodes being lowered (innermost last)
         self.nodes: list[Node] = []         # chain nodes (they vanish with the site)
         self.spelling: list[str] = []
         self._reach: dict[Node, bool] = {}
@@ -56,10 +79,14 @@ class ChainLowering:
         self._reach[x] = r
         return r
 
-    def operand(self, x: Node) -> tuple:
-        if x not in self.operands:
+    def operand(self, x, rank: int | None = None) -> tuple:
+        key = x.key() if isinstance(x, OperandRef) else x
+        keys = [o.key() if isinstance(o, OperandRef) else o for o in self.operands]
+        if key not in keys:
             self.operands.append(x)
-        return ("operand", self.operands.index(x))
+            self.operand_rank.append(rank if rank is not None else (self._rank[-1] if self._rank else None))
+            keys.append(key)
+        return ("operand", keys.index(key))
 
     def const(self, value) -> tuple:
         if isinstance(value, bool) or not isinstance(value, numbers.Number):
@@ -92,14 +119,22 @@ class ChainLowering:
         else:
             self.nodes.append(x)
             self.spelling.append(c.spelling)
-            e = self._lower_call(x, c)
+            self._rank.append(example(x).dim())
+            try:
+                e = self._lower_call(x, c)
+            finally:
+                self._rank.pop()
         self._expr[x] = e
         return e
 
     def _lower_call(self, x: Node, c: Call) -> tuple:
         k, a = c.kind, c.args
+        if k in ("view", "reshape") and regroups_batch(tuple(example(a[0]).shape), tuple(example(x).shape)):
+            self.relabels.append(x)
+            return self.lower(a[0])
         if k in VIEWS:
-            raise NotMatched(f"{c.spelling} reshapes the scores between the product and the softmax")
+            raise NotMatched(f"{c.spelling} reshapes the scores between the product and the softmax "
+                             "(not a regrouping of batch dims)")
         if k in CASTS:
             if not is_float_cast(c, x):
                 raise NotMatched(f"score chain casts the scores to a non-float type ({c.spelling})")

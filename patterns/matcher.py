@@ -16,9 +16,12 @@ from torch.fx import GraphModule, Node
 from ..kernels.program import ScoreProgram
 from .chain import CASTS, CHAIN, PRODUCTS, ChainLowering
 from .gqa import repeated_heads
+from .mask_proof import MaskProof, NotProven
 from .normalize import canon, example
 from .products import broadcast_batch, first_product, is_float_tensor, same_size, second_product
-from .spec import AttentionSpec, NotMatched, SizeOf, Skip, TensorRef
+from .regroup import find_regroup, refine, refine_operand
+from .site_masks import ProvenMask, prove_root_mask, prove_sdpa_mask, split_root
+from .spec import AttentionSpec, NotMatched, OperandRef, SizeOf, Skip, TensorRef
 
 
 def site_name(node: Node) -> str:
@@ -59,11 +62,33 @@ def _lower_with_baddbmm(chain: ChainLowering, x):
         inp, beta, alpha = c.args[0], c.kwargs.get("beta", 1), c.kwargs.get("alpha", 1)
         e = ("score",) if alpha == 1 else ("mul", ("score",), chain.const(alpha))
         if beta != 0:
-            t = chain.operand(inp) if isinstance(inp, Node) else chain.const(inp)
+            t = chain.operand(inp, rank=example(node).dim()) if isinstance(inp, Node) else chain.const(inp)
             e = ("add", ("mul", t, chain.const(beta)) if beta != 1 else t, e)
         return e
     chain.on_product = on_product
     return chain.lower(x)
+
+
+def _lower_scores(chain: ChainLowering, x) -> tuple[tuple, ProvenMask | None, str]:
+    """Lower the softmax input. A mask applied last whose form mask_proof.py proves becomes a structural mask
+    and per-key operands (site_masks.py); otherwise it stays a dense operand and the reason is returned."""
+    split = split_root(x, chain.reaches_product)
+    if split is None:
+        return _lower_with_baddbmm(chain, x), None, ""
+    y, form, mask, negate = split
+    y_expr = _lower_with_baddbmm(chain, y)
+    score = example(x)
+    roles = first_product(chain.product, canon(chain.product)).roles
+    if score.dim() != len(roles):               # regrouped scores (regroup.py): standard roles
+        roles = [f"b{i}" for i in range(score.dim() - 2)] + ["q", "k"]
+    try:
+        proven = prove_root_mask(form, mask, negate, tuple(score.shape), roles, score.dtype)
+        expr = proven.wrap(lambda ref: chain.operand(ref, rank=score.dim()), y_expr)
+    except NotProven as exc:
+        return chain.lower(x), None, str(exc)
+    chain.nodes.insert(0, x)                  # the root first, as chain.lower records it
+    chain.spelling.insert(0, canon(x).spelling)
+    return expr, proven, ""
 
 
 def _match_softmax(node: Node, c, chain: ChainLowering) -> AttentionSpec | None:
@@ -73,17 +98,27 @@ def _match_softmax(node: Node, c, chain: ChainLowering) -> AttentionSpec | None:
             return None                     # a softmax that is not attention (a classifier, a router)
         raise NotMatched(f"the softmax input is not an elementwise function of a product "
                          f"({_first_unsupported(x)} in between)")
-    expr = _lower_with_baddbmm(chain, x)
+    expr, proven, mask_note = _lower_scores(chain, x)
     prod = chain.product
     pc = canon(prod)
     if dim is None or not isinstance(dim, int):
         raise NotMatched("softmax without a constant dim")
     layout = first_product(prod, pc)
     sx, sp = example(x), example(prod)
-    if tuple(sx.shape) != tuple(sp.shape):
-        raise NotMatched("the score chain broadcasts the scores to a larger shape")
-    if layout.roles[dim % sx.dim()] != "k":
-        raise NotMatched(f"softmax over dim {dim}, not over the key axis")
+    regroup = find_regroup(chain, prod, layout)
+    roles, score_shape = layout.roles, tuple(sp.shape)
+    q_in, k_in = (layout.q, layout.q_shape), (layout.k, layout.k_shape)
+    if regroup is None:
+        if tuple(sx.shape) != tuple(sp.shape):
+            raise NotMatched("the score chain broadcasts the scores to a larger shape")
+        if layout.roles[dim % sx.dim()] != "k":
+            raise NotMatched(f"softmax over dim {dim}, not over the key axis")
+    else:
+        if layout.roles[-2:] != ["q", "k"] or dim % sx.dim() != sx.dim() - 1:
+            raise NotMatched(f"softmax over dim {dim} of regrouped scores, not over the key axis")
+        roles, score_shape = ["b0", "b1", "q", "k"], regroup.fine
+        if sp.dim() == 3:
+            q_in, k_in = refine(regroup, *q_in), refine(regroup, *k_in)
     spelling = [layout.spelling] + chain.spelling[::-1]
     dt = c.kwargs.get("dtype")
     spelling.append(c.spelling + (f"(dtype={str(dt).replace('torch.', '')})" if dt is not None else ""))
@@ -114,17 +149,25 @@ def _match_softmax(node: Node, c, chain: ChainLowering) -> AttentionSpec | None:
             raise NotMatched(f"{uc.spelling} applied to the attention weights")
         internal.append(u)
         cur = u
-    out = second_product(u, uc, cur, layout.roles)
+    probs_rank = example(cur).dim()
+    out = second_product(u, uc, cur, layout.roles if probs_rank == len(layout.roles)
+                         else [f"b{i}" for i in range(probs_rank - 2)] + ["q", "k"])
     spelling.append(out.spelling)
+    v_in, flatten, operands = (out.v, out.v_shape), False, list(chain.operands)
+    if regroup is not None:
+        operands = [refine_operand(regroup, o) if r == len(regroup.coarse) else o
+                    for o, r in zip(operands, chain.operand_rank)]
+        if probs_rank == len(regroup.coarse):      # weights and v merged: output flattened back to B·H
+            v_in, flatten = refine(regroup, *v_in), True
     for n in internal:
         if any(user not in internal and user is not u for user in n.users):
             raise NotMatched(f"an intermediate of the attention ({n.name}) is also used elsewhere")
     spec = _assemble(
-        site=site_name(node), spelling=spelling, roles=layout.roles,
-        q=(layout.q, layout.q_shape), k=(layout.k, layout.k_shape), v=(out.v, out.v_shape),
-        expr=expr, operands=chain.operands, score_shape=tuple(sp.shape), causal="none", empty_row="nan",
-        output=u, out_perm=out.out_perm, internal=internal, native_gqa=False)
+        site=site_name(node), spelling=spelling, roles=roles, q=q_in, k=k_in, v=v_in,
+        expr=expr, operands=operands, score_shape=score_shape, proven=proven, empty_row="nan",
+        output=u, out_perm=out.out_perm, internal=internal, native_gqa=False, out_flatten=flatten)
     spec.dropout = dropout
+    spec.mask_note = mask_note
     return spec
 
 
@@ -177,37 +220,52 @@ def _match_sdpa(node: Node, c) -> AttentionSpec:
         raise NotMatched("head dim is symbolic")
     scale = kw["scale"] if kw["scale"] is not None else 1.0 / math.sqrt(d)
     expr = ("mul", ("score",), ("const", float(scale)))
-    operands, mask_desc = [], "none"
+    operands, mask_desc, proven, mask_note = [], "none", None, ""
+    nd = eq.dim()
+    roles = [f"b{i}" for i in range(nd - 2)] + ["q", "k"]
+    score_shape = tuple(broadcast_batch(tuple(eq.shape), tuple(ek.shape))) + (eq.shape[-2], ek.shape[-2])
     mask = kw["attn_mask"]
     if mask is not None:
         em = example(mask)
         if not isinstance(mask, Node) or not isinstance(em, torch.Tensor):
             raise NotMatched("attn_mask is not a tensor")
-        operands = [mask]
-        if em.dtype == torch.bool:
-            expr, mask_desc = ("where", ("operand", 0), expr, ("const", -math.inf)), "bool"
-        elif em.is_floating_point():
-            expr, mask_desc = ("add", expr, ("operand", 0)), "additive"
-        else:
-            raise NotMatched(f"attn_mask of dtype {em.dtype}")
-    if kw["is_causal"] and mask is not None:
-        raise NotMatched("attn_mask together with is_causal")
-    nd = eq.dim()
-    roles = [f"b{i}" for i in range(nd - 2)] + ["q", "k"]
-    score_shape = tuple(broadcast_batch(tuple(eq.shape), tuple(ek.shape))) + (eq.shape[-2], ek.shape[-2])
+        if kw["is_causal"]:
+            raise NotMatched("attn_mask together with is_causal")
+        def operand(ref: OperandRef) -> tuple:
+            operands.append(ref)
+            return ("operand", len(operands) - 1)
+        try:
+            proven = prove_sdpa_mask(mask, score_shape, roles, eq.dtype)
+            expr = proven.wrap(operand, expr)
+        except NotProven as exc:
+            proven, mask_note = None, str(exc)
+        if proven is None:          # the mask as a dense operand
+            operands.clear()
+            if em.dtype == torch.bool:
+                operands.append(mask)
+                expr, mask_desc = ("where", ("operand", 0), expr, ("const", -math.inf)), "bool"
+            elif em.is_floating_point():
+                operands.append(mask)
+                expr, mask_desc = ("add", expr, ("operand", 0)), "additive"
+            else:
+                raise NotMatched(f"attn_mask of dtype {em.dtype}")
+    if kw["is_causal"]:
+        proven = ProvenMask(MaskProof("top_left", None, []), "zero")
     spec = _assemble(
         site=site_name(node), spelling=[c.spelling], roles=roles,
         q=(TensorRef(q), tuple(eq.shape)), k=(TensorRef(k), tuple(ek.shape)), v=(TensorRef(v), tuple(ev.shape)),
-        expr=expr, operands=operands, score_shape=score_shape,
-        causal="top_left" if kw["is_causal"] else "none", empty_row="zero",
-        output=node, out_perm=None, internal=[], native_gqa=bool(kw["enable_gqa"]))
-    spec.mask = mask_desc if mask_desc != "none" else spec.mask
+        expr=expr, operands=operands, score_shape=score_shape, proven=proven, empty_row="zero",
+        output=node, out_perm=None, internal=[], native_gqa=bool(kw["enable_gqa"]), out_flatten=False)
+    if proven is None:
+        spec.mask = mask_desc if mask_desc != "none" else spec.mask
+    spec.mask_note = mask_note
     return spec
 
 
-def _assemble(*, site, spelling, roles, q, k, v, expr, operands, score_shape, causal, empty_row, output,
-              out_perm, internal, native_gqa) -> AttentionSpec:
-    """Bring q, k, v and the operands to the op's canonical 4-D layout and build the spec."""
+def _assemble(*, site, spelling, roles, q, k, v, expr, operands, score_shape, proven, empty_row, output,
+              out_perm, internal, native_gqa, out_flatten) -> AttentionSpec:
+    """Bring q, k, v and the operands to the op's canonical 4-D layout and build the spec. With a proven
+    mask, its structure and empty-row rule replace the defaults."""
     nb = len(roles) - 2
     if nb > 2:
         raise NotMatched(f"{nb} batch dims (the op takes at most batch and heads)")
@@ -267,26 +325,35 @@ def _assemble(*, site, spelling, roles, q, k, v, expr, operands, score_shape, ca
     perm = [roles.index(rl) for rl in [f"b{i}" for i in range(nb)] + ["q", "k"]]
     op_refs, grads, kinds = [], [], set()
     for node in operands:
-        eo = example(node)
-        shape = (1,) * (len(score_shape) - eo.dim()) + tuple(eo.shape)
-        if eo.dim() > len(score_shape) or any(not (isinstance(a, int) and a == 1) and not same_size(a, b)
-                                              for a, b in zip(shape, score_shape)):
-            raise NotMatched(f"operand {node.name} of shape {tuple(eo.shape)} does not broadcast to the scores")
-        r = TensorRef(node)
-        for _ in range(len(score_shape) - eo.dim()):
+        if isinstance(node, OperandRef):        # a view of a graph value, already laid out like the scores
+            r, oshape, odtype, ograd, name = node.ref, tuple(node.shape), node.dtype, node.grad, node.ref.node.name
+        else:
+            eo = example(node)
+            r, oshape, odtype, name = TensorRef(node), tuple(eo.shape), eo.dtype, node.name
+            ograd = bool(eo.is_floating_point() and eo.requires_grad)
+        shape = (1,) * (len(score_shape) - len(oshape)) + oshape
+        if len(oshape) > len(score_shape) or any(not (isinstance(a, int) and a == 1) and not same_size(a, b)
+                                                 for a, b in zip(shape, score_shape)):
+            raise NotMatched(f"operand {name} of shape {oshape} does not broadcast to the scores")
+        for _ in range(len(score_shape) - len(oshape)):
             r = r.then("unsqueeze", 0)
         if perm != list(range(len(perm))):
             r = r.then("permute", *perm)
         for _ in range(2 - nb):
             r = r.then("unsqueeze", 0)
         op_refs.append(r)
-        grads.append(bool(eo.is_floating_point() and eo.requires_grad))
-        kinds.add("bool" if eo.dtype == torch.bool else "additive")
-    program = ScoreProgram(expr, len(operands), causal=causal, empty_row=empty_row,
+        grads.append(ograd)
+        kinds.add("bool" if odtype == torch.bool else "additive")
+    causal, window = "none", None
+    if proven is not None:
+        causal, window, empty_row = proven.proof.causal, proven.proof.window, proven.empty_row
+    program = ScoreProgram(expr, len(operands), causal=causal, window=window, empty_row=empty_row,
                            operand_grad=tuple(grads) if any(grads) else ())
     out_steps = [("squeeze", (0,))] * (2 - nb)
     if out_perm is not None:
         out_steps.append(("permute", tuple(out_perm)))
+    if out_flatten:
+        out_steps.append(("flatten", (0, 1)))
     eo = example(output)
     if eo.dtype != example(vr.node).dtype:
         raise NotMatched(f"the output dtype {eo.dtype} differs from v's")
@@ -298,8 +365,8 @@ def _assemble(*, site, spelling, roles, q, k, v, expr, operands, score_shape, ca
         site=site, spelling=spelling, q=canon_refs["q"], k=canon_refs["k"], v=canon_refs["v"], operands=op_refs,
         program=program, output=output, output_steps=out_steps, nodes=internal,
         scale=program.scale_only() if program.scale_only() is not None else _leading_scale(expr),
-        mask="+".join(sorted(kinds)) if kinds else "none", gqa=gqa, layout=f"{nb} batch dims, roles {roles}",
-        shape=shape)
+        mask=proven.proof.kind if proven is not None else ("+".join(sorted(kinds)) if kinds else "none"), gqa=gqa,
+        layout=f"{nb} batch dims, roles {roles}", shape=shape)
 
 
 def _leading_scale(expr):

@@ -33,6 +33,18 @@ class TensorRef:
         return TensorRef(self.node, self.steps + [(method, args)])
 
 
+@dataclasses.dataclass(frozen=True)
+class OperandRef:
+    """A score-program operand that is a view of a graph value: the (batch, head, key) padding vector."""
+    ref: TensorRef
+    shape: tuple
+    dtype: torch.dtype
+    grad: bool = False              # a float operand that requires grad (gradient flows back through the view)
+
+    def key(self):
+        return (self.ref.node, repr(self.ref.steps))
+
+
 @dataclasses.dataclass
 class AttentionSpec:
     site: str                       # where it is, for humans (node name and module path)
@@ -52,11 +64,12 @@ class AttentionSpec:
     dropout: str = "none"
     layout: str = ""
     shape: str = ""
+    mask_note: str = ""             # why a mask built in the graph was not proven (it stays a dense operand)
 
     def summary(self) -> str:
         parts = [f"scale={self.scale:.4g}" if self.scale is not None else "scale=in chain"]
         if self.mask != "none":
-            parts.append(f"mask={self.mask}")
+            parts.append(f"mask={self.mask}" + (f" (not proven: {self.mask_note})" if self.mask_note else ""))
         if self.program.causal != "none":
             parts.append(f"causal={self.program.causal}")
         if self.gqa > 1:

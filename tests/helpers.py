@@ -39,8 +39,14 @@ def flat(out):
     return [t for o in out for t in flat(o)] if isinstance(out, (tuple, list)) else []
 
 
-def assert_close_by_rule(ours, eager, ref64, what=""):
-    """FlashAttention's rule: |ours - ref| <= 2·|eager - ref| + guard (per tensor, max-abs), NaNs where eager has them."""
+def assert_close_by_rule(ours, eager, ref64, what="", scale=0.0):
+    """FlashAttention's rule: |ours - ref| <= 2·|eager - ref| + guard (per tensor, max-abs), NaNs where eager has them.
+
+    The absolute guard is the dtype's epsilon-level constant times the magnitude of the values involved: the
+    tensor's own, or `scale` when larger. A gradient that is exactly 0 in eager and in fp64 (softmax over a
+    single key: dS = P·(dP − rowsum(dO·O)) cancels exactly) is computed by us from dP terms as large as the
+    other gradients, and its fp32 rounding is relative to those: callers pass the largest |gradient| of the
+    same backward as `scale`."""
     for a, e, r in zip(flat(ours), flat(eager), flat(ref64)):
         assert a.shape == e.shape and a.dtype == e.dtype, f"{what}: {a.shape}/{a.dtype} vs {e.shape}/{e.dtype}"
         nan = torch.isnan(e)
@@ -49,7 +55,8 @@ def assert_close_by_rule(ours, eager, ref64, what=""):
         a, e, r = a[~nan].double(), e[~nan].double(), r[~nan].double()
         if a.numel() == 0:
             continue
-        guard = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2, torch.float64: 1e-12}[dtype] * max(1.0, r.abs().max().item())
+        guard = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2, torch.float64: 1e-12}[dtype] \
+            * max(1.0, r.abs().max().item(), scale)
         ours_err = (a - r).abs().max().item()
         eager_err = (e - r).abs().max().item()
         assert ours_err <= 2 * eager_err + guard, f"{what}: error {ours_err:.3g} > 2×eager {eager_err:.3g} + {guard:.3g}"

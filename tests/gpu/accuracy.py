@@ -9,6 +9,7 @@ import torch
 
 from fa3_inductor.kernels import reference
 from fa3_inductor.kernels import triton_portable as tp
+from fa3_inductor.kernels.program import unmasked
 
 S = ("score",)
 DEV = "cuda"
@@ -53,6 +54,9 @@ def eager(q, k, v, ops, prog, dtype):
     vis = reference.structural_mask(prog, 0, sq, sq, sk, q.device)
     if vis is not None:
         x = x.masked_fill(~vis, -math.inf)
+    if prog.empty_row == "uniform":   # what the program stands for: eager's y + where(visible, 0, finfo.min)
+        y = _ev(unmasked(prog.expr), s, ops, i, j).expand_as(s)
+        x = y + torch.where(x != -math.inf, torch.zeros_like(x), torch.full_like(x, torch.finfo(dtype).min))
     if prog.empty_row == "zero":
         empty = (x == -math.inf).all(-1, keepdim=True)
         p = torch.softmax(x.masked_fill(empty, 0.0).float(), -1).to(dtype).masked_fill(empty, 0.0)

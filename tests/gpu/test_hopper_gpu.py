@@ -132,6 +132,20 @@ def test_bool_mask_empty_rows(empty_row):
     attend_and_check(q, k, v, [mask], prog, kernel=hopper)
 
 
+@pytest.mark.parametrize("window", [None, 200])
+def test_proven_hf_mask_uniform_rows(window):
+    """A mask proven from the graph: causal (or sliding window) + a (B, 1, 1, Sk) padding vector, and
+    empty_row="uniform" for the rows left padding empties (the mean of v, eager's gradient)."""
+    gen = torch.Generator(device=DEV).manual_seed(6)
+    q = randn(2, 8, 700, 128, gen=gen)
+    k, v = (randn(2, 2, 700, 128, gen=gen) for _ in range(2))
+    keys = torch.ones(2, 1, 1, 700, dtype=torch.bool, device=DEV)
+    keys[1, ..., :300] = False
+    prog = ScoreProgram(("where", ("operand", 0), ("mul", S, C(128 ** -0.5)), C(-math.inf)), n_operands=1,
+                        causal="top_left", window=window, empty_row="uniform")
+    attend_and_check(q, k, v, [keys], prog, kernel=hopper)
+
+
 def test_softcap_and_hf_mask():
     gen = torch.Generator(device=DEV).manual_seed(4)
     q, k, v = (randn(1, 4, 600, 256, gen=gen) for _ in range(3))

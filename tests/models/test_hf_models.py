@@ -4,7 +4,9 @@ MiniLM's real ones).
 
 For each zoo model and attn_implementation in ("eager", "sdpa"):
   test_explain   fa3_inductor.explain reports exactly n_attention_calls_per_forward rewrites (summed over
-                 every graph Dynamo makes of the forward) and no skipped site.
+                 every graph Dynamo makes of the forward), no skipped site, and for each site the mask kind
+                 that patterns/mask_proof.py proves from the graph (causal / sliding_window / padding /
+                 all-visible: a structural mask and a (B, 1, 1, Sk) operand instead of the dense mask).
   test_compiled  torch.compile(model, backend="fa3") against the same model run eagerly: outputs at defined
                  positions, then the gradient of a scalar loss w.r.t. every parameter (layer 0's q/k/v
                  projections included by construction, and checked to be there).
@@ -52,6 +54,20 @@ LAYER0_QKV = {
 }
 
 
+# The mask kind of every site, in graph order. transformers builds each mask from aranges inside the graph; the
+# proof turns it into the kernel's causal / window structure plus the per-key padding vector. "none": the site
+# has no mask (whisper's encoder and cross-attention). T5 with sdpa folds its position bias into the mask
+# (where(mask, bias, finfo.min)), which stays a dense additive operand ("additive") on its self-attention sites.
+_T5 = ["padding", "padding", "causal", "padding", "causal", "padding"]
+MASK_KINDS = {
+    "llama": ["causal+padding"] * 2, "qwen2": ["causal+padding"] * 2, "gpt2": ["causal+padding"] * 2,
+    "mistral": ["sliding_window+padding"] * 2, "gemma2": ["sliding_window+padding", "causal+padding"],
+    "bert": ["padding"] * 2, "minilm": ["padding"] * 6, "vit": ["all-visible"] * 2,
+    "whisper": ["none", "none", "causal", "none", "causal", "none"],
+    ("t5", "eager"): _T5, ("t5", "sdpa"): ["additive", "additive", "additive", "padding", "additive", "padding"],
+}
+
+
 @pytest.fixture(autouse=True)
 def _fresh_dynamo():
     torch._dynamo.reset()
@@ -87,6 +103,8 @@ def test_explain(name, impl):
     assert report.rewritten == n_calls, (
         f"{name}/{impl}: {report.rewritten} site(s) rewritten, the forward runs {n_calls} attention(s)"
         f"{_describe(report)}")
+    kinds = MASK_KINDS.get((name, impl), MASK_KINDS.get(name))
+    assert [s.mask for s in report.sites] == kinds, f"{name}/{impl}: mask kinds{_describe(report)}"
 
 
 def _loss_weights(out, valid):
@@ -147,3 +165,23 @@ def test_compiled(name, impl):
         assert g is not None, f"{name}/{impl}: grad of {n}: eager has one, compiled has none"
         if g_ref is not None:
             _assert_close(g, g_ref, GRAD_TOL, f"{name}/{impl} grad of {n}", floor=floor)
+
+
+@pytest.mark.parametrize("impl", ["eager", "sdpa"])
+def test_kv_cache_step_is_bottom_right(impl):
+    """A decoding step after a 12-token prefix (DynamicCache): transformers offsets q_idx by the cache length,
+    the proof finds the bottom-right causal mask (offset Sk - Sq) with the padding vector, and the step's logits
+    equal eager's."""
+    import copy
+    from helpers import compile_counting
+    model, inputs, _ = _build("llama", impl)
+    ids, mask = inputs["input_ids"], inputs["attention_mask"]
+    with torch.no_grad():
+        past = model(input_ids=ids[:, :12], attention_mask=mask[:, :12], use_cache=True).past_key_values
+        step = dict(input_ids=ids[:, 12:15], attention_mask=mask[:, :15], use_cache=True)
+        ref = model(**step, past_key_values=copy.deepcopy(past)).logits
+        compiled, backend = compile_counting(model)
+        out = compiled(**step, past_key_values=copy.deepcopy(past)).logits
+    sites = [s for r in backend.reports for s in r.sites]
+    assert [s.mask for s in sites] == ["causal+padding"] * 2 and all("causal=bottom_right" in s.summary for s in sites)
+    _assert_close(out, ref, OUT_TOL, f"llama/{impl} cached step")
