@@ -22,14 +22,19 @@ MAX_SPLITS = 128     # the combine kernel loads every split of a row at once
 QUANTUM = 128        # a split's length is a multiple of this, hence of every CUDA BLOCK_N below
 CTAS_PER_SM = 2      # CUDA: split until about this many programs per multiprocessor are running
 
-# (BLOCK_N, num_warps, num_stages); the first is the default when tuning is not possible.
-# Not yet tuned on a GPU: candidates sized like the general forward's (fp32 uses the IEEE FMA path).
-def _configs(d: int, dtype: torch.dtype):
+# (BLOCK_N, num_warps, num_stages) for a program of block_m rows; the first is the default when tuning is not
+# possible. Not yet timed on a GPU; every entry was compiled offline for sm_90 (unit strides specialised as at
+# launch) without register spills and within 227 KB of shared memory. fp32 (IEEE FMA dot) needs small tiles.
+def _configs(d: int, dtype: torch.dtype, block_m: int):
     if dtype == torch.float32:
-        return [(32, 4, 2), (64, 4, 2)]
+        return [(32, 8, 2), (64, 4, 2), (16, 8, 2)] if block_m <= 16 else [(16, 8, 2)]
     if d <= 128:
-        return [(64, 4, 3), (128, 4, 2), (128, 8, 3), (32, 4, 4)]
-    return [(64, 4, 2), (32, 4, 3), (64, 8, 2)]
+        if block_m <= 32:
+            return [(64, 4, 3), (128, 4, 2), (128, 8, 3), (32, 4, 4)]
+        return [(64, 8, 3), (32, 8, 4), (64, 8, 2)]
+    if block_m <= 32:
+        return [(64, 4, 2), (32, 4, 3), (64, 8, 3), (32, 8, 4)]
+    return [(64, 8, 2), (32, 8, 3), (32, 8, 4)]
 
 
 # Interpreter: a small BLOCK_N, so short test sequences still have several blocks per split. Tests may change
@@ -109,7 +114,7 @@ def forward(q, k, v, operands, prog: ScoreProgram, splits: int | None = None):
                                           num_warps=warps, num_stages=stages)
 
     key = (skey, block_m, tp._bucket(sk), n_split)
-    tp._launch_tuned("decode", key, d, q.dtype, q.device, launch, configs=_configs(d, q.dtype),
+    tp._launch_tuned("decode", key, d, q.dtype, q.device, launch, configs=_configs(d, q.dtype, block_m),
                      interpret_config=INTERPRET_CONFIG)
     if not final:
         mod.attn_decode_combine[(sq, hq, b)](part, lpart, out, lse, *pstrides, *lstrides, *out.stride(),
