@@ -226,3 +226,24 @@ def test_dispatch_picks_decode_then_general_and_backward_matches():
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
     for a, b in zip(leaves, ref_leaves):
         torch.testing.assert_close(a.grad, b.grad, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("cache", ["dynamic", "static"])
+def test_generate_through_the_decode_kernel(cache):
+    """A tiny HF Llama's generate(): prefill on the general kernel, every decode step on the decode kernel (the
+    rewrite without Inductor, whose CPU compiles test_generation.py covers); greedy tokens equal eager's."""
+    pytest.importorskip("transformers")
+    from fa3_inductor import dispatch
+    from test_generation import generate_kwargs, left_padded_prompt, tiny_llama
+    torch._dynamo.reset()
+    model = tiny_llama("sdpa", layers=2)
+    ids, mask = left_padded_prompt(21, seed=3)
+    kw = generate_kwargs(cache, 5)
+    ref = model.generate(input_ids=ids, attention_mask=mask, **kw)
+    before = dict(dispatch.STATS)
+    model.forward = torch.compile(model.forward, backend="fa3_eager")
+    out = model.generate(input_ids=ids, attention_mask=mask, **kw)
+    assert torch.equal(out, ref), (out[:, 21:].tolist(), ref[:, 21:].tolist())
+    ran = {k: v - before.get(k, 0) for k, v in dispatch.STATS.items()}
+    assert ran.get(("forward", "triton-decode"), 0) == 2 * 4, ran   # 2 layers x 4 decode steps
+    assert ran.get(("forward", "triton"), 0) == 2, ran               # 2 layers x 1 prefill
