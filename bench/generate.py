@@ -35,10 +35,10 @@ COPY_CEILING_TBS = 3.0
 # name -> (mode, attn_implementation, cache, torch.compile mode); order = priority under the budget
 RUNS = {
     "eager-sdpa-dynamic": ("eager", "sdpa", "dynamic", None),
-    "inductor-sdpa-dynamic": ("inductor", "sdpa", "dynamic", None),
-    "fa3-sdpa-dynamic": ("fa3", "sdpa", "dynamic", None),
     "inductor-sdpa-static-ro": ("inductor", "sdpa", "static", "reduce-overhead"),
     "fa3-sdpa-static-ro": ("fa3", "sdpa", "static", "reduce-overhead"),
+    "inductor-sdpa-dynamic": ("inductor", "sdpa", "dynamic", None),
+    "fa3-sdpa-dynamic": ("fa3", "sdpa", "dynamic", None),
     "eager-sdpa-static": ("eager", "sdpa", "static", None),
     "inductor-sdpa-static": ("inductor", "sdpa", "static", None),
     "fa3-sdpa-static": ("fa3", "sdpa", "static", None),

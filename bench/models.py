@@ -13,8 +13,8 @@ Per (model, attn_implementation, mode): attention sites rewritten / attention ca
 output's error vs the same model run eagerly in fp32 (max |out - ref| / max |ref| over defined positions),
 median ms, graphs compiled and recompiles during timing, and which fa3 kernel ran the forward. Per model:
 speedup of fa3 over the best baseline (fastest of eager / Inductor over both implementations) and over
-Inductor with the same implementation. Writes models[_cpu].json / .md / .png under --out (default
-bench/results). --budget (seconds, default 420) skips what would start after it, so a run fits one device call.
+Inductor with the same implementation. Writes models[_cpu].json / .md / .png (or --stem) under --out
+(default bench/results). --budget (seconds, default 420) skips what would start after it, so a run fits one device call.
 """
 
 from __future__ import annotations
@@ -228,6 +228,7 @@ def main(argv=None):
     ap.add_argument("--modes", default=",".join(MODES))
     ap.add_argument("--budget", type=float, default=420.0, help="seconds; later work is skipped")
     ap.add_argument("--out", default=os.path.join(common.ROOT, "bench", "results"))
+    ap.add_argument("--stem", default=None, help="result file names (default models / models_cpu)")
     args = ap.parse_args(argv)
     device = common.pick_device(args.cpu)
     size, dtype = ("tiny", torch.float32) if device.type == "cpu" else ("bench", torch.bfloat16)
@@ -240,7 +241,7 @@ def main(argv=None):
     budget = common.Budget(args.budget)
     head = common.header("HF model zoo: prefill", device)
     print("\n".join(head), flush=True)
-    stem = "models" if device.type == "cuda" else "models_cpu"
+    stem = args.stem or ("models" if device.type == "cuda" else "models_cpu")
     results = []
     for case in cases:
         for impl in args.impls.split(","):

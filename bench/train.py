@@ -156,6 +156,8 @@ def run_case(name, impl, modes, args, device, dtype) -> list[dict]:
             rec = {"mode": mode, "error": repr(exc)[:300]}
         rows.append({**base, **rec})
         print(line(rows[-1]), flush=True)
+        if args.on_row:
+            args.on_row(rows)
     verdict(rows, device)
     del model32, ref_grads
     common.free(device)
@@ -222,6 +224,8 @@ def main(argv=None):
     print("\n".join(head), flush=True)
     stem = "train_cpu" if device.type == "cpu" else "train"
     results = []
+    # results so far, also mid-case: a stage killed by a timeout keeps what it measured
+    args.on_row = lambda rows: common.write_results(args.out, stem, head, results + rows, markdown(results + rows, head))
     for name in args.models.split(","):
         for impl in args.impls.split(","):
             if args.budget_obj.left() <= 0:
