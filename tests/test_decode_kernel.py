@@ -97,6 +97,15 @@ def test_decode_shapes(dtype, d, b, hq, hk, sq, sk, causal, splits):
     decode_and_check(q, k, v, [], scaled(d, causal=causal), splits=splits)
 
 
+@pytest.mark.parametrize("block_n", [32, 64])
+@pytest.mark.parametrize("g,sq", [(8, 8), (8, 16)], ids=["64rows", "128rows"])
+def test_gpu_block_shapes(block_n, g, sq, monkeypatch):
+    """BLOCK_N of the GPU candidates and programs of 64 / 128 rows (splits are whole multiples of BLOCK_N)."""
+    monkeypatch.setattr(td, "INTERPRET_CONFIG", (block_n, 4, 1))
+    q, k, v = qkv(1, 2 * g, 2, sq, 5 * block_n - 3, 32, torch.float16, seed=block_n + sq)
+    decode_and_check(q, k, v, [], scaled(32, causal="bottom_right"), splits=3)
+
+
 @pytest.mark.parametrize("empty_row", ["nan", "zero"])
 def test_bottom_right_with_empty_rows_and_splits(empty_row):
     q, k, v = qkv(1, 4, 2, 4, 2, 32, torch.float32, seed=1)
