@@ -100,26 +100,39 @@ def forward(q, k, v, operands, prog: ScoreProgram, splits: int | None = None):
     final = n_split == 1
     if final:   # written straight into out / lse: the partial buffers are not touched
         part, lpart = out, lse
-        pstrides, lstrides = [0] * 5, [0] * 4
     else:
         part = tp._empty((b, hq, sq, n_split, dv), torch.float32, q.device)
         lpart = tp._empty((b, hq, sq, n_split), torch.float32, q.device)
-        pstrides, lstrides = list(part.stride()), list(lpart.stride())
 
     def launch(cfg):
-        bn, warps, stages = cfg
-        mod.attn_decode[(n_split, hk, b)](q, k, v, out, lse, part, lpart, *op_args, *q.stride(), *k.stride(),
-                                          *v.stride(), *out.stride(), *lse.stride(), *pstrides, *lstrides,
-                                          sq, sk, coff, chunk, BLOCK_M=block_m, BLOCK_N=bn, FINAL=final,
-                                          num_warps=warps, num_stages=stages)
+        kernel, grid, args, kwargs = launch_args(q, k, v, operands, prog, out, lse, part, lpart, n_split, chunk,
+                                                 cfg, prepared=(spec, mod, op_args, coff))
+        kernel[grid](*args, **kwargs)
 
     key = (skey, block_m, tp._bucket(sk), n_split)
     tp._launch_tuned("decode", key, d, q.dtype, q.device, launch, configs=_configs(d, q.dtype, block_m),
                      interpret_config=INTERPRET_CONFIG)
     if not final:
-        mod.attn_decode_combine[(sq, hq, b)](part, lpart, out, lse, *pstrides, *lstrides, *out.stride(),
+        mod.attn_decode_combine[(sq, hq, b)](part, lpart, out, lse, *part.stride(), *lpart.stride(), *out.stride(),
                                              *lse.stride(), n_split, BLOCK_S=max(2, _next_pow2(n_split)))
     return out, lse
+
+
+def launch_args(q, k, v, operands, prog, out, lse, part, lpart, n_split: int, chunk: int, cfg, prepared=None):
+    """(kernel, grid, args, kwargs) of one attn_decode launch with cfg = (BLOCK_N, warps, stages); part / lpart are
+    the partial buffers, or out / lse themselves when n_split == 1 (the FINAL variant writes those directly)."""
+    spec, mod, op_args, coff = prepared or tp._prepare(q, k, v, operands, prog, "decode")[:4]
+    b, hq, sq, _ = q.shape
+    hk, sk = k.shape[1], k.shape[2]
+    final = n_split == 1
+    pstrides = [0] * 5 if final else list(part.stride())
+    lstrides = [0] * 4 if final else list(lpart.stride())
+    bn, warps, stages = cfg
+    args = (q, k, v, out, lse, part, lpart, *op_args, *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+            *lse.stride(), *pstrides, *lstrides, sq, sk, coff, chunk)
+    kwargs = dict(BLOCK_M=max(16, _next_pow2(spec.G * sq)), BLOCK_N=bn, FINAL=final, num_warps=warps,
+                  num_stages=stages)
+    return mod.attn_decode, (n_split, hk, b), args, kwargs
 
 
 backward = tp.backward
