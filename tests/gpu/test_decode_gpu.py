@@ -17,7 +17,7 @@ from fa3_inductor.kernels import codegen, reference
 from fa3_inductor.kernels import triton_decode as td
 from fa3_inductor.kernels import triton_portable as tp
 from fa3_inductor.kernels.program import ScoreProgram
-from test_triton_gpu import DEV, check, randn, run_eager  # noqa: E402  (same directory)
+from accuracy import DEV, check, randn, run_eager  # noqa: E402  (tests/gpu/accuracy.py)
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
