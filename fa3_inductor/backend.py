@@ -20,10 +20,9 @@ def rewrite_graph(gm, cfg: _config.Config) -> Report:
         return report
     specs, skips = find_sites(gm)
     notes = [note(spec, cfg) for spec in specs]
-    for spec in specs:
-        apply_spec(gm, spec, cfg.kernel, cfg.fp8_arg())
+    replaced = [apply_spec(gm, spec, cfg.kernel, cfg.fp8_arg()) for spec in specs]
     if specs:
-        finish(gm)
+        finish(gm, replaced)
     report.add(specs, skips, notes)
     report.log(cfg.log_sites)
     return report

@@ -11,15 +11,20 @@ they cannot serve falls back to the 16-bit entries, and the reasons are reported
 backward of an FP8 forward is the 16-bit backward: the op's backward dispatches without the recipe, so it
 runs the entry that would serve the site without FP8, on the original q, k, v and the FP8 forward's out
 and lse (the fp8 entry's `backward` names that same 16-bit kernel).
+
+Every run-time choice is counted in `STATS` ((pass, entry name) -> calls) and logged once per pair at INFO on
+the `fa3_inductor` logger, so a benchmark can say which kernel ran the forward and the backward.
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
+import logging
 import os
 from typing import Callable
 
-from .kernels import fp8_portable, hopper, reference, triton_portable
+from .kernels import fp8_portable, hopper, reference, triton_decode, triton_portable
 from .kernels.fp8_recipe import Fp8Recipe
 from .kernels.program import ScoreProgram
 
@@ -63,7 +68,14 @@ TRITON_FP8 = KernelEntry("triton_fp8", ("cuda",), True, fp8_portable.supports, f
 HOPPER_FP8 = KernelEntry("hopper_fp8", ("cuda",), False, hopper.supports_fp8, hopper.forward_fp8,
                          triton_portable.backward, fp8=True, family="hopper")
 
-TABLE: list[KernelEntry] = [HOPPER_FP8, TRITON_FP8, HOPPER, TRITON, REFERENCE]
+# A few queries against a long KV cache (generation): split-KV, GQA-packed; its supports() takes only those.
+DECODE = KernelEntry("triton-decode", ("cuda",), True, triton_decode.supports, triton_decode.forward,
+                     triton_decode.backward, family="triton")
+
+TABLE: list[KernelEntry] = [HOPPER_FP8, TRITON_FP8, DECODE, HOPPER, TRITON, REFERENCE]
+
+STATS: collections.Counter = collections.Counter()
+_log = logging.getLogger("fa3_inductor")
 
 
 def _runs_on(entry: KernelEntry, device: str) -> bool:
@@ -94,3 +106,12 @@ def select(prog: ScoreProgram, q, k, v, operands, preference: str = "auto",
             return entry, passed_over
         passed_over.append(f"{entry.name}: {reason}")
     return REFERENCE, passed_over
+
+
+def record(which: str, entry: KernelEntry, passed_over: list[str]) -> None:
+    """Count a run-time choice ("forward" / "backward"); log the first of each (pass, kernel) pair."""
+    key = (which, entry.name)
+    if key not in STATS:
+        _log.info("fa3 dispatch: %s runs %s%s", which, entry.name,
+                  f" (passed over: {'; '.join(passed_over)})" if passed_over else "")
+    STATS[key] += 1

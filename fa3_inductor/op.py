@@ -84,6 +84,7 @@ def attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, operands: li
     prog = load_program(program)
     recipe = load_recipe(fp8)
     entry, passed_over = dispatch.select(prog, q, k, v, operands, kernel, recipe)
+    dispatch.record("forward", entry, passed_over)
     if recipe is not None and not entry.fp8:
         _warn_fp8_fallback(entry, passed_over)
     out, lse = entry.run_forward(q, k, v, operands, prog, recipe)
@@ -104,7 +105,8 @@ def attention_backward_op(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, 
                           program: str, kernel: str) -> list[torch.Tensor]:
     """Returns [dq, dk, dv, d operand for each operand whose program.operand_grad flag is set]."""
     prog = load_program(program)
-    entry, _ = dispatch.select(prog, q, k, v, operands, kernel)
+    entry, passed = dispatch.select(prog, q, k, v, operands, kernel)
+    dispatch.record("backward", entry, passed)
     dq, dk, dv, dops = entry.backward(dout.contiguous(), q, k, v, operands, out, lse, prog)
     return [g.contiguous() for g in (dq, dk, dv, *dops)]   # the fake promises contiguous gradients
 

@@ -1,8 +1,10 @@
 """Apply AttentionSpecs to the graph: each site becomes one call of torch.ops.fa3.attention.
 
 New nodes go right before the site's output node, where every value they read (q, k, v, operands, sizes)
-is already defined; the site's own nodes die with the replaced output and are removed by dead-code
-elimination, together with copies (repeat_kv, .contiguous()) that only the site used.
+is already defined; the site's own nodes die with the replaced output and are removed, together with copies
+(repeat_kv, .contiguous()) that only the site used. Only what the rewrite made dead is removed, and never a
+node with a side effect: FX's own dead-code elimination treats every method call as pure and would drop the
+in-place updates of a KV cache (StaticCache's `keys.index_copy_(...)`, whose result nobody reads).
 """
 
 from __future__ import annotations
@@ -52,8 +54,9 @@ def _materialize(graph, ref: TensorRef, memo: dict):
     return cur
 
 
-def apply_spec(gm: GraphModule, spec: AttentionSpec, kernel: str, fp8: str = "") -> None:
-    """fp8: serialised FP8 recipe ("" = off); passed to the op only when set, so 16-bit graphs are unchanged."""
+def apply_spec(gm: GraphModule, spec: AttentionSpec, kernel: str, fp8: str = ""):
+    """Replace the site's output with the op's; return the old output node (now unused).
+    fp8: serialised FP8 recipe ("" = off); passed to the op only when set, so 16-bit graphs are unchanged."""
     graph = gm.graph
     memo: dict = {}
     with graph.inserting_before(spec.output):
@@ -67,9 +70,32 @@ def apply_spec(gm: GraphModule, spec: AttentionSpec, kernel: str, fp8: str = "")
         for method, args in spec.output_steps:
             out = graph.call_method(method, (out, *args))
     spec.output.replace_all_uses_with(out)
+    return spec.output
 
 
-def finish(gm: GraphModule) -> None:
-    gm.graph.eliminate_dead_code()
+_INPLACE_DUNDERS = {"__setitem__", "__delitem__", "__iadd__", "__isub__", "__imul__", "__itruediv__",
+                    "__ifloordiv__", "__imod__", "__ipow__", "__iand__", "__ior__", "__ixor__", "__ilshift__",
+                    "__irshift__", "__imatmul__"}
+
+
+def _has_side_effect(node) -> bool:
+    if node.op in ("placeholder", "output", "get_attr") or node.is_impure() or "out" in node.kwargs:
+        return True
+    name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
+    if name in _INPLACE_DUNDERS:
+        return True
+    return name.endswith("_") and not name.startswith("__")   # x.add_, x.index_copy_, torch.relu_
+
+
+def finish(gm: GraphModule, replaced) -> None:
+    """Remove the replaced outputs and whatever only they used, keeping every node with a side effect."""
+    stack = list(replaced)
+    while stack:
+        node = stack.pop()
+        if getattr(node, "_erased", False) or node.users or _has_side_effect(node):
+            continue
+        inputs = node.all_input_nodes
+        gm.graph.erase_node(node)
+        stack.extend(inputs)
     gm.graph.lint()
     gm.recompile()

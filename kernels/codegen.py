@@ -1,8 +1,8 @@
 """Turns a ScoreProgram into Triton source: one module per specialisation, cached on disk, loaded by importlib.
 
 A specialisation (`KernelSpec`) is everything that changes the generated code: the program, the head dims
-(padded to powers of two), the dtype, the grouped-query ratio, and per operand its kind, dtype and which of
-its four dims broadcast. Batch, heads and sequence lengths are runtime values. The kernels' text lives in
+(padded to powers of two), the dtype, the grouped-query ratio, per operand its kind, dtype and which of
+its four dims broadcast, and the variant (the general kernels, or the split-KV decode kernels). Batch, heads and sequence lengths are runtime values. The kernels' text lives in
 `kernels/templates.py`; this file holds the expression emitter, the spec, and the disk cache.
 """
 
@@ -22,7 +22,7 @@ import torch
 from . import reference
 from .program import COMPARE, LEAVES, ScoreProgram, render
 
-CODEGEN_VERSION = "12"
+CODEGEN_VERSION = "13"
 LOG2E = 1.4426950408889634
 
 
@@ -42,6 +42,7 @@ class KernelSpec:
     G: int                 # query heads per kv head
     operands: tuple        # OperandSpec per operand
     interpret: bool        # generated for the CPU interpreter (no libdevice there)
+    variant: str = "attention"   # "attention": forward + backward kernels; "decode": split-KV decode kernels
 
     @property
     def fp8(self) -> bool:
@@ -73,7 +74,10 @@ def dtype_name(dt: torch.dtype) -> str:
     return str(dt).replace("torch.", "")
 
 
-def make_spec(prog: ScoreProgram, q, k, v, operands, interpret: bool) -> KernelSpec:
+VARIANTS = ("attention", "decode")
+
+
+def make_spec(prog: ScoreProgram, q, k, v, operands, interpret: bool, variant: str = "attention") -> KernelSpec:
     b, hq, sq, _ = q.shape
     full = (b, hq, sq, k.shape[2])
     ops = []
@@ -81,7 +85,7 @@ def make_spec(prog: ScoreProgram, q, k, v, operands, interpret: bool) -> KernelS
         bc = tuple(bool(t.shape[i] == 1 and full[i] != 1) or t.shape[i] == 1 for i in range(4))
         ops.append(OperandSpec("bool" if t.dtype == torch.bool else "float", dtype_name(t.dtype), bc))
     return KernelSpec(prog.dumps(), dtype_name(q.dtype), q.shape[-1], v.shape[-1], hq // k.shape[1],
-                      tuple(ops), bool(interpret))
+                      tuple(ops), bool(interpret), variant)
 
 
 # --- expression emitter -------------------------------------------------------------------------------------
@@ -286,7 +290,7 @@ def header(spec: KernelSpec) -> str:
         f"# expr: {render(prog.expr)}",
         f"# serialised: {spec.program}",
         f"# dtype={spec.dtype} D={spec.D} (block {spec.BD}) Dv={spec.DV} (block {spec.BDV}) G={spec.G} "
-        f"interpret={spec.interpret}",
+        f"interpret={spec.interpret} variant={spec.variant}",
     ]
     for n, o in enumerate(spec.operands):
         lines.append(f"# operand t{n}: {o.kind} {o.dtype}, broadcast (b,h,m,n)={o.bcast}")

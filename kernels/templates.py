@@ -8,6 +8,8 @@ Kernels in every generated module:
     attn_bwd_dq     one program per (query block, head, batch): dQ, and d(operand) tiles for grad operands
 Key (or query) blocks are visited in three runs: [lo, a) masked, [a, b) needing no mask, [b, hi) masked,
 so the structural mask and bounds checks cost nothing in the bulk of the loop and hidden tiles are skipped.
+Modules of the "decode" variant hold instead the split-KV decode kernels of templates_decode.py (they reuse
+the forward's tile functions).
 
 FP8 variant (spec.dtype float8_e4m3fn; only attn_fwd): Q, K, V arrive as e4m3 with fp32 scales, one per
 QBM query rows and per QBN key rows (kernels/fp8_quant.py; BLOCK_M divides QBM and BLOCK_N divides QBN, so
@@ -20,14 +22,15 @@ last V scale and 1/P_SCALE are applied in the epilogue. Output in O's dtype (the
 
 from __future__ import annotations
 
-from .codegen import LOG2E, Emitter, KernelSpec
+from .codegen import LOG2E, VARIANTS, Emitter, KernelSpec
 from .program import derivative
 from .templates_bwd import BackwardKernels, _and, _ind, _mask_kw
+from .templates_decode import DecodeKernels
 
 P_SCALE = 256.0     # softmax probabilities (<= 1) are stored in e4m3 as p * P_SCALE
 
 
-class _Gen(BackwardKernels):
+class _Gen(BackwardKernels, DecodeKernels):
     def __init__(self, spec: KernelSpec):
         self.spec = spec
         self.prog = spec.prog
@@ -294,7 +297,10 @@ class _Gen(BackwardKernels):
         if self.spec.interpret:
             out += ["", "def _ix(t):", "    return int(getattr(t, 'handle', t).data.reshape(-1)[0]) "
                     "if hasattr(t, 'handle') else int(t)", ""]
-        out += self.helpers() + self.ranges()
+        out += self.helpers()
+        if self.spec.variant == "decode":
+            return "\n".join(out + self.decode_module_body()) + "\n"
+        out += self.ranges()
         out += self.fwd_tile(True) + self.fwd_tile(False) + self.fwd_kernel()
         if self.fp8:                # the backward of an FP8 forward is the 16-bit backward
             return "\n".join(out) + "\n"
@@ -304,4 +310,6 @@ class _Gen(BackwardKernels):
 
 
 def generate(spec: KernelSpec) -> str:
+    if spec.variant not in VARIANTS:
+        raise ValueError(f"unknown kernel variant {spec.variant!r}; have {VARIANTS}")
     return _Gen(spec).module()

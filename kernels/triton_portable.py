@@ -219,20 +219,21 @@ def _expanded_strides(t, full):
 _SPECS: dict = {}
 
 
-def _spec_and_module(prog, q, k, v, operands, interpret: bool):
+def _spec_and_module(prog, q, k, v, operands, interpret: bool, variant: str = "attention"):
     """Spec and generated module, memoised on cheap facts so that a launch costs a dict lookup."""
-    fast = (prog, q.dtype, q.shape[-1], v.shape[-1], q.shape[1] // k.shape[1], interpret,
+    fast = (prog, q.dtype, q.shape[-1], v.shape[-1], q.shape[1] // k.shape[1], interpret, variant,
             tuple((t.dtype, tuple(s == 1 for s in t.shape)) for t in operands))
     hit = _SPECS.get(fast)
     if hit is None:
-        spec = codegen.make_spec(prog, q, k, v, operands, interpret)
+        spec = codegen.make_spec(prog, q, k, v, operands, interpret, variant)
         hit = (spec, codegen.load(spec), spec.key(), _head_fastest(spec))
         _SPECS[fast] = hit
     return hit
 
 
-def _prepare(q, k, v, operands, prog):
-    spec, mod, key, hf = _spec_and_module(prog, q, k, v, operands, interpreting() and q.device.type == "cpu")
+def _prepare(q, k, v, operands, prog, variant: str = "attention"):
+    spec, mod, key, hf = _spec_and_module(prog, q, k, v, operands, interpreting() and q.device.type == "cpu",
+                                          variant)
     b, hq, sq, _ = q.shape
     sk = k.shape[2]
     full = (b, hq, sq, sk)

@@ -262,6 +262,18 @@ def _match_sdpa(node: Node, c) -> AttentionSpec:
     return spec
 
 
+def _equal_lengths(a, b) -> bool:
+    """k and v lengths must agree. A KV cache's keys and values are separate graph inputs, so under dynamic
+    shapes they carry distinct symbols (s1 + 1, s2 + 1) that nothing in the graph relates (SDPA's meta does not
+    compare them); equal now, they are guarded equal, so a call where they differ recompiles instead."""
+    if same_size(a, b):
+        return True
+    if isinstance(a, int) and isinstance(b, int):
+        return False
+    from torch.fx.experimental.symbolic_shapes import guard_or_false
+    return guard_or_false(a == b)
+
+
 def _assemble(*, site, spelling, roles, q, k, v, expr, operands, score_shape, proven, empty_row, output,
               out_perm, internal, native_gqa, out_flatten) -> AttentionSpec:
     """Bring q, k, v and the operands to the op's canonical 4-D layout and build the spec. With a proven
@@ -280,7 +292,7 @@ def _assemble(*, site, spelling, roles, q, k, v, expr, operands, score_shape, pr
         raise NotMatched("q, k, v are on different devices")
     if not isinstance(qs[-1], int) or not isinstance(vs[-1], int):
         raise NotMatched("head dim is symbolic")
-    if not same_size(qs[-1], ks[-1]) or not same_size(ks[-2], vs[-2]):
+    if not same_size(qs[-1], ks[-1]) or not _equal_lengths(ks[-2], vs[-2]):
         raise NotMatched("q/k head dims or k/v lengths disagree")
     batch = broadcast_batch(qs, ks)
     for i in range(nb):

@@ -1,0 +1,179 @@
+"""Shared pieces of the model benchmarks (bench/models.py, generate.py, train.py): device and header, timing,
+the time budget, compile counting, fa3 site and dispatch logs, result files.
+
+Scripts import it as `common` (bench/ is put on sys.path by each script); fa3_inductor must be the installed
+package (the source tree maps kernels/ and patterns/ into it), so run them from outside the tree's root.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import logging
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "tests", "models"))   # zoo.py: the HF model zoo shared with the tests
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+def git_commit() -> str:
+    if os.environ.get("FA3_COMMIT"):      # the device gets the tree without .git: the caller names the commit
+        return os.environ["FA3_COMMIT"]
+    try:
+        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, text=True,
+                                       stderr=subprocess.DEVNULL).strip()
+    except Exception:
+        return "unknown"
+
+
+def pick_device(cpu: bool) -> torch.device:
+    if cpu or not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda")
+
+
+def header(title: str, device: torch.device) -> list[str]:
+    import transformers
+    import triton
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    return [f"# {title}, {datetime.datetime.now().isoformat(timespec='seconds')}",
+            f"device: {name}; torch {torch.__version__}; triton {triton.__version__}; "
+            f"transformers {transformers.__version__}; commit {git_commit()}"]
+
+
+class Budget:
+    """Wall-clock budget of a script: work that would start after it is skipped and marked as such."""
+
+    def __init__(self, seconds: float):
+        self.seconds = seconds
+        self.start = time.time()
+
+    def left(self) -> float:
+        return self.seconds - (time.time() - self.start)
+
+    def elapsed(self) -> float:
+        return time.time() - self.start
+
+
+def sync(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_ms(fn, device, target_ms: float = 400.0, min_reps: int = 3, max_reps: int = 50) -> float:
+    """Median wall time of fn() in ms (CUDA events on a GPU); the caller has warmed fn up (compiled it)."""
+    def once():
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            return start.elapsed_time(end)
+        t = time.perf_counter()
+        fn()
+        return (time.perf_counter() - t) * 1e3
+
+    first = once()
+    reps = max(min_reps, min(max_reps, int(target_ms / max(first, 1e-3))))
+    return statistics.median([once() for _ in range(reps)])
+
+
+def reset_dynamo() -> None:
+    """Fresh Dynamo caches: every benchmark compiles its own frames (and never hits the cache size limit)."""
+    torch._dynamo.reset()
+
+
+class CountingBackend:
+    """A torch.compile backend ("inductor" or a registered name such as "fa3") that counts the frames it
+    compiles; torch.compile's mode / options reach the wrapped backend as they would by name."""
+
+    def __init__(self, name: str):
+        self.name = name
+        self.frame_count = 0
+
+    def __call__(self, gm, example_inputs, mode=None, options=None):
+        self.frame_count += 1
+        if self.name == "inductor":
+            return torch._TorchCompileInductorWrapper(mode, options, None)(gm, example_inputs)
+        backend = torch._dynamo.lookup_backend(self.name)
+        kw = {k: v for k, v in (("mode", mode), ("options", options)) if v is not None}
+        return backend(gm, example_inputs, **kw)
+
+
+def counting_backend(backend: str) -> CountingBackend:
+    return CountingBackend(backend)
+
+
+class SiteLog(logging.Handler):
+    """Collects the fa3 backend's per-site decisions ("fa3 rewritten ..." / "fa3 skipped: ...")."""
+
+    def __init__(self):
+        super().__init__(logging.INFO)
+        self.lines: list[str] = []
+
+    def emit(self, record):
+        msg = record.getMessage()
+        if msg.startswith("fa3 rewritten") or msg.startswith("fa3 skipped"):
+            self.lines.append(msg)
+
+    @property
+    def rewritten(self) -> int:
+        return sum(ln.startswith("fa3 rewritten") for ln in self.lines)
+
+    @property
+    def skipped(self) -> list[str]:
+        return [ln for ln in self.lines if ln.startswith("fa3 skipped")]
+
+    def __enter__(self):
+        log = logging.getLogger("fa3_inductor")
+        self._old = log.level
+        log.setLevel(logging.INFO)
+        log.addHandler(self)
+        return self
+
+    def __exit__(self, *exc):
+        log = logging.getLogger("fa3_inductor")
+        log.removeHandler(self)
+        log.setLevel(self._old)
+
+
+def dispatch_delta(before: dict) -> dict:
+    """Kernel choices since `before` (a copy of fa3_inductor.dispatch.STATS): {"forward:triton": calls, ...}."""
+    from fa3_inductor import dispatch
+    return {f"{p}:{k}": n - before.get((p, k), 0) for (p, k), n in dispatch.STATS.items()
+            if n - before.get((p, k), 0) > 0}
+
+
+def dispatch_snapshot() -> dict:
+    from fa3_inductor import dispatch
+    return dict(dispatch.STATS)
+
+
+def write_results(out_dir: str, stem: str, header_lines: list[str], results: list, md_lines: list[str],
+                  extra: dict | None = None) -> None:
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, f"{stem}.json"), "w") as fh:
+        json.dump({"header": header_lines, "results": results, **(extra or {})}, fh, indent=1, default=str)
+    with open(os.path.join(out_dir, f"{stem}.md"), "w") as fh:
+        fh.write("\n".join(md_lines) + "\n")
+
+
+def fmt(x, spec=".3g", none="-") -> str:
+    return none if x is None else format(x, spec)
+
+
+def free(device) -> None:
+    import gc
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
