@@ -84,8 +84,38 @@ def _runs_on(entry: KernelEntry, device: str) -> bool:
     return device == "cpu" and entry.interpretable and os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def _select_key(prog, q, k, v, operands, preference, fp8):
+    """What every entry's `supports` looks at (shapes, strides, dtypes, device, 16-byte alignment), or None
+    when a size is symbolic (compile-time calls on fake tensors are not memoised)."""
+    parts = [prog, preference, fp8, q.device, os.environ.get("TRITON_INTERPRET", "0"), tuple(TABLE)]
+    for t in (q, k, v, *operands):
+        shape, stride = tuple(t.shape), tuple(t.stride())
+        if not all(type(x) is int for x in shape + stride):
+            return None
+        parts.append((shape, stride, t.dtype, t.device.type == "cuda" and t.data_ptr() % 16 == 0))
+    return tuple(parts)
+
+
+_SELECTED: dict = {}
+
+
 def select(prog: ScoreProgram, q, k, v, operands, preference: str = "auto",
            fp8: Fp8Recipe | None = None) -> tuple[KernelEntry, list[str]]:
+    """Memoised _select: a launch must not pay Python support checks on every call (S=512 prefill was
+    CPU-bound on them)."""
+    key = _select_key(prog, q, k, v, operands, preference, fp8) if q.device.type != "meta" else None
+    if key is None:
+        return _select(prog, q, k, v, operands, preference, fp8)
+    hit = _SELECTED.get(key)
+    if hit is None:
+        if len(_SELECTED) > 4096:
+            _SELECTED.clear()
+        hit = _SELECTED[key] = _select(prog, q, k, v, operands, preference, fp8)
+    return hit
+
+
+def _select(prog: ScoreProgram, q, k, v, operands, preference: str = "auto",
+            fp8: Fp8Recipe | None = None) -> tuple[KernelEntry, list[str]]:
     """Pick the kernel; also say why faster entries were passed over. The reference always serves.
     fp8: the recipe when FP8 was asked for (FP8 entries are skipped silently when it is None)."""
     device = q.device.type

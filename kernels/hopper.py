@@ -7,6 +7,8 @@ stride and 16-byte aligned strides (TMA's rules); anything else falls back with 
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from . import codegen, mask_tiles, reference, triton_portable
@@ -82,18 +84,23 @@ def supports(prog: ScoreProgram, q, k, v, operands) -> str | None:
     return None
 
 
+@functools.lru_cache(maxsize=256)
+def _smem_layout(block: tuple, dtype: torch.dtype):
+    from triton.experimental.gluon import language as gl
+    gdt = {torch.float8_e4m3fn: gl.float8e4nv, torch.float16: gl.float16, torch.bfloat16: gl.bfloat16}[dtype]
+    return gl.NVMMASharedLayout.get_default_for(list(block), gdt)
+
+
 def _desc(t, rows: int, cols: int | None = None):
     """Rank-4 TMA descriptor of t with a (1, 1, rows, cols) box (cols: the head dim padded to a power of two)."""
-    from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
-    block = [1, 1, rows, cols or _tile_dim(t.shape[-1])]
-    gdt = {torch.float8_e4m3fn: gl.float8e4nv, torch.float16: gl.float16, torch.bfloat16: gl.bfloat16}[t.dtype]
+    block = (1, 1, rows, cols or _tile_dim(t.shape[-1]))
     # dims of size 1 never advance; give them a legal (16-byte multiple) stride
     strides = list(t.stride())
     for i in range(3):
         if t.shape[i] == 1:
             strides[i] = max(t.shape[3], 16)
-    return TensorDescriptor(t, list(t.shape), strides, block, gl.NVMMASharedLayout.get_default_for(block, gdt))
+    return TensorDescriptor(t, list(t.shape), strides, list(block), _smem_layout(block, t.dtype))
 
 
 _SPECS: dict = {}
