@@ -3,13 +3,11 @@ FlashAttention's rule (error vs fp64 <= 2x eager's error in the same dtype, plus
 
 from __future__ import annotations
 
-import math
-
 import torch
 
+from eager_attention import eager as _eager
 from fa3_inductor.kernels import reference
 from fa3_inductor.kernels import triton_portable as tp
-from fa3_inductor.kernels.program import unmasked
 
 S = ("score",)
 DEV = "cuda"
@@ -19,50 +17,9 @@ def C(x):
     return ("const", float(x))
 
 
-def _ev(e, s, ops, i, j):
-    op = e[0]
-    if op == "score":
-        return s
-    if op == "const":
-        return torch.tensor(float(e[1]), dtype=s.dtype, device=s.device)
-    if op == "operand":
-        t = ops[e[1]]
-        return t if t.dtype == torch.bool else t.to(s.dtype)
-    if op == "q_idx":
-        return i
-    if op == "k_idx":
-        return j
-    a = [_ev(x, s, ops, i, j) for x in e[1:]]
-    if op == "where":
-        return torch.where(a[0].bool(), a[1], a[2])
-    if len(a) == 1:
-        return reference._unary(op, a[0])
-    return reference._BINARY[op](a[0], a[1])
-
-
 def eager(q, k, v, ops, prog, dtype):
-    """Unfused eager attention in `dtype` (what the user's graph computes), with the empty-row rule."""
-    q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
-    ops = [t if t.dtype == torch.bool else t.to(dtype) for t in ops]
-    g = q.shape[1] // k.shape[1]
-    kk, vv = k.repeat_interleave(g, 1), v.repeat_interleave(g, 1)
-    s = q @ kk.transpose(-1, -2)
-    sq, sk = s.shape[-2:]
-    i = torch.arange(sq, dtype=dtype, device=q.device).view(-1, 1)
-    j = torch.arange(sk, dtype=dtype, device=q.device).view(1, -1)
-    x = _ev(prog.expr, s, ops, i, j).expand_as(s)
-    vis = reference.structural_mask(prog, 0, sq, sq, sk, q.device)
-    if vis is not None:
-        x = x.masked_fill(~vis, -math.inf)
-    if prog.empty_row == "uniform":   # what the program stands for: eager's y + where(visible, 0, finfo.min)
-        y = _ev(unmasked(prog.expr), s, ops, i, j).expand_as(s)
-        x = y + torch.where(x != -math.inf, torch.zeros_like(x), torch.full_like(x, torch.finfo(dtype).min))
-    if prog.empty_row == "zero":
-        empty = (x == -math.inf).all(-1, keepdim=True)
-        p = torch.softmax(x.masked_fill(empty, 0.0).float(), -1).to(dtype).masked_fill(empty, 0.0)
-    else:
-        p = torch.softmax(x.float(), -1).to(dtype)   # HF style: softmax in fp32, back to the dtype
-    return p @ vv
+    """HF style: the softmax in fp32, back to the dtype."""
+    return _eager(q, k, v, ops, prog, dtype, softmax_fp32=True)
 
 
 def run_eager(q, k, v, ops, prog, dout, dtype, backward=True):
