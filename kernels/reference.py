@@ -164,11 +164,12 @@ def forward(q, k, v, operands, prog: ScoreProgram):
     return out, lse
 
 
-def backward(dout, q, k, v, operands, prog: ScoreProgram):
+def backward(dout, q, k, v, operands, prog: ScoreProgram, rows: tuple[int, int] | None = None):
     """Returns (dq, dk, dv, [d operand for each operand whose operand_grad flag is set]).
 
     Recomputes each chunk's probabilities, then the standard attention backward:
     dP = dO·Vᵀ, dX = P ⊙ (dP − rowsum(dO ⊙ O)), and the chain rule through the program's symbolic derivative.
+    rows: only the contributions of query rows [r0, r1) (dq zero elsewhere); kernels hand such a band here.
     """
     b, hq, sq, d = q.shape
     hkv, sk = k.shape[1], k.shape[2]
@@ -176,17 +177,18 @@ def backward(dout, q, k, v, operands, prog: ScoreProgram):
     want = prog.operand_grad or (False,) * len(operands)
     d_score = derivative(prog.expr, ("score",))
     d_operand = [derivative(prog.expr, ("operand", n)) if w else None for n, w in enumerate(want)]
-    dq = torch.empty(q.shape, dtype=torch.float32, device=q.device)
+    r0, r1 = rows if rows is not None else (0, sq)
+    dq = (torch.empty if rows is None else torch.zeros)(q.shape, dtype=torch.float32, device=q.device)
     dk = torch.zeros(k.shape, dtype=torch.float32, device=q.device)
     dv = torch.zeros(v.shape, dtype=torch.float32, device=q.device)
     dops = [torch.zeros(t.shape, dtype=torch.float32, device=q.device) if w else None
             for t, w in zip(operands, want)]
     kf, vf = k.float(), v.float()
-    lse_all = torch.empty(q.shape[:3], dtype=torch.float32, device=q.device)
+    lse_all = torch.zeros(q.shape[:3], dtype=torch.float32, device=q.device)   # finite outside the band
     step = _chunk_rows(q, k)
     with torch.no_grad():
-        for q0 in range(0, sq, step):
-            q1 = min(sq, q0 + step)
+        for q0 in range(r0, r1, step):
+            q1 = min(r1, q0 + step)
             rows = q1 - q0
             qc = q[:, :, q0:q1].float()
             ops = [_slice_operand(t, q0, q1) for t in operands]
@@ -233,6 +235,26 @@ def _capturing(device) -> bool:
         return torch.cuda.is_current_stream_capturing()
     except Exception:
         return False
+
+
+IMPRECISE_LSE = 1e4   # |lse| beyond this: fp32 lse = max + log(l) has lost log(l) (ulp(1e4) ~ 1e-3)
+
+
+def imprecise_rows(prog: ScoreProgram, lse) -> tuple[int, int] | None:
+    """The query-row band [r0, r1) holding rows whose fp32 lse cannot carry log(l): rows whose every score
+    is an enormous fill (finfo.min or -1e9 added by a dense mask; eager then averages v over the keys with
+    the largest score). Kernels recover p = exp(x − lse) wrongly there (1 instead of 1/l), so their backward
+    hands this band to `backward(rows=...)`. Only programs with operands or constants can produce such rows;
+    finding them syncs with the device (skipped while a CUDA graph is being captured)."""
+    if prog.n_operands == 0 and prog.scale_only() is not None:
+        return None
+    if lse.numel() == 0 or _capturing(lse.device):
+        return None
+    bad = torch.isfinite(lse) & (lse.abs() > IMPRECISE_LSE)
+    if not bool(bad.any()):
+        return None
+    rows = bad.any(dim=1).any(dim=0).nonzero().flatten()
+    return int(rows.min()), int(rows.max()) + 1
 
 
 def uniform_rows_grads(dout, q, k, v, operands, prog: ScoreProgram, lse):

@@ -293,6 +293,12 @@ def backward(dout, q, k, v, operands, out, lse, prog: ScoreProgram):
             dq.fill_(math.nan)
         return dq, dk, dv, [torch.zeros_like(operands[n]) for n in grad_ops]
     spec, mod, op_args, coff, skey, hf = _prepare(q, k, v, operands, prog)
+    # rows whose lse lost log(l) (dense enormous fills): the kernels skip them (lse = +inf gives p = 0) and the
+    # reference computes that band exactly
+    band = reference.imprecise_rows(prog, lse)
+    if band is not None:
+        lse = lse.clone()
+        lse[:, :, band[0]:band[1]] = math.inf
     delta = _empty((b, hq, sq), torch.float32, q.device)
     flag = torch.zeros((b * hk,), dtype=torch.int32, device=q.device)
     bm_pre = 64 if q.device.type == "cuda" else 32
@@ -324,6 +330,9 @@ def backward(dout, q, k, v, operands, out, lse, prog: ScoreProgram):
     more = reference.uniform_rows_grads(dout, q, k, v, operands, prog, lse) if prog.empty_row == "uniform" else None
     if more is not None:
         dq, dk, dv = ((t.float() + m).to(t.dtype) for t, m in zip((dq, dk, dv), more[:3]))
+    if band is not None:
+        exact = reference.backward(dout, q, k, v, operands, prog, rows=band)
+        dq, dk, dv = ((t.float() + e.float()).to(t.dtype) for t, e in zip((dq, dk, dv), exact[:3]))
     extra = []
     for n in grad_ops:
         full = dfull[n]
@@ -334,6 +343,8 @@ def backward(dout, q, k, v, operands, out, lse, prog: ScoreProgram):
         red = full.sum(dim=dims, keepdim=True) if dims else full
         if more is not None:
             red = red + more[3][n]
+        if band is not None:
+            red = red + exact[3][grad_ops.index(n)].float().reshape(red.shape)
         extra.append(red.reshape(t.shape).to(t.dtype))
     _ = g
     return dq, dk, dv, extra

@@ -204,10 +204,5 @@ def test_dense_mask_tile_skipping(kind):
     idx, cls, cnt = tiles[:3]
     assert cnt.sum().item() < idx.numel() * 0.7, "no tiles skipped"
     assert (cls == 1).any(), "no neutral tiles"
-    # forward with the finfo.min row; the backward without it: the portable backward's lse rounds to the row
-    # max on such rows (README, known gap), which has nothing to do with tile skipping
-    attend_and_check(q, k, v, [mask], prog, kernel=hopper, backward=(kind == "bool"))
-    if kind == "add":
-        mask2 = mask.clone()
-        mask2[0, 0, 300, :301] = 0
-        attend_and_check(q, k, v, [mask2], prog, kernel=hopper)
+    # the finfo.min row's backward goes through reference.imprecise_rows (its lse lost log l)
+    attend_and_check(q, k, v, [mask], prog, kernel=hopper)
