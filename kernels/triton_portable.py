@@ -295,7 +295,7 @@ def backward(dout, q, k, v, operands, out, lse, prog: ScoreProgram):
     spec, mod, op_args, coff, skey, hf = _prepare(q, k, v, operands, prog)
     # rows whose lse lost log(l) (dense enormous fills): the kernels skip them (lse = +inf gives p = 0) and the
     # reference computes that band exactly
-    band = reference.imprecise_rows(prog, lse)
+    band = reference.imprecise_rows(prog, lse, operands)
     if band is not None:
         lse = lse.clone()
         lse[:, :, band[0]:band[1]] = math.inf
