@@ -135,12 +135,7 @@ class BackwardKernels:
             "lse_base = LSE + b64 * slb + h64 * slh",
             f"delta_base = DELTA + (b64 * (HK * {spec.G}) + h64) * Sq",
         ] + self.op_bases() + [
-            "for start_m in " + self.rng("lo", "a", "BLOCK_M") + ":",
-            "    " + call.format(tag="masked"),
-            "for start_m in " + self.rng("a", "b", "BLOCK_M") + ":",
-            "    " + call.format(tag="full"),
-            "for start_m in " + self.rng("b", "hi", "BLOCK_M") + ":",
-            "    " + call.format(tag="masked"),
+            *self.block_runs("start_m", "BLOCK_M", call),
         ]
         body += ["    " + ln for ln in inner]
         if self.nan_mode:
@@ -235,12 +230,7 @@ class BackwardKernels:
             "delta = tl.load(DELTA + (b64 * H + h64) * Sq + offs_m, mask=row_ok, other=0.0)",
             f"dq = tl.zeros([BLOCK_M, {spec.BD}], tl.float32)",
             "lo, a, b, hi = _kv_blocks(m0, Sq, Sk, coff, BLOCK_M, BLOCK_N)",
-            "for start_n in " + self.rng("lo", "a", "BLOCK_N") + ":",
-            "    " + call.format(tag="masked"),
-            "for start_n in " + self.rng("a", "b", "BLOCK_N") + ":",
-            "    " + call.format(tag="full"),
-            "for start_n in " + self.rng("b", "hi", "BLOCK_N") + ":",
-            "    " + call.format(tag="masked"),
+            *self.block_runs("start_n", "BLOCK_N", call),
         ]
         if self.nan_mode:
             body.append("dq = tl.where((lse_raw == float('-inf'))[:, None], float('nan'), dq)")
@@ -254,6 +244,13 @@ class BackwardKernels:
             "sdqb, sdqh, sdqm, sdqd, Sq, Sk, H, coff, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):",
         ]
         return head + [_ind(body)] + [""]
+
+    def block_runs(self, var, step, call):
+        """The three loops over a [lo, hi) block range: masked [lo, a), unmasked [a, b), masked [b, hi)."""
+        out = []
+        for lo, hi, tag in (("lo", "a", "masked"), ("a", "b", "full"), ("b", "hi", "masked")):
+            out += [f"for {var} in {self.rng(lo, hi, step)}:", "    " + call.format(tag=tag)]
+        return out
 
     def rng(self, lo, hi, step):
         if self.spec.interpret:  # the interpreter's scalars are 1-element arrays, which range() rejects
