@@ -60,15 +60,20 @@ def _tma_ok(name: str, t) -> str | None:
     return None
 
 
-def supports(prog: ScoreProgram, q, k, v, operands) -> str | None:
-    reason = triton_portable.supports(prog, q, k, v, operands)
-    if reason:
-        return reason
-    if q.device.type != "cuda":
-        return f"needs an sm_90 GPU (device is {q.device.type})"
-    cap = _capability(q.device)
+def _not_sm90(device) -> str | None:
+    """Why the device cannot run the sm_90 kernels (wgmma, TMA, setmaxnreg), or None."""
+    if device.type != "cuda":
+        return f"needs an sm_90 GPU (device is {device.type})"
+    cap = _capability(device)
     if cap is None or cap[0] != 9:
         return f"needs an sm_90 GPU (wgmma, TMA); this one is sm_{cap[0]}{cap[1]}" if cap else "no CUDA device"
+    return None
+
+
+def supports(prog: ScoreProgram, q, k, v, operands) -> str | None:
+    reason = triton_portable.supports(prog, q, k, v, operands) or _not_sm90(q.device)
+    if reason:
+        return reason
     if q.dtype not in (torch.float16, torch.bfloat16):
         return f"dtype {q.dtype} (the Hopper kernel runs fp16/bf16)"
     d, dv = q.shape[-1], v.shape[-1]
@@ -212,14 +217,9 @@ backward = triton_portable.backward
 def supports_fp8(prog: ScoreProgram, q, k, v, operands, recipe) -> str | None:
     from . import fp8_portable
     from .fp8_recipe import hadamard_dim
-    reason = fp8_portable.supports(prog, q, k, v, operands, recipe)
+    reason = fp8_portable.supports(prog, q, k, v, operands, recipe) or _not_sm90(q.device)
     if reason:
         return reason
-    if q.device.type != "cuda":
-        return f"needs an sm_90 GPU (device is {q.device.type})"
-    cap = _capability(q.device)
-    if cap is None or cap[0] != 9:
-        return "needs an sm_90 GPU (FP8 wgmma, TMA)"
     d = hadamard_dim(q.shape[-1]) if recipe.hadamard else q.shape[-1]
     dv = v.shape[-1]
     if d not in HEAD_DIMS or dv not in HEAD_DIMS or _tile_dim(d) != d or _tile_dim(dv) != dv:
