@@ -16,6 +16,8 @@ import os
 import pytest
 import torch
 
+from interpreter_sandbox import interpreter_sandbox  # noqa: E402  (tests/, on sys.path)
+
 from fa3_inductor.kernels import reference
 from fa3_inductor.kernels import triton_decode as td
 from fa3_inductor.kernels import triton_portable as tp
@@ -41,17 +43,8 @@ def OP(n):
 
 @pytest.fixture(autouse=True, scope="module")
 def _interpret(tmp_path_factory):
-    mp = pytest.MonkeyPatch()
-    mp.setenv("FA3_CACHE_DIR", str(tmp_path_factory.mktemp("fa3_cache")))
-
-    def poisoned(shape, dtype, device):
-        t = torch.empty(shape, dtype=dtype, device=device)
-        t.fill_(math.nan) if t.dtype.is_floating_point else t.fill_(-12345)
-        return t
-
-    mp.setattr(tp, "_empty", poisoned)
-    yield
-    mp.undo()
+    with interpreter_sandbox(tmp_path_factory.mktemp("fa3_cache"), [tp]):
+        yield
 
 
 def decode_and_check(q, k, v, ops, prog, splits=None):

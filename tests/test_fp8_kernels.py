@@ -19,6 +19,8 @@ import os
 import pytest
 import torch
 
+from interpreter_sandbox import F8_NAN, interpreter_sandbox  # noqa: E402  (tests/, on sys.path)
+
 from fa3_inductor.kernels import fp8_portable as fp
 from fa3_inductor.kernels import fp8_quant
 from fa3_inductor.kernels import fp8_reference as fr
@@ -34,7 +36,6 @@ pytestmark = [
 ]
 
 S = ("score",)
-F8_NAN = 0x7F
 
 
 def C(x):
@@ -43,21 +44,8 @@ def C(x):
 
 @pytest.fixture(autouse=True, scope="module")
 def _interpret(tmp_path_factory):
-    mp = pytest.MonkeyPatch()
-    mp.setenv("FA3_CACHE_DIR", str(tmp_path_factory.mktemp("fa3_cache")))
-
-    def poisoned(shape, dtype, device):
-        t = torch.empty(shape, dtype=dtype, device=device)
-        if dtype == torch.float8_e4m3fn:
-            t.view(torch.uint8).fill_(F8_NAN)
-        elif t.dtype.is_floating_point:
-            t.fill_(math.nan)
-        return t
-
-    mp.setattr(tp, "_empty", poisoned)
-    mp.setattr(fp8_quant, "_empty", poisoned)
-    yield
-    mp.undo()
+    with interpreter_sandbox(tmp_path_factory.mktemp("fa3_cache"), [tp, fp8_quant]):
+        yield
 
 
 def rand(*shape, seed=0, dtype=torch.float16, outliers=False):

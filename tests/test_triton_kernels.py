@@ -20,6 +20,8 @@ import os
 import pytest
 import torch
 
+from interpreter_sandbox import interpreter_sandbox  # noqa: E402  (tests/, on sys.path)
+
 from eager_attention import eager  # noqa: E402
 from fa3_inductor.kernels import codegen, reference
 from fa3_inductor.kernels import triton_portable as tp
@@ -44,21 +46,8 @@ def OP(n):
 
 @pytest.fixture(autouse=True, scope="module")
 def _interpret(tmp_path_factory):
-    mp = pytest.MonkeyPatch()
-    mp.setenv("TRITON_INTERPRET", "1")
-    mp.setenv("FA3_CACHE_DIR", str(tmp_path_factory.mktemp("fa3_cache")))
-
-    def poisoned(shape, dtype, device):
-        t = torch.empty(shape, dtype=dtype, device=device)
-        if t.dtype.is_floating_point:
-            t.fill_(math.nan)
-        else:
-            t.fill_(-12345)
-        return t
-
-    mp.setattr(tp, "_empty", poisoned)
-    yield
-    mp.undo()
+    with interpreter_sandbox(tmp_path_factory.mktemp("fa3_cache"), [tp]):
+        yield
 
 
 # --- eager implementation (autograd) in any dtype -------------------------------------------------------
