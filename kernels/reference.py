@@ -202,19 +202,7 @@ def backward(dout, q, k, v, operands, prog: ScoreProgram, rows: tuple[int, int] 
             delta = (do * o).sum(-1, keepdim=True)
             dx = p * (dp - delta)
             dx = torch.where(p == 0, torch.zeros_like(dx), dx)  # hidden positions carry no gradient
-            s = torch.matmul(qc.reshape(b, hkv, g, rows, d), kf.unsqueeze(2).transpose(-1, -2)).reshape(b, hq, rows, sk)
-            q_idx = torch.arange(q0, q1, device=q.device, dtype=torch.float32).view(-1, 1)
-            k_idx = torch.arange(sk, device=q.device, dtype=torch.float32).view(1, -1)
-            local = lambda e: _as_tensor(evaluate(e, s, ops, q_idx, k_idx), s).float()
-            ds = (dx * local(d_score)).reshape(b, hkv, g, rows, sk)
-            dq[:, :, q0:q1] = torch.matmul(ds, kf.unsqueeze(2)).reshape(b, hq, rows, d)
-            dk += torch.matmul(ds.transpose(-1, -2), qc.reshape(b, hkv, g, rows, d)).sum(2)
-            for n, de in enumerate(d_operand):
-                if de is None:
-                    continue
-                full = dx * local(de)
-                target = dops[n][:, :, q0:q1] if operands[n].shape[2] != 1 else dops[n]
-                target += _reduce_to(full, target.shape)
+            _chain_rule(dx, qc, kf, operands, ops, q0, q1, d_score, d_operand, dq, dk, dops)
     if prog.empty_row == "uniform":
         extra_grads = uniform_rows_grads(dout, q, k, v, operands, prog, lse_all)
         if extra_grads is not None:
@@ -319,19 +307,30 @@ def uniform_rows_grads(dout, q, k, v, operands, prog: ScoreProgram, lse):
             dp = torch.matmul(do5, vf.unsqueeze(2).transpose(-1, -2))
             delta = (do5 * vmean).sum(-1, keepdim=True)
             dx = (p5 * (dp - delta)).reshape(b, hq, rows, sk)
-            s = torch.matmul(qc.reshape(b, hkv, g, rows, d), kf.unsqueeze(2).transpose(-1, -2)).reshape(b, hq, rows, sk)
-            q_idx = torch.arange(q0, q1, device=q.device, dtype=torch.float32).view(-1, 1)
-            k_idx = torch.arange(sk, device=q.device, dtype=torch.float32).view(1, -1)
-            local = lambda e: _as_tensor(evaluate(e, s, ops, q_idx, k_idx), s).float()  # noqa: E731
-            ds = (dx * local(d_score)).reshape(b, hkv, g, rows, sk)
-            dq[:, :, q0:q1] = torch.matmul(ds, kf.unsqueeze(2)).reshape(b, hq, rows, d)
-            dk += torch.matmul(ds.transpose(-1, -2), qc.reshape(b, hkv, g, rows, d)).sum(2)
-            for n, de in enumerate(d_operand):
-                if de is None:
-                    continue
-                target = dops[n][:, :, q0:q1] if operands[n].shape[2] != 1 else dops[n]
-                target += _reduce_to(dx * local(de), target.shape)
+            _chain_rule(dx, qc, kf, operands, ops, q0, q1, d_score, d_operand, dq, dk, dops)
     return dq, dk, dv, dops
+
+
+def _chain_rule(dx, qc, kf, operands, ops, q0, q1, d_score, d_operand, dq, dk, dops):
+    """From dX of query rows [q0, q1) (fp32, (B, Hq, rows, Sk)) through the program's local derivatives: set
+    dq of those rows, add to dk and to the operand gradients (ops: the operands sliced to those rows)."""
+    b, hq, rows, sk = dx.shape
+    hkv, d = kf.shape[1], kf.shape[-1]
+    g = hq // hkv
+    s = torch.matmul(qc.reshape(b, hkv, g, rows, d), kf.unsqueeze(2).transpose(-1, -2)).reshape(b, hq, rows, sk)
+    q_idx = torch.arange(q0, q1, device=qc.device, dtype=torch.float32).view(-1, 1)
+    k_idx = torch.arange(sk, device=qc.device, dtype=torch.float32).view(1, -1)
+
+    def local(e):
+        return _as_tensor(evaluate(e, s, ops, q_idx, k_idx), s).float()
+    ds = (dx * local(d_score)).reshape(b, hkv, g, rows, sk)
+    dq[:, :, q0:q1] = torch.matmul(ds, kf.unsqueeze(2)).reshape(b, hq, rows, d)
+    dk += torch.matmul(ds.transpose(-1, -2), qc.reshape(b, hkv, g, rows, d)).sum(2)
+    for n, de in enumerate(d_operand):
+        if de is None:
+            continue
+        target = dops[n][:, :, q0:q1] if operands[n].shape[2] != 1 else dops[n]
+        target += _reduce_to(dx * local(de), target.shape)
 
 
 def _reduce_to(t, shape):
