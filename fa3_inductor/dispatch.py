@@ -24,6 +24,8 @@ import logging
 import os
 from typing import Callable
 
+from torch._subclasses.fake_tensor import FakeTensor
+
 from .kernels import fp8_portable, hopper, reference, triton_decode, triton_portable
 from .kernels.fp8_recipe import Fp8Recipe
 from .kernels.program import ScoreProgram
@@ -84,13 +86,21 @@ def _runs_on(entry: KernelEntry, device: str) -> bool:
     return device == "cpu" and entry.interpretable and os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def fp8_fallback_reason(passed_over: list[str]) -> str:
+    """Why no FP8 entry served a site that asked for FP8, from select's passed-over list."""
+    fp8_names = {e.name for e in TABLE if e.fp8}
+    return "; ".join(r for r in passed_over if r.split(":")[0] in fp8_names) or "no FP8 kernel"
+
+
 def _select_key(prog, q, k, v, operands, preference, fp8):
     """What every entry's `supports` looks at (shapes, strides, dtypes, device, 16-byte alignment), or None
     when a size is symbolic (compile-time calls on fake tensors are not memoised)."""
-    parts = [prog, preference, fp8, q.device, os.environ.get("TRITON_INTERPRET", "0"), tuple(TABLE)]
+    parts = [prog, preference, fp8, q.device, os.environ.get("TRITON_INTERPRET", "0")]
     for t in (q, k, v, *operands):
         shape, stride = tuple(t.shape), tuple(t.stride())
         if not all(type(x) is int for x in shape + stride):
+            return None
+        if isinstance(t, FakeTensor):    # compile time: no storage, nothing to memoise
             return None
         parts.append((shape, stride, t.dtype, t.device.type == "cuda" and t.data_ptr() % 16 == 0))
     return tuple(parts)

@@ -37,8 +37,7 @@ def load_recipe(fp8: str) -> Fp8Recipe | None:
 
 def _warn_fp8_fallback(entry, passed_over) -> None:
     """FP8 was asked for and a 16-bit kernel runs: say so once per distinct reason."""
-    fp8_names = {e.name for e in dispatch.TABLE if e.fp8}
-    why = "; ".join(r for r in passed_over if r.split(":")[0] in fp8_names) or "no FP8 kernel"
+    why = dispatch.fp8_fallback_reason(passed_over)
     if why not in _FP8_WARNED:
         _FP8_WARNED.add(why)
         log.warning("fa3: FP8 requested, running the 16-bit %s kernel instead: %s", entry.name, why)

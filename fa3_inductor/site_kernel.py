@@ -25,6 +25,4 @@ def note(spec: AttentionSpec, cfg: _config.Config) -> str:
     entry, passed_over = dispatch.select(spec.program, q, k, v, operands, cfg.kernel, recipe)
     if entry.fp8:
         return recipe.describe()
-    fp8_names = {e.name for e in dispatch.TABLE if e.fp8}
-    why = "; ".join(r for r in passed_over if r.split(":")[0] in fp8_names) or "no FP8 kernel"
-    return f"16-bit {entry.name}: fp8 not possible: {why}"
+    return f"16-bit {entry.name}: fp8 not possible: {dispatch.fp8_fallback_reason(passed_over)}"

@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 
 import torch
+from torch._subclasses.fake_tensor import FakeTensor
 
 from . import codegen, mask_tiles, reference, triton_portable
 from .program import ScoreProgram
@@ -55,7 +56,8 @@ def _tma_ok(name: str, t) -> str | None:
     for size, st in zip(t.shape[:-1], t.stride()[:-1]):
         if size > 1 and (st * t.element_size()) % 16 != 0:
             return f"{name} strides are not multiples of 16 bytes (TMA)"
-    if t.device.type == "cuda" and t.data_ptr() % 16 != 0:
+    # fake tensors (compile time) have no storage: alignment is decided again at run time
+    if t.device.type == "cuda" and not isinstance(t, FakeTensor) and t.data_ptr() % 16 != 0:
         return f"{name} is not 16-byte aligned (TMA)"
     return None
 
