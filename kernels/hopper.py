@@ -119,19 +119,15 @@ def _spec_and_module(prog, q, k, v, operands):
             tuple((t.dtype, tuple(s == 1 for s in t.shape)) for t in operands))
     hit = _SPECS.get(fast)
     if hit is None:
-        from .templates_hopper import tile_plan
         spec = codegen.make_spec(prog, q, k, v, operands, False)
-        hit = _SPECS[fast] = (spec.key(), codegen.load(spec, "hopper"), tile_plan(spec))
+        hit = _SPECS[fast] = (spec.key(), codegen.load(spec, "hopper"))
     return hit
-
-
-def _spec_key(prog, q, k, v, operands):
-    return _spec_and_module(prog, q, k, v, operands)[0]
 
 
 def tile_args(q, k, operands, prog: ScoreProgram, block_n: int) -> list:
     """Kernel arguments of the mask pre-pass's tile lists (mask_tiles.py), [] when the kernel has none."""
-    plan = _spec_and_module(prog, q, k, k, operands)[2] if operands else None
+    from .templates_hopper import tile_plan
+    plan = tile_plan(prog, ["bool" if t.dtype == torch.bool else "float" for t in operands]) if operands else None
     if plan is None:
         return []
     n, kind = plan
@@ -198,7 +194,7 @@ def forward(q, k, v, operands, prog: ScoreProgram, **variant):
                                                  stages=stages, tiles=tiles)
         kernel[grid](*args, **kwargs)
 
-    key = (_spec_key(prog, q, k, v, operands), triton_portable._bucket(sq), triton_portable._bucket(k.shape[2]))
+    key = (_spec_and_module(prog, q, k, v, operands)[0], triton_portable._bucket(sq), triton_portable._bucket(k.shape[2]))
     triton_portable._launch_tuned("hopper_fwd", key, d, q.dtype, q.device, launch, schedules(d, dv))
     return _filled(out, lse, v, prog)
 

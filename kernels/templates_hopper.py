@@ -259,13 +259,13 @@ def _sigmoid(x):
 '''
 
 
-def tile_plan(spec: KernelSpec):
+def tile_plan(prog, kinds):
     """(operand, kind) of the mask operand the kernel visits through tile lists, or None. Only without a
-    structural mask: a structural mask already bounds the key range, and mixing both is not worth the code."""
-    prog = spec.prog
+    structural mask: a structural mask already bounds the key range, and mixing both is not worth the code.
+    kinds: per operand 'bool' or 'float'."""
     if prog.causal != "none":
         return None
-    return mask_tiles.plan(prog, [o.kind for o in spec.operands])
+    return mask_tiles.plan(prog, kinds)
 
 
 # FP8: rows per Q scale and per K / V scale (kernels/fp8_quant.py); a CTA's 2 x 64 query rows share one Q
@@ -281,7 +281,7 @@ class _HopperGen:
         self.nops = len(spec.operands)
         self.causal = self.prog.causal != "none"
         self.window = self.prog.window
-        self.tiles = tile_plan(spec)
+        self.tiles = tile_plan(self.prog, [o.kind for o in spec.operands])
         self.fp8 = spec.dtype.startswith("float8")
 
     def score_fn(self, name: str, masked: bool, expr) -> list[str]:

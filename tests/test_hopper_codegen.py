@@ -27,8 +27,9 @@ except Exception as exc:   # pragma: no cover - depends on the Triton build
 
 def _placeholder_tiles(q, k, operands, prog):
     """Tile-list arguments of the right types without running the (GPU) mask pre-pass."""
-    from fa3_inductor.kernels import codegen, templates_hopper
-    if not operands or templates_hopper.tile_plan(codegen.make_spec(prog, q, k, k, operands, False)) is None:
+    from fa3_inductor.kernels import templates_hopper
+    kinds = ["bool" if t.dtype == torch.bool else "float" for t in operands]
+    if not operands or templates_hopper.tile_plan(prog, kinds) is None:
         return []
     mb, nb = -(-q.shape[2] // 128), -(-k.shape[2] // hopper.config(q.shape[-1], k.shape[-1])[0])
     idx = torch.zeros(1, 1, mb, nb, dtype=torch.int32)
