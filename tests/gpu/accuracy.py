@@ -8,6 +8,7 @@ import torch
 from eager_attention import eager as _eager
 from fa3_inductor.kernels import reference
 from fa3_inductor.kernels import triton_portable as tp
+from fa3_inductor.kernels.program import ScoreProgram
 
 S = ("score",)
 DEV = "cuda"
@@ -79,4 +80,18 @@ def randn(*shape, outlier=False, dtype=torch.bfloat16, gen=None):
         x = x + 10.0 * torch.randn(*shape, device=DEV, generator=gen) * (torch.rand(*shape, device=DEV, generator=gen) < 0.001)
     return x.to(dtype)
 
+
+def accuracy_cases(head_dims):
+    """(cases, ids) of the scaled-attention accuracy grid: dtype x head dim x causal x outlier data."""
+    cases = [(dt, d, causal, outlier) for dt in (torch.bfloat16, torch.float16) for d in head_dims
+             for causal in ("none", "top_left") for outlier in (False, True)]
+    ids = [f"{str(c[0])[6:]}-d{c[1]}-{c[2]}-{'outlier' if c[3] else 'normal'}" for c in cases]
+    return cases, ids
+
+
+def check_scaled(dtype, d, causal, outlier, kernel=tp):
+    """softmax(q·kᵀ/√d)·v on fresh data (B=2, H=4, S=1031), forward and backward, by the 2x rule."""
+    gen = torch.Generator(device=DEV).manual_seed(d)
+    q, k, v = (randn(2, 4, 1031, d, outlier=outlier, dtype=dtype, gen=gen) for _ in range(3))
+    attend_and_check(q, k, v, [], ScoreProgram(("mul", S, C(d ** -0.5)), causal=causal), kernel=kernel)
 

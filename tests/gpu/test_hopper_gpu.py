@@ -13,7 +13,7 @@ import math
 import pytest
 import torch
 
-from accuracy import C, S, attend_and_check, randn
+from accuracy import C, S, accuracy_cases, attend_and_check, check_scaled, randn
 from fa3_inductor import dispatch
 from fa3_inductor.kernels import hopper
 from fa3_inductor.kernels.program import ScoreProgram
@@ -54,19 +54,12 @@ def test_dispatch_picks_hopper():
     assert entry.name == "triton" and any("hopper" in p for p in passed)
 
 
-CASES = [(dt, d, causal, outlier)
-         for dt in (torch.bfloat16, torch.float16)
-         for d in hopper.HEAD_DIMS
-         for causal in ("none", "top_left")
-         for outlier in (False, True)]
+CASES, CASE_IDS = accuracy_cases(hopper.HEAD_DIMS)
 
 
-@pytest.mark.parametrize("dtype,d,causal,outlier", CASES,
-                         ids=[f"{str(c[0])[6:]}-d{c[1]}-{c[2]}-{'outlier' if c[3] else 'normal'}" for c in CASES])
+@pytest.mark.parametrize("dtype,d,causal,outlier", CASES, ids=CASE_IDS)
 def test_accuracy(dtype, d, causal, outlier):
-    gen = torch.Generator(device=DEV).manual_seed(d)
-    q, k, v = (randn(2, 4, 1031, d, outlier=outlier, dtype=dtype, gen=gen) for _ in range(3))
-    attend_and_check(q, k, v, [], ScoreProgram(("mul", S, C(d ** -0.5)), causal=causal), kernel=hopper)
+    check_scaled(dtype, d, causal, outlier, kernel=hopper)
 
 
 def test_anchor_outlier_rmse():

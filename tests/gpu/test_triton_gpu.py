@@ -12,7 +12,7 @@ import math
 import pytest
 import torch
 
-from accuracy import C, S, attend_and_check, randn
+from accuracy import C, S, accuracy_cases, attend_and_check, check_scaled, randn
 from fa3_inductor.kernels import triton_portable as tp
 from fa3_inductor.kernels.program import ScoreProgram
 
@@ -26,20 +26,12 @@ def _no_tuning(monkeypatch):
     """Tuning every spec would dominate the run; one test below covers the tuner."""
     monkeypatch.setattr(tp, "_AUTOTUNE", False)
 
-CASES = [(dt, d, causal, outlier)
-         for dt in (torch.bfloat16, torch.float16)
-         for d in (64, 80, 128, 256)
-         for causal in ("none", "top_left")
-         for outlier in (False, True)]
+CASES, CASE_IDS = accuracy_cases((64, 80, 128, 256))
 
 
-@pytest.mark.parametrize("dtype,d,causal,outlier", CASES,
-                         ids=[f"{str(c[0])[6:]}-d{c[1]}-{c[2]}-{'outlier' if c[3] else 'normal'}" for c in CASES])
+@pytest.mark.parametrize("dtype,d,causal,outlier", CASES, ids=CASE_IDS)
 def test_accuracy(dtype, d, causal, outlier):
-    gen = torch.Generator(device=DEV).manual_seed(d)
-    b, h, s = 2, 4, 1031
-    q, k, v = (randn(b, h, s, d, outlier=outlier, dtype=dtype, gen=gen) for _ in range(3))
-    attend_and_check(q, k, v, [], ScoreProgram(("mul", S, C(d ** -0.5)), causal=causal))
+    check_scaled(dtype, d, causal, outlier)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
