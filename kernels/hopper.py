@@ -258,11 +258,11 @@ def forward_fp8(q, k, v, operands, prog: ScoreProgram, recipe, **variant):
     from .templates_hopper import FP8_QUANT_BLOCKS
     b, hq, sq, _ = q.shape
     dv = v.shape[-1]
-    out = triton_portable._empty((b, hq, sq, dv), v.dtype, q.device)
-    lse = triton_portable._empty((b, hq, sq), torch.float32, q.device)
-    if out.numel() == 0 or k.shape[2] == 0:
+    if b * hq * sq * dv == 0 or k.shape[2] == 0:
         from . import fp8_portable
         return fp8_portable.forward(q, k, v, operands, prog, recipe)
+    out = triton_portable._empty((b, hq, sq, dv), v.dtype, q.device)
+    lse = triton_portable._empty((b, hq, sq), torch.float32, q.device)
     q8, k8, v8 = fp8_quant.quantize_qkv(q, k, v, recipe, *FP8_QUANT_BLOCKS, v_transposed=True)
     kernel, grid, args, kwargs = fp8_launch_args(q8, k8, v8, operands, prog, out, lse, **variant)
     kernel[grid](*args, **kwargs)
