@@ -7,6 +7,7 @@ Scenarios (GPU sizes of the benchmarks; --cpu: tiny sizes, fp32, a check of the 
   prefill512   ANCHORS Llama at B=2, S=512 (bench/models.py's llama-s512), one no-grad forward;
   decode       generate() 16 tokens after a 4096 prompt, StaticCache, default compile mode (no CUDA graphs, so
                the profiler sees every kernel of the decode steps);
+  decode-ro    the same with mode="reduce-overhead" (CUDA graphs; the header counts Inductor's cudagraph skips);
   train-bert   one AdamW step of the padded BERT of bench/train.py.
 Per scenario and mode: wall ms per iteration, the top CUDA kernels (total µs per iteration and calls), the top
 host ops by self CPU time, device->host syncs (cudaStreamSynchronize / cudaMemcpy calls), and for fa3 the
@@ -28,7 +29,7 @@ import common  # noqa: E402
 import torch  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
-SCENARIOS = ("prefill512", "decode", "train-bert")
+SCENARIOS = ("prefill512", "decode", "decode-ro", "train-bert")
 SYNC_EVENTS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaMemcpyAsync", "cudaEventSynchronize")
 
 
@@ -46,15 +47,19 @@ def prefill512(mode, device, cpu):
     return step
 
 
-def decode(mode, device, cpu):
+def decode(mode, device, cpu, compile_mode=None):
     import generate
     dtype = torch.float32 if cpu else torch.bfloat16
     prompt, new = (24, 4) if cpu else (4096, 16)
     model = generate.llama("sdpa", not cpu, device, dtype)
     ids = torch.randint(1, model.config.vocab_size, (1, prompt), device=device,
                         generator=torch.Generator(device=device).manual_seed(0))
-    gen = generate.Generator(model, ids, (mode, "sdpa", "static", None), prompt, new)
+    gen = generate.Generator(model, ids, (mode, "sdpa", "static", compile_mode), prompt, new)
     return lambda: gen(new)
+
+
+def decode_ro(mode, device, cpu):
+    return decode(mode, device, cpu, "reduce-overhead")
 
 
 def train_bert(mode, device, cpu):
@@ -75,7 +80,7 @@ def train_bert(mode, device, cpu):
     return step
 
 
-BUILDERS = {"prefill512": prefill512, "decode": decode, "train-bert": train_bert}
+BUILDERS = {"prefill512": prefill512, "decode": decode, "decode-ro": decode_ro, "train-bert": train_bert}
 
 
 def table(rows, n_iter, top, unit="us") -> list[str]:
@@ -86,6 +91,8 @@ def table(rows, n_iter, top, unit="us") -> list[str]:
 
 
 def profile_one(name, mode, device, cpu, iters) -> list[str]:
+    from torch._dynamo.utils import counters
+    counters.clear()
     step = BUILDERS[name](mode, device, cpu)
     for _ in range(3):      # compile, autotune, warm caches
         step()
@@ -101,7 +108,9 @@ def profile_one(name, mode, device, cpu, iters) -> list[str]:
             step()
         common.sync(device)
     ev = prof.key_averages()
-    lines = [f"## {name} / {mode}: {wall:.3f} ms per iteration (wall, {iters} iterations)"]
+    from torch._dynamo.utils import counters
+    lines = [f"## {name} / {mode}: {wall:.3f} ms per iteration (wall, {iters} iterations); "
+             f"inductor counters {dict(counters['inductor'])}"]
     if device.type == "cuda":
         kern = sorted(((e.key, e.device_time_total, e.count) for e in ev if e.device_time_total > 0
                        and e.self_device_time_total > 0), key=lambda r: -r[1])
