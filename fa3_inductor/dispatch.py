@@ -26,7 +26,7 @@ from typing import Callable
 
 from torch._subclasses.fake_tensor import FakeTensor
 
-from .kernels import fp8_portable, hopper, reference, triton_decode, triton_portable
+from .kernels import fp8_portable, hopper, launcher, reference, triton_decode, triton_portable
 from .kernels.fp8_recipe import Fp8Recipe
 from .kernels.program import ScoreProgram
 
@@ -93,17 +93,12 @@ def fp8_fallback_reason(passed_over: list[str]) -> str:
 
 
 def _select_key(prog, q, k, v, operands, preference, fp8):
-    """What every entry's `supports` looks at (shapes, strides, dtypes, device, 16-byte alignment), or None
-    when a size is symbolic (compile-time calls on fake tensors are not memoised)."""
-    parts = [prog, preference, fp8, q.device, os.environ.get("TRITON_INTERPRET", "0")]
-    for t in (q, k, v, *operands):
-        shape, stride = tuple(t.shape), tuple(t.stride())
-        if not all(type(x) is int for x in shape + stride):
-            return None
-        if isinstance(t, FakeTensor):    # compile time: no storage, nothing to memoise
-            return None
-        parts.append((shape, stride, t.dtype, t.device.type == "cuda" and t.data_ptr() % 16 == 0))
-    return tuple(parts)
+    """What every entry's `supports` looks at (shapes, strides, dtypes, device, 16-byte alignment), or None for
+    fake tensors (compile time: symbolic sizes, no storage; not memoised)."""
+    if isinstance(q, FakeTensor) or any(isinstance(t, FakeTensor) for t in operands):
+        return None
+    return (prog, preference, fp8, q.device, os.environ.get("TRITON_INTERPRET", "0"),
+            launcher.call_key((q, k, v, *operands)))
 
 
 _SELECTED: dict = {}

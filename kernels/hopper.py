@@ -7,12 +7,13 @@ stride and 16-byte aligned strides (TMA's rules); anything else falls back with 
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import torch
 from torch._subclasses.fake_tensor import FakeTensor
 
-from . import codegen, mask_tiles, reference, triton_portable
+from . import codegen, launcher, mask_tiles, reference, triton_portable
 from .program import ScoreProgram
 
 HEAD_DIMS = (64, 96, 128, 192, 256)
@@ -170,9 +171,56 @@ def schedules(d: int, dv: int) -> list[tuple[bool, int]]:
     return [(True, 2), (True, min(3, most)), (False, 2)]
 
 
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+    """What a call key pins of one launch (the tuned schedule, grid, constexprs and every integer argument), so
+    that a call only rebases the four TMA descriptors on its tensors and starts the compiled kernel."""
+    key: tuple
+    kernel: object
+    grid: tuple
+    kwargs: dict
+    descs: tuple          # validated descriptors of the first call (q, k, v, out): box, layout, geometry
+    op_strides: tuple     # per operand: its strides expanded to (B, Hq, Sq, Sk)
+    block_n: int
+    tiled: bool           # the program walks tile lists of a dense mask (computed per call: data)
+    tail: tuple           # lse strides, Sq, Sk, causal offset
+
+
+_PLANS: dict = {}
+
+
+def _rebase(desc, t):
+    """desc on tensor t, which the plan key guarantees has desc's shape, strides, dtype and alignment."""
+    new = object.__new__(type(desc))
+    new.__dict__.update(desc.__dict__)
+    new.base = t
+    return new
+
+
+def _make_plan(key, q, k, v, operands, prog, out, lse, cfg, tiles) -> _Plan:
+    pingpong, stages = cfg
+    kernel, grid, args, kwargs = launch_args(q, k, v, operands, prog, out, lse, pingpong=pingpong, stages=stages,
+                                             tiles=tiles)
+    full = (q.shape[0], q.shape[1], q.shape[2], k.shape[2])
+    op_strides = tuple(tuple(int(x) for x in t.expand(*full).stride()) for t in operands)
+    return _Plan(key, kernel, grid, kwargs, args[:4], op_strides, kwargs["BLOCK_N"], bool(tiles), args[-6:])
+
+
+def _launch_planned(plan: _Plan, q, k, v, operands, prog, out, lse) -> None:
+    op_args = []
+    for t, st in zip(operands, plan.op_strides):
+        op_args.append(t)
+        op_args += st
+    tiles = tile_args(q, k, operands, prog, plan.block_n) if plan.tiled else ()
+    dq, dk, dv, do = plan.descs
+    args = (_rebase(dq, q), _rebase(dk, k), _rebase(dv, v), _rebase(do, out), lse, *op_args, *tiles, *plan.tail)
+    launcher.launch(plan.key, plan.kernel, plan.grid, args, plan.kwargs)
+
+
 def forward(q, k, v, operands, prog: ScoreProgram, **variant):
     """Returns (out (B, Hq, Sq, Dv) in v.dtype, lse fp32 (B, Hq, Sq)). `variant` (pingpong, block_n, stages)
-    pins a schedule (benchmarks, tests); otherwise the tuner picks one per (spec, length bucket)."""
+    pins a schedule (benchmarks, tests); otherwise the tuner picks one per (spec, length bucket), and once it
+    has, the call's plan (keyed by its shapes, strides, dtypes, alignments) makes later calls cheap on the host."""
     b, hq, sq, _ = q.shape
     dv = v.shape[-1]
     out = triton_portable._empty((b, hq, sq, dv), v.dtype, q.device)
@@ -185,6 +233,11 @@ def forward(q, k, v, operands, prog: ScoreProgram, **variant):
         kernel, grid, args, kwargs = launch_args(q, k, v, operands, prog, out, lse, **variant)
         kernel[grid](*args, **kwargs)
         return _filled(out, lse, v, prog)
+    key = ("hopper", prog, q.device.index, launcher.call_key((q, k, v, *operands)))
+    plan = _PLANS.get(key)
+    if plan is not None:
+        _launch_planned(plan, q, k, v, operands, prog, out, lse)
+        return _filled(out, lse, v, prog)
     d, dv = q.shape[-1], v.shape[-1]
     tiles = tile_args(q, k, operands, prog, config(d, dv)[0])
 
@@ -194,8 +247,13 @@ def forward(q, k, v, operands, prog: ScoreProgram, **variant):
                                                  stages=stages, tiles=tiles)
         kernel[grid](*args, **kwargs)
 
-    key = (_spec_and_module(prog, q, k, v, operands)[0], triton_portable._bucket(sq), triton_portable._bucket(k.shape[2]))
-    triton_portable._launch_tuned("hopper_fwd", key, d, q.dtype, q.device, launch, schedules(d, dv))
+    tkey = (_spec_and_module(prog, q, k, v, operands)[0], triton_portable._bucket(sq),
+            triton_portable._bucket(k.shape[2]))
+    cfg = triton_portable._launch_tuned("hopper_fwd", tkey, d, q.dtype, q.device, launch, schedules(d, dv))
+    if cfg is not None:
+        if len(_PLANS) > 4096:
+            _PLANS.clear()
+        _PLANS[key] = _make_plan(key, q, k, v, operands, prog, out, lse, cfg, tiles)
     return _filled(out, lse, v, prog)
 
 

@@ -13,6 +13,7 @@ import functools
 
 import torch
 
+from . import launcher
 from . import triton_portable as tp
 from .program import ScoreProgram
 
@@ -104,17 +105,21 @@ def forward(q, k, v, operands, prog: ScoreProgram, splits: int | None = None):
         part = tp._empty((b, hq, sq, n_split, dv), torch.float32, q.device)
         lpart = tp._empty((b, hq, sq, n_split), torch.float32, q.device)
 
+    # everything the launches are specialised on follows from q, k, v, the operands and the split
+    base = ("decode", prog, q.device.index, launcher.call_key((q, k, v, *operands)), n_split, chunk)
+
     def launch(cfg):
         kernel, grid, args, kwargs = launch_args(q, k, v, operands, prog, out, lse, part, lpart, n_split, chunk,
                                                  cfg, prepared=(spec, mod, op_args, coff))
-        kernel[grid](*args, **kwargs)
+        launcher.launch(base + (cfg,), kernel, grid, args, kwargs)
 
     key = (skey, block_m, tp._bucket(sk), n_split)
     tp._launch_tuned("decode", key, d, q.dtype, q.device, launch, configs=_configs(d, q.dtype, block_m),
                      interpret_config=INTERPRET_CONFIG)
     if not final:
-        mod.attn_decode_combine[(sq, hq, b)](part, lpart, out, lse, *part.stride(), *lpart.stride(), *out.stride(),
-                                             *lse.stride(), n_split, BLOCK_S=max(2, _next_pow2(n_split)))
+        launcher.launch(base + ("combine",), mod.attn_decode_combine, (sq, hq, b),
+                        (part, lpart, out, lse, *part.stride(), *lpart.stride(), *out.stride(), *lse.stride(), n_split),
+                        dict(BLOCK_S=max(2, _next_pow2(n_split))))
     return out, lse
 
 

@@ -12,7 +12,7 @@ import os
 
 import torch
 
-from . import codegen, reference
+from . import codegen, launcher, reference
 from .program import COMPARE, LEAVES, LOGICAL, ScoreProgram
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32)
@@ -165,23 +165,24 @@ def _capturing(device) -> bool:
 
 
 def _launch_tuned(kind: str, key: tuple, d: int, dtype, device, launch, configs=None, interpret_config=None):
-    """launch(config) runs the kernel once; returns nothing. Picks/caches the fastest config for key among
-    `configs` (default: this module's list for `kind`; the first is the default when tuning is not possible).
-    interpret_config replaces INTERPRET_CONFIGS[kind] for kernels defined elsewhere."""
+    """launch(config) runs the kernel once. Picks/caches the fastest config for key among `configs` (default:
+    this module's list for `kind`; the first is the default when tuning is not possible). interpret_config
+    replaces INTERPRET_CONFIGS[kind] for kernels defined elsewhere. Returns the config when it is settled for
+    key (tuned, or tuning is off), so a caller may pin it; None otherwise (CPU, or a first call under capture)."""
     if device.type != "cuda":
         launch(interpret_config or INTERPRET_CONFIGS[kind])
-        return
+        return None
     configs = configs or _CONFIGS[kind](d, dtype)
     full_key = (kind,) + key
     best = _TUNED.get(full_key)
     if best is not None:
         launch(best)
-        return
+        return best
     if not _AUTOTUNE or _capturing(device):
         for cfg in configs:
             try:
                 launch(cfg)
-                return
+                return cfg if not _AUTOTUNE else None
             except Exception as exc:  # out of shared memory etc.: next config
                 last = exc
         raise last
@@ -197,10 +198,11 @@ def _launch_tuned(kind: str, key: tuple, d: int, dtype, device, launch, configs=
             continue
     if not timings:
         launch(configs[0])  # raises the real error
-        return
+        return None
     best = min(timings)[1]
     _TUNED[full_key] = best
     launch(best)
+    return best
 
 
 def _grid_m(spec_gen_head_fastest: bool, n_m: int, h: int, b: int):
@@ -257,13 +259,15 @@ def forward(q, k, v, operands, prog: ScoreProgram):
     if out.numel() == 0 and lse.numel() == 0:
         return out, lse
     spec, mod, op_args, coff, skey, hf = _prepare(q, k, v, operands, prog)
+    base = ("fwd", prog, q.device.index, launcher.call_key((q, k, v, *operands)))
 
     def launch(cfg):
         bm, bn, warps, stages = cfg
         grid = _grid_m(hf, triton_cdiv(sq, bm), hq, b)
-        mod.attn_fwd[grid](q, k, v, out, lse, *op_args, *q.stride(), *k.stride(), *v.stride(), *out.stride(),
-                           *lse.stride(), sq, sk, coff, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps,
-                           num_stages=stages)
+        launcher.launch(base + (cfg,), mod.attn_fwd, grid,
+                        (q, k, v, out, lse, *op_args, *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+                         *lse.stride(), sq, sk, coff),
+                        dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages))
 
     _launch_tuned("fwd", _tune_key(skey, sq, sk), d, q.dtype, q.device, launch)
     if prog.empty_row == "uniform":     # the kernel leaves rows with no visible key at 0
@@ -302,16 +306,20 @@ def backward(dout, q, k, v, operands, out, lse, prog: ScoreProgram):
     delta = _empty((b, hq, sq), torch.float32, q.device)
     flag = torch.zeros((b * hk,), dtype=torch.int32, device=q.device)
     bm_pre = 64 if q.device.type == "cuda" else 32
-    mod.attn_bwd_pre[(triton_cdiv(sq, bm_pre), hq, b)](out, dout, lse, delta, flag, *out.stride(), *dout.stride(),
-                                                       *lse.stride(), sq, hq, BLOCK_M=bm_pre)
+    # everything the launches are specialised on follows from these tensors (the rest is allocated here)
+    base = ("bwd", prog, q.device.index, launcher.call_key((q, k, v, dout, out, lse, *operands)))
+    launcher.launch(base + ("pre",), mod.attn_bwd_pre, (triton_cdiv(sq, bm_pre), hq, b),
+                    (out, dout, lse, delta, flag, *out.stride(), *dout.stride(), *lse.stride(), sq, hq),
+                    dict(BLOCK_M=bm_pre))
     qkv_strides = [*q.stride(), *k.stride(), *v.stride(), *dout.stride(), *lse.stride()]
 
     def launch_dkdv(cfg):
         bm, bn, warps, stages = cfg
         grid = (triton_cdiv(sk, bn), hk, b)
-        mod.attn_bwd_dkdv[grid](q, k, v, dout, lse, delta, flag, dk, dv, *op_args, *qkv_strides, *dk.stride(),
-                                *dv.stride(), sq, sk, coff, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps,
-                                num_stages=stages)
+        launcher.launch(base + ("dkdv", cfg), mod.attn_bwd_dkdv, grid,
+                        (q, k, v, dout, lse, delta, flag, dk, dv, *op_args, *qkv_strides, *dk.stride(),
+                         *dv.stride(), sq, sk, coff),
+                        dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages))
 
     dop_args = []
     for n in grad_ops:
@@ -320,8 +328,10 @@ def backward(dout, q, k, v, operands, out, lse, prog: ScoreProgram):
     def launch_dq(cfg):
         bm, bn, warps, stages = cfg
         grid = _grid_m(hf, triton_cdiv(sq, bm), hq, b)
-        mod.attn_bwd_dq[grid](q, k, v, dout, lse, delta, dq, *op_args, *dop_args, *qkv_strides, *dq.stride(),
-                              sq, sk, hq, coff, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages)
+        launcher.launch(base + ("dq", cfg), mod.attn_bwd_dq, grid,
+                        (q, k, v, dout, lse, delta, dq, *op_args, *dop_args, *qkv_strides, *dq.stride(),
+                         sq, sk, hq, coff),
+                        dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages))
 
     key = _tune_key(skey, sq, sk)
     _launch_tuned("dkdv", key, d, q.dtype, q.device, launch_dkdv)

@@ -1,0 +1,65 @@
+"""Cached launches: the host cost of a model's attention call.
+
+`kernel[grid](*args, **kwargs)` re-derives on every call what the compiled kernel is specialised on (each
+argument's type, 16-byte alignment, divisibility by 16, value 1, the constexprs) and looks the compiled kernel
+up by it; at the S=512 prefill of the ANCHORS Llama that was ~37 µs of a ~240 µs call (bench/launch_overhead.py).
+A caller of `launch` passes a key that already pins all of that — the shapes, strides, dtypes and alignments of
+the tensors every argument is derived from, and the constexprs — so after the first launch under a key the
+compiled kernel is started directly (CompiledKernel's own launch path, which JITFunction.run ends in).
+
+Only for kernels whose call passes every parameter (positional, then keywords in signature order); anything
+else, the interpreter, and the first call per key take the ordinary launch.
+"""
+
+from __future__ import annotations
+
+_COMPILED: dict = {}
+_OPTIONS = ("num_warps", "num_stages", "num_ctas", "maxnreg", "warp_size")
+
+
+def _direct(ck, tail: tuple[str, ...]) -> tuple | None:
+    try:
+        ck.run                  # loads the module (raises if it cannot run here)
+        ck.function, ck.packed_metadata
+    except Exception:
+        return None
+    return ck, tail
+
+
+def launch(key, kernel, grid: tuple, args: tuple, kwargs: dict) -> None:
+    """Launch kernel[grid](*args, **kwargs); `key` must determine everything the kernel is specialised on
+    (never the data pointers themselves, which change from call to call)."""
+    hit = _COMPILED.get(key)
+    if hit is not None:
+        ck, tail = hit
+        from triton import knobs
+        from triton.runtime.driver import driver
+        drv = driver.active
+        stream = drv.get_current_stream(drv.get_current_device())
+        values = args + tuple(kwargs[n] for n in tail)
+        enter = knobs.runtime.launch_enter_hook
+        meta = ck.launch_metadata(grid, stream, *values) if enter is not None else None
+        g1 = grid[1] if len(grid) > 1 else 1
+        g2 = grid[2] if len(grid) > 2 else 1
+        ck.run(grid[0], g1, g2, stream, ck.function, ck.packed_metadata, meta, enter,
+               knobs.runtime.launch_exit_hook, *values)
+        return
+    ck = kernel[grid](*args, **kwargs)
+    names = getattr(kernel, "arg_names", None)
+    if key is None or names is None or not hasattr(ck, "packed_metadata"):
+        return
+    tail = tuple(names[len(args):])
+    given = set(kwargs) - set(_OPTIONS)
+    if set(tail) != given or len(tail) != len(given):
+        return                  # defaults or unknown keywords: keep the ordinary launch
+    direct = _direct(ck, tail)
+    if direct is not None:
+        if len(_COMPILED) > 4096:
+            _COMPILED.clear()
+        _COMPILED[key] = direct
+
+
+def call_key(tensors) -> tuple:
+    """What a launch derived from these (real, concrete) tensors is specialised on: shape, strides, dtype and
+    16-byte alignment of each (data pointers excluded)."""
+    return tuple((t.shape, t.stride(), t.dtype, t.data_ptr() % 16 == 0) for t in tensors)

@@ -1,0 +1,100 @@
+"""Cached launches (kernels/launcher.py, the Hopper call plans) on a CUDA GPU: calls after the first start the
+compiled kernel directly with fresh tensors of the same shapes (new data pointers), and a change of strides,
+alignment or dtype takes a new plan; every call's result is checked against the reference. Skipped without CUDA.
+
+    pytest -q tests/gpu/test_launch_cache_gpu.py
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fa3_inductor.kernels import hopper, launcher, reference
+from fa3_inductor.kernels import triton_decode as td
+from fa3_inductor.kernels import triton_portable as tp
+from fa3_inductor.kernels.program import ScoreProgram
+from accuracy import DEV, check, randn, run_eager  # noqa: E402  (tests/gpu/accuracy.py)
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+
+S = ("score",)
+SM90 = torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9
+
+
+def _check_forward(kernel, q, k, v, ops, prog):
+    out, lse = kernel.forward(q, k, v, ops, prog)
+    eout, _ = run_eager(q, k, v, ops, prog, torch.zeros_like(out), q.dtype, backward=False)
+    o64, _ = run_eager(q, k, v, ops, prog, torch.zeros_like(out), torch.float64, backward=False)
+    check("out", out, eout, o64)
+    return out, lse
+
+
+def _fresh(shape_q, shape_kv, gen, layout="bhsd"):
+    def one(shape):
+        if layout == "bshd":      # the same logical shape through a transposed (B, S, H, D) buffer
+            b, h, s, d = shape
+            return randn(b, s, h, d, gen=gen).transpose(1, 2)
+        return randn(*shape, gen=gen)
+    return one(shape_q), one(shape_kv), one(shape_kv)
+
+
+@pytest.mark.parametrize("kernel", ["hopper", "triton"])
+def test_repeated_calls_fresh_tensors(kernel):
+    if kernel == "hopper" and not SM90:
+        pytest.skip("needs an sm_90 GPU")
+    mod = hopper if kernel == "hopper" else tp
+    gen = torch.Generator(device=DEV).manual_seed(11)
+    pad = torch.ones(2, 1, 1, 700, dtype=torch.bool, device=DEV)
+    pad[1, ..., 500:] = False
+    prog = ScoreProgram(("where", ("operand", 0), ("mul", S, ("const", 0.125)), ("const", float("-inf"))),
+                        n_operands=1, causal="bottom_right")
+    before = len(launcher._COMPILED)
+    for layout in ("bhsd", "bhsd", "bhsd", "bshd", "bshd"):
+        q, k, v = _fresh((2, 8, 600, 64), (2, 4, 700, 64), gen, layout)
+        keep = [torch.empty(1, device=DEV) for _ in range(3)]   # shift the allocator: new data pointers
+        _check_forward(mod, q, k, v, [pad], prog)
+        del keep
+    assert len(launcher._COMPILED) >= before + 2, "no direct launch was cached for the two layouts"
+    if kernel == "hopper":
+        assert any(key[0] == "hopper" and key[1] == prog for key in hopper._PLANS)
+
+
+def test_portable_backward_repeated():
+    gen = torch.Generator(device=DEV).manual_seed(12)
+    prog = ScoreProgram(("mul", S, ("const", 0.125)), causal="top_left")
+    for _ in range(3):
+        q, k, v = _fresh((1, 4, 300, 64), (1, 2, 300, 64), gen)
+        out, lse = tp.forward(q, k, v, [], prog)
+        dout = torch.randn_like(out)
+        grads = tp.backward(dout, q, k, v, [], out, lse, prog)
+        _, egr = run_eager(q, k, v, [], prog, dout, q.dtype)
+        _, g64 = run_eager(q, k, v, [], prog, dout, torch.float64)
+        for name, a, e, r in zip(("dq", "dk", "dv"), grads[:3], egr, g64):
+            check(name, a, e, r)
+
+
+def test_decode_repeated_and_graph_capture():
+    gen = torch.Generator(device=DEV).manual_seed(13)
+    prog = ScoreProgram(("mul", S, ("const", 128 ** -0.5)), causal="bottom_right", empty_row="nan")
+    for _ in range(3):
+        q, k, v = _fresh((1, 16, 1, 128), (1, 8, 4352, 128), gen)
+        out, _ = td.forward(q, k, v, [], prog)
+        rout, _ = reference.forward(q, k, v, [], prog)
+        torch.testing.assert_close(out.float(), rout.float(), atol=2e-2, rtol=2e-2)
+    # a CUDA graph captures the direct launches and replays them on new contents of the same buffers
+    q, k, v = _fresh((1, 16, 1, 128), (1, 8, 4352, 128), gen)
+    g = torch.cuda.CUDAGraph()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        td.forward(q, k, v, [], prog)
+        with torch.cuda.graph(g):
+            out, _ = td.forward(q, k, v, [], prog)
+    torch.cuda.current_stream().wait_stream(s)
+    for _ in range(2):
+        for t in (q, k, v):
+            t.copy_(torch.randn(t.shape, device=DEV, generator=gen))
+        g.replay()
+        rout, _ = reference.forward(q, k, v, [], prog)
+        torch.testing.assert_close(out.float(), rout.float(), atol=2e-2, rtol=2e-2)
