@@ -32,6 +32,8 @@ import torch  # noqa: E402
 import zoo  # noqa: E402  (tests/models, put on sys.path by common)
 
 MODES = ("eager", "inductor", "fa3")
+# with CUDA graphs (mode="reduce-overhead"): where host work dominates (S=512) this is how a user runs it
+ALL_MODES = MODES + ("inductor-ro", "fa3-ro")
 # (case, zoo model, sequence length override); GPU order is priority order under the budget
 CASES = [("llama", "llama", None), ("llama-s512", "llama", 512)] + \
         [(m, m, None) for m in zoo.MODELS if m != "llama"]
@@ -77,8 +79,8 @@ def run_mode(model, inputs, mode, device, ref, valid) -> dict:
     counter = None
     fn = model
     if mode != "eager":
-        counter = common.counting_backend("inductor" if mode == "inductor" else "fa3")
-        fn = torch.compile(model, backend=counter)
+        counter = common.counting_backend("inductor" if mode.startswith("inductor") else "fa3")
+        fn = torch.compile(model, backend=counter, **({"mode": "reduce-overhead"} if mode.endswith("-ro") else {}))
     rec: dict = {"mode": mode}
     before = common.dispatch_snapshot()
     with torch.no_grad(), common.SiteLog() as sites:
@@ -95,7 +97,7 @@ def run_mode(model, inputs, mode, device, ref, valid) -> dict:
         rec["ms"] = common.time_ms(lambda: fn(**inputs), device)
         if counter is not None:
             rec["recompiles"] = counter.frame_count - rec["graphs"]
-    if mode == "fa3":
+    if mode.startswith("fa3"):
         rec["kernels"] = common.dispatch_delta(before)
     return rec
 
@@ -136,7 +138,7 @@ def line(r: dict) -> str:
     extra = ""
     if r["mode"] != "eager":
         extra = f" graphs {r['graphs']} recompiles {r['recompiles']} first call {r['first_call_s']:.1f}s"
-    if r["mode"] == "fa3":
+    if r["mode"].startswith("fa3"):
         extra += f" sites {r['sites_rewritten']}/{r['attention_calls']} kernels {r.get('kernels')}"
     return f"{tag} {r['ms']:9.3f} ms  err {r['err']:.2e}{extra}"
 
@@ -149,16 +151,18 @@ def summarize(results: list[dict]) -> list[dict]:
         by_model.setdefault(r["model"], []).append(r)
     for model, recs in by_model.items():
         timed = [r for r in recs if "ms" in r]
-        baselines = [r["ms"] for r in timed if r["mode"] != "fa3"]
+        baselines = [r["ms"] for r in timed if not r["mode"].startswith("fa3")]
         best = min(baselines) if baselines else None
         for impl in dict.fromkeys(r["impl"] for r in recs):
             m = {r["mode"]: r for r in recs if r["impl"] == impl}
             fa3 = m.get("fa3", {})
             ind = m.get("inductor", {})
             row = {"model": model, "impl": impl, "shape": recs[0]["shape"], "best_baseline_ms": best}
-            for mode in MODES:
+            for mode in ALL_MODES:
                 row[f"{mode}_ms"] = m.get(mode, {}).get("ms")
                 row[f"{mode}_err"] = m.get(mode, {}).get("err")
+            if row["fa3-ro_ms"] and row["inductor-ro_ms"]:
+                row["ro_speedup_vs_inductor_ro"] = row["inductor-ro_ms"] / row["fa3-ro_ms"]
             if "ms" in fa3:
                 row["sites"] = f"{fa3.get('sites_rewritten')}/{fa3.get('attention_calls')}"
                 row["speedup_vs_best"] = best / fa3["ms"] if best else None
@@ -178,10 +182,12 @@ def markdown(summary: list[dict], header_lines: list[str]) -> list[str]:
     lines = list(header_lines) + [
         "", "ms: median prefill forward; err: max |out - eager fp32| / max |eager fp32| over defined positions; "
         "speedups of fa3 over the fastest baseline (eager or Inductor, either implementation) and over Inductor "
-        "with the same implementation; graphs (recompiles during timing) of the fa3 compile.", "",
+        "with the same implementation; graphs (recompiles during timing) of the fa3 compile. -ro: both compiled "
+        "with mode=\"reduce-overhead\" (CUDA graphs), where they ran.", "",
         "| model | impl | shape | sites | eager ms | inductor ms | fa3 ms | fa3 vs best | fa3 vs inductor | "
+        "inductor-ro ms | fa3-ro ms | fa3-ro vs inductor-ro | "
         "err eager | err inductor | err fa3 | graphs (recompiles) | fa3 kernels | notes |",
-        "|" + "---|" * 15]
+        "|" + "---|" * 18]
     for r in summary:
         kern = ", ".join(f"{k}×{v}" for k, v in (r.get("fa3_kernels") or {}).items())
         graphs = f"{r['fa3_graphs']} ({r['fa3_recompiles']})" if r.get("fa3_graphs") is not None else "-"
@@ -189,7 +195,9 @@ def markdown(summary: list[dict], header_lines: list[str]) -> list[str]:
         lines.append(
             f"| {r['model']} | {r['impl']} | {r['shape']} | {r.get('sites', '-')} | {f(r['eager_ms'], '.2f')} | "
             f"{f(r['inductor_ms'], '.2f')} | {f(r['fa3_ms'], '.2f')} | {f(r.get('speedup_vs_best'), '.2f')} | "
-            f"{f(r.get('speedup_vs_inductor'), '.2f')} | {f(r['eager_err'], '.1e')} | {f(r['inductor_err'], '.1e')} | "
+            f"{f(r.get('speedup_vs_inductor'), '.2f')} | {f(r.get('inductor-ro_ms'), '.2f')} | "
+            f"{f(r.get('fa3-ro_ms'), '.2f')} | {f(r.get('ro_speedup_vs_inductor_ro'), '.2f')} | "
+            f"{f(r['eager_err'], '.1e')} | {f(r['inductor_err'], '.1e')} | "
             f"{f(r['fa3_err'], '.1e')} | {graphs} | {kern or '-'} | {notes or ''} |")
     return lines
 
@@ -225,7 +233,7 @@ def main(argv=None):
     ap.add_argument("--cpu", "--quick", dest="cpu", action="store_true", help="tiny models, fp32, on CPU")
     ap.add_argument("--models", default=None, help=f"comma-separated cases of {[c for c, _, _ in CASES]}")
     ap.add_argument("--impls", default="eager,sdpa")
-    ap.add_argument("--modes", default=",".join(MODES))
+    ap.add_argument("--modes", default=",".join(MODES), help=f"comma-separated of {ALL_MODES}")
     ap.add_argument("--budget", type=float, default=420.0, help="seconds; later work is skipped")
     ap.add_argument("--out", default=os.path.join(common.ROOT, "bench", "results"))
     ap.add_argument("--stem", default=None, help="result file names (default models / models_cpu)")
@@ -238,6 +246,8 @@ def main(argv=None):
     if unknown:
         ap.error(f"unknown models {unknown}")
     modes = [m for m in args.modes.split(",") if m]
+    if any(m not in ALL_MODES for m in modes):
+        ap.error(f"modes must be among {ALL_MODES}")
     budget = common.Budget(args.budget)
     head = common.header("HF model zoo: prefill", device)
     print("\n".join(head), flush=True)
