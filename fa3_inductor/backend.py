@@ -10,16 +10,31 @@ from . import config as _config
 from .patterns.matcher import find_sites
 from .report import Report
 from .rewrite import apply_spec, finish
+from .patterns.spec import Skip
 from .site_kernel import note
+from .site_size import spec_too_small
 
 
-def rewrite_graph(gm, cfg: _config.Config) -> Report:
+def decide(gm, cfg: _config.Config, cuda_graphs: bool = False):
+    """(specs to rewrite, skips, per-spec notes) for gm's attention sites. cuda_graphs: the graph will run under
+    CUDA graphs, where host cost does not count (site_size.py)."""
+    found, skips = find_sites(gm)
+    specs = []
+    for spec in found:
+        why = spec_too_small(spec, cuda_graphs, cfg.min_flops)
+        if why:
+            skips.append(Skip(spec.site, spec.spelling, why))
+        else:
+            specs.append(spec)
+    return specs, skips, [note(spec, cfg) for spec in specs]
+
+
+def rewrite_graph(gm, cfg: _config.Config, cuda_graphs: bool = False) -> Report:
     """Find and rewrite the attention sites of gm in place; return what was decided."""
     report = Report()
     if not cfg.enabled:
         return report
-    specs, skips = find_sites(gm)
-    notes = [note(spec, cfg) for spec in specs]
+    specs, skips, notes = decide(gm, cfg, cuda_graphs)
     replaced = [apply_spec(gm, spec, cfg.kernel, cfg.fp8_arg()) for spec in specs]
     if specs:
         finish(gm, replaced)
@@ -33,9 +48,9 @@ def fa3_backend(gm, example_inputs, mode=None, options=None):
     from torch._inductor.compile_fx import compile_fx
 
     cfg, inductor_options = _config.from_env().with_options(options)
-    rewrite_graph(gm, cfg)
     patches = dict(list_mode_options(mode)) if mode else {}
     patches.update(inductor_options)
+    rewrite_graph(gm, cfg, cuda_graphs=bool(patches.get("triton.cudagraphs")))
     return compile_fx(gm, example_inputs, config_patches=patches or None)
 
 

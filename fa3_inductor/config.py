@@ -45,6 +45,8 @@ class Config:
     fp8_hadamard: bool | None = None  # FA3_FP8_HADAMARD: rotate Q, K by a random Hadamard matrix (None: on)
     fp8_scaling: str = "block"      # FA3_FP8_SCALING: block | tensor
     fp8_seed: int = 0               # FA3_FP8_SEED: seed of the Hadamard matrix's random signs
+    min_flops: int = 10 ** 10       # FA3_MIN_FLOPS: without CUDA graphs, static CUDA prefill sites below this stay
+    #                                 Inductor's (host cost; see site_size.py); 0 rewrites every site
 
     def validate(self) -> "Config":
         if self.kernel not in KERNELS:
@@ -56,6 +58,8 @@ class Config:
         if self.fp8_scaling not in SCALINGS:
             raise ValueError(f"fa3 option fp8_scaling={self.fp8_scaling!r}: expected one of {SCALINGS}")
         self.recipe()   # checks the seed
+        if not isinstance(self.min_flops, int) or isinstance(self.min_flops, bool) or self.min_flops < 0:
+            raise ValueError(f"fa3 option min_flops={self.min_flops!r}: expected a non-negative integer")
         return self
 
     def recipe(self) -> Fp8Recipe:
@@ -85,4 +89,5 @@ def from_env() -> Config:
         fp8_hadamard=_env_bool("FA3_FP8_HADAMARD", True) if os.environ.get("FA3_FP8_HADAMARD") else None,
         fp8_scaling=os.environ.get("FA3_FP8_SCALING", "block") or "block",
         fp8_seed=_env_int("FA3_FP8_SEED", 0),
+        min_flops=_env_int("FA3_MIN_FLOPS", 10 ** 10),
     ).validate()

@@ -1,7 +1,8 @@
 """fa3_inductor.explain: trace a model or function with Dynamo and report every attention site's decision.
 
 The capture backend runs the matcher on each graph Dynamo produces and then runs the graph eagerly, so
-nothing is compiled; the report says what `backend="fa3"` would do with the same inputs.
+nothing is compiled; the report says what `backend="fa3"` (default mode, no CUDA graphs) would do with the
+same inputs.
 """
 
 from __future__ import annotations
@@ -9,9 +10,7 @@ from __future__ import annotations
 import torch
 
 from . import config as _config
-from .patterns.matcher import find_sites
 from .report import Report
-from .site_kernel import note
 
 
 def explain(model_or_fn, *args, **kwargs) -> Report:
@@ -22,8 +21,8 @@ def explain(model_or_fn, *args, **kwargs) -> Report:
 
     def capture(gm, example_inputs, **_):
         if cfg.enabled:
-            specs, skips = find_sites(gm)
-            report.add(specs, skips, [note(spec, cfg) for spec in specs])
+            from .backend import decide
+            report.add(*decide(gm, cfg))
         else:
             report.graphs += 1
         return gm.forward
