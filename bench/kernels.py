@@ -1,6 +1,6 @@
 """Attention kernel benchmark: our kernels (`ours` = what dispatch picks: the Hopper warp-specialized forward on
 sm_90; `portable` = the portable Triton kernels) beside cuDNN, FlashAttention-2 (both through SDPA),
-FlexAttention and FlashAttention-3 (through JAX, if `flash_attn_jax` imports), on the FA3 paper's grid
+FlexAttention and FlashAttention-3 (through JAX, the wheel flash-attn3-jax, module `flash_attn3_jax`, when carried), on the FA3 paper's grid
 (16k tokens, B = 16384 / S, H = 2048 / D, bf16), plus the HF Llama masked form against Inductor.
 
     python bench/kernels.py [--quick] [--grid pass=fwd,D=128,S=4096,causal=1] [--out DIR] [--budget SECONDS]
@@ -157,7 +157,7 @@ def flex_fns(q, k, v, dout, causal):
 def fa3_jax_time(b, h, s, d, causal, pas, calls=30):
     import jax
     import jax.numpy as jnp
-    from flash_attn_jax import flash_mha
+    from flash_attn3_jax import flash_mha
     key = jax.random.PRNGKey(0)
     kq, kk, kv, kd = jax.random.split(key, 4)
     shape = (b, s, h, d)
@@ -180,11 +180,13 @@ def fa3_jax_time(b, h, s, d, causal, pas, calls=30):
 
 
 def fa3_available() -> bool:
+    # JAX would otherwise take 75% of the GPU's memory up front, beside PyTorch's own pool
+    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     try:
-        import flash_attn_jax  # noqa: F401
+        import flash_attn3_jax  # noqa: F401  (the wheel flash-attn3-jax installs this module)
         return True
     except Exception as exc:
-        print(f"flash_attn_jax not importable: {exc!r}"[:400])
+        print(f"flash_attn3_jax not importable: {exc!r}"[:400])
         return False
 
 

@@ -203,7 +203,9 @@ def _make_plan(key, q, k, v, operands, prog, out, lse, cfg, tiles) -> _Plan:
                                              tiles=tiles)
     full = (q.shape[0], q.shape[1], q.shape[2], k.shape[2])
     op_strides = tuple(tuple(int(x) for x in t.expand(*full).stride()) for t in operands)
-    return _Plan(key, kernel, grid, kwargs, args[:4], op_strides, kwargs["BLOCK_N"], bool(tiles), args[-6:])
+    # the templates must not keep this call's tensors alive (memory; CUDA graph pools check for such leaks)
+    descs = tuple(_rebase(d, None) for d in args[:4])
+    return _Plan(key, kernel, grid, kwargs, descs, op_strides, kwargs["BLOCK_N"], bool(tiles), args[-6:])
 
 
 def _launch_planned(plan: _Plan, q, k, v, operands, prog, out, lse) -> None:
