@@ -20,6 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .loop_bound import bound
 from .program import ScoreProgram
 
 HIDE = -1.7e38      # additive values at or below this hide a score exactly (x + max stays below fp32 exp range)
@@ -58,55 +59,108 @@ def neutral_program_expr(prog: ScoreProgram, n: int, kind: str):
 
 
 @triton.jit
-def _classify(M, CLS, ROWVIS, smb, smh, smm, smn, Sq, Sk, Hm, n_blocks_n,
-              BOOL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """One program per (mask batch*head, row block, key block): class of the tile, and for each row whether
-    this tile holds a visible key (atomic max into ROWVIS)."""
+def _tile_lists(M, IDX, CLS, CNT, smb, smh, smm, smn, Sq, Sk, Hm, n_blocks_m, n_blocks_n,
+                BOOL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SUB_N: tl.constexpr,
+                CHUNK: tl.constexpr):
+    """The whole pre-pass in one launch: one program per (mask batch*head, row block), writing that row
+    block's idx / cls row and its count.
+
+    Pass 1 walks the key blocks in order and reads each BLOCK_M x BLOCK_N tile of M once, in BLOCK_M x SUB_N
+    slices (keys contiguous across a warp: coalesced; the slices of a tile are independent loads, in flight
+    together). It stores the tile's class into the row block's own CLS row (scratch until pass 2) and ORs
+    each row's "has a visible key" into registers; at the end the row-emptiness rule gives the count.
+    Pass 2 reads the classes back CHUNK at a time and scatters them with prefix sums: kept tiles first in
+    key order, then the skipped ones, so idx stays a permutation (their cls is MIXED and never read). A
+    kept tile lands at a position <= its own, so pass 2 never overwrites a class it has yet to read;
+    barriers order the scratch's writes and reads across the program's threads, and it is read through L2
+    (.cg), never from a stale L1 line.
+
+    Cost: M is read once (the bytes the forward would load for it) and 6 bytes are written per tile; the
+    work is memory-bound and spread over Bm*Hm*Mb programs (fewer than the SMs leave bandwidth unused: a
+    B=1, 8k-query mask has 64 row blocks). On the host: one launch and three torch.empty.
+    """
     bh = tl.program_id(0)
     mb = tl.program_id(1)
-    nb = tl.program_id(2)
     b = bh // Hm
     h = bh % Hm
     rows = mb * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = nb * BLOCK_N + tl.arange(0, BLOCK_N)
-    inb = (rows[:, None] < Sq) & (cols[None, :] < Sk)
-    ptr = M + b.to(tl.int64) * smb + h.to(tl.int64) * smh + rows[:, None].to(tl.int64) * smm + cols[None, :] * smn
-    if BOOL:
-        m = tl.load(ptr, mask=inb, other=0).to(tl.int1)
-        visible = m
-        neutral = m
-    else:
-        m = tl.load(ptr, mask=inb, other=0.0).to(tl.float32)
-        visible = m > -1.7e38   # HIDE
-        neutral = m == 0.0
-    all_neutral = tl.min(tl.where(inb, neutral, True).to(tl.int32)) == 1
-    any_visible = tl.max((inb & visible).to(tl.int32)) == 1
-    cls = tl.where(all_neutral, 1, tl.where(any_visible, 0, 2))
-    tl.store(CLS + (bh * tl.num_programs(1) + mb) * n_blocks_n + nb, cls.to(tl.int8))
-    row_vis = tl.max((inb & visible).to(tl.int32), 1)
-    tl.atomic_max(ROWVIS + bh * Sq + rows, row_vis, mask=rows < Sq)
+    row_in = rows < Sq
+    row_ptr = M + b.to(tl.int64) * smb + h.to(tl.int64) * smh + rows[:, None].to(tl.int64) * smm
+    row_list = (bh.to(tl.int64) * n_blocks_m + mb) * n_blocks_n
+    row_vis = tl.zeros([BLOCK_M, SUB_N], dtype=tl.int1)
+    n_hidden = 0
+    for nb in range(0, bound(n_blocks_n)):
+        # the tile in BLOCK_M x SUB_N slices (fewer live registers), OR-ed element-wise, reduced once
+        tile_vis = tl.zeros([BLOCK_M, SUB_N], dtype=tl.int1)
+        tile_not_neutral = tl.zeros([BLOCK_M, SUB_N], dtype=tl.int1)
+        for s in tl.static_range(BLOCK_N // SUB_N):
+            cols = nb * BLOCK_N + s * SUB_N + tl.arange(0, SUB_N)
+            inb = row_in[:, None] & (cols[None, :] < Sk)
+            ptr = row_ptr + cols[None, :].to(tl.int64) * smn
+            if BOOL:
+                m = tl.load(ptr, mask=inb, other=0).to(tl.int1)
+                visible = m
+                neutral = m
+            else:
+                m = tl.load(ptr, mask=inb, other=0.0).to(tl.float32)
+                visible = m > -1.7e38   # HIDE
+                neutral = m == 0.0
+            tile_vis = tile_vis | (inb & visible)
+            tile_not_neutral = tile_not_neutral | (inb & (neutral == 0))
+        any_visible = tl.max(tile_vis.to(tl.int32)) == 1
+        all_neutral = tl.max(tile_not_neutral.to(tl.int32)) == 0
+        cls = tl.where(all_neutral, 1, tl.where(any_visible, 0, 2))
+        tl.store(CLS + row_list + nb, cls.to(tl.int8))
+        n_hidden += (cls == 2).to(tl.int32)
+        row_vis = row_vis | tile_vis
+    # rows past Sq count as having a visible key
+    rows_ok = (tl.min(tl.where(row_in, tl.max(row_vis.to(tl.int32), 1), 1)) == 1).to(tl.int32)
+    count = n_blocks_n - n_hidden * rows_ok
+    tl.store(CNT + bh.to(tl.int64) * n_blocks_m + mb, count)
+    tl.debug_barrier()
+    kept_before = 0
+    skipped_before = 0
+    for j0 in range(0, bound(n_blocks_n), CHUNK):
+        j = j0 + tl.arange(0, CHUNK)
+        j_in = j < n_blocks_n
+        c = tl.load(CLS + row_list + j, mask=j_in, other=0, cache_modifier=".cg")
+        tl.debug_barrier()
+        skip = ((c == 2) & j_in).to(tl.int32) * rows_ok
+        keep = j_in.to(tl.int32) - skip
+        pos = tl.where(keep == 1, kept_before + tl.cumsum(keep, 0) - keep,
+                       count + skipped_before + tl.cumsum(skip, 0) - skip)
+        tl.store(IDX + row_list + pos, j, mask=j_in)
+        tl.store(CLS + row_list + pos, tl.where(c == 2, 0, c).to(tl.int8), mask=keep == 1)
+        kept_before += tl.sum(keep, 0)
+        skipped_before += tl.sum(skip, 0)
+    for j0 in range(0, bound(n_blocks_n), CHUNK):
+        j = j0 + tl.arange(0, CHUNK)
+        tl.store(CLS + row_list + j, tl.zeros([CHUNK], dtype=tl.int8), mask=(j >= count) & (j < n_blocks_n))
+
+
+def _empty(shape, dtype, device):
+    """Every output buffer comes from here (tests replace it with a poisoning allocator)."""
+    return torch.empty(shape, dtype=dtype, device=device)
 
 
 def tile_lists(mask: torch.Tensor, kind: str, full: tuple, block_m: int, block_n: int):
     """(idx int32 (Bm, Hm, Mb, Nb), cls int8 (same), count int32 (Bm, Hm, Mb)) for the mask expanded to
-    full = (B, H, Sq, Sk); Bm / Hm are 1 where the mask broadcasts. Entries past count are unused."""
+    full = (B, H, Sq, Sk); Bm / Hm are 1 where the mask broadcasts. Per row block: the count kept key
+    blocks in key order, then the skipped ones (cls MIXED past count: unused). One launch (_tile_lists)."""
     b, h, sq, sk = full
     bm = 1 if mask.shape[0] == 1 else b
     hm = 1 if mask.shape[1] == 1 else h
     m = mask.expand(bm, hm, sq, sk)
     mb, nb = triton.cdiv(sq, block_m), triton.cdiv(sk, block_n)
-    cls = torch.empty(bm * hm, mb, nb, dtype=torch.int8, device=mask.device)
-    rowvis = torch.zeros(bm * hm, sq, dtype=torch.int32, device=mask.device)
-    _classify[(bm * hm, mb, nb)](m, cls, rowvis, *m.stride(), sq, sk, hm, nb, BOOL=kind == "bool",
-                                 BLOCK_M=block_m, BLOCK_N=block_n)
-    # rows past Sq count as having a visible key
-    pad = mb * block_m - sq
-    rows_ok = torch.nn.functional.pad(rowvis, (0, pad), value=1).view(bm * hm, mb, block_m).amin(-1) > 0
-    skip = (cls == 2) & rows_ok[..., None]
-    keep = ~skip
-    order = torch.argsort(skip.to(torch.int8), dim=-1, stable=True)     # kept blocks first, in key order
-    idx = order.to(torch.int32)
-    cls_sorted = torch.gather(cls, -1, order)
-    cls_sorted = torch.where(cls_sorted == 2, MIXED, cls_sorted).to(torch.int8)   # kept hidden tiles: mixed
-    count = keep.sum(-1, dtype=torch.int32)
-    return (idx.view(bm, hm, mb, nb), cls_sorted.view(bm, hm, mb, nb), count.view(bm, hm, mb))
+    dev = mask.device
+    idx = _empty((bm, hm, mb, nb), torch.int32, dev)
+    cls = _empty((bm, hm, mb, nb), torch.int8, dev)
+    count = _empty((bm, hm, mb), torch.int32, dev)
+    if mb:
+        _tile_lists[(bm * hm, mb)](m, idx, cls, count, *m.stride(), sq, sk, hm, mb, nb, BOOL=kind == "bool",
+                                   BLOCK_M=block_m, BLOCK_N=block_n, SUB_N=min(block_n, 32), CHUNK=_CHUNK,
+                                   num_warps=8 if block_m * block_n >= 8192 else 4)
+    return idx, cls, count
+
+
+_CHUNK = 128    # classes compacted per step of pass 2 (a row block of a 16k-key mask has 128 to 256)

@@ -1,6 +1,7 @@
 """Runs the Triton interpreter suites (tests/test_triton_kernels.py, tests/test_fp8_kernels.py,
-tests/test_decode_kernel.py) each in a fresh process with TRITON_INTERPRET=1 set before triton is imported (the
-interpreter is chosen at import time, so it cannot be switched on inside this process)."""
+tests/test_decode_kernel.py, tests/test_prepass_kernels.py) each in a fresh process with TRITON_INTERPRET=1 set
+before triton is imported (the interpreter is chosen at import time, so it cannot be switched on inside this
+process)."""
 
 import os
 import pathlib
@@ -12,7 +13,8 @@ import pytest
 HERE = pathlib.Path(__file__).parent
 
 
-@pytest.mark.parametrize("suite", ["test_triton_kernels.py", "test_fp8_kernels.py", "test_decode_kernel.py"])
+@pytest.mark.parametrize("suite", ["test_triton_kernels.py", "test_fp8_kernels.py", "test_decode_kernel.py",
+                                   "test_prepass_kernels.py"])
 def test_triton_kernels_in_interpreter_process(suite):
     env = dict(os.environ, TRITON_INTERPRET="1")
     run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:warnings",
