@@ -260,9 +260,10 @@ def forward(q, k, v, operands, prog: ScoreProgram, **variant):
 
 
 def _filled(out, lse, v, prog: ScoreProgram):
-    """empty_row="uniform": the kernel leaves rows with no visible key at 0; they take the mean of v."""
+    """empty_row="uniform": the kernel leaves rows with no visible key at 0; they take the mean of v (one launch,
+    in place: kernels/uniform_fill.py, imported through triton_portable)."""
     if prog.empty_row == "uniform":
-        out = reference.uniform_fill(out, lse, v)
+        out = triton_portable.uniform_fill(out, lse, v)
     return out, lse
 
 

@@ -14,6 +14,7 @@ import torch
 
 from . import codegen, launcher, reference
 from .program import COMPARE, LEAVES, LOGICAL, ScoreProgram
+from .uniform_fill import uniform_fill
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 256
@@ -271,7 +272,7 @@ def forward(q, k, v, operands, prog: ScoreProgram):
 
     _launch_tuned("fwd", _tune_key(skey, sq, sk), d, q.dtype, q.device, launch)
     if prog.empty_row == "uniform":     # the kernel leaves rows with no visible key at 0
-        out = reference.uniform_fill(out, lse, v)
+        out = uniform_fill(out, lse, v)
     return out, lse
 
 

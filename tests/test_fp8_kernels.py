@@ -191,7 +191,7 @@ def test_fp8_forward_strided_inputs():
               RECIPES[0])
 
 
-@pytest.mark.parametrize("empty_row", ["nan", "zero"])
+@pytest.mark.parametrize("empty_row", ["nan", "zero", "uniform"])
 def test_fp8_forward_bool_mask_with_empty_rows(empty_row):
     q, k, v = rand(2, 2, 36, 32, seed=6), rand(2, 2, 44, 32, seed=7), rand(2, 2, 44, 32, seed=8)
     mask = torch.rand(2, 1, 36, 44, generator=torch.Generator().manual_seed(9)) > 0.4

@@ -1,7 +1,8 @@
 """The one-launch helpers around the forward kernels, on CPU through TRITON_INTERPRET=1:
 
 - kernels/mask_tiles.py `tile_lists`: bit for bit the output of the multi-op implementation it replaced
-  (tests/tile_lists_oracle.py: a classify kernel then torch ops), on random bool and float masks.
+  (tests/tile_lists_oracle.py: a classify kernel then torch ops), on random bool and float masks;
+- kernels/uniform_fill.py: the in-place mean-of-v fill of empty rows, against reference.uniform_fill.
 
 Runs in its own process with TRITON_INTERPRET=1 from the start (tests/test_interpreter_process.py).
 """
@@ -14,7 +15,8 @@ import os
 import pytest
 import torch
 
-from fa3_inductor.kernels import mask_tiles
+from fa3_inductor.kernels import mask_tiles, reference
+from fa3_inductor.kernels.uniform_fill import uniform_fill
 from tile_lists_oracle import float_mask, oracle_tile_lists, random_visibility  # tests/, on sys.path
 
 pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
@@ -95,3 +97,59 @@ def test_tile_lists_no_keys():
     got = mask_tiles.tile_lists(torch.ones(1, 1, 20, 0, dtype=torch.bool), "bool", (1, 1, 20, 0), 16, 16)
     assert [tuple(t.shape) for t in got] == [(1, 1, 2, 0), (1, 1, 2, 0), (1, 1, 2)]
     assert torch.equal(got[2], torch.zeros(1, 1, 2, dtype=torch.int32))
+
+
+# --- uniform fill --------------------------------------------------------------------------------------------
+
+def _fill_case(gen, dtype, b, hq, hkv, sq, sk, dv, empty_rows, strided):
+    v = torch.randn(b, sk, hkv, dv, generator=gen).to(dtype).transpose(1, 2) if strided else \
+        torch.randn(b, hkv, sk, dv, generator=gen).to(dtype)
+    out = torch.randn(b, sq, hq, dv, generator=gen).to(dtype).transpose(1, 2) if strided else \
+        torch.randn(b, hq, sq, dv, generator=gen).to(dtype)
+    lse = torch.randn(b, hq, sq, generator=gen)
+    lse[empty_rows] = -math.inf
+    return out, lse, v
+
+
+FILL_CASES = [
+    # dtype, b, hq, hkv, sq, sk, dv, strided
+    (torch.float32, 2, 4, 2, 300, 37, 40, False),
+    (torch.float16, 1, 4, 1, 200, 1000, 64, True),
+    (torch.float16, 2, 2, 2, 17, 5, 256, False),
+    (torch.float32, 1, 3, 3, 129, 300, 16, True),
+]
+
+
+@pytest.mark.parametrize("dtype,b,hq,hkv,sq,sk,dv,strided", FILL_CASES,
+                         ids=[f"{str(c[0])[6:]}-g{c[2] // c[3]}-{c[4]}x{c[5]}-dv{c[6]}{'-strided' if c[7] else ''}"
+                              for c in FILL_CASES])
+@pytest.mark.parametrize("pattern", ["none", "prefix", "scattered", "all"])
+def test_uniform_fill_matches_reference(dtype, b, hq, hkv, sq, sk, dv, strided, pattern):
+    gen = torch.Generator().manual_seed(sq + sk + dv)
+    if pattern == "none":
+        empty = torch.zeros(b, hq, sq, dtype=torch.bool)
+    elif pattern == "prefix":                        # left padding of the last batch element, past a row block
+        empty = torch.zeros(b, hq, sq, dtype=torch.bool)
+        empty[-1, :, :min(sq, 130)] = True
+    elif pattern == "scattered":
+        empty = torch.rand(b, hq, sq, generator=gen) < 0.1
+    else:
+        empty = torch.ones(b, hq, sq, dtype=torch.bool)
+    out, lse, v = _fill_case(gen, dtype, b, hq, hkv, sq, sk, dv, empty, strided)
+    before = out.clone()
+    want = reference.uniform_fill(out.clone(), lse, v)
+    got = uniform_fill(out, lse, v)
+    assert got is out                                # in place
+    assert torch.equal(out[~empty], before[~empty])  # rows with a visible key are not touched
+    tol = dict(atol=2e-6, rtol=1e-5) if dtype == torch.float32 else dict(atol=1e-3, rtol=1e-3)
+    torch.testing.assert_close(out, want, **tol)
+    if empty.any():
+        assert not torch.equal(out[empty], before[empty])
+
+
+def test_uniform_fill_no_keys_leaves_out():
+    out = torch.randn(1, 2, 10, 8)
+    lse = torch.full((1, 2, 10), -math.inf)
+    before = out.clone()
+    assert torch.equal(uniform_fill(out, lse, torch.empty(1, 1, 0, 8)), before)
+    assert torch.equal(reference.uniform_fill(out, lse, torch.empty(1, 1, 0, 8)), before)
