@@ -1,7 +1,8 @@
-"""Compile a Gluon kernel for sm_90a on a machine without a GPU (Triton's bundled ptxas), to read its PTX/SASS.
+"""Compile a Gluon kernel (or a plain Triton one) for sm_90a on a machine without a GPU (Triton's bundled
+ptxas), to read its PTX/SASS.
 
 Mirrors what `kernel[grid](...)` does up to the launch: bind the arguments, specialise, build the
-GluonASTSource and compile it for GPUTarget("cuda", 90, 32).
+GluonASTSource (ASTSource) and compile it for GPUTarget("cuda", 90, 32).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import tempfile
 
 import triton
 from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
 from triton.compiler import compile as triton_compile
 from triton.compiler import make_backend
 from triton.experimental.gluon._runtime import GluonASTSource
@@ -21,13 +23,23 @@ from triton.runtime.jit import create_function_from_signature
 H100 = GPUTarget("cuda", 90, 32)
 
 
-def compile_sm90(kernel, *args, **kwargs):
+def _compile(source, kernel, *args, **kwargs):
     backend = make_backend(H100)
     binder = create_function_from_signature(kernel.signature, kernel.params, backend)
     bound_args, specialization, options = binder(*args, **kwargs)
     options, signature, constexprs, attrs = kernel._pack_args(backend, kwargs, bound_args, specialization, options)
-    src = GluonASTSource(kernel, signature, constexprs, attrs)
+    src = source(kernel, signature, constexprs, attrs)
     return triton_compile(src, target=H100, options=options.__dict__)
+
+
+def compile_sm90(kernel, *args, **kwargs):
+    """A Gluon kernel."""
+    return _compile(GluonASTSource, kernel, *args, **kwargs)
+
+
+def compile_triton_sm90(kernel, *args, **kwargs):
+    """A plain @triton.jit kernel."""
+    return _compile(ASTSource, kernel, *args, **kwargs)
 
 
 def sass_facts(compiled) -> dict:
