@@ -20,6 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import launcher
 from .loop_bound import bound
 from .program import ScoreProgram
 
@@ -77,7 +78,8 @@ def _tile_lists(M, IDX, CLS, CNT, smb, smh, smm, smn, Sq, Sk, Hm, n_blocks_m, n_
 
     Cost: M is read once (the bytes the forward would load for it) and 6 bytes are written per tile; the
     work is memory-bound and spread over Bm*Hm*Mb programs (fewer than the SMs leave bandwidth unused: a
-    B=1, 8k-query mask has 64 row blocks). On the host: one launch and three torch.empty.
+    B=1, 8k-query mask has 64 row blocks). On the host: three torch.empty and one launch
+    (launcher.launch: after the first call per mask layout, the compiled kernel is started directly).
     """
     bh = tl.program_id(0)
     mb = tl.program_id(1)
@@ -157,9 +159,10 @@ def tile_lists(mask: torch.Tensor, kind: str, full: tuple, block_m: int, block_n
     cls = _empty((bm, hm, mb, nb), torch.int8, dev)
     count = _empty((bm, hm, mb), torch.int32, dev)
     if mb:
-        _tile_lists[(bm * hm, mb)](m, idx, cls, count, *m.stride(), sq, sk, hm, mb, nb, BOOL=kind == "bool",
-                                   BLOCK_M=block_m, BLOCK_N=block_n, SUB_N=min(block_n, 32), CHUNK=_CHUNK,
-                                   num_warps=8 if block_m * block_n >= 8192 else 4)
+        key = ("tile_lists", dev.index, launcher.call_key((mask,)), full, kind, block_m, block_n)
+        launcher.launch(key, _tile_lists, (bm * hm, mb), (m, idx, cls, count, *m.stride(), sq, sk, hm, mb, nb),
+                        dict(BOOL=kind == "bool", BLOCK_M=block_m, BLOCK_N=block_n, SUB_N=min(block_n, 32),
+                             CHUNK=_CHUNK, num_warps=8 if block_m * block_n >= 8192 else 4))
     return idx, cls, count
 
 

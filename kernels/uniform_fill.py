@@ -1,5 +1,6 @@
 """empty_row="uniform" after a forward kernel: rows with no visible key (lse = -inf) take the mean of v over all
-keys, in place, in one launch that costs almost nothing when no row is empty (the usual case).
+keys, in place, in one launch that costs almost nothing when no row is empty (the usual case); on the host, no
+torch op (launcher.launch: after the first call per layout, the compiled kernel is started directly).
 
 Same result as reference.uniform_fill (the torch reference) up to the order of the fp32 summation.
 Runs natively on CUDA and on CPU tensors under TRITON_INTERPRET=1.
@@ -11,6 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import launcher
 from .loop_bound import bound
 
 
@@ -58,8 +60,9 @@ def uniform_fill(out: torch.Tensor, lse: torch.Tensor, v: torch.Tensor) -> torch
     if sk == 0 or out.numel() == 0:
         return out
     block_d = triton.next_power_of_2(dv)
-    _uniform_fill[(triton.cdiv(sq, BLOCK_M), hq, b)](
-        out, lse, v, *out.stride(), *lse.stride(), *v.stride(), sq, sk, dv, hq // v.shape[1],
-        BLOCK_M=BLOCK_M, SUB_M=max(1, min(BLOCK_M, 2048 // block_d)), BLOCK_N=max(1, 4096 // block_d),
-        BLOCK_D=block_d, num_warps=4)
+    launcher.launch(("uniform_fill", out.device.index, launcher.call_key((out, lse, v))), _uniform_fill,
+                    (triton.cdiv(sq, BLOCK_M), hq, b),
+                    (out, lse, v, *out.stride(), *lse.stride(), *v.stride(), sq, sk, dv, hq // v.shape[1]),
+                    dict(BLOCK_M=BLOCK_M, SUB_M=max(1, min(BLOCK_M, 2048 // block_d)), BLOCK_N=max(1, 4096 // block_d),
+                         BLOCK_D=block_d, num_warps=4))
     return out

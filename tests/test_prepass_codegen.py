@@ -59,7 +59,8 @@ def test_tile_lists_compile_without_spills(monkeypatch, dtype, d):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("dv", [64, 96, 256])
 def test_uniform_fill_compiles_without_spills(monkeypatch, dtype, dv):
-    out, lse, v = torch.empty(2, 8, 512, dv, dtype=dtype), torch.empty(2, 8, 512), torch.empty(2, 2, 512, dv, dtype=dtype)
+    out, lse = torch.empty(2, 8, 512, dv, dtype=dtype), torch.empty(2, 8, 512)
+    v = torch.empty(2, 2, 512, dv, dtype=dtype)
     _, args, kwargs = _captured(monkeypatch, uf, "_uniform_fill", lambda: uf.uniform_fill(out, lse, v))
     monkeypatch.undo()
     facts = sass_facts(compile_triton_sm90(uf._uniform_fill, *args, **kwargs))

@@ -19,8 +19,9 @@ from fa3_inductor.kernels import mask_tiles, reference
 from fa3_inductor.kernels.uniform_fill import uniform_fill
 from tile_lists_oracle import float_mask, oracle_tile_lists, random_visibility  # tests/, on sys.path
 
-pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
-                                reason="needs TRITON_INTERPRET=1 from process start; run by test_interpreter_process.py")
+pytestmark = pytest.mark.skipif(
+    os.environ.get("TRITON_INTERPRET") != "1",
+    reason="needs TRITON_INTERPRET=1 from process start; run by test_interpreter_process.py")
 
 
 @pytest.fixture(autouse=True)
@@ -63,8 +64,8 @@ def _case_mask(gen, kind, fill, full, bcast, bm, bn):
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
 @pytest.mark.parametrize("kind,fill,full,bcast,bm,bn", CASES,
-                         ids=[f"{str(c[0]).replace('torch.', '')}-{c[1]}-{'x'.join(map(str, c[2]))}-{c[3]}-{c[4]}x{c[5]}"
-                              for c in CASES])
+                         ids=[f"{str(c[0])[6:] if c[0] != 'bool' else 'bool'}-{c[1]}-{'x'.join(map(str, c[2]))}-{c[3]}"
+                              f"-{c[4]}x{c[5]}" for c in CASES])
 def test_tile_lists_match_the_oracle(kind, fill, full, bcast, bm, bn, seed):
     gen = torch.Generator().manual_seed(seed * 1000 + full[3])
     mask, plan_kind = _case_mask(gen, kind, fill, full, bcast, bm, bn)
