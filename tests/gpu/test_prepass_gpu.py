@@ -1,7 +1,8 @@
 """The one-launch helpers around the forward kernels on a CUDA GPU: kernels/mask_tiles.py's tile lists bit for bit
 equal to the multi-op oracle (tests/tile_lists_oracle.py) at the Hopper forward's tiles, on long key axes
 (several compaction chunks: the scratch's barriers on real threads), and kernels/uniform_fill.py against
-reference.uniform_fill; each is one launch and no device sync. Skipped without a CUDA GPU.
+reference.uniform_fill; each is one launch, started directly from the second call on (launcher.py), and no
+device sync. Skipped without a CUDA GPU.
 
     pytest -q tests/gpu/test_prepass_gpu.py
 """
@@ -13,7 +14,7 @@ import math
 import pytest
 import torch
 
-from fa3_inductor.kernels import hopper, mask_tiles, reference
+from fa3_inductor.kernels import hopper, launcher, mask_tiles, reference
 from fa3_inductor.kernels import uniform_fill as uf
 from tile_lists_oracle import float_mask, oracle_tile_lists, random_visibility  # tests/, on sys.path
 
@@ -94,3 +95,16 @@ def test_uniform_fill_with_no_empty_row_is_capturable():
     torch.cuda.synchronize()
     assert torch.equal(out[lse != -math.inf], before[lse != -math.inf])
     torch.testing.assert_close(out[0, 1, 7], v[0, 0].float().mean(0).half(), atol=1e-3, rtol=1e-3)
+
+
+def test_second_calls_launch_directly():
+    """Both go through launcher.launch with keys it accepts: after one call, the compiled kernel is cached."""
+    mask = torch.rand(2, 1, 300, 700, device=DEV) > 0.2
+    for _ in range(2):
+        mask_tiles.tile_lists(mask, "bool", (2, 4, 300, 700), 128, 128)
+    out, lse = torch.randn(1, 4, 300, 64, device=DEV, dtype=torch.bfloat16), torch.randn(1, 4, 300, device=DEV)
+    v = torch.randn(1, 2, 700, 64, device=DEV, dtype=torch.bfloat16)
+    for _ in range(2):
+        uf.uniform_fill(out, lse, v)
+    names = {k[0] for k in launcher._COMPILED}
+    assert {"tile_lists", "uniform_fill"} <= names, names
