@@ -13,8 +13,8 @@ import tempfile
 
 import triton
 from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource, make_backend
 from triton.compiler import compile as triton_compile
-from triton.compiler import make_backend
 from triton.experimental.gluon._runtime import GluonASTSource
 from triton.runtime.jit import create_function_from_signature
 
@@ -28,6 +28,15 @@ def compile_sm90(kernel, *args, **kwargs):
     options, signature, constexprs, attrs = kernel._pack_args(backend, kwargs, bound_args, specialization, options)
     src = GluonASTSource(kernel, signature, constexprs, attrs)
     return triton_compile(src, target=H100, options=options.__dict__)
+
+
+def compile_tl_sm90(kernel, *args, **kwargs):
+    """As compile_sm90, for a triton.language kernel (ASTSource)."""
+    backend = make_backend(H100)
+    binder = create_function_from_signature(kernel.signature, kernel.params, backend)
+    bound_args, specialization, options = binder(*args, **kwargs)
+    options, signature, constexprs, attrs = kernel._pack_args(backend, kwargs, bound_args, specialization, options)
+    return triton_compile(ASTSource(kernel, signature, constexprs, attrs), target=H100, options=options.__dict__)
 
 
 def sass_facts(compiled) -> dict:
