@@ -263,10 +263,11 @@ def uniform_rows_grads(dout, q, k, v, operands, prog: ScoreProgram, lse):
     """Gradient contributions of the rows that empty_row="uniform" fills (lse = -inf), or None if none.
 
     Such a row has p = 1/Sk on every key and out = mean of v; as autograd does through eager's y + mask,
-    dX = p ⊙ (dP − rowsum(dO ⊙ out)) flows into s and the operands through `unmasked(expr)`. Kernels give
-    these rows no gradient and add this (fp32: dq, dk, dv, [d operand or None]). Only the query rows from the
-    first to the last empty one are visited (finding them syncs with the device; while a CUDA graph is being
-    captured every row is visited instead).
+    dX = p ⊙ (dP − rowsum(dO ⊙ out)) flows into s and the operands through `unmasked(expr)`. The reference
+    backward adds this (fp32: dq, dk, dv, [d operand or None]); the Triton backward computes the same on the
+    device without a host sync (attn_bwd_uniform, kernels/templates_uniform.py), tested against this. Only the
+    query rows from the first to the last empty one are visited (finding them syncs with the device; while a
+    CUDA graph is being captured every row is visited instead).
     """
     empty = lse == -math.inf
     sk = k.shape[2]

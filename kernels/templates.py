@@ -2,10 +2,13 @@
 
 Kernels in every generated module:
     attn_fwd        one program per (query block, head, batch): online softmax over key blocks, out + lse
-    attn_bwd_pre    delta = rowsum(dO * O); in "nan" mode also flags (batch, kv head) groups with an empty row
+    attn_bwd_pre    delta = rowsum(dO * O); in "nan" and "uniform" modes also flags (batch, kv head) groups with
+                    an empty row
     attn_bwd_dkdv   one program per (key block, kv head, batch): loops over the G query heads of the group and
                     the visible query blocks; deterministic (no atomics)
     attn_bwd_dq     one program per (query block, head, batch): dQ, and d(operand) tiles for grad operands
+    attn_bwd_uniform  (empty_row="uniform" only) adds the gradient of the rows with no visible key, which the
+                    kernels above leave without one (templates_uniform.py)
 Key (or query) blocks are visited in three runs: [lo, a) masked, [a, b) needing no mask, [b, hi) masked,
 so the structural mask and bounds checks cost nothing in the bulk of the loop and hidden tiles are skipped.
 Modules of the "decode" variant hold instead the split-KV decode kernels of templates_decode.py (they reuse
@@ -26,11 +29,12 @@ from .codegen import LOG2E, VARIANTS, Emitter, KernelSpec
 from .program import derivative
 from .templates_bwd import BackwardKernels, _and, _ind, _mask_kw
 from .templates_decode import DecodeKernels
+from .templates_uniform import UniformRowKernels
 
 P_SCALE = 256.0     # softmax probabilities (<= 1) are stored in e4m3 as p * P_SCALE
 
 
-class _Gen(BackwardKernels, DecodeKernels):
+class _Gen(BackwardKernels, DecodeKernels, UniformRowKernels):
     def __init__(self, spec: KernelSpec):
         self.spec = spec
         self.prog = spec.prog
@@ -44,6 +48,7 @@ class _Gen(BackwardKernels, DecodeKernels):
         self.causal = self.prog.causal != "none"
         self.window = self.prog.window
         self.nan_mode = self.prog.empty_row == "nan"
+        self.uniform_mode = self.prog.empty_row == "uniform"
         self.head_fastest = any(o.bcast[1] and not (o.bcast[2] and o.bcast[3]) for o in spec.operands)
         self.dmask = None if spec.BD == spec.D else f"(offs_d < {spec.D})"
         self.dvmask = None if spec.BDV == spec.DV else f"(offs_dv < {spec.DV})"
@@ -301,6 +306,8 @@ class _Gen(BackwardKernels, DecodeKernels):
             return "\n".join(out) + "\n"
         out += self.bwd_pre() + self.dkdv_tile(True) + self.dkdv_tile(False) + self.dkdv_kernel()
         out += self.dq_tile(True) + self.dq_tile(False) + self.dq_kernel()
+        if self.uniform_mode:
+            out += self.uniform_kernel()
         return "\n".join(out) + "\n"
 
 

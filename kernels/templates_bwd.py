@@ -52,6 +52,8 @@ class BackwardKernels:
                 "e = tl.max((row_ok & (lse == float('-inf'))).to(tl.int32), 0)",
                 f"tl.atomic_max(FLAG + off_b * (H // {spec.G}) + off_h // {spec.G}, e)",
             ]
+        elif self.uniform_mode:     # the work list of attn_bwd_uniform (templates_uniform.py)
+            body += self.uniform_pre_lines()
         head = [
             '@triton.jit(do_not_specialize=["Sq", "slb", "slh"])',
             "def attn_bwd_pre(O, DO, LSE, DELTA, FLAG, sob, soh, som, sod, sdob, sdoh, sdom, sdod, slb, slh, slm, "

@@ -276,6 +276,68 @@ def forward(q, k, v, operands, prog: ScoreProgram):
     return out, lse
 
 
+# attn_bwd_uniform (BLOCK_M, BLOCK_N, num_warps): never tuned (it updates dq/dk/dv in place, so a timing loop
+# would add its correction again; and it does next to nothing unless a row is empty). BLOCK_M divides PRE_M.
+UNIFORM_INTERPRET_CONFIG = (16, 32, 4)
+_UNIFORM_PROGRAMS_INTERPRET = 3     # a few programs striding over the work list, so the stride is exercised
+_SMS: dict = {}
+
+
+def _uniform_config(d: int, dtype: torch.dtype, device):
+    """Tiles that compile for sm_90 without register spills for scaled scores and a bias with a gradient
+    (tests/test_uniform_sm90.py; a soft-capped d=128 program spills a few registers)."""
+    if device.type != "cuda":
+        return UNIFORM_INTERPRET_CONFIG
+    if dtype == torch.float32:
+        return (32, 32, 8) if d <= 64 else (16, 32, 8)
+    if d <= 64:
+        return (64, 64, 4)
+    return (32, 64, 4) if d <= 128 else (32, 32, 8)
+
+
+def _pre_block(device) -> int:
+    """Rows per attn_bwd_pre program (also the query blocks of attn_bwd_uniform's work list)."""
+    return 64 if device.type == "cuda" else 32
+
+
+def _uniform_programs(device) -> int:
+    """attn_bwd_uniform's grid: two programs per SM (at most two fit by registers), so that with no empty row
+    the launch is a wave or two of programs that read two counts, and with some the items spread over the GPU."""
+    if device.type != "cuda":
+        return _UNIFORM_PROGRAMS_INTERPRET
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _SMS:
+        _SMS[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+    return 2 * _SMS[idx]
+
+
+def uniform_work_buffer(b: int, hq: int, hk: int, sq: int, device):
+    """Zeroed int32 work list of attn_bwd_pre / attn_bwd_uniform (layout in templates_uniform.py)."""
+    ng = b * hk
+    return torch.zeros((2 * ng + 2 + triton_cdiv(sq, _pre_block(device)) * hq * b,), dtype=torch.int32,
+                       device=device)
+
+
+def uniform_launch_args(mod, q, k, v, dout, lse, work, dq, dk, dv, op_args, dop_args, target=None):
+    """(kernel, grid, args, kwargs) of attn_bwd_uniform (templates_uniform.py): adds, in place, the gradient of
+    the rows empty_row="uniform" fills to dq, dk, dv and to the d(operand) buffers of dop_args. work: the list
+    attn_bwd_pre filled. No host sync: the kernel reads how much there is to do on the device.
+    target: the device whose tiles to take (default q's; a test compiles CUDA tiles from CPU tensors)."""
+    b, hq, sq, d = q.shape
+    hk, sk = k.shape[1], k.shape[2]
+    target = target or q.device
+    bm, bn, warps = _uniform_config(d, q.dtype, target)
+    pre = _pre_block(target)
+    assert pre % bm == 0
+    num_pre, num_n = triton_cdiv(sq, pre), triton_cdiv(sk, bn)
+    grid = (max(1, min(num_pre * hq * b + b * hk * num_n, _uniform_programs(q.device))),)
+    args = (q, k, v, dout, lse, work, dq, dk, dv, *op_args, *dop_args, *q.stride(), *k.stride(), *v.stride(),
+            *dout.stride(), *lse.stride(), *dq.stride(), *dk.stride(), *dv.stride(), sq, sk, hq, b * hk,
+            num_pre, num_n)
+    kw = dict(PRE_M=pre, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=1)
+    return mod.attn_bwd_uniform, grid, args, kw
+
+
 def triton_cdiv(a: int, b: int) -> int:
     return (a + b - 1) // b
 
@@ -305,8 +367,11 @@ def backward(dout, q, k, v, operands, out, lse, prog: ScoreProgram):
         lse = lse.clone()
         lse[:, :, band[0]:band[1]] = math.inf
     delta = _empty((b, hq, sq), torch.float32, q.device)
-    flag = torch.zeros((b * hk,), dtype=torch.int32, device=q.device)
-    bm_pre = 64 if q.device.type == "cuda" else 32
+    if prog.empty_row == "uniform":
+        flag = uniform_work_buffer(b, hq, hk, sq, q.device)
+    else:
+        flag = torch.zeros((b * hk,), dtype=torch.int32, device=q.device)
+    bm_pre = _pre_block(q.device)
     # everything the launches are specialised on follows from these tensors (the rest is allocated here)
     base = ("bwd", prog, q.device.index, launcher.call_key((q, k, v, dout, out, lse, *operands)))
     launcher.launch(base + ("pre",), mod.attn_bwd_pre, (triton_cdiv(sq, bm_pre), hq, b),
@@ -337,10 +402,10 @@ def backward(dout, q, k, v, operands, out, lse, prog: ScoreProgram):
     key = _tune_key(skey, sq, sk)
     _launch_tuned("dkdv", key, d, q.dtype, q.device, launch_dkdv)
     _launch_tuned("dq", key, d, q.dtype, q.device, launch_dq)
-    # rows the kernels left without gradient under empty_row="uniform" (no visible key: uniform weights)
-    more = reference.uniform_rows_grads(dout, q, k, v, operands, prog, lse) if prog.empty_row == "uniform" else None
-    if more is not None:
-        dq, dk, dv = ((t.float() + m).to(t.dtype) for t, m in zip((dq, dk, dv), more[:3]))
+    if prog.empty_row == "uniform":     # rows the kernels above left without gradient (no visible key)
+        kernel, grid, args, kw = uniform_launch_args(mod, q, k, v, dout, lse, flag, dq, dk, dv, op_args,
+                                                     dop_args)
+        kernel[grid](*args, **kw)
     if band is not None:
         exact = reference.backward(dout, q, k, v, operands, prog, rows=band)
         dq, dk, dv = ((t.float() + e.float()).to(t.dtype) for t, e in zip((dq, dk, dv), exact[:3]))
@@ -352,8 +417,6 @@ def backward(dout, q, k, v, operands, out, lse, prog: ScoreProgram):
         t = operands[n]
         dims = [i for i in range(4) if t.shape[i] == 1 and full_shape[i] != 1]
         red = full.sum(dim=dims, keepdim=True) if dims else full
-        if more is not None:
-            red = red + more[3][n]
         if band is not None:
             red = red + exact[3][grad_ops.index(n)].float().reshape(red.shape)
         extra.append(red.reshape(t.shape).to(t.dtype))

@@ -14,22 +14,10 @@ from fa3_inductor.kernels import triton_decode as td
 from fa3_inductor.kernels.program import ScoreProgram
 
 try:
-    from sm90_cross_compile import H100, sass_facts
-    from triton.compiler import ASTSource, make_backend
-    from triton.compiler import compile as triton_compile
-    from triton.runtime.jit import create_function_from_signature
+    from sm90_cross_compile import compile_triton_sm90, sass_facts
     _HAVE = True
 except Exception as exc:   # pragma: no cover - depends on the Triton build
     _HAVE, _WHY = False, repr(exc)
-
-
-def compile_tl_sm90(kernel, *args, **kwargs):
-    """As tests/sm90_cross_compile.compile_sm90, for a triton.language kernel (ASTSource)."""
-    backend = make_backend(H100)
-    binder = create_function_from_signature(kernel.signature, kernel.params, backend)
-    bound_args, specialization, options = binder(*args, **kwargs)
-    options, signature, constexprs, attrs = kernel._pack_args(backend, kwargs, bound_args, specialization, options)
-    return triton_compile(ASTSource(kernel, signature, constexprs, attrs), target=H100, options=options.__dict__)
 
 
 CASES = [  # d, query heads per kv head, queries, mask operand
@@ -57,6 +45,6 @@ def test_default_candidate_compiles_without_spills(d, g, sq, masked):
     cfg = td._configs(d, q.dtype, block_m)[0]
     kernel, grid, args, kwargs = td.launch_args(q, k, v, ops, prog, out, lse, part, lpart, n_split, 256, cfg)
     assert kwargs["BLOCK_M"] == block_m
-    facts = sass_facts(compile_tl_sm90(kernel, *args, **kwargs))
+    facts = sass_facts(compile_triton_sm90(kernel, *args, **kwargs))
     assert facts["shared"] <= 232448, facts
     assert facts["local_ops"] == 0, f"register spills with {cfg}: {facts}"

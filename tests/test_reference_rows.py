@@ -83,3 +83,27 @@ def test_uniform_rows_gradient_reaches_a_bias():
     dq, dk, dv, (dbias,) = reference.backward(dout, q, k, v, [keys, bias], prog)
     for a, r in zip((dq, dk, dv, dbias), ref):
         torch.testing.assert_close(a, r, atol=1e-5, rtol=1e-5)
+
+
+def test_uniform_rows_gqa_query_rows_past_the_keys():
+    """The oracle of the kernels' attn_bwd_uniform on its other shapes: GQA (gradients of a kv head summed over
+    its query heads), causal bottom_right with Sq > Sk (the first Sq - Sk rows see no key in every batch row)
+    and a batch row whose keys are all padding (every row empty)."""
+    g = torch.Generator().manual_seed(6)
+    q = torch.randn(3, 4, 13, 16, generator=g)
+    k, v = (torch.randn(3, 2, 9, 16, generator=g) for _ in range(2))
+    dout = torch.randn(q.shape, generator=g)
+    keys = torch.ones(3, 1, 1, 9, dtype=torch.bool)
+    keys[1, ..., :3] = False
+    keys[2] = False
+    visible = (torch.arange(9).view(1, -1) <= torch.arange(13).view(-1, 1) + 9 - 13) & keys
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    kk, vv = (t.repeat_interleave(2, 1) for t in leaves[1:])
+    s = leaves[0] @ kk.transpose(-1, -2) * SCALE + torch.where(visible, torch.tensor(0.0), MIN)
+    ref = torch.autograd.grad(torch.softmax(s, -1) @ vv, leaves, dout)
+    prog = ScoreProgram(("where", ("operand", 0), ("mul", ("score",), ("const", SCALE)), ("const", -float("inf"))),
+                        n_operands=1, causal="bottom_right", empty_row="uniform")
+    _, lse = reference.forward(q, k, v, [keys], prog)
+    assert torch.isinf(lse[:, :, :4]).all() and torch.isinf(lse[2]).all() and torch.isfinite(lse[0, :, 4:]).all()
+    for a, r in zip(reference.backward(dout, q, k, v, [keys], prog), ref):
+        torch.testing.assert_close(a, r, atol=1e-5, rtol=1e-5)

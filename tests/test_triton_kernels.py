@@ -227,6 +227,8 @@ UNIFORM = [
     (torch.float32, 4, 2, 21, 45, "bottom_right", None, 30),
     (torch.float32, 2, 2, 40, 40, "top_left", 6, 17),
     (torch.float16, 2, 1, 33, 33, "top_left", None, 0),
+    (torch.float16, 4, 2, 40, 24, "bottom_right", None, 0),     # Sq > Sk: the first 16 rows see no key
+    (torch.float16, 4, 1, 33, 45, "none", None, 45),            # batch row 1 wholly padded: every row empty
 ]
 
 
@@ -242,9 +244,79 @@ def test_proven_hf_mask_uniform_rows(dtype, hq, hk, sq, sk, causal, window, pad)
     prog = ScoreProgram(("where", OP(0), ("mul", S, C(32 ** -0.5)), C(-math.inf)), n_operands=1, causal=causal,
                         window=window, empty_row="uniform")
     attend_and_check(q, k, v, [keys], prog)
-    if pad:
-        _, lse = tp.forward(q, k, v, [keys], prog)
-        assert torch.isinf(lse[1]).any() and torch.isfinite(lse[0]).all()
+    _, lse = tp.forward(q, k, v, [keys], prog)
+    structural = causal == "bottom_right" and sq > sk
+    assert bool(torch.isinf(lse[1]).any()) == bool(pad or structural)
+    assert bool(torch.isinf(lse[0]).any()) == structural
+
+
+def _uniform_bias_case(dtype, bias_shape, seed, d=32, dv=None):
+    """Causal bottom_right with Sq > Sk (rows with no key), left padding of batch row 1, GQA, and a float bias
+    inside the unmasked expression that wants a gradient (T5-like)."""
+    q, k, v = qkv(2, 4, 2, 37, 29, d, dtype, dv=dv, seed=seed)
+    keys = torch.ones(2, 1, 1, 29, dtype=torch.bool)
+    keys[1, ..., :11] = False
+    bias = torch.randn(bias_shape, generator=torch.Generator().manual_seed(seed + 1)).to(dtype)
+    prog = ScoreProgram(("where", OP(0), ("add", ("mul", S, C(d ** -0.5)), OP(1)), C(-math.inf)), n_operands=2,
+                        causal="bottom_right", empty_row="uniform", operand_grad=(False, True))
+    return q, k, v, [keys, bias], prog
+
+
+@pytest.mark.parametrize("dtype,bias_shape,d,dv", [(torch.float32, (1, 4, 37, 29), 32, None),
+                                                   (torch.float16, (2, 1, 1, 29), 40, 24)],
+                         ids=["fp32-bias1x4x37x29", "fp16-bias2x1x1x29-d40-dv24"])
+def test_uniform_rows_bias_grad(dtype, bias_shape, d, dv):
+    """empty_row="uniform" rows send eager's gradient into a float bias too (attn_bwd_uniform's d operand);
+    also with padded head dims (D=40, Dv=24)."""
+    attend_and_check(*_uniform_bias_case(dtype, bias_shape, seed=40, d=d, dv=dv))
+
+
+def test_uniform_rows_beside_dense_finfo_min_rows():
+    """A bool padding operand empties rows (uniform) while a float finfo.min mask fully covers another row
+    (finite lse ~ finfo.min: the reference's exact band): both corrections in one backward."""
+    q, k, v = qkv(2, 2, 1, 33, 33, 32, torch.float32, seed=41)
+    keys = torch.ones(2, 1, 1, 33, dtype=torch.bool)
+    keys[1, ..., :7] = False
+    fill = torch.zeros(2, 1, 33, 33)
+    fill[0, 0, 12] = torch.finfo(torch.float32).min
+    prog = ScoreProgram(("where", OP(0), ("add", ("mul", S, C(32 ** -0.5)), OP(1)), C(-math.inf)), n_operands=2,
+                        causal="top_left", empty_row="uniform")
+    attend_and_check(q, k, v, [keys, fill], prog)
+    assert reference.imprecise_rows(prog, tp.forward(q, k, v, [keys, fill], prog)[1], [keys, fill]) == (12, 13)
+
+
+def test_uniform_rows_none_empty_leave_gradients_alone():
+    """With no empty row attn_bwd_uniform finds an empty work list: gradients bit-equal to empty_row="zero"."""
+    q, k, v = qkv(2, 4, 2, 35, 35, 32, torch.float16, seed=42)
+    keys = torch.ones(2, 1, 1, 35, dtype=torch.bool)
+    keys[1, ..., 30:] = False         # right padding: every row keeps a key under top_left causal
+    bias = torch.randn(1, 4, 35, 35, generator=torch.Generator().manual_seed(43)).half()
+    expr = ("where", OP(0), ("add", ("mul", S, C(32 ** -0.5)), OP(1)), C(-math.inf))
+    grads = {}
+    for rule in ("uniform", "zero"):
+        prog = ScoreProgram(expr, n_operands=2, causal="top_left", empty_row=rule, operand_grad=(False, True))
+        out, lse = tp.forward(q, k, v, [keys, bias], prog)
+        assert torch.isfinite(lse).all()
+        dout = torch.randn(out.shape, generator=torch.Generator().manual_seed(44)).half()
+        dq, dk, dv, dops = tp.backward(dout, q, k, v, [keys, bias], out, lse, prog)
+        grads[rule] = [dq, dk, dv, *dops]
+    for a, b in zip(grads["uniform"], grads["zero"]):
+        assert torch.equal(a, b)
+
+
+def test_uniform_rows_independent_of_program_count(monkeypatch):
+    """attn_bwd_uniform's programs stride over the work list; each output has one owner item, so the result
+    is the same (bit for bit) with one program or several."""
+    q, k, v, ops, prog = _uniform_bias_case(torch.float32, (1, 4, 37, 29), seed=45)
+    out, lse = tp.forward(q, k, v, ops, prog)
+    dout = torch.randn(out.shape, generator=torch.Generator().manual_seed(46))
+    runs = []
+    for n in (1, 4):
+        monkeypatch.setattr(tp, "_UNIFORM_PROGRAMS_INTERPRET", n)
+        dq, dk, dv, dops = tp.backward(dout, q, k, v, ops, out, lse, prog)
+        runs.append([dq, dk, dv, *dops])
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
