@@ -98,7 +98,10 @@ class DecodeKernels:
             "mask=row_ok)",
         ]
         head = [
-            '@triton.jit(do_not_specialize=["Sq", "Sk", "coff", "chunk", "slb", "slh"])',
+            # lengths and the split count change as a cache grows, and with the split count the partial lse
+            # buffer's outer strides (the partial outputs' stay multiples of Dv): none is specialised on, so a
+            # growing cache compiles nothing new
+            '@triton.jit(do_not_specialize=["Sq", "Sk", "coff", "chunk", "slb", "slh", "slpb", "slph", "slpm"])',
             f"def attn_decode(Q, K, V, O, LSE, OP_, LP_, {self.op_kernel_params()}"
             "sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, som, sod, slb, slh, slm, "
             "spb, sph, spm, sps, spd, slpb, slph, slpm, slps, Sq, Sk, coff, chunk, "
@@ -135,7 +138,7 @@ class DecodeKernels:
             "tl.store(LSE + b64 * slb + h64 * slh + i64 * slm, lse)",
         ]
         head = [
-            '@triton.jit(do_not_specialize=["n_split", "slb", "slh"])',
+            '@triton.jit(do_not_specialize=["n_split", "slb", "slh", "slpb", "slph", "slpm"])',
             "def attn_decode_combine(OP_, LP_, O, LSE, spb, sph, spm, sps, spd, slpb, slph, slpm, slps, "
             "sob, soh, som, sod, slb, slh, slm, n_split, BLOCK_S: tl.constexpr):",
         ]

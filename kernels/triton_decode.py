@@ -71,10 +71,8 @@ def supports(prog: ScoreProgram, q, k, v, operands) -> str | None:
     return None
 
 
-def split_plan(b: int, hk: int, sk: int, device, splits: int | None = None) -> tuple[int, int]:
-    """(number of splits, keys per split). splits=None picks: on CUDA enough programs to fill the device."""
-    quantum = INTERPRET_CONFIG[0] if device.type != "cuda" else QUANTUM
-    blocks = max(1, -(-sk // quantum))
+def split_cap(b: int, hk: int, device, splits: int | None = None) -> int:
+    """The most splits a cache of any length gets: on CUDA enough programs to fill the device."""
     if splits is None:
         if device.type == "cuda":
             target = CTAS_PER_SM * _sm_count(device.index if device.index is not None else
@@ -82,7 +80,14 @@ def split_plan(b: int, hk: int, sk: int, device, splits: int | None = None) -> t
             splits = -(-target // max(1, b * hk))
         else:
             splits = INTERPRET_SPLITS
-    splits = max(1, min(splits, blocks, MAX_SPLITS))
+    return max(1, min(splits, MAX_SPLITS))
+
+
+def split_plan(b: int, hk: int, sk: int, device, splits: int | None = None) -> tuple[int, int]:
+    """(number of splits, keys per split). splits=None picks: on CUDA enough programs to fill the device."""
+    quantum = INTERPRET_CONFIG[0] if device.type != "cuda" else QUANTUM
+    blocks = max(1, -(-sk // quantum))
+    splits = min(split_cap(b, hk, device, splits), blocks)
     chunk = -(-blocks // splits) * quantum
     return max(1, -(-sk // chunk)), chunk
 
@@ -119,7 +124,8 @@ def forward(q, k, v, operands, prog: ScoreProgram, splits: int | None = None):
     if not final:
         launcher.launch(base + ("combine",), mod.attn_decode_combine, (sq, hq, b),
                         (part, lpart, out, lse, *part.stride(), *lpart.stride(), *out.stride(), *lse.stride(), n_split),
-                        dict(BLOCK_S=max(2, _next_pow2(n_split))))
+                        # sized by the cap, not this length's split count: a growing cache keeps one variant
+                        dict(BLOCK_S=max(2, _next_pow2(split_cap(b, hk, q.device, splits)))))
     return out, lse
 
 
