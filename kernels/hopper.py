@@ -13,7 +13,7 @@ import functools
 import torch
 from torch._subclasses.fake_tensor import FakeTensor
 
-from . import codegen, launcher, mask_tiles, reference, triton_portable
+from . import codegen, launcher, mask_tiles, triton_portable
 from .program import ScoreProgram
 
 HEAD_DIMS = (64, 96, 128, 192, 256)

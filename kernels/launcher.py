@@ -13,6 +13,9 @@ else, the interpreter, and the first call per key take the ordinary launch.
 
 from __future__ import annotations
 
+from triton import knobs
+from triton.runtime.driver import driver
+
 _COMPILED: dict = {}
 _OPTIONS = ("num_warps", "num_stages", "num_ctas", "maxnreg", "warp_size")
 
@@ -32,8 +35,6 @@ def launch(key, kernel, grid: tuple, args: tuple, kwargs: dict) -> None:
     hit = _COMPILED.get(key)
     if hit is not None:
         ck, tail = hit
-        from triton import knobs
-        from triton.runtime.driver import driver
         drv = driver.active
         stream = drv.get_current_stream(drv.get_current_device())
         values = args + tuple(kwargs[n] for n in tail)

@@ -102,7 +102,8 @@ def forward(q, k, v, operands, prog: ScoreProgram, splits: int | None = None):
         return out, lse
     spec, mod, op_args, coff, skey, _ = tp._prepare(q, k, v, operands, prog, "decode")
     block_m = max(16, _next_pow2(spec.G * sq))
-    n_split, chunk = split_plan(b, hk, sk, q.device, splits)
+    cap = split_cap(b, hk, q.device, splits)
+    n_split, chunk = split_plan(b, hk, sk, q.device, cap)
     final = n_split == 1
     if final:   # written straight into out / lse: the partial buffers are not touched
         part, lpart = out, lse
@@ -125,7 +126,7 @@ def forward(q, k, v, operands, prog: ScoreProgram, splits: int | None = None):
         launcher.launch(base + ("combine",), mod.attn_decode_combine, (sq, hq, b),
                         (part, lpart, out, lse, *part.stride(), *lpart.stride(), *out.stride(), *lse.stride(), n_split),
                         # sized by the cap, not this length's split count: a growing cache keeps one variant
-                        dict(BLOCK_S=max(2, _next_pow2(split_cap(b, hk, q.device, splits)))))
+                        dict(BLOCK_S=max(2, _next_pow2(cap))))
     return out, lse
 
 
