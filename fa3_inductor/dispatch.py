@@ -24,9 +24,10 @@ import logging
 import os
 from typing import Callable
 
+import torch
 from torch._subclasses.fake_tensor import FakeTensor
 
-from .kernels import fp8_portable, hopper, launcher, reference, triton_decode, triton_portable
+from .kernels import fp8_portable, hopper, hopper_bwd, launcher, reference, triton_decode, triton_portable
 from .kernels.fp8_recipe import Fp8Recipe
 from .kernels.program import ScoreProgram
 
@@ -41,6 +42,9 @@ class KernelEntry:
     backward: Callable      # (dout, q, k, v, operands, out, lse, prog) -> (dq, dk, dv, [d operands])
     fp8: bool = False       # an FP8 forward: supports / forward take the recipe as a last argument
     family: str | None = None   # the `kernel` preference that selects it (default: its name)
+    # the backward may serve fewer sites than the forward: (prog, q, k, v, operands) -> reason | None; where it
+    # declines, the next entry of the table that supports the site runs the backward (select_backward)
+    backward_supports: Callable | None = None
 
     def run_forward(self, q, k, v, operands, prog, recipe: Fp8Recipe | None):
         if self.fp8:
@@ -59,9 +63,11 @@ REFERENCE = KernelEntry("reference", ("cpu", "cuda"), False, lambda *a: None, re
 TRITON = KernelEntry("triton", ("cuda",), True, triton_portable.supports, triton_portable.forward,
                      triton_portable.backward)
 
-# sm_90: the warp-specialized Gluon forward (FlashAttention-3 schedule); its backward is the portable one,
-# which reads the same (out, lse).
-HOPPER = KernelEntry("hopper", ("cuda",), False, hopper.supports, hopper.forward, triton_portable.backward)
+# sm_90: the warp-specialized Gluon forward and backward (FlashAttention-3 schedules); the forward writes the
+# same (out, lse) as the portable one, so where the warp-specialized backward declines (operand gradients,
+# NaN rows, head dims, deterministic mode) the portable backward runs on them.
+HOPPER = KernelEntry("hopper", ("cuda",), False, hopper.supports, hopper.forward, hopper.backward,
+                     backward_supports=hopper_bwd.supports)
 
 TRITON_FP8 = KernelEntry("triton_fp8", ("cuda",), True, fp8_portable.supports, fp8_portable.forward,
                          triton_portable.backward, fp8=True, family="triton")
@@ -141,6 +147,42 @@ def _select(prog: ScoreProgram, q, k, v, operands, preference: str = "auto",
             return entry, passed_over
         passed_over.append(f"{entry.name}: {reason}")
     return REFERENCE, passed_over
+
+
+_SELECTED_BWD: dict = {}
+
+
+def select_backward(prog: ScoreProgram, q, k, v, operands, preference: str = "auto") -> tuple[KernelEntry, list[str]]:
+    """The entry that runs the backward: the forward's (without FP8), unless its backward_supports declines the
+    site; then the next entry down the table that runs on the device and supports it (whatever the preference:
+    the forward already honoured it, and its (out, lse) are every entry's)."""
+    entry, passed_over = select(prog, q, k, v, operands, preference)
+    if entry.backward_supports is None:
+        return entry, passed_over
+    key = _select_key(prog, q, k, v, operands, preference, None) if q.device.type != "meta" else None
+    if key is not None:
+        key = key + (torch.are_deterministic_algorithms_enabled(),)
+        hit = _SELECTED_BWD.get(key)
+        if hit is not None:
+            return hit
+    reason = entry.backward_supports(prog, q, k, v, operands)
+    hit = entry, passed_over
+    if reason is not None:
+        passed_over = passed_over + [f"{entry.name} backward: {reason}"]
+        hit = REFERENCE, passed_over
+        for later in TABLE[TABLE.index(entry) + 1:]:
+            if later.fp8 or not _runs_on(later, q.device.type):
+                continue
+            why = later.supports(prog, q, k, v, operands)
+            if why is None:
+                hit = later, passed_over
+                break
+            passed_over.append(f"{later.name}: {why}")
+    if key is not None:
+        if len(_SELECTED_BWD) > 4096:
+            _SELECTED_BWD.clear()
+        _SELECTED_BWD[key] = hit
+    return hit
 
 
 def record(which: str, entry: KernelEntry, passed_over: list[str]) -> None:

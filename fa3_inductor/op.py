@@ -104,7 +104,7 @@ def attention_backward_op(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, 
                           program: str, kernel: str) -> list[torch.Tensor]:
     """Returns [dq, dk, dv, d operand for each operand whose program.operand_grad flag is set]."""
     prog = load_program(program)
-    entry, passed = dispatch.select(prog, q, k, v, operands, kernel)
+    entry, passed = dispatch.select_backward(prog, q, k, v, operands, kernel)
     dispatch.record("backward", entry, passed)
     dq, dk, dv, dops = entry.backward(dout.contiguous(), q, k, v, operands, out, lse, prog)
     return [g.contiguous() for g in (dq, dk, dv, *dops)]   # the fake promises contiguous gradients

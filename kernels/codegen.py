@@ -312,11 +312,14 @@ def _generator(flavor: str):
     if flavor == "hopper":
         from .templates_hopper import generate
         return generate, "fa3_hopper"
+    if flavor == "hopper_bwd":
+        from .templates_hopper_bwd import generate
+        return generate, "fa3_hopper_bwd"
     raise ValueError(f"unknown kernel flavor {flavor!r}")
 
 
 def load(spec: KernelSpec, flavor: str = "portable"):
-    """The generated module of one flavor (portable Triton or Hopper Gluon) for spec (generated, written and
+    """The generated module of one flavor (portable Triton, Hopper Gluon forward or backward) for spec (generated, written and
     imported on first use)."""
     generate, prefix = _generator(flavor)
     key = f"{prefix}_{spec.key()}"

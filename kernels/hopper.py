@@ -95,7 +95,8 @@ def supports(prog: ScoreProgram, q, k, v, operands) -> str | None:
 @functools.lru_cache(maxsize=256)
 def _smem_layout(block: tuple, dtype: torch.dtype):
     from triton.experimental.gluon import language as gl
-    gdt = {torch.float8_e4m3fn: gl.float8e4nv, torch.float16: gl.float16, torch.bfloat16: gl.bfloat16}[dtype]
+    gdt = {torch.float8_e4m3fn: gl.float8e4nv, torch.float16: gl.float16, torch.bfloat16: gl.bfloat16,
+           torch.float32: gl.float32}[dtype]
     return gl.NVMMASharedLayout.get_default_for(list(block), gdt)
 
 
@@ -267,8 +268,11 @@ def _filled(out, lse, v, prog: ScoreProgram):
     return out, lse
 
 
-# The backward reads (out, lse), which this forward writes exactly as the portable one does.
-backward = triton_portable.backward
+def backward(dout, q, k, v, operands, out, lse, prog: ScoreProgram):
+    """The warp-specialized backward (hopper_bwd.py), or the portable one where that declines; both read the
+    (out, lse) this forward writes exactly as the portable forward does."""
+    from . import hopper_bwd
+    return hopper_bwd.backward(dout, q, k, v, operands, out, lse, prog)
 
 
 # --- FP8 (e4m3) variant: the same schedule on FP8 wgmma, inputs from the fused quantize pass ---------------

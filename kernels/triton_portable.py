@@ -7,6 +7,7 @@ autotuner on CUDA (never while a CUDA graph is being captured) and fixed small t
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 
@@ -342,11 +343,62 @@ def triton_cdiv(a: int, b: int) -> int:
     return (a + b - 1) // b
 
 
-def backward(dout, q, k, v, operands, out, lse, prog: ScoreProgram):
-    """Returns (dq, dk, dv, [d operand for each operand whose operand_grad flag is set])."""
+@dataclasses.dataclass
+class BackwardCall:
+    """What the gradient kernels of one backward call share: the generated module, the inputs, delta (and the
+    uniform-row work list / nan flag) from attn_bwd_pre, the outputs to fill, and the launch-key prefix."""
+    mod: object
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    dout: torch.Tensor
+    lse: torch.Tensor
+    delta: torch.Tensor
+    flag: torch.Tensor
+    dq: torch.Tensor
+    dk: torch.Tensor
+    dv: torch.Tensor
+    op_args: list
+    dop_args: list
+    coff: int
+    base: tuple
+    tune_key: tuple
+    head_fastest: bool
+
+
+def portable_grads(c: BackwardCall) -> None:
+    """dK / dV (one program per key block) then dQ (one per query block): deterministic, no atomics."""
+    b, hq, sq, d = c.q.shape
+    hk, sk = c.k.shape[1], c.k.shape[2]
+    qkv_strides = [*c.q.stride(), *c.k.stride(), *c.v.stride(), *c.dout.stride(), *c.lse.stride()]
+
+    def launch_dkdv(cfg):
+        bm, bn, warps, stages = cfg
+        grid = (triton_cdiv(sk, bn), hk, b)
+        launcher.launch(c.base + ("dkdv", cfg), c.mod.attn_bwd_dkdv, grid,
+                        (c.q, c.k, c.v, c.dout, c.lse, c.delta, c.flag, c.dk, c.dv, *c.op_args, *qkv_strides,
+                         *c.dk.stride(), *c.dv.stride(), sq, sk, c.coff),
+                        dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages))
+
+    def launch_dq(cfg):
+        bm, bn, warps, stages = cfg
+        grid = _grid_m(c.head_fastest, triton_cdiv(sq, bm), hq, b)
+        launcher.launch(c.base + ("dq", cfg), c.mod.attn_bwd_dq, grid,
+                        (c.q, c.k, c.v, c.dout, c.lse, c.delta, c.dq, *c.op_args, *c.dop_args, *qkv_strides,
+                         *c.dq.stride(), sq, sk, hq, c.coff),
+                        dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages))
+
+    _launch_tuned("dkdv", c.tune_key, d, c.q.dtype, c.q.device, launch_dkdv)
+    _launch_tuned("dq", c.tune_key, d, c.q.dtype, c.q.device, launch_dq)
+
+
+def backward(dout, q, k, v, operands, out, lse, prog: ScoreProgram, grads=portable_grads):
+    """Returns (dq, dk, dv, [d operand for each operand whose operand_grad flag is set]).
+    grads(BackwardCall) fills dq, dk, dv (and the d(operand) buffers); the portable kernels by default, the
+    Hopper warp-specialized kernel through hopper_bwd.backward. Around it: attn_bwd_pre (delta, the
+    uniform-row work list), the uniform-row correction and the exact band of imprecise rows."""
     b, hq, sq, d = q.shape
-    hk, sk, dvd = k.shape[1], k.shape[2], v.shape[-1]
-    g = hq // hk
+    hk, sk = k.shape[1], k.shape[2]
     dq = _empty(q.shape, q.dtype, q.device)
     dk = _empty(k.shape, k.dtype, q.device)
     dv = _empty(v.shape, v.dtype, q.device)
@@ -377,31 +429,11 @@ def backward(dout, q, k, v, operands, out, lse, prog: ScoreProgram):
     launcher.launch(base + ("pre",), mod.attn_bwd_pre, (triton_cdiv(sq, bm_pre), hq, b),
                     (out, dout, lse, delta, flag, *out.stride(), *dout.stride(), *lse.stride(), sq, hq),
                     dict(BLOCK_M=bm_pre))
-    qkv_strides = [*q.stride(), *k.stride(), *v.stride(), *dout.stride(), *lse.stride()]
-
-    def launch_dkdv(cfg):
-        bm, bn, warps, stages = cfg
-        grid = (triton_cdiv(sk, bn), hk, b)
-        launcher.launch(base + ("dkdv", cfg), mod.attn_bwd_dkdv, grid,
-                        (q, k, v, dout, lse, delta, flag, dk, dv, *op_args, *qkv_strides, *dk.stride(),
-                         *dv.stride(), sq, sk, coff),
-                        dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages))
-
     dop_args = []
     for n in grad_ops:
         dop_args += [dfull[n]] + list(dfull[n].stride())
-
-    def launch_dq(cfg):
-        bm, bn, warps, stages = cfg
-        grid = _grid_m(hf, triton_cdiv(sq, bm), hq, b)
-        launcher.launch(base + ("dq", cfg), mod.attn_bwd_dq, grid,
-                        (q, k, v, dout, lse, delta, dq, *op_args, *dop_args, *qkv_strides, *dq.stride(),
-                         sq, sk, hq, coff),
-                        dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages))
-
-    key = _tune_key(skey, sq, sk)
-    _launch_tuned("dkdv", key, d, q.dtype, q.device, launch_dkdv)
-    _launch_tuned("dq", key, d, q.dtype, q.device, launch_dq)
+    grads(BackwardCall(mod, q, k, v, dout, lse, delta, flag, dq, dk, dv, op_args, dop_args, coff, base,
+                       _tune_key(skey, sq, sk), hf))
     if prog.empty_row == "uniform":     # rows the kernels above left without gradient (no visible key)
         kernel, grid, args, kw = uniform_launch_args(mod, q, k, v, dout, lse, flag, dq, dk, dv, op_args,
                                                      dop_args)
@@ -420,5 +452,4 @@ def backward(dout, q, k, v, operands, out, lse, prog: ScoreProgram):
         if band is not None:
             red = red + exact[3][grad_ops.index(n)].float().reshape(red.shape)
         extra.append(red.reshape(t.shape).to(t.dtype))
-    _ = g
     return dq, dk, dv, extra

@@ -1,7 +1,9 @@
-"""The Hopper warp-specialized forward on an sm_90 GPU: its PTX is what it claims (wgmma, TMA, mbarriers,
-setmaxnreg); accuracy by FlashAttention's 2x rule against fp64 for every head dim it serves, with masks,
-operands, GQA, odd lengths and strided layouts; the portable backward from its lse; dispatch picks it;
-no recompilation per sequence length; CUDA-graph capture. Skipped without an sm_90 GPU.
+"""The Hopper warp-specialized forward and backward on an sm_90 GPU: their PTX is what it claims (wgmma, TMA,
+mbarriers, setmaxnreg); accuracy by FlashAttention's 2x rule against fp64 for every head dim they serve, with
+masks, operands, GQA, odd lengths and strided layouts (`hopper.backward` is the warp-specialized backward where
+it serves the site, the portable one elsewhere: bias gradients, NaN rows, other head dims); dispatch picks
+them and sends deterministic runs to the portable backward; no recompilation per sequence length; CUDA-graph
+capture. Skipped without an sm_90 GPU.
 
     pytest -q tests/gpu/test_hopper_gpu.py
 """
@@ -15,7 +17,7 @@ import torch
 
 from accuracy import C, S, accuracy_cases, attend_and_check, check_scaled, randn
 from fa3_inductor import dispatch
-from fa3_inductor.kernels import hopper
+from fa3_inductor.kernels import hopper, hopper_bwd, triton_portable
 from fa3_inductor.kernels.program import ScoreProgram
 
 DEV = "cuda"
@@ -199,3 +201,48 @@ def test_dense_mask_tile_skipping(kind):
     assert (cls == 1).any(), "no neutral tiles"
     # the finfo.min row's backward goes through reference.imprecise_rows (its lse lost log l)
     attend_and_check(q, k, v, [mask], prog, kernel=hopper)
+
+
+def test_backward_ptx_is_warp_specialized_and_dispatched():
+    gen = torch.Generator(device=DEV).manual_seed(11)
+    q, k, v = (randn(1, 2, 256, 128, gen=gen) for _ in range(3))
+    prog = ScoreProgram(("mul", S, C(128 ** -0.5)), causal="top_left")
+    entry, passed = dispatch.select_backward(prog, q, k, v, [])
+    assert entry is dispatch.HOPPER and hopper_bwd.supports(prog, q, k, v, []) is None, passed
+    out, lse = hopper.forward(q, k, v, [], prog)
+    hopper.backward(torch.randn_like(out), q, k, v, [], out, lse, prog)
+    mod = hopper_bwd._spec_and_module(prog, q, k, v, [])
+    ptx = _compiled(mod.attn_bwd_ws)[-1].asm["ptx"]
+    for instr in ("wgmma.mma_async", "cp.async.bulk.tensor", "mbarrier.try_wait", "setmaxnreg",
+                  "cp.reduce.async.bulk.tensor"):
+        assert instr in ptx, f"{instr} missing from the warp-specialized backward's PTX"
+    torch.use_deterministic_algorithms(True)
+    try:
+        entry, passed = dispatch.select_backward(prog, q, k, v, [])
+    finally:
+        torch.use_deterministic_algorithms(False)
+    assert entry is dispatch.TRITON and any("deterministic" in p for p in passed), passed
+
+
+@pytest.mark.parametrize("d,causal,g,sq,sk", [(128, "none", 1, 2048, 2048), (128, "bottom_right", 4, 1500, 2100),
+                                              (64, "top_left", 2, 2100, 1500), (64, "none", 1, 77, 1000)])
+def test_ws_backward_against_portable(d, causal, g, sq, sk):
+    """Larger shapes than the accuracy grid: the warp-specialized gradients by the 2x rule (its default
+    schedule), and every candidate schedule of its tuner beside the portable backward on the same (out, lse)."""
+    gen = torch.Generator(device=DEV).manual_seed(d + sq)
+    q = randn(2, 8, sq, d, gen=gen)
+    k, v = (randn(2, 8 // g, sk, d, gen=gen) for _ in range(2))
+    prog = ScoreProgram(("mul", S, C(d ** -0.5)), causal=causal)
+    attend_and_check(q, k, v, [], prog, kernel=hopper)
+    out, lse = hopper.forward(q, k, v, [], prog)
+    dout = torch.randn_like(out)
+    pt = triton_portable.backward(dout, q, k, v, [], out, lse, prog)
+    for cand in hopper_bwd.CANDIDATES:
+        if cand[0] != "ws":
+            continue
+        ws = hopper_bwd.backward(dout, q, k, v, [], out, lse, prog, n_stages=cand[1], rotate=cand[2],
+                                 dq_lag=cand[3], dq_add=cand[4])
+        for name, a, b in zip(("dq", "dk", "dv"), ws[:3], pt[:3]):
+            err = (a.float() - b.float()).abs().max().item()
+            scale = b.float().abs().max().item()
+            assert err <= 2e-2 * scale + 1e-3, f"{cand} {name}: ws vs portable max err {err:.3g} (scale {scale:.3g})"

@@ -1,0 +1,100 @@
+"""Backward-only timing of the Hopper warp-specialized backward's schedule variants beside the portable backward
+and cuDNN's (SDPA), on the FA3 grid at 16k tokens (bf16, H·D = 2048), with a gradient check of every variant
+against the portable backward on the same (out, lse).
+
+    python bench/bwd_ws.py [--dims 64,128] [--seqs 1024,4096,16384] [--out DIR]
+
+Backward FLOPs = 2.5 x the forward's 4·B·H·S²·D (halved causal), FlashAttention's convention. cuDNN's backward
+is timed as one autograd backward of its SDPA forward (retain_graph), so it includes its own small
+pre-/post-passes, as ours includes attn_bwd_pre, the dQ cast and the accumulator's zeroing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common  # noqa: E402
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--dims", default="64,128")
+    ap.add_argument("--seqs", default="1024,4096,16384")
+    ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    ap.add_argument("--stem", default="bwd_ws")
+    args = ap.parse_args(argv)
+    from triton.testing import do_bench
+
+    from fa3_inductor.kernels import hopper, hopper_bwd, triton_portable
+    from fa3_inductor.kernels.program import ScoreProgram
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    dev = torch.device("cuda")
+    rows, t0 = [], time.time()
+    for d, s, causal in itertools.product([int(x) for x in args.dims.split(",")],
+                                          [int(x) for x in args.seqs.split(",")], (False, True)):
+        b, h = 16384 // s, 2048 // d
+        gen = torch.Generator(device=dev).manual_seed(s + d)
+        q, k, v, dout = (torch.randn(b, h, s, d, device=dev, generator=gen, dtype=torch.bfloat16) for _ in range(4))
+        prog = ScoreProgram(("mul", ("score",), ("const", d ** -0.5)), causal="top_left" if causal else "none")
+        out, lse = hopper.forward(q, k, v, [], prog)
+        flops = 2.5 * 4 * b * h * s * s * d / (2 if causal else 1)
+        row = {"D": d, "S": s, "causal": causal}
+        ref = triton_portable.backward(dout, q, k, v, [], out, lse, prog)
+        row["portable"] = do_bench(lambda: triton_portable.backward(dout, q, k, v, [], out, lse, prog))
+        row["tuned"] = None
+        hopper_bwd.backward(dout, q, k, v, [], out, lse, prog)      # tunes, then pinned
+        row["tuned"] = do_bench(lambda: hopper_bwd.backward(dout, q, k, v, [], out, lse, prog))
+        variants = [(2, False, False, 3), (3, False, False, 3), (2, False, True, 3), (2, False, False, 1),
+                    (2, False, True, 1), (2, False, False, 0)]
+        for st, rot, lag, add in variants:
+            name = (f"ws_st{st}{'_rot' if rot else ''}{'_lag' if lag else ''}"
+                    + {0: "_nodq(diag)", 1: "_atomics", 2: "_atomics_v4", 3: "_tma"}[add])
+            kw = dict(n_stages=st, rotate=rot, dq_lag=lag, dq_add=add)
+            try:
+                got = hopper_bwd.backward(dout, q, k, v, [], out, lse, prog, **kw)
+                err = max(((a.float() - r.float()).abs().max() / r.float().abs().max().clamp_min(1e-6)).item()
+                          for a, r in zip(got[:3], ref[:3]))
+                row[name] = do_bench(lambda: hopper_bwd.backward(dout, q, k, v, [], out, lse, prog, **kw))
+                row[name + "_err"] = err
+            except Exception as e:   # a variant that does not build is reported, not fatal
+                row[name] = None
+                row[name + "_err"] = repr(e)[:120]
+        qs, ks, vs = (t.detach().clone().requires_grad_() for t in (q, k, v))
+        with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+            o = torch.nn.functional.scaled_dot_product_attention(qs, ks, vs, is_causal=causal)
+        row["cudnn"] = do_bench(lambda: torch.autograd.grad(o, (qs, ks, vs), dout, retain_graph=True))
+        row["tflops"] = {n: flops / (ms * 1e-3) / 1e12 for n, ms in row.items()
+                         if isinstance(ms, float) and not n.endswith("_err")}
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    os.makedirs(args.out, exist_ok=True)
+    head = common.header("Backward only: warp-specialized variants vs portable vs cuDNN", dev)
+    with open(os.path.join(args.out, args.stem + ".json"), "w") as f:
+        json.dump({"header": head, "rows": rows, "elapsed_s": time.time() - t0}, f, indent=1)
+    names = [n for n in rows[0] if n not in ("D", "S", "causal", "tflops") and not n.endswith("_err")]
+    lines = head + ["", "TFLOPS (ms); FLOPs = 2.5 x forward; err = max |ws - portable| / max |portable| over dq, dk, dv (the",
+                    "nodq variant skips adding dQ: a diagnostic of what that costs, its error is expected); tma: dQ "
+                    "added by TMA bulk reductions, atomics: per-thread vector atomics; tuned: "
+                    "hopper_bwd.backward as dispatch runs it (its tuner's pick among CANDIDATES)",
+             "", "| D | S | causal | " + " | ".join(names) + " | worst err |", "|---" * (4 + len(names)) + "|"]
+    for r in rows:
+        cells = [f"{r['tflops'][n]:.0f} ({r[n]:.2f})" if isinstance(r.get(n), float) else "err" for n in names]
+        errs = [r[n] for n in r if n.endswith("_err") and isinstance(r[n], float) and "nodq" not in n]
+        lines.append(f"| {r['D']} | {r['S']} | {r['causal']} | " + " | ".join(cells)
+                     + f" | {max(errs) if errs else float('nan'):.2g} |")
+    with open(os.path.join(args.out, args.stem + ".md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

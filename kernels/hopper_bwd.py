@@ -1,0 +1,124 @@
+"""Launch side of the Hopper warp-specialized backward (templates_hopper_bwd.py) for the dispatch table.
+
+sm_90 only. It replaces the portable dK/dV and dQ kernels inside triton_portable.backward (which still runs
+attn_bwd_pre, the uniform-row correction and the exact band of imprecise rows around it), so every program
+semantics stays the portable backward's. dQ is accumulated in fp32 with atomics, then cast: not
+deterministic, so under torch.use_deterministic_algorithms(True) dispatch takes the portable backward.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import codegen, dq_cast, hopper, launcher, triton_portable
+from .program import ScoreProgram
+
+HEAD_DIMS = (64, 128)
+BLOCK_M = 64          # query rows per step (the wgmma N of Sᵀ / dPᵀ, the M of dQ)
+BLOCK_N = 128         # keys per CTA: two consumer warpgroups x 64
+SMEM_LIMIT = hopper.SMEM_LIMIT
+
+
+def stages(d: int) -> int:
+    """Q / dO ring depth that fits beside K, V (BLOCK_N x d each) and the two dS buffers."""
+    fixed = 2 * BLOCK_N * d * 2 + 2 * BLOCK_N * BLOCK_M * 2
+    return max(0, min(3, (SMEM_LIMIT - fixed) // (2 * BLOCK_M * d * 2)))
+
+
+def _declines(prog: ScoreProgram, q, v) -> str | None:
+    """What this kernel does not compute (cheap: program and head dims only)."""
+    d, dv = q.shape[-1], v.shape[-1]
+    if d != dv or d not in HEAD_DIMS:
+        return f"head dims ({d}, {dv}): the warp-specialized backward runs d = dv in {HEAD_DIMS}"
+    if prog.operand_grad and any(prog.operand_grad):
+        return "a score operand needs its gradient (the portable backward computes d(operand))"
+    if torch.are_deterministic_algorithms_enabled():
+        return "deterministic algorithms requested (this backward adds dQ with atomics)"
+    return None
+
+
+def supports(prog: ScoreProgram, q, k, v, operands) -> str | None:
+    """None when the warp-specialized backward can serve the site, else why the portable one runs it."""
+    return hopper.supports(prog, q, k, v, operands) or _declines(prog, q, v)
+
+
+def _spec_and_module(prog, q, k, v, operands):
+    fast = (prog, q.dtype, q.shape[-1], v.shape[-1], q.shape[1] // k.shape[1],
+            tuple((t.dtype, tuple(s == 1 for s in t.shape)) for t in operands))
+    return _module(fast, prog, q, k, v, operands)
+
+
+_MODULES: dict = {}
+
+
+def _module(fast, prog, q, k, v, operands):
+    mod = _MODULES.get(fast)
+    if mod is None:
+        mod = _MODULES[fast] = codegen.load(codegen.make_spec(prog, q, k, v, operands, False), "hopper_bwd")
+    return mod
+
+
+def launch_args(c: triton_portable.BackwardCall, operands, prog: ScoreProgram, dq_acc, n_stages=None,
+                rotate=False, dq_lag=False, dq_add=3):
+    """(kernel, grid, args, kwargs) of one attn_bwd_ws launch; also used by tests to compile and read the PTX.
+    dq_acc: zeroed fp32 (B, Hq, Sq rounded up to BLOCK_M, D)."""
+    q, k, v, dout = c.q, c.k, c.v, c.dout
+    b, hq, sq, d = q.shape
+    hk, sk = k.shape[1], k.shape[2]
+    mod = _spec_and_module(prog, q, k, v, operands)
+    grid = (triton_portable.triton_cdiv(sk, BLOCK_N), hk, b)
+    descs = [hopper._desc(t, rows) for t, rows in ((q, BLOCK_M), (k, BLOCK_N), (v, BLOCK_N), (dout, BLOCK_M),
+                                                  (c.dk, BLOCK_N), (c.dv, BLOCK_N))]
+    dq_desc = hopper._desc(dq_acc, BLOCK_M, d // 2)
+    args = (*descs, c.lse, c.delta, dq_acc, dq_desc, c.flag, *c.op_args, *c.lse.stride(), sq, sk, c.coff)
+    kwargs = dict(BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, STAGES=n_stages or stages(d), ROTATE=rotate, DQ_LAG=dq_lag,
+                  DQ_ADD=dq_add, num_warps=4)
+    return mod.attn_bwd_ws, grid, args, kwargs
+
+
+# Candidates of the tuned gradient step, the default (no tuning possible, e.g. under CUDA-graph capture) first:
+# (kind, Q/dO stages, rotate, dq_lag, dq_add: 1 per-thread atomics, 3 TMA bulk reductions). The portable
+# dK/dV + dQ kernels stay a candidate, and the tuner keeps whichever is faster per (spec, length bucket), so
+# dispatch never pays for the warp-specialized kernel where it loses (bench/results/bwd_ws.md).
+CANDIDATES = (("ws", 2, False, False, 3), ("ws", 2, False, True, 3), ("ws", 2, False, False, 1), ("portable",))
+
+
+def ws_grads(operands, prog: ScoreProgram, **variant):
+    """The grads step of triton_portable.backward for this kernel: dK, dV written by the kernel (NaN for a
+    group with an empty row in "nan" programs, from attn_bwd_pre's flag), dQ through a zeroed fp32 buffer cast
+    into dq (dq_cast.py, NaN rows likewise). Without `variant`, tuned among CANDIDATES."""
+    def run_ws(c: triton_portable.BackwardCall, kw: dict) -> None:
+        b, hq, sq, d = c.q.shape
+        dq_acc = torch.zeros((b, hq, triton_portable.triton_cdiv(sq, BLOCK_M) * BLOCK_M, d), dtype=torch.float32,
+                             device=c.q.device)
+        kernel, grid, args, kwargs = launch_args(c, operands, prog, dq_acc, **kw)
+        # the descriptors are rebuilt per call (cheap objects); the launch key pins shapes, strides, dtypes
+        launcher.launch(c.base + ("ws", tuple(sorted(kw.items()))), kernel, grid, args, kwargs)
+        dq_cast.cast_into(c.dq, dq_acc, c.lse, prog.empty_row == "nan", c.base)
+
+    def grads(c: triton_portable.BackwardCall) -> None:
+        if variant:
+            run_ws(c, variant)
+            return
+
+        def launch(cfg):
+            if cfg[0] == "portable":
+                triton_portable.portable_grads(c)
+            else:
+                run_ws(c, dict(n_stages=cfg[1], rotate=cfg[2], dq_lag=cfg[3], dq_add=cfg[4]))
+        triton_portable._launch_tuned("ws_bwd", c.tune_key, c.q.shape[-1], c.q.dtype, c.q.device, launch,
+                                      list(CANDIDATES))
+    return grads
+
+
+def backward(dout, q, k, v, operands, out, lse, prog: ScoreProgram, **variant):
+    """Returns (dq, dk, dv, [d operands]): the portable backward's frame around the warp-specialized gradient
+    kernel, or the portable backward itself for a site this kernel declines (the Hopper forward already
+    checked the sm_90 / TMA conditions on q, k, v). `variant` (n_stages, rotate, dq_lag, dq_add) pins a
+    warp-specialized schedule (benchmarks, tests); otherwise the tuner picks among CANDIDATES."""
+    if _declines(prog, q, v):
+        return triton_portable.backward(dout, q, k, v, operands, out, lse, prog)
+    if not dout.is_contiguous():
+        dout = dout.contiguous()
+    return triton_portable.backward(dout, q, k, v, operands, out, lse, prog,
+                                    grads=ws_grads(operands, prog, **variant))

@@ -1,0 +1,371 @@
+"""Text of the generated Hopper (sm_90a) warp-specialized backward kernel, in Gluon, for one KernelSpec.
+
+FlashAttention-3's backward schedule. One CTA owns BLOCK_N = 128 keys of one (batch, K/V head) and walks the
+query tiles that see them (BLOCK_M = 64 rows, every query head of the GQA group in turn), with three
+partitions (`gl.warp_specialize`):
+
+    producer   1 warp, 24 registers. TMA-loads the CTA's K and V tiles (barrier kv_bar), then for
+               each query tile waits empty[stage] (both consumers are done with that Q / dO slot) and TMA-loads
+               Q and dO into the slot (completes full[stage]).
+    consumer w (w = 0: the default partition; w = 1: a worker), one warpgroup each, 240 registers, owns keys
+               [n0 + 64 w, n0 + 64 w + 64) and their dK, dV accumulators (fp32, in registers for the whole walk).
+
+Per query tile a consumer issues Sᵀ = K_w Qᵀ and dPᵀ = V_w dOᵀ back to back (async wgmma, K_w / V_w and
+Q / dO all from shared memory), recomputes Pᵀ from the score chain and the forward's log-sum-exp while dPᵀ
+still runs, forms dSᵀ = Pᵀ ∘ (dPᵀ − δ) · ∂x/∂s, then issues dV += Pᵀ dO and dK += dSᵀ Q with Pᵀ / dSᵀ as
+register operands. dQ needs dS over all 128 keys: each consumer stores its dSᵀ half into a shared buffer
+(two buffers, alternating by tile), arrives on ds_bar[tile % 2] (count 2) and waits for the other half; then
+it computes dQ[:, its half of the head dim] = dS K[:, half] (dS transposed from shared memory) and adds it
+to an fp32 dQ buffer (rows padded to whole query tiles, so unpredicated) with vector atomics. Once dK / dV of the tile are done it releases the Q / dO slot
+(empty, count 2). Reuse of a dS buffer two tiles later is safe: a consumer arrives on ds_bar only after its
+previous dQ product completed. At the end both consumers meet on fin (count 2) — the other may still read
+this one's K rows for dQ — then write dK / dV over their own K / V rows in shared memory, meet again, and the
+first consumer TMA-stores both tiles.
+
+dQ is therefore not deterministic (atomic order); dispatch sends deterministic runs to the portable backward.
+The score chain (scale, biases, masks, soft-capping) and its derivative are the ScoreProgram's, emitted by
+codegen.Emitter in Gluon spelling, on the transposed tile (rows = keys, columns = queries).
+"""
+
+from __future__ import annotations
+
+from .codegen import LOG2E, Emitter, KernelSpec
+from .program import derivative
+from .templates_bwd import _and, _ind
+
+_KERNEL = '''
+@gluon.jit
+def _tile_of(it, n_it, rot, n_m, m_lo, off_hk, BLOCK_M: gl.constexpr):
+    """(first query row, query head) of the it-th tile a CTA walks: the walk starts at tile `rot`, so that
+    neighbouring CTAs add into different dQ rows at any moment (atomic contention)."""
+    t = it + rot
+    t = gl.where(t >= n_it, t - n_it, t)
+    g = t // n_m
+    return m_lo + (t - g * n_m) * BLOCK_M, off_hk * __G__ + g
+
+
+@gluon.jit
+def _bwd_producer(q_desc, k_desc, v_desc, do_desc, q_smem, k_smem, v_smem, do_smem, kv_bar, full, empty,
+                  off_b, off_hk, n0, m_lo, n_m, rot, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+                  STAGES: gl.constexpr):
+    mbarrier.expect(kv_bar, k_desc.block_type.nbytes + v_desc.block_type.nbytes)
+    tma.async_copy_global_to_shared(k_desc, [off_b, off_hk, n0, 0], kv_bar, k_smem)
+    tma.async_copy_global_to_shared(v_desc, [off_b, off_hk, n0, 0], kv_bar, v_smem)
+    n_it = __G__ * n_m
+    for it in range(n_it):
+        start_m, off_h = _tile_of(it, n_it, rot, n_m, m_lo, off_hk, BLOCK_M)
+        st = it % STAGES
+        ph = (it // STAGES) & 1
+        # a fresh barrier passes a wait on parity 1, so the first STAGES loads do not wait
+        mbarrier.wait(empty.index(st), ph ^ 1)
+        mbarrier.expect(full.index(st), q_desc.block_type.nbytes + do_desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(q_desc, [off_b, off_h, start_m, 0], full.index(st), q_smem.index(st))
+        tma.async_copy_global_to_shared(do_desc, [off_b, off_h, start_m, 0], full.index(st), do_smem.index(st))
+
+
+@gluon.jit
+def _dq_step(j, ds_smem, ds_bar, k_half, zero_dq, DQ, dq_desc, dq_buf, dq_buf4, dq_offs, n_it, rot, n_m, m_lo,
+             off_hk, off_b, H, sq_pad, WG: gl.constexpr, BLOCK_M: gl.constexpr, HEAD_D: gl.constexpr,
+             DQ_ADD: gl.constexpr):
+    """dQ[tile j, this consumer's columns] += dS K over all BLOCK_N keys, once both dS halves of tile j are in
+    shared memory."""
+    start_m, off_h = _tile_of(j, n_it, rot, n_m, m_lo, off_hk, BLOCK_M)
+    buf = ds_smem.index(j % 2)
+    mbarrier.wait(ds_bar.index(j % 2), (j // 2) & 1)
+    dq = warpgroup_mma(buf.permute((1, 0)), k_half, zero_dq, use_acc=False)
+    # the fp32 dQ buffer has whole tiles of rows (Sq rounded up to BLOCK_M): no predicate on the atomics
+    dq_base = DQ + ((off_b.to(gl.int64) * H + off_h) * sq_pad + start_m) * HEAD_D
+    if DQ_ADD == 1:     # from the wgmma layout: two consecutive fp32 per atomic
+        gl.atomic_add(dq_base + dq_offs, dq, sem="relaxed")
+    elif DQ_ADD == 2:   # through a blocked layout (a shared-memory shuffle): four per atomic
+        HD2: gl.constexpr = HEAD_D // 2
+        bl: gl.constexpr = gl.BlockedLayout([1, 4], [32 * 4 // HD2, HD2 // 4], [4, 1], [1, 0])
+        r = gl.arange(0, BLOCK_M, gl.SliceLayout(1, bl))
+        c = WG * HD2 + gl.arange(0, HD2, gl.SliceLayout(0, bl))
+        gl.atomic_add(dq_base + (gl.expand_dims(r, 1) * HEAD_D + gl.expand_dims(c, 0)), gl.convert_layout(dq, bl),
+                      sem="relaxed")
+    elif DQ_ADD == 3:   # one TMA bulk reduction per tile from shared memory (FlashAttention-3's dQ path)
+        tma.store_wait(0)   # the previous tile's reduction has read the buffer
+        dq_buf.store(dq)
+        fence_async_shared()
+        async_reduce_add_shared_to_global(dq_desc, [off_b, off_h, start_m, WG * (HEAD_D // 2)], dq_buf4)
+    # DQ_ADD == 0: no dQ (a diagnostic variant that measures what the atomics cost; bench/bwd_ws.py only)
+
+
+@gluon.jit
+def _bwd_consumer(q2, k2, v2, do2, ds_smem, k_smem, v_smem, kv_bar, full, empty, ds_bar, fin,
+                  dk_desc, dv_desc, LSE, DELTA, DQ, dq_desc, dq_smem, FLAG, slb, slh, slm, off_b, off_hk, n0, m_lo, n_m, rot,
+                  Sq, Sk, coff, H, __OPS_PARAMS__WG: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+                  HEAD_D: gl.constexpr, STAGES: gl.constexpr, DQ_LAG: gl.constexpr, DQ_ADD: gl.constexpr):
+    dtype: gl.constexpr = q2.dtype
+    KW: gl.constexpr = BLOCK_N // 2          # keys per consumer (wgmma M)
+    HD2: gl.constexpr = HEAD_D // 2          # dQ columns per consumer
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                        instr_shape=[16, BLOCK_M, 16])
+    kv_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                         instr_shape=[16, HEAD_D, 16])
+    dq_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                         instr_shape=[16, HD2, 16])
+    a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=kv_layout, k_width=2)
+    row_l: gl.constexpr = gl.SliceLayout(1, s_layout)
+    col_l: gl.constexpr = gl.SliceLayout(0, s_layout)
+    dqr_l: gl.constexpr = gl.SliceLayout(1, dq_layout)
+    dqc_l: gl.constexpr = gl.SliceLayout(0, dq_layout)
+    k_w = k2.slice(WG * KW, KW, dim=0)
+    v_w = v2.slice(WG * KW, KW, dim=0)
+    k_half = k2.slice(WG * HD2, HD2, dim=1)
+    kj = gl.expand_dims(n0 + WG * KW + gl.arange(0, KW, row_l), 1)
+    zero_s = gl.zeros([KW, BLOCK_M], gl.float32, s_layout)
+    zero_dq = gl.zeros([BLOCK_M, HD2], gl.float32, dq_layout)
+    dk = gl.zeros([KW, HEAD_D], gl.float32, kv_layout)
+    dv = gl.zeros([KW, HEAD_D], gl.float32, kv_layout)
+    dq_offs = (gl.expand_dims(gl.arange(0, BLOCK_M, dqr_l), 1) * HEAD_D
+               + gl.expand_dims(WG * HD2 + gl.arange(0, HD2, dqc_l), 0))
+    sq_pad = gl.cdiv(Sq, BLOCK_M) * BLOCK_M
+    dq_buf4 = dq_smem.index(WG)
+    dq_buf = dq_buf4._reinterpret(gl.float32, [BLOCK_M, HD2],
+                                  gl.NVMMASharedLayout.get_default_for([BLOCK_M, HD2], gl.float32))
+    mbarrier.wait(kv_bar, 0)
+    n_it = __G__ * n_m
+    for it in range(n_it):
+        start_m, off_h = _tile_of(it, n_it, rot, n_m, m_lo, off_hk, BLOCK_M)
+__OPS_BASES__
+        st = it % STAGES
+        mbarrier.wait(full.index(st), (it // STAGES) & 1)
+        q_t = q2.index(st)
+        do_t = do2.index(st)
+        s_tok = warpgroup_mma(k_w, q_t.permute((1, 0)), zero_s, use_acc=False, is_async=True)
+        dp_tok = warpgroup_mma(v_w, do_t.permute((1, 0)), zero_s, use_acc=False, is_async=True)
+        if DQ_LAG:      # the previous tile's dQ, queued behind S / dP on the tensor cores
+            if it > 0:
+                _dq_step(it - 1, ds_smem, ds_bar, k_half, zero_dq, DQ, dq_desc, dq_buf, dq_buf4, dq_offs, n_it, rot, n_m, m_lo, off_hk,
+                         off_b, H, sq_pad, WG, BLOCK_M, HEAD_D, DQ_ADD)
+        offs_m = start_m + gl.arange(0, BLOCK_M, col_l)
+        row_ok = offs_m < Sq
+        lse = gl.load(LSE + off_b.to(gl.int64) * slb + off_h.to(gl.int64) * slh + offs_m * slm, mask=row_ok,
+                      other=float("inf"))
+        lse = gl.where(lse == float("-inf"), float("inf"), lse)   # empty rows (and rows past Sq): p = 0
+        delta = gl.load(DELTA + (off_b.to(gl.int64) * H + off_h) * Sq + offs_m, mask=row_ok, other=0.0)
+        qi = gl.expand_dims(offs_m, 0)
+        masked = _tile_masked(start_m, n0, Sq, Sk, coff, BLOCK_M, BLOCK_N)
+        s = warpgroup_mma_wait(1, deps=(s_tok,))
+        if masked:
+            x, dloc = _score_masked(s, qi, kj, Sq, Sk, __OPS_ARGS__)
+            x = gl.where(__VISIBLE__, x, float("-inf"))
+        else:
+            x, dloc = _score_full(s, qi, kj, Sq, Sk, __OPS_ARGS__)
+        p = __EXP_P__
+        dp = warpgroup_mma_wait(0, deps=(dp_tok,))
+        ds = p * (dp - gl.expand_dims(delta, 0))
+        ds = gl.where(p == 0.0, 0.0, ds) * dloc
+        p_op = gl.convert_layout(p.to(dtype), a_layout)
+        dv_tok = warpgroup_mma(p_op, do_t, dv, is_async=True)
+        ds_lo = ds.to(dtype)
+        ds_op = gl.convert_layout(ds_lo, a_layout)
+        dk_tok = warpgroup_mma(ds_op, q_t, dk, is_async=True)
+        buf = ds_smem.index(it % 2)
+        buf.slice(WG * KW, KW, dim=0).store(ds_lo)
+        fence_async_shared()
+        mbarrier.arrive(ds_bar.index(it % 2))
+        # P and dS (register operands) die before the dQ accumulator is born: register pressure
+        dv, dk, p_op, ds_op = warpgroup_mma_wait(0, deps=(dv_tok, dk_tok, p_op, ds_op))
+        mbarrier.arrive(empty.index(st))
+        if not DQ_LAG:
+            _dq_step(it, ds_smem, ds_bar, k_half, zero_dq, DQ, dq_desc, dq_buf, dq_buf4, dq_offs, n_it, rot, n_m, m_lo, off_hk, off_b, H,
+                     sq_pad, WG, BLOCK_M, HEAD_D, DQ_ADD)
+    if DQ_LAG:
+        if n_it > 0:
+            _dq_step(n_it - 1, ds_smem, ds_bar, k_half, zero_dq, DQ, dq_desc, dq_buf, dq_buf4, dq_offs, n_it, rot, n_m, m_lo, off_hk,
+                     off_b, H, sq_pad, WG, BLOCK_M, HEAD_D, DQ_ADD)
+
+    if DQ_ADD == 3:
+        tma.store_wait(0)
+__NAN_GROUP__
+    # the other consumer may still read this one's K rows (dQ) until both arrive here (phase 0); both halves
+    # of dK / dV are in shared memory when both arrive again (phase 1), then one TMA store per tile
+    mbarrier.arrive(fin)
+    mbarrier.wait(fin, 0)
+    k_w.store(dk.to(dtype))
+    v_w.store(dv.to(dtype))
+    fence_async_shared()
+    mbarrier.arrive(fin)
+    mbarrier.wait(fin, 1)
+    if WG == 0:
+        tma.async_copy_shared_to_global(dk_desc, [off_b, off_hk, n0, 0], k_smem)
+        tma.async_copy_shared_to_global(dv_desc, [off_b, off_hk, n0, 0], v_smem)
+        tma.store_wait(0)
+
+
+@gluon.jit(do_not_specialize=["Sq", "Sk", "coff", "slb", "slh"])
+def attn_bwd_ws(q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, LSE, DELTA, DQ, dq_desc, FLAG, __OPS_KPARAMS__slb, slh, slm,
+                Sq, Sk, coff, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
+                ROTATE: gl.constexpr, DQ_LAG: gl.constexpr, DQ_ADD: gl.constexpr):
+    HEAD_D: gl.constexpr = q_desc.block_type.shape[3]
+    dtype: gl.constexpr = q_desc.dtype
+    KW: gl.constexpr = BLOCK_N // 2
+    pid_n = gl.program_id(0)
+    off_hk = gl.program_id(1)
+    off_b = gl.program_id(2)
+    H = gl.num_programs(1) * __G__
+    n0 = pid_n * BLOCK_N
+    m_lo = n0 * 0
+    m_hi = Sq
+__Q_RANGE__
+    n_m = gl.cdiv(gl.maximum(m_hi - m_lo, 0), BLOCK_M)
+    rot = 0
+    if ROTATE:
+        rot = pid_n % gl.maximum(__G__ * n_m, 1)
+
+    q_l: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, HEAD_D], dtype)
+    k_l: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, HEAD_D], dtype)
+    ds_l: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, BLOCK_M], dtype)
+    # TMA tiles are rank 4 (batch, head, rows, dim) so any batch / head strides work; the MMAs see rank 2
+    q_smem = gl.allocate_shared_memory(dtype, [STAGES, 1, 1, BLOCK_M, HEAD_D], q_desc.layout)
+    do_smem = gl.allocate_shared_memory(dtype, [STAGES, 1, 1, BLOCK_M, HEAD_D], do_desc.layout)
+    k_smem = gl.allocate_shared_memory(dtype, [1, 1, BLOCK_N, HEAD_D], k_desc.layout)
+    v_smem = gl.allocate_shared_memory(dtype, [1, 1, BLOCK_N, HEAD_D], v_desc.layout)
+    ds_smem = gl.allocate_shared_memory(dtype, [2, BLOCK_N, BLOCK_M], ds_l)
+    if DQ_ADD == 3:     # one fp32 dQ tile per consumer, the source of its TMA reductions
+        dq_smem = gl.allocate_shared_memory(gl.float32, [2, 1, 1, BLOCK_M, HEAD_D // 2], dq_desc.layout)
+    else:
+        dq_smem = gl.allocate_shared_memory(gl.float32, [2, 1, 1, 8, 8], dq_desc.layout)
+    kv_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    fin = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    full = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    ds_bar = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    mbarrier.init(kv_bar, count=1)
+    mbarrier.init(fin, count=2)
+    for st in gl.static_range(STAGES):
+        mbarrier.init(full.index(st), count=1)
+        mbarrier.init(empty.index(st), count=2)     # both consumers release a Q / dO slot
+    for b in gl.static_range(2):
+        mbarrier.init(ds_bar.index(b), count=2)     # both halves of dS are in shared memory
+    fence_async_shared()
+
+    q2 = q_smem._reinterpret(dtype, [STAGES, BLOCK_M, HEAD_D], q_l)
+    do2 = do_smem._reinterpret(dtype, [STAGES, BLOCK_M, HEAD_D], q_l)
+    # one [BLOCK_N, HEAD_D] tile each: a consumer's 64 keys are a row slice, its dQ columns a column slice
+    k2 = k_smem._reinterpret(dtype, [BLOCK_N, HEAD_D], k_l)
+    v2 = v_smem._reinterpret(dtype, [BLOCK_N, HEAD_D], k_l)
+    gl.warp_specialize([
+        (_bwd_consumer, (q2, k2, v2, do2, ds_smem, k_smem, v_smem, kv_bar, full, empty, ds_bar, fin,
+                         dk_desc, dv_desc, LSE, DELTA, DQ, dq_desc, dq_smem, FLAG, slb, slh, slm, off_b, off_hk, n0, m_lo, n_m, rot, Sq,
+                         Sk, coff, H, __OPS_KARGS__0, BLOCK_M, BLOCK_N, HEAD_D, STAGES, DQ_LAG,
+                         DQ_ADD)),
+        (_bwd_consumer, (q2, k2, v2, do2, ds_smem, k_smem, v_smem, kv_bar, full, empty, ds_bar, fin,
+                         dk_desc, dv_desc, LSE, DELTA, DQ, dq_desc, dq_smem, FLAG, slb, slh, slm, off_b, off_hk, n0, m_lo, n_m, rot, Sq,
+                         Sk, coff, H, __OPS_KARGS__1, BLOCK_M, BLOCK_N, HEAD_D, STAGES, DQ_LAG,
+                         DQ_ADD)),
+        (_bwd_producer, (q_desc, k_desc, v_desc, do_desc, q_smem, k_smem, v_smem, do_smem, kv_bar, full, empty,
+                         off_b, off_hk, n0, m_lo, n_m, rot, BLOCK_M, BLOCK_N, STAGES)),
+    ], [4, 1], [240, 24])
+'''
+
+_HEAD = '''import triton
+import triton.language as tl
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
+                                                               warpgroup_mma_wait)
+from fa3_inductor.kernels.gluon_tma_reduce import async_reduce_add_shared_to_global
+
+
+@gluon.jit
+def _tanh(x):
+    t = gl.exp(-2.0 * gl.abs(x))
+    r = (1.0 - t) / (1.0 + t)
+    return gl.where(x < 0, -r, r)
+
+
+@gluon.jit
+def _sigmoid(x):
+    return 1.0 / (1.0 + gl.exp(-x))
+
+'''
+
+
+class _HopperBwdGen:
+    def __init__(self, spec: KernelSpec):
+        self.spec = spec
+        self.prog = spec.prog
+        self.scale = self.prog.scale_only()
+        self.nops = len(spec.operands)
+        self.causal = self.prog.causal != "none"
+        self.window = self.prog.window
+
+    def score_fn(self, name: str, masked: bool) -> list[str]:
+        """(x, ∂x/∂s) on a transposed tile: x in log2 units for a scale-only program, else natural units."""
+        em = Emitter(self.spec, "s", "qi", "kj", "(qi < Sq)", "(kj < Sk)" if masked else None, ns="gl")
+        if self.scale is not None:
+            body = [f"x = s * {self.scale * LOG2E!r}", f"d = {float(self.scale)!r}"]
+        else:
+            root = em.emit(self.prog.expr)
+            x = em.full_float(root)
+            d = em._float(em.emit(derivative(self.prog.expr, ("score",))))
+            body = em.lines + [f"x = {x}", f"d = {d}"]
+        params = "".join(f"OP{n}b, st{n}_m, st{n}_n, " for n in range(self.nops))
+        return ["@gluon.jit", f"def {name}(s, qi, kj, Sq, Sk, {params}):"] + [_ind(body + ["return x, d"]), "", ""]
+
+    def visible(self) -> str:
+        parts = ["(kj < Sk)", "(qi < Sq)"]
+        if self.causal:
+            parts.append("(kj <= qi + coff)")
+            if self.window is not None:
+                parts.append(f"(kj >= qi + coff - {self.window})")
+        return _and(*parts)
+
+    def tile_masked(self) -> list[str]:
+        """A query tile needs the element predicate when it crosses Sq / Sk or the structural mask's edge."""
+        lines = ["@gluon.jit",
+                 "def _tile_masked(start_m, n0, Sq, Sk, coff, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr):",
+                 "    masked = (start_m + BLOCK_M > Sq) | (n0 + BLOCK_N > Sk)"]
+        if self.causal:
+            lines.append("    masked = masked | (start_m + coff < n0 + BLOCK_N - 1)")
+            if self.window is not None:
+                lines.append(f"    masked = masked | (n0 < start_m + BLOCK_M - 1 + coff - {self.window})")
+        return lines + ["    return masked", "", ""]
+
+    def q_range(self) -> str:
+        """The query rows that see some key of [n0, n0 + BLOCK_N)."""
+        lines = []
+        if self.causal:
+            lines.append("    m_lo = (gl.maximum(n0 - coff, 0) // BLOCK_M) * BLOCK_M")
+            if self.window is not None:
+                lines.append(f"    m_hi = gl.minimum(m_hi, gl.maximum(n0 + BLOCK_N - coff + {self.window}, 0))")
+        return "\n".join(lines)
+
+    def module(self) -> str:
+        spec = self.spec
+        n = range(self.nops)
+        ops_params = "".join(f"OP{i}, st{i}_b, st{i}_h, st{i}_m, st{i}_n, " for i in n)
+        ops_args = "".join(f"OP{i}b, st{i}_m, st{i}_n, " for i in n)
+        bases = []
+        for i, o in enumerate(spec.operands):
+            ptr = f"OP{i}"
+            if not o.bcast[0]:
+                ptr += f" + off_b.to(gl.int64) * st{i}_b"
+            if not o.bcast[1]:
+                ptr += f" + off_h.to(gl.int64) * st{i}_h"
+            bases.append(f"        OP{i}b = {ptr}")
+        nan_group = ""
+        if self.prog.empty_row == "nan":    # eager: a (batch, K/V head) with an empty row has NaN dK / dV
+            nan_group = ("    flag = gl.load(FLAG + off_b * (H // __G__) + off_hk)\n"
+                         "    dk = gl.where(flag != 0, float('nan'), dk)\n"
+                         "    dv = gl.where(flag != 0, float('nan'), dv)")
+        if self.scale is not None:
+            exp_p = f"gl.exp2(x - gl.expand_dims(lse * {LOG2E!r}, 0))"
+        else:
+            exp_p = f"gl.exp2((x - gl.expand_dims(lse, 0)) * {LOG2E!r})"
+        text = _KERNEL
+        for token, value in [("__OPS_KPARAMS__", ops_params), ("__OPS_PARAMS__", ops_params),
+                             ("__OPS_KARGS__", ops_params), ("__OPS_ARGS__", ops_args),
+                             ("__OPS_BASES__", "\n".join(bases)), ("__VISIBLE__", self.visible()),
+                             ("__Q_RANGE__", self.q_range()), ("__NAN_GROUP__", nan_group), ("__EXP_P__", exp_p), ("__G__", str(spec.G))]:
+            text = text.replace(token, value)
+        fns = self.score_fn("_score_masked", True) + self.score_fn("_score_full", False) + self.tile_masked()
+        return _HEAD + "\n".join(fns) + text
+
+
+def generate(spec: KernelSpec) -> str:
+    return _HopperBwdGen(spec).module()

@@ -1,0 +1,91 @@
+"""The Hopper warp-specialized backward without a GPU: every generated variant (score chains, causal / window,
+GQA, dQ by TMA reductions or atomics) compiles for sm_90a with Triton's bundled ptxas and its PTX holds what the
+design claims (wgmma, TMA loads, mbarriers, setmaxnreg, bulk tensor reductions for dQ); shared memory fits; the
+sites it declines are declined with a reason. Numbers are tests/gpu/test_hopper_gpu.py's job."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from fa3_inductor.kernels import hopper_bwd, triton_portable
+from fa3_inductor.kernels.program import ScoreProgram
+
+S = ("score",)
+
+try:
+    from sm90_cross_compile import compile_sm90, sass_facts
+    import triton.experimental.gluon  # noqa: F401
+    _HAVE = True
+except Exception:   # pragma: no cover - depends on the Triton build
+    _HAVE = False
+
+
+def C(x):
+    return ("const", float(x))
+
+
+VARIANTS = {
+    "scale-d128": (ScoreProgram(("mul", S, C(0.125))), 128, 1, []),
+    "causal-gqa-d128": (ScoreProgram(("mul", S, C(0.125)), causal="bottom_right"), 128, 4, []),
+    "window-d64": (ScoreProgram(("mul", S, C(0.125)), causal="top_left", window=256, empty_row="zero"), 64, 1, []),
+    "bias-d64": (ScoreProgram(("add", ("mul", S, C(0.125)), ("operand", 0)), n_operands=1, empty_row="uniform"), 64,
+                 2, [(1, 1, 1, 0, torch.float32)]),
+    "mask-softcap-d128": (ScoreProgram(("where", ("operand", 0), ("mul", ("tanh", ("mul", S, C(0.02))), C(50.0)),
+                                        C(-math.inf)), n_operands=1), 128, 2, [(0, 1, 0, 0, torch.bool)]),
+}
+
+
+def _call(prog, d, g, ops):
+    b, h, sq, sk = 2, 4, 200, 333
+    q = torch.randn(b, h, sq, d).bfloat16()
+    k, v = (torch.randn(b, h // g, sk, d).bfloat16() for _ in range(2))
+    operands = []
+    for bb, bh, bm, bn, dt in ops:
+        shape = (1 if bb else b, 1 if bh else h, 1 if bm else sq, 1 if bn else sk)
+        operands.append(torch.rand(*shape) > 0.3 if dt == torch.bool else torch.randn(*shape, dtype=dt))
+    op_args = []
+    for t in operands:
+        op_args += [t] + [int(x) for x in t.expand(b, h, sq, sk).stride()]
+    c = triton_portable.BackwardCall(None, q, k, v, torch.randn_like(q), torch.randn(b, h, sq), torch.randn(b, h, sq),
+                                     torch.zeros(b * h // g, dtype=torch.int32), None, torch.empty_like(k),
+                                     torch.empty_like(v), op_args, [], 0, (), (), False)
+    acc = torch.zeros(b, h, -(-sq // hopper_bwd.BLOCK_M) * hopper_bwd.BLOCK_M, d)
+    return c, operands, acc
+
+
+@pytest.mark.skipif(not _HAVE, reason="Triton without Gluon / NVIDIA backend")
+@pytest.mark.parametrize("name", list(VARIANTS))
+@pytest.mark.parametrize("dq_add", [3, 1])
+def test_compiles_for_sm90_with_the_claimed_instructions(name, dq_add):
+    prog, d, g, ops = VARIANTS[name]
+    c, operands, acc = _call(prog, d, g, ops)
+    kernel, grid, args, kwargs = hopper_bwd.launch_args(c, operands, prog, acc, n_stages=2, dq_add=dq_add)
+    compiled = compile_sm90(kernel, *args, **kwargs)
+    ptx = compiled.asm["ptx"]
+    dq_instr = "cp.reduce.async.bulk.tensor" if dq_add == 3 else "atom.global"
+    for instr in ("wgmma.mma_async", "cp.async.bulk.tensor", "mbarrier.try_wait", "setmaxnreg", dq_instr):
+        assert instr in ptx, f"{name}: {instr} missing"
+    facts = sass_facts(compiled)
+    assert facts["hgmma"] > 0 and facts["shared"] <= 232448, facts
+    if d == 64 and not ops:
+        assert facts["local_ops"] == 0, f"{name}: register spills {facts}"
+
+
+def test_declines_with_reasons():
+    q = torch.empty(1, 2, 64, 128, dtype=torch.bfloat16)
+    v96 = torch.empty(1, 2, 64, 96, dtype=torch.bfloat16)
+    plain = ScoreProgram(("mul", S, C(0.1)))
+    assert hopper_bwd._declines(plain, q, q) is None
+    assert "head dims" in hopper_bwd._declines(plain, q, v96)
+    bias = ScoreProgram(("add", S, ("operand", 0)), n_operands=1, operand_grad=(True,))
+    assert "gradient" in hopper_bwd._declines(bias, q, q)
+    torch.use_deterministic_algorithms(True)
+    try:
+        assert "deterministic" in hopper_bwd._declines(plain, q, q)
+    finally:
+        torch.use_deterministic_algorithms(False)
+    assert hopper_bwd.supports(plain, q, q, q, []) is not None     # no sm_90 GPU here
+    assert hopper_bwd.stages(128) >= 2 and hopper_bwd.stages(64) >= 2
