@@ -134,6 +134,12 @@ def _dkdv_configs(d: int, dtype: torch.dtype):
     return [(64, 32, 8, 2), (64, 64, 8, 1), (32, 64, 8, 1)]
 
 
+def dkdv_config(cfg) -> tuple:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages, DV_BLOCK_M) of a dkdv config: DV_BLOCK_M > 0 is the two-sweep
+    schedule (dV, then dK; templates_bwd.BackwardKernels.dkdv_kernel), a 4-tuple the one-sweep schedule."""
+    return tuple(cfg) if len(cfg) == 5 else (*cfg, 0)
+
+
 def _dq_configs(d: int, dtype: torch.dtype):
     if dtype == torch.float32:
         return [(32, 32, 8, 1), (32, 32, 4, 1)]
@@ -380,12 +386,12 @@ def backward(dout, q, k, v, operands, out, lse, prog: ScoreProgram):
     qkv_strides = [*q.stride(), *k.stride(), *v.stride(), *dout.stride(), *lse.stride()]
 
     def launch_dkdv(cfg):
-        bm, bn, warps, stages = cfg
+        bm, bn, warps, stages, dv_bm = dkdv_config(cfg)
         grid = (triton_cdiv(sk, bn), hk, b)
         launcher.launch(base + ("dkdv", cfg), mod.attn_bwd_dkdv, grid,
                         (q, k, v, dout, lse, delta, flag, dk, dv, *op_args, *qkv_strides, *dk.stride(),
                          *dv.stride(), sq, sk, coff),
-                        dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages))
+                        dict(BLOCK_M=bm, BLOCK_N=bn, DV_BLOCK_M=dv_bm, num_warps=warps, num_stages=stages))
 
     dop_args = []
     for n in grad_ops:
