@@ -348,69 +348,89 @@ def triton_cdiv(a: int, b: int) -> int:
     return (a + b - 1) // b
 
 
+class BackwardLaunches:
+    """The backward's buffers and kernel launches for one call: pre() computes delta (and the empty-row flags),
+    dkdv(cfg) and dq(cfg) launch attn_bwd_dkdv / attn_bwd_dq with a tile config (tuned by `backward`; timed
+    config by config by bench/bwd256_sweep.py). lse: as the kernels read it (imprecise rows already +inf)."""
+
+    def __init__(self, dout, q, k, v, operands, lse, prog: ScoreProgram, out):
+        b, hq, sq, _ = q.shape
+        hk, sk = k.shape[1], k.shape[2]
+        self.grads = tuple(_empty(t.shape, t.dtype, q.device) for t in (q, k, v))     # dq, dk, dv
+        want = prog.operand_grad or (False,) * len(operands)
+        self.grad_ops = [n for n, w in enumerate(want) if w]
+        full_shape = (b, hq, sq, sk)
+        self.dfull = {n: torch.zeros(full_shape, dtype=torch.float32, device=q.device) for n in self.grad_ops}
+        spec, mod, op_args, coff, skey, hf = _prepare(q, k, v, operands, prog)
+        self.mod, self.op_args, self.tune_key = mod, op_args, _tune_key(skey, sq, sk)
+        self.delta = _empty((b, hq, sq), torch.float32, q.device)
+        if prog.empty_row == "uniform":
+            self.flag = uniform_work_buffer(b, hq, hk, sq, q.device)
+        else:
+            self.flag = torch.zeros((b * hk,), dtype=torch.int32, device=q.device)
+        self.dop_args = []
+        for n in self.grad_ops:
+            self.dop_args += [self.dfull[n]] + list(self.dfull[n].stride())
+        # everything the launches are specialised on follows from these tensors (the rest is allocated here)
+        self._base = ("bwd", prog, q.device.index, launcher.call_key((q, k, v, dout, out, lse, *operands)))
+        self._t = (q, k, v, dout, out, lse)
+        self._dims = (b, hq, hk, sq, sk, coff, hf)
+        self._qkv_strides = [*q.stride(), *k.stride(), *v.stride(), *dout.stride(), *lse.stride()]
+
+    def pre(self):
+        q, _, _, dout, out, lse = self._t
+        b, hq, _, sq, _, _, _ = self._dims
+        bm_pre = _pre_block(q.device)
+        launcher.launch(self._base + ("pre",), self.mod.attn_bwd_pre, (triton_cdiv(sq, bm_pre), hq, b),
+                        (out, dout, lse, self.delta, self.flag, *out.stride(), *dout.stride(), *lse.stride(), sq,
+                         hq), dict(BLOCK_M=bm_pre))
+
+    def dkdv(self, cfg):
+        q, k, v, dout, _, lse = self._t
+        b, _, hk, sq, sk, coff, _ = self._dims
+        bm, bn, warps, stages, dv_bm = dkdv_config(cfg)
+        _, dk, dv = self.grads
+        launcher.launch(self._base + ("dkdv", cfg), self.mod.attn_bwd_dkdv, (triton_cdiv(sk, bn), hk, b),
+                        (q, k, v, dout, lse, self.delta, self.flag, dk, dv, *self.op_args, *self._qkv_strides,
+                         *dk.stride(), *dv.stride(), sq, sk, coff),
+                        dict(BLOCK_M=bm, BLOCK_N=bn, DV_BLOCK_M=dv_bm, num_warps=warps, num_stages=stages))
+
+    def dq(self, cfg):
+        q, k, v, dout, _, lse = self._t
+        b, hq, _, sq, sk, coff, hf = self._dims
+        bm, bn, warps, stages = cfg
+        dq = self.grads[0]
+        launcher.launch(self._base + ("dq", cfg), self.mod.attn_bwd_dq, _grid_m(hf, triton_cdiv(sq, bm), hq, b),
+                        (q, k, v, dout, lse, self.delta, dq, *self.op_args, *self.dop_args, *self._qkv_strides,
+                         *dq.stride(), sq, sk, hq, coff),
+                        dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages))
+
+
 def backward(dout, q, k, v, operands, out, lse, prog: ScoreProgram):
     """Returns (dq, dk, dv, [d operand for each operand whose operand_grad flag is set])."""
     b, hq, sq, d = q.shape
-    hk, sk, dvd = k.shape[1], k.shape[2], v.shape[-1]
-    g = hq // hk
-    dq = _empty(q.shape, q.dtype, q.device)
-    dk = _empty(k.shape, k.dtype, q.device)
-    dv = _empty(v.shape, v.dtype, q.device)
-    want = prog.operand_grad or (False,) * len(operands)
-    grad_ops = [n for n, w in enumerate(want) if w]
-    full_shape = (b, hq, sq, sk)
-    dfull = {n: torch.zeros(full_shape, dtype=torch.float32, device=q.device) for n in grad_ops}
+    sk = k.shape[2]
     if b * hq * sq == 0 or sk == 0:
-        dq.zero_(), dk.zero_(), dv.zero_()
+        dq, dk, dv = (_empty(t.shape, t.dtype, q.device).zero_() for t in (q, k, v))
         if prog.empty_row == "nan" and sk == 0 and b * hq * sq > 0:
             dq.fill_(math.nan)
-        return dq, dk, dv, [torch.zeros_like(operands[n]) for n in grad_ops]
-    spec, mod, op_args, coff, skey, hf = _prepare(q, k, v, operands, prog)
+        want = prog.operand_grad or (False,) * len(operands)
+        return dq, dk, dv, [torch.zeros_like(operands[n]) for n, w in enumerate(want) if w]
     # rows whose lse lost log(l) (dense enormous fills): the kernels skip them (lse = +inf gives p = 0) and the
     # reference computes that band exactly
     band = reference.imprecise_rows(prog, lse, operands)
     if band is not None:
         lse = lse.clone()
         lse[:, :, band[0]:band[1]] = math.inf
-    delta = _empty((b, hq, sq), torch.float32, q.device)
-    if prog.empty_row == "uniform":
-        flag = uniform_work_buffer(b, hq, hk, sq, q.device)
-    else:
-        flag = torch.zeros((b * hk,), dtype=torch.int32, device=q.device)
-    bm_pre = _pre_block(q.device)
-    # everything the launches are specialised on follows from these tensors (the rest is allocated here)
-    base = ("bwd", prog, q.device.index, launcher.call_key((q, k, v, dout, out, lse, *operands)))
-    launcher.launch(base + ("pre",), mod.attn_bwd_pre, (triton_cdiv(sq, bm_pre), hq, b),
-                    (out, dout, lse, delta, flag, *out.stride(), *dout.stride(), *lse.stride(), sq, hq),
-                    dict(BLOCK_M=bm_pre))
-    qkv_strides = [*q.stride(), *k.stride(), *v.stride(), *dout.stride(), *lse.stride()]
-
-    def launch_dkdv(cfg):
-        bm, bn, warps, stages, dv_bm = dkdv_config(cfg)
-        grid = (triton_cdiv(sk, bn), hk, b)
-        launcher.launch(base + ("dkdv", cfg), mod.attn_bwd_dkdv, grid,
-                        (q, k, v, dout, lse, delta, flag, dk, dv, *op_args, *qkv_strides, *dk.stride(),
-                         *dv.stride(), sq, sk, coff),
-                        dict(BLOCK_M=bm, BLOCK_N=bn, DV_BLOCK_M=dv_bm, num_warps=warps, num_stages=stages))
-
-    dop_args = []
-    for n in grad_ops:
-        dop_args += [dfull[n]] + list(dfull[n].stride())
-
-    def launch_dq(cfg):
-        bm, bn, warps, stages = cfg
-        grid = _grid_m(hf, triton_cdiv(sq, bm), hq, b)
-        launcher.launch(base + ("dq", cfg), mod.attn_bwd_dq, grid,
-                        (q, k, v, dout, lse, delta, dq, *op_args, *dop_args, *qkv_strides, *dq.stride(),
-                         sq, sk, hq, coff),
-                        dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages))
-
-    key = _tune_key(skey, sq, sk)
-    _launch_tuned("dkdv", key, d, q.dtype, q.device, launch_dkdv)
-    _launch_tuned("dq", key, d, q.dtype, q.device, launch_dq)
+    run = BackwardLaunches(dout, q, k, v, operands, lse, prog, out)
+    run.pre()
+    _launch_tuned("dkdv", run.tune_key, d, q.dtype, q.device, run.dkdv)
+    _launch_tuned("dq", run.tune_key, d, q.dtype, q.device, run.dq)
+    dq, dk, dv = run.grads
+    grad_ops, dfull, full_shape = run.grad_ops, run.dfull, (b, hq, sq, sk)
     if prog.empty_row == "uniform":     # rows the kernels above left without gradient (no visible key)
-        kernel, grid, args, kw = uniform_launch_args(mod, q, k, v, dout, lse, flag, dq, dk, dv, op_args,
-                                                     dop_args)
+        kernel, grid, args, kw = uniform_launch_args(run.mod, q, k, v, dout, lse, run.flag, dq, dk, dv,
+                                                     run.op_args, run.dop_args)
         kernel[grid](*args, **kw)
     if band is not None:
         exact = reference.backward(dout, q, k, v, operands, prog, rows=band)
@@ -426,5 +446,4 @@ def backward(dout, q, k, v, operands, out, lse, prog: ScoreProgram):
         if band is not None:
             red = red + exact[3][grad_ops.index(n)].float().reshape(red.shape)
         extra.append(red.reshape(t.shape).to(t.dtype))
-    _ = g
     return dq, dk, dv, extra
