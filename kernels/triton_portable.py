@@ -112,7 +112,8 @@ def supports(prog: ScoreProgram, q, k, v, operands, fp8: bool = False) -> str | 
 # --- configurations -------------------------------------------------------------------------------------
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages); the first entry is the default when tuning is not possible.
-# Backward lists from the H100 sweep in bench/NOTES.md (scratch sweep of dkdv / dq tiles at S=4096). fp32 uses
+# dkdv configs may add DV_BLOCK_M (dkdv_config). Backward lists from the H100 sweep in bench/NOTES.md (scratch
+# sweep of dkdv / dq tiles at S=4096; D=256: bench/bwd256_sweep.py). fp32 uses
 # IEEE fp32 tl.dot (no TF32, to match eager fp32), an FMA path that spills at any tile: small tiles.
 def _fwd_configs(d: int, dtype: torch.dtype):
     if dtype == torch.float32:
@@ -131,7 +132,12 @@ def _dkdv_configs(d: int, dtype: torch.dtype):
         return [(32, 128, 8, 3), (64, 128, 8, 2), (64, 64, 4, 3)]
     if d <= 128:
         return [(64, 64, 4, 2), (64, 128, 8, 2), (32, 128, 8, 2)]
-    return [(64, 32, 8, 2), (64, 64, 8, 1), (32, 64, 8, 1)]
+    # D > 128: two fp32 accumulators of 64 keys x 256 spill at 8 warps, and fewer keys than 128 make Triton
+    # compute S and dP in both warpgroups (or fall back to mma.sync below 64): the two-sweep schedule with 128
+    # keys, which compiles for sm_90a without local-memory traffic in its inner loops (bench/results/
+    # bwd256_sass.md; the first entry also with GQA, operands and soft-capping, where DV_BLOCK_M=64 spills);
+    # (64, 32, 8, 2), the one-sweep pick before, stays for GPUs with less shared memory than the H100's 227 KB
+    return [(32, 128, 8, 2, 32), (32, 128, 8, 2, 64), (32, 128, 8, 3, 32), (64, 32, 8, 2)]
 
 
 def dkdv_config(cfg) -> tuple:
@@ -147,7 +153,9 @@ def _dq_configs(d: int, dtype: torch.dtype):
         return [(128, 32, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3)]
     if d <= 128:
         return [(128, 64, 8, 2), (128, 128, 8, 1), (128, 32, 8, 2)]
-    return [(128, 64, 8, 1), (128, 32, 8, 1), (64, 32, 8, 2)]
+    # D > 128: Q and dO of 128 rows take 128 KB of shared memory, so only 16-32 keys per stage leave room for a
+    # cp.async pipeline (a single stage loads through registers and spills); (64, 32, 8, 2) for smaller GPUs
+    return [(128, 32, 8, 2), (128, 32, 8, 3), (128, 16, 8, 4), (64, 32, 8, 2)]
 
 
 _CONFIGS = {"fwd": _fwd_configs, "dkdv": _dkdv_configs, "dq": _dq_configs}
@@ -351,7 +359,9 @@ def triton_cdiv(a: int, b: int) -> int:
 class BackwardLaunches:
     """The backward's buffers and kernel launches for one call: pre() computes delta (and the empty-row flags),
     dkdv(cfg) and dq(cfg) launch attn_bwd_dkdv / attn_bwd_dq with a tile config (tuned by `backward`; timed
-    config by config by bench/bwd256_sweep.py). lse: as the kernels read it (imprecise rows already +inf)."""
+    config by config by bench/bwd256_sweep.py); dkdv_call / dq_call give the launch without running it (built
+    from CPU tensors without the interpreter, a test compiles the CUDA kernels for sm_90a). lse: as the kernels
+    read it (imprecise rows already +inf)."""
 
     def __init__(self, dout, q, k, v, operands, lse, prog: ScoreProgram, out):
         b, hq, sq, _ = q.shape
@@ -385,25 +395,33 @@ class BackwardLaunches:
                         (out, dout, lse, self.delta, self.flag, *out.stride(), *dout.stride(), *lse.stride(), sq,
                          hq), dict(BLOCK_M=bm_pre))
 
-    def dkdv(self, cfg):
+    def dkdv_call(self, cfg):
+        """(kernel, grid, args, kwargs) of attn_bwd_dkdv with tile config cfg (dkdv_config)."""
         q, k, v, dout, _, lse = self._t
         b, _, hk, sq, sk, coff, _ = self._dims
         bm, bn, warps, stages, dv_bm = dkdv_config(cfg)
         _, dk, dv = self.grads
-        launcher.launch(self._base + ("dkdv", cfg), self.mod.attn_bwd_dkdv, (triton_cdiv(sk, bn), hk, b),
-                        (q, k, v, dout, lse, self.delta, self.flag, dk, dv, *self.op_args, *self._qkv_strides,
-                         *dk.stride(), *dv.stride(), sq, sk, coff),
-                        dict(BLOCK_M=bm, BLOCK_N=bn, DV_BLOCK_M=dv_bm, num_warps=warps, num_stages=stages))
+        return (self.mod.attn_bwd_dkdv, (triton_cdiv(sk, bn), hk, b),
+                (q, k, v, dout, lse, self.delta, self.flag, dk, dv, *self.op_args, *self._qkv_strides, *dk.stride(),
+                 *dv.stride(), sq, sk, coff),
+                dict(BLOCK_M=bm, BLOCK_N=bn, DV_BLOCK_M=dv_bm, num_warps=warps, num_stages=stages))
 
-    def dq(self, cfg):
+    def dq_call(self, cfg):
+        """(kernel, grid, args, kwargs) of attn_bwd_dq with tile config cfg."""
         q, k, v, dout, _, lse = self._t
         b, hq, _, sq, sk, coff, hf = self._dims
         bm, bn, warps, stages = cfg
         dq = self.grads[0]
-        launcher.launch(self._base + ("dq", cfg), self.mod.attn_bwd_dq, _grid_m(hf, triton_cdiv(sq, bm), hq, b),
-                        (q, k, v, dout, lse, self.delta, dq, *self.op_args, *self.dop_args, *self._qkv_strides,
-                         *dq.stride(), sq, sk, hq, coff),
-                        dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages))
+        return (self.mod.attn_bwd_dq, _grid_m(hf, triton_cdiv(sq, bm), hq, b),
+                (q, k, v, dout, lse, self.delta, dq, *self.op_args, *self.dop_args, *self._qkv_strides,
+                 *dq.stride(), sq, sk, hq, coff),
+                dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages))
+
+    def dkdv(self, cfg):
+        launcher.launch(self._base + ("dkdv", cfg), *self.dkdv_call(cfg))
+
+    def dq(self, cfg):
+        launcher.launch(self._base + ("dq", cfg), *self.dq_call(cfg))
 
 
 def backward(dout, q, k, v, operands, out, lse, prog: ScoreProgram):

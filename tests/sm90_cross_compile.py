@@ -64,8 +64,8 @@ def sass_facts(compiled) -> dict:
 
 
 def _loop_local_ops(sass: str) -> int:
-    """Local-memory instructions inside a loop body (between a backward branch and its target): spills paid
-    per iteration rather than once per program."""
+    """Local-memory instructions inside innermost loop bodies (between a backward branch and its target, holding
+    no other loop): spills paid per tile rather than once per program or per outer iteration."""
     instrs = [(int(m.group(1), 16), m.group(2))
               for m in re.finditer(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);", sass)]
     loops = []
@@ -73,5 +73,6 @@ def _loop_local_ops(sass: str) -> int:
         br = re.search(r"\bBRA\b.*?0x([0-9a-f]+)", text)
         if br and int(br.group(1), 16) < addr:
             loops.append((int(br.group(1), 16), addr))
+    inner = [(lo, hi) for lo, hi in loops if not any((a, b) != (lo, hi) and lo <= a and b <= hi for a, b in loops)]
     return sum(1 for addr, text in instrs if re.search(r"\b(?:LDL|STL)\b", text)
-               and any(lo <= addr <= hi for lo, hi in loops))
+               and any(lo <= addr <= hi for lo, hi in inner))
