@@ -371,7 +371,7 @@ class BackwardLaunches:
         self.grad_ops = [n for n, w in enumerate(want) if w]
         full_shape = (b, hq, sq, sk)
         self.dfull = {n: torch.zeros(full_shape, dtype=torch.float32, device=q.device) for n in self.grad_ops}
-        spec, mod, op_args, coff, skey, hf = _prepare(q, k, v, operands, prog)
+        _, mod, op_args, coff, skey, hf = _prepare(q, k, v, operands, prog)
         self.mod, self.op_args, self.tune_key = mod, op_args, _tune_key(skey, sq, sk)
         self.delta = _empty((b, hq, sq), torch.float32, q.device)
         if prog.empty_row == "uniform":
