@@ -22,7 +22,7 @@ import torch
 from . import reference
 from .program import COMPARE, LEAVES, ScoreProgram, render
 
-CODEGEN_VERSION = "13"
+CODEGEN_VERSION = "14"
 LOG2E = 1.4426950408889634
 
 

@@ -58,7 +58,7 @@ def _module(fast, prog, q, k, v, operands):
     return mod
 
 
-def launch_args(c: triton_portable.BackwardCall, operands, prog: ScoreProgram, dq_acc, n_stages=None,
+def launch_args(c: triton_portable.BackwardLaunches, operands, prog: ScoreProgram, dq_acc, n_stages=None,
                 rotate=False, dq_lag=False, dq_add=3):
     """(kernel, grid, args, kwargs) of one attn_bwd_ws launch; also used by tests to compile and read the PTX.
     dq_acc: zeroed fp32 (B, Hq, Sq rounded up to BLOCK_M, D)."""
@@ -87,7 +87,7 @@ def ws_grads(operands, prog: ScoreProgram, **variant):
     """The grads step of triton_portable.backward for this kernel: dK, dV written by the kernel (NaN for a
     group with an empty row in "nan" programs, from attn_bwd_pre's flag), dQ through a zeroed fp32 buffer cast
     into dq (dq_cast.py, NaN rows likewise). Without `variant`, tuned among CANDIDATES."""
-    def run_ws(c: triton_portable.BackwardCall, kw: dict) -> None:
+    def run_ws(c: triton_portable.BackwardLaunches, kw: dict) -> None:
         b, hq, sq, d = c.q.shape
         dq_acc = torch.zeros((b, hq, triton_portable.triton_cdiv(sq, BLOCK_M) * BLOCK_M, d), dtype=torch.float32,
                              device=c.q.device)
@@ -96,7 +96,7 @@ def ws_grads(operands, prog: ScoreProgram, **variant):
         launcher.launch(c.base + ("ws", tuple(sorted(kw.items()))), kernel, grid, args, kwargs)
         dq_cast.cast_into(c.dq, dq_acc, c.lse, prog.empty_row == "nan", c.base)
 
-    def grads(c: triton_portable.BackwardCall) -> None:
+    def grads(c: triton_portable.BackwardLaunches) -> None:
         if variant:
             run_ws(c, variant)
             return

@@ -304,7 +304,7 @@ class _Gen(BackwardKernels, DecodeKernels, UniformRowKernels):
         out += self.fwd_tile(True) + self.fwd_tile(False) + self.fwd_kernel()
         if self.fp8:                # the backward of an FP8 forward is the 16-bit backward
             return "\n".join(out) + "\n"
-        out += self.bwd_pre() + self.dkdv_tile(True) + self.dkdv_tile(False) + self.dkdv_kernel()
+        out += self.bwd_pre() + self.dkdv_tiles() + self.dkdv_kernel()
         out += self.dq_tile(True) + self.dq_tile(False) + self.dq_kernel()
         if self.uniform_mode:
             out += self.uniform_kernel()

@@ -61,9 +61,11 @@ class BackwardKernels:
         ]
         return head + [_ind(body)] + [""]
 
-    def dkdv_tile(self, masked: bool):
+    def dkdv_tile(self, masked: bool, part: str = "dkdv"):
+        """One query block's contribution to a key block: part "dkdv" updates dK and dV (4 GEMMs), "dv" only dV
+        (S, then P·dO: 2 GEMMs), "dk" only dK (S, dP, then dS·Q: 3 GEMMs)."""
         spec = self.spec
-        tag = "masked" if masked else "full"
+        tag = ("masked" if masked else "full") + ("" if part == "dkdv" else "_" + part)
         em = Emitter(spec, "sT", "qi", "kj", "(qi < Sq)" if masked else None, "(kj < Sk)" if masked else None)
         xl, dloc, _ = self.score_lines(em, "sT", want_dscore=True)
         rowm = "(offs_m[None, :] < Sq)" if masked else None
@@ -79,36 +81,97 @@ class BackwardKernels:
             f"{_mask_kw(masked and '(offs_m[:, None] < Sq)', self.dvmask and self.dvmask + '[None, :]')})",
             f"lse = tl.load(lse_base + offs_m * slm{_mask_kw(masked and '(offs_m < Sq)', other='0.0')})",
             "lse = tl.where(lse == float('-inf'), float('inf'), lse)",
-            f"delta = tl.load(delta_base + offs_m{_mask_kw(masked and '(offs_m < Sq)', other='0.0')})",
-            f"sT = tl.dot(k, qT{self.prec})",
-        ] + xl
+        ]
+        if part != "dv":
+            body.append(f"delta = tl.load(delta_base + offs_m{_mask_kw(masked and '(offs_m < Sq)', other='0.0')})")
+        body += [f"sT = tl.dot(k, qT{self.prec})"] + xl
         if masked:
             body.append(f"valid = {_and('(qi < Sq)', '(kj < Sk)', *self.visible())}")
             body.append("x = tl.where(valid, x, float('-inf'))")
         ref = "(lse * 1.4426950408889634)[None, :]" if self.scale is not None else "lse[None, :]"
-        body += [
-            f"pT = {self.exp_p('x', ref)}",
-            f"dv += tl.dot(pT.to({self.elt}), do{self.prec})",
-            f"dpT = tl.dot(v, tl.trans(do){self.prec})",
-            "dxT = pT * (dpT - delta[None, :])",
-            "dxT = tl.where(pT == 0.0, 0.0, dxT)",
-            f"dsT = dxT * {dloc}",
-        ]
-        if masked:
-            body.append("dsT = tl.where(valid, dsT, 0.0)")
-        body += [f"dk += tl.dot(dsT.to({self.elt}), tl.trans(qT){self.prec})", "return dk, dv"]
+        body.append(f"pT = {self.exp_p('x', ref)}")
+        if part != "dk":
+            body.append(f"dv += tl.dot(pT.to({self.elt}), do{self.prec})")
+        if part != "dv":
+            body += [
+                f"dpT = tl.dot(v, tl.trans(do){self.prec})",
+                "dxT = pT * (dpT - delta[None, :])",
+                "dxT = tl.where(pT == 0.0, 0.0, dxT)",
+                f"dsT = dxT * {dloc}",
+            ]
+            if masked:
+                body.append("dsT = tl.where(valid, dsT, 0.0)")
+            body.append(f"dk += tl.dot(dsT.to({self.elt}), tl.trans(qT){self.prec})")
+        accs = {"dkdv": ("dk, dv", "k, v"), "dv": ("dv", "k"), "dk": ("dk", "k, v")}[part]
+        body.append(f"return {accs[0]}")
         head = [
             "@triton.jit",
-            f"def _dkdv_tile_{tag}(dk, dv, k, v, q_base, do_base, lse_base, delta_base, sqm, sqd, sdom, sdod, slm,"
-            f" start_m, offs_n, Sq, Sk, coff, {self.op_tile_params()}BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):",
+            f"def _dkdv_tile_{tag}({accs[0]}, {accs[1]}, q_base, do_base, lse_base, delta_base, sqm, sqd, sdom, "
+            f"sdod, slm, start_m, offs_n, Sq, Sk, coff, {self.op_tile_params()}BLOCK_M: tl.constexpr, "
+            "BLOCK_N: tl.constexpr):",
         ]
         return head + [_ind(body)] + [""]
 
+    def dkdv_tiles(self):
+        out = []
+        for part in ("dkdv", "dv", "dk"):
+            out += self.dkdv_tile(True, part) + self.dkdv_tile(False, part)
+        return out
+
     def dkdv_kernel(self):
+        """attn_bwd_dkdv; the constexpr DV_BLOCK_M picks the schedule:
+        0: one sweep over BLOCK_M-query blocks updating dK and dV together (4 GEMMs per tile, two fp32
+           BLOCK_N x D accumulators live);
+        > 0: a sweep over DV_BLOCK_M-query blocks for dV (S, P·dO), then one over BLOCK_M-query blocks for dK
+           (S again, dP, dS·Q): 5 GEMMs per key/query pair instead of 4, but one accumulator live at a time, so
+           128 keys fit 8 warps' registers at D=256 — and 128 rows is what Triton's layout for chained dots
+           (all warps along M) needs to give each warpgroup its own 64 rows instead of computing S and dP twice.
+           Only K is resident in the first sweep, so it can take larger query blocks than the second."""
         spec = self.spec
-        call = ("dk, dv = _dkdv_tile_{tag}(dk, dv, k, v, q_base, do_base, lse_base, delta_base, sqm, sqd, sdom,"
-                f" sdod, slm, start_m, offs_n, Sq, Sk, coff, {self.op_tile_params()}BLOCK_M, BLOCK_N)")
         colm = "(offs_n[:, None] < Sk)"
+        args = ("q_base, do_base, lse_base, delta_base, sqm, sqd, sdom, sdod, slm, start_m, offs_n, Sq, Sk, coff, "
+                f"{self.op_tile_params()}{{bm}}, BLOCK_N)")
+        calls = {
+            "dkdv": "dk, dv = _dkdv_tile_{tag}(dk, dv, k, v, " + args,
+            "dv": "dv = _dkdv_tile_{tag}_dv(dv, k, " + args,
+            "dk": "dk = _dkdv_tile_{tag}_dk(dk, k, v, " + args,
+        }
+        load_k = (f"k = tl.load(K + b64 * skb + hk64 * skh + offs_n[:, None] * skn + offs_d[None, :] * skd"
+                  f"{_mask_kw(colm, self.dmask and self.dmask + '[None, :]')})")
+        load_v = (f"v = tl.load(V + b64 * svb + hk64 * svh + offs_n[:, None] * svn + offs_dv[None, :] * svd"
+                  f"{_mask_kw(colm, self.dvmask and self.dvmask + '[None, :]')})")
+        zero = {"dk": f"dk = tl.zeros([BLOCK_N, {spec.BD}], tl.float32)",
+                "dv": f"dv = tl.zeros([BLOCK_N, {spec.BDV}], tl.float32)"}
+        store = {
+            "dk": f"tl.store(DK + b64 * sdkb + hk64 * sdkh + offs_n[:, None] * sdkn + offs_d[None, :] * sdkd, "
+                  f"dk.to(DK.dtype.element_ty), mask={_and(colm, self.dmask and self.dmask + '[None, :]')})",
+            "dv": f"tl.store(DV + b64 * sdvb + hk64 * sdvh + offs_n[:, None] * sdvn + offs_dv[None, :] * sdvd, "
+                  f"dv.to(DV.dtype.element_ty), mask={_and(colm, self.dvmask and self.dvmask + '[None, :]')})",
+        }
+
+        def sweep(part, bm="BLOCK_M"):
+            """The loop over the group's query heads and their visible query blocks of bm rows."""
+            inner = [
+                f"off_h = off_hk * {spec.G} + g",
+                "h64 = off_h.to(tl.int64)",
+                "q_base = Q + b64 * sqb + h64 * sqh",
+                "do_base = DO + b64 * sdob + h64 * sdoh",
+                "lse_base = LSE + b64 * slb + h64 * slh",
+                f"delta_base = DELTA + (b64 * (HK * {spec.G}) + h64) * Sq",
+            ] + self.op_bases() + self.block_runs("start_m", bm, calls[part].replace("{bm}", bm))
+            return ([f"lo, a, b, hi = _q_blocks(n0, Sq, Sk, coff, {bm}, BLOCK_N)", f"for g in range({spec.G}):"]
+                    + ["    " + ln for ln in inner])
+
+        def finish(accs):
+            lines = []
+            if self.nan_mode:
+                lines.append("flag = tl.load(FLAG + off_b * HK + off_hk)")
+                lines += [f"{a} = tl.where(flag != 0, float('nan'), {a})" for a in accs]
+            return lines + [store[a] for a in accs]
+
+        fused = [load_k, load_v, zero["dk"], zero["dv"]] + sweep("dkdv") + finish(("dk", "dv"))
+        phased = ([load_k, zero["dv"]] + sweep("dv", "DV_BLOCK_M") + finish(("dv",))
+                  + [load_v, zero["dk"]] + sweep("dk") + finish(("dk",)))
         body = [
             "pid_n = tl.program_id(0)",
             "off_hk = tl.program_id(1)",
@@ -120,44 +183,14 @@ class BackwardKernels:
             "offs_n = n0 + tl.arange(0, BLOCK_N)",
             f"offs_d = tl.arange(0, {spec.BD})",
             f"offs_dv = tl.arange(0, {spec.BDV})",
-            f"k = tl.load(K + b64 * skb + hk64 * skh + offs_n[:, None] * skn + offs_d[None, :] * skd"
-            f"{_mask_kw(colm, self.dmask and self.dmask + '[None, :]')})",
-            f"v = tl.load(V + b64 * svb + hk64 * svh + offs_n[:, None] * svn + offs_dv[None, :] * svd"
-            f"{_mask_kw(colm, self.dvmask and self.dvmask + '[None, :]')})",
-            f"dk = tl.zeros([BLOCK_N, {spec.BD}], tl.float32)",
-            f"dv = tl.zeros([BLOCK_N, {spec.BDV}], tl.float32)",
-            "lo, a, b, hi = _q_blocks(n0, Sq, Sk, coff, BLOCK_M, BLOCK_N)",
-            f"for g in range({spec.G}):",
-        ]
-        inner = [
-            f"off_h = off_hk * {spec.G} + g",
-            "h64 = off_h.to(tl.int64)",
-            "q_base = Q + b64 * sqb + h64 * sqh",
-            "do_base = DO + b64 * sdob + h64 * sdoh",
-            "lse_base = LSE + b64 * slb + h64 * slh",
-            f"delta_base = DELTA + (b64 * (HK * {spec.G}) + h64) * Sq",
-        ] + self.op_bases() + [
-            *self.block_runs("start_m", "BLOCK_M", call),
-        ]
-        body += ["    " + ln for ln in inner]
-        if self.nan_mode:
-            body += [
-                "flag = tl.load(FLAG + off_b * HK + off_hk)",
-                "dk = tl.where(flag != 0, float('nan'), dk)",
-                "dv = tl.where(flag != 0, float('nan'), dv)",
-            ]
-        body += [
-            f"tl.store(DK + b64 * sdkb + hk64 * sdkh + offs_n[:, None] * sdkn + offs_d[None, :] * sdkd, "
-            f"dk.to(DK.dtype.element_ty), mask={_and(colm, self.dmask and self.dmask + '[None, :]')})",
-            f"tl.store(DV + b64 * sdvb + hk64 * sdvh + offs_n[:, None] * sdvn + offs_dv[None, :] * sdvd, "
-            f"dv.to(DV.dtype.element_ty), mask={_and(colm, self.dvmask and self.dvmask + '[None, :]')})",
-        ]
+            "if DV_BLOCK_M > 0:",
+        ] + ["    " + ln for ln in phased] + ["else:"] + ["    " + ln for ln in fused]
         head = [
             '@triton.jit(do_not_specialize=["Sq", "Sk", "coff", "slb", "slh"])',
             f"def attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, FLAG, DK, DV, {self.op_kernel_params()}"
             "sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdob, sdoh, sdom, sdod, slb, slh, slm, "
             "sdkb, sdkh, sdkn, sdkd, sdvb, sdvh, sdvn, sdvd, Sq, Sk, coff, "
-            "BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):",
+            "BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DV_BLOCK_M: tl.constexpr):",
         ]
         return head + [_ind(body)] + [""]
 

@@ -113,7 +113,8 @@ def supports(prog: ScoreProgram, q, k, v, operands, fp8: bool = False) -> str | 
 # --- configurations -------------------------------------------------------------------------------------
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages); the first entry is the default when tuning is not possible.
-# Backward lists from the H100 sweep in bench/NOTES.md (scratch sweep of dkdv / dq tiles at S=4096). fp32 uses
+# dkdv configs may add DV_BLOCK_M (dkdv_config). Backward lists from the H100 sweep in bench/NOTES.md (scratch
+# sweep of dkdv / dq tiles at S=4096; D=256: bench/bwd256_sweep.py). fp32 uses
 # IEEE fp32 tl.dot (no TF32, to match eager fp32), an FMA path that spills at any tile: small tiles.
 def _fwd_configs(d: int, dtype: torch.dtype):
     if dtype == torch.float32:
@@ -132,7 +133,18 @@ def _dkdv_configs(d: int, dtype: torch.dtype):
         return [(32, 128, 8, 3), (64, 128, 8, 2), (64, 64, 4, 3)]
     if d <= 128:
         return [(64, 64, 4, 2), (64, 128, 8, 2), (32, 128, 8, 2)]
-    return [(64, 32, 8, 2), (64, 64, 8, 1), (32, 64, 8, 1)]
+    # D > 128: two fp32 accumulators of 64 keys x 256 spill at 8 warps, and fewer keys than 128 make Triton
+    # compute S and dP in both warpgroups (or fall back to mma.sync below 64): the two-sweep schedule with 128
+    # keys, which compiles for sm_90a without local-memory traffic in its inner loops (bench/results/
+    # bwd256_sass.md; the first entry also with GQA, operands and soft-capping, where DV_BLOCK_M=64 spills);
+    # (64, 32, 8, 2), the one-sweep pick before, stays for GPUs with less shared memory than the H100's 227 KB
+    return [(32, 128, 8, 2, 32), (32, 128, 8, 2, 64), (32, 128, 8, 3, 32), (64, 32, 8, 2)]
+
+
+def dkdv_config(cfg) -> tuple:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages, DV_BLOCK_M) of a dkdv config: DV_BLOCK_M > 0 is the two-sweep
+    schedule (dV, then dK; templates_bwd.BackwardKernels.dkdv_kernel), a 4-tuple the one-sweep schedule."""
+    return tuple(cfg) if len(cfg) == 5 else (*cfg, 0)
 
 
 def _dq_configs(d: int, dtype: torch.dtype):
@@ -142,7 +154,9 @@ def _dq_configs(d: int, dtype: torch.dtype):
         return [(128, 32, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3)]
     if d <= 128:
         return [(128, 64, 8, 2), (128, 128, 8, 1), (128, 32, 8, 2)]
-    return [(128, 64, 8, 1), (128, 32, 8, 1), (64, 32, 8, 2)]
+    # D > 128: Q and dO of 128 rows take 128 KB of shared memory, so only 16-32 keys per stage leave room for a
+    # cp.async pipeline (a single stage loads through registers and spills); (64, 32, 8, 2) for smaller GPUs
+    return [(128, 32, 8, 2), (128, 32, 8, 3), (128, 16, 8, 4), (64, 32, 8, 2)]
 
 
 _CONFIGS = {"fwd": _fwd_configs, "dkdv": _dkdv_configs, "dq": _dq_configs}
@@ -343,100 +357,113 @@ def triton_cdiv(a: int, b: int) -> int:
     return (a + b - 1) // b
 
 
-@dataclasses.dataclass
-class BackwardCall:
-    """What the gradient kernels of one backward call share: the generated module, the inputs, delta (and the
-    uniform-row work list / nan flag) from attn_bwd_pre, the outputs to fill, and the launch-key prefix."""
-    mod: object
-    q: torch.Tensor
-    k: torch.Tensor
-    v: torch.Tensor
-    dout: torch.Tensor
-    lse: torch.Tensor
-    delta: torch.Tensor
-    flag: torch.Tensor
-    dq: torch.Tensor
-    dk: torch.Tensor
-    dv: torch.Tensor
-    op_args: list
-    dop_args: list
-    coff: int
-    base: tuple
-    tune_key: tuple
-    head_fastest: bool
+class BackwardLaunches:
+    """The backward's buffers and kernel launches for one call: pre() computes delta (and the empty-row flags),
+    dkdv(cfg) and dq(cfg) launch attn_bwd_dkdv / attn_bwd_dq with a tile config (tuned by `backward`; timed
+    config by config by bench/bwd256_sweep.py); dkdv_call / dq_call give the launch without running it (built
+    from CPU tensors without the interpreter, a test compiles the CUDA kernels for sm_90a). lse: as the kernels
+    read it (imprecise rows already +inf)."""
 
+    def __init__(self, dout, q, k, v, operands, lse, prog: ScoreProgram, out):
+        b, hq, sq, _ = q.shape
+        hk, sk = k.shape[1], k.shape[2]
+        self.grads = tuple(_empty(t.shape, t.dtype, q.device) for t in (q, k, v))     # dq, dk, dv
+        want = prog.operand_grad or (False,) * len(operands)
+        self.grad_ops = [n for n, w in enumerate(want) if w]
+        full_shape = (b, hq, sq, sk)
+        self.dfull = {n: torch.zeros(full_shape, dtype=torch.float32, device=q.device) for n in self.grad_ops}
+        _, mod, op_args, coff, skey, hf = _prepare(q, k, v, operands, prog)
+        self.mod, self.op_args, self.tune_key = mod, op_args, _tune_key(skey, sq, sk)
+        self.delta = _empty((b, hq, sq), torch.float32, q.device)
+        if prog.empty_row == "uniform":
+            self.flag = uniform_work_buffer(b, hq, hk, sq, q.device)
+        else:
+            self.flag = torch.zeros((b * hk,), dtype=torch.int32, device=q.device)
+        self.dop_args = []
+        for n in self.grad_ops:
+            self.dop_args += [self.dfull[n]] + list(self.dfull[n].stride())
+        # everything the launches are specialised on follows from these tensors (the rest is allocated here)
+        self._base = ("bwd", prog, q.device.index, launcher.call_key((q, k, v, dout, out, lse, *operands)))
+        self._t = (q, k, v, dout, out, lse)
+        self._dims = (b, hq, hk, sq, sk, coff, hf)
+        self._qkv_strides = [*q.stride(), *k.stride(), *v.stride(), *dout.stride(), *lse.stride()]
+        # what another gradient step (hopper_bwd's warp-specialized kernel) reads
+        self.q, self.k, self.v, self.dout, self.lse = q, k, v, dout, lse
+        self.dq, self.dk, self.dv = self.grads
+        self.coff, self.base = coff, self._base
 
-def portable_grads(c: BackwardCall) -> None:
-    """dK / dV (one program per key block) then dQ (one per query block): deterministic, no atomics."""
-    b, hq, sq, d = c.q.shape
-    hk, sk = c.k.shape[1], c.k.shape[2]
-    qkv_strides = [*c.q.stride(), *c.k.stride(), *c.v.stride(), *c.dout.stride(), *c.lse.stride()]
+    def pre(self):
+        q, _, _, dout, out, lse = self._t
+        b, hq, _, sq, _, _, _ = self._dims
+        bm_pre = _pre_block(q.device)
+        launcher.launch(self._base + ("pre",), self.mod.attn_bwd_pre, (triton_cdiv(sq, bm_pre), hq, b),
+                        (out, dout, lse, self.delta, self.flag, *out.stride(), *dout.stride(), *lse.stride(), sq,
+                         hq), dict(BLOCK_M=bm_pre))
 
-    def launch_dkdv(cfg):
+    def dkdv_call(self, cfg):
+        """(kernel, grid, args, kwargs) of attn_bwd_dkdv with tile config cfg (dkdv_config)."""
+        q, k, v, dout, _, lse = self._t
+        b, _, hk, sq, sk, coff, _ = self._dims
+        bm, bn, warps, stages, dv_bm = dkdv_config(cfg)
+        _, dk, dv = self.grads
+        return (self.mod.attn_bwd_dkdv, (triton_cdiv(sk, bn), hk, b),
+                (q, k, v, dout, lse, self.delta, self.flag, dk, dv, *self.op_args, *self._qkv_strides, *dk.stride(),
+                 *dv.stride(), sq, sk, coff),
+                dict(BLOCK_M=bm, BLOCK_N=bn, DV_BLOCK_M=dv_bm, num_warps=warps, num_stages=stages))
+
+    def dq_call(self, cfg):
+        """(kernel, grid, args, kwargs) of attn_bwd_dq with tile config cfg."""
+        q, k, v, dout, _, lse = self._t
+        b, hq, _, sq, sk, coff, hf = self._dims
         bm, bn, warps, stages = cfg
-        grid = (triton_cdiv(sk, bn), hk, b)
-        launcher.launch(c.base + ("dkdv", cfg), c.mod.attn_bwd_dkdv, grid,
-                        (c.q, c.k, c.v, c.dout, c.lse, c.delta, c.flag, c.dk, c.dv, *c.op_args, *qkv_strides,
-                         *c.dk.stride(), *c.dv.stride(), sq, sk, c.coff),
-                        dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages))
+        dq = self.grads[0]
+        return (self.mod.attn_bwd_dq, _grid_m(hf, triton_cdiv(sq, bm), hq, b),
+                (q, k, v, dout, lse, self.delta, dq, *self.op_args, *self.dop_args, *self._qkv_strides,
+                 *dq.stride(), sq, sk, hq, coff),
+                dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages))
 
-    def launch_dq(cfg):
-        bm, bn, warps, stages = cfg
-        grid = _grid_m(c.head_fastest, triton_cdiv(sq, bm), hq, b)
-        launcher.launch(c.base + ("dq", cfg), c.mod.attn_bwd_dq, grid,
-                        (c.q, c.k, c.v, c.dout, c.lse, c.delta, c.dq, *c.op_args, *c.dop_args, *qkv_strides,
-                         *c.dq.stride(), sq, sk, hq, c.coff),
-                        dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages))
+    def dkdv(self, cfg):
+        launcher.launch(self._base + ("dkdv", cfg), *self.dkdv_call(cfg))
 
-    _launch_tuned("dkdv", c.tune_key, d, c.q.dtype, c.q.device, launch_dkdv)
-    _launch_tuned("dq", c.tune_key, d, c.q.dtype, c.q.device, launch_dq)
+    def dq(self, cfg):
+        launcher.launch(self._base + ("dq", cfg), *self.dq_call(cfg))
+
+
+def portable_grads(run: BackwardLaunches) -> None:
+    """dK / dV (one program per key block) then dQ (one per query block), each tuned: deterministic, no
+    atomics."""
+    d = run.q.shape[-1]
+    _launch_tuned("dkdv", run.tune_key, d, run.q.dtype, run.q.device, run.dkdv)
+    _launch_tuned("dq", run.tune_key, d, run.q.dtype, run.q.device, run.dq)
 
 
 def backward(dout, q, k, v, operands, out, lse, prog: ScoreProgram, grads=portable_grads):
     """Returns (dq, dk, dv, [d operand for each operand whose operand_grad flag is set]).
-    grads(BackwardCall) fills dq, dk, dv (and the d(operand) buffers); the portable kernels by default, the
+    grads(BackwardLaunches) fills dq, dk, dv (and the d(operand) buffers): the portable kernels by default, the
     Hopper warp-specialized kernel through hopper_bwd.backward. Around it: attn_bwd_pre (delta, the
     uniform-row work list), the uniform-row correction and the exact band of imprecise rows."""
     b, hq, sq, d = q.shape
-    hk, sk = k.shape[1], k.shape[2]
-    dq = _empty(q.shape, q.dtype, q.device)
-    dk = _empty(k.shape, k.dtype, q.device)
-    dv = _empty(v.shape, v.dtype, q.device)
-    want = prog.operand_grad or (False,) * len(operands)
-    grad_ops = [n for n, w in enumerate(want) if w]
-    full_shape = (b, hq, sq, sk)
-    dfull = {n: torch.zeros(full_shape, dtype=torch.float32, device=q.device) for n in grad_ops}
+    sk = k.shape[2]
     if b * hq * sq == 0 or sk == 0:
-        dq.zero_(), dk.zero_(), dv.zero_()
+        dq, dk, dv = (_empty(t.shape, t.dtype, q.device).zero_() for t in (q, k, v))
         if prog.empty_row == "nan" and sk == 0 and b * hq * sq > 0:
             dq.fill_(math.nan)
-        return dq, dk, dv, [torch.zeros_like(operands[n]) for n in grad_ops]
-    spec, mod, op_args, coff, skey, hf = _prepare(q, k, v, operands, prog)
+        want = prog.operand_grad or (False,) * len(operands)
+        return dq, dk, dv, [torch.zeros_like(operands[n]) for n, w in enumerate(want) if w]
     # rows whose lse lost log(l) (dense enormous fills): the kernels skip them (lse = +inf gives p = 0) and the
     # reference computes that band exactly
     band = reference.imprecise_rows(prog, lse, operands)
     if band is not None:
         lse = lse.clone()
         lse[:, :, band[0]:band[1]] = math.inf
-    delta = _empty((b, hq, sq), torch.float32, q.device)
-    if prog.empty_row == "uniform":
-        flag = uniform_work_buffer(b, hq, hk, sq, q.device)
-    else:
-        flag = torch.zeros((b * hk,), dtype=torch.int32, device=q.device)
-    bm_pre = _pre_block(q.device)
-    # everything the launches are specialised on follows from these tensors (the rest is allocated here)
-    base = ("bwd", prog, q.device.index, launcher.call_key((q, k, v, dout, out, lse, *operands)))
-    launcher.launch(base + ("pre",), mod.attn_bwd_pre, (triton_cdiv(sq, bm_pre), hq, b),
-                    (out, dout, lse, delta, flag, *out.stride(), *dout.stride(), *lse.stride(), sq, hq),
-                    dict(BLOCK_M=bm_pre))
-    dop_args = []
-    for n in grad_ops:
-        dop_args += [dfull[n]] + list(dfull[n].stride())
-    grads(BackwardCall(mod, q, k, v, dout, lse, delta, flag, dq, dk, dv, op_args, dop_args, coff, base,
-                       _tune_key(skey, sq, sk), hf))
+    run = BackwardLaunches(dout, q, k, v, operands, lse, prog, out)
+    run.pre()
+    grads(run)
+    dq, dk, dv = run.grads
+    grad_ops, dfull, full_shape = run.grad_ops, run.dfull, (b, hq, sq, sk)
     if prog.empty_row == "uniform":     # rows the kernels above left without gradient (no visible key)
-        kernel, grid, args, kw = uniform_launch_args(mod, q, k, v, dout, lse, flag, dq, dk, dv, op_args,
-                                                     dop_args)
+        kernel, grid, args, kw = uniform_launch_args(run.mod, q, k, v, dout, lse, run.flag, dq, dk, dv,
+                                                     run.op_args, run.dop_args)
         kernel[grid](*args, **kw)
     if band is not None:
         exact = reference.backward(dout, q, k, v, operands, prog, rows=band)

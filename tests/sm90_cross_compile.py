@@ -57,5 +57,22 @@ def sass_facts(compiled) -> dict:
     regs = re.search(r"REG:(\d+)", usage)
     return {"regs": int(regs.group(1)) if regs else None,
             "local_ops": len(re.findall(r"\b(?:LDL|STL)\b", sass)),
+            "loop_local_ops": _loop_local_ops(sass),
             "hgmma": len(re.findall(r"\bHGMMA\b", sass)),
+            "hmma": len(re.findall(r"\bHMMA\b", sass)),
             "shared": compiled.metadata.shared}
+
+
+def _loop_local_ops(sass: str) -> int:
+    """Local-memory instructions inside innermost loop bodies (between a backward branch and its target, holding
+    no other loop): spills paid per tile rather than once per program or per outer iteration."""
+    instrs = [(int(m.group(1), 16), m.group(2))
+              for m in re.finditer(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);", sass)]
+    loops = []
+    for addr, text in instrs:
+        br = re.search(r"\bBRA\b.*?0x([0-9a-f]+)", text)
+        if br and int(br.group(1), 16) < addr:
+            loops.append((int(br.group(1), 16), addr))
+    inner = [(lo, hi) for lo, hi in loops if not any((a, b) != (lo, hi) and lo <= a and b <= hi for a, b in loops)]
+    return sum(1 for addr, text in instrs if re.search(r"\b(?:LDL|STL)\b", text)
+               and any(lo <= addr <= hi for lo, hi in inner))

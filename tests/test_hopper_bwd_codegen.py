@@ -46,12 +46,8 @@ def _call(prog, d, g, ops):
     for bb, bh, bm, bn, dt in ops:
         shape = (1 if bb else b, 1 if bh else h, 1 if bm else sq, 1 if bn else sk)
         operands.append(torch.rand(*shape) > 0.3 if dt == torch.bool else torch.randn(*shape, dtype=dt))
-    op_args = []
-    for t in operands:
-        op_args += [t] + [int(x) for x in t.expand(b, h, sq, sk).stride()]
-    c = triton_portable.BackwardCall(None, q, k, v, torch.randn_like(q), torch.randn(b, h, sq), torch.randn(b, h, sq),
-                                     torch.zeros(b * h // g, dtype=torch.int32), None, torch.empty_like(k),
-                                     torch.empty_like(v), op_args, [], 0, (), (), False)
+    c = triton_portable.BackwardLaunches(torch.randn_like(q), q, k, v, operands, torch.randn(b, h, sq), prog,
+                                         torch.randn_like(q))
     acc = torch.zeros(b, h, -(-sq // hopper_bwd.BLOCK_M) * hopper_bwd.BLOCK_M, d)
     return c, operands, acc
 

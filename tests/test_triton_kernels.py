@@ -415,6 +415,51 @@ def test_block_shapes(cfg, causal, window, monkeypatch):
     attend_and_check(q, k, v, [], scaled(32, causal=causal, window=window))
 
 
+TWO_SWEEPS = [
+    # dtype, d, hq, hk, sq, sk, causal, window, dkdv tiles (BLOCK_M, BLOCK_N, warps, stages, DV_BLOCK_M),
+    # program: "scaled", "bias" (float bias with a gradient + key padding), "softcap" (tanh chain, nan rows)
+    (torch.float16, 256, 2, 1, 37, 45, "top_left", None, (16, 32, 4, 1, 32), "scaled"),
+    (torch.float32, 256, 2, 2, 33, 50, "bottom_right", 7, (32, 16, 4, 1, 16), "scaled"),
+    (torch.float16, 256, 4, 2, 29, 29, "none", None, (16, 16, 4, 1, 32), "bias"),
+    (torch.float32, 64, 4, 1, 45, 37, "top_left", None, (32, 32, 4, 1, 16), "softcap"),
+    (torch.float16, 40, 2, 1, 40, 24, "bottom_right", None, (16, 32, 4, 1, 16), "uniform"),
+]
+
+
+@pytest.mark.parametrize("dtype,d,hq,hk,sq,sk,causal,window,cfg,kind", TWO_SWEEPS,
+                         ids=[f"{str(c[0])[6:]}-d{c[1]}-g{c[2] // c[3]}-{c[4]}x{c[5]}-{c[6]}-{c[9]}-"
+                              f"{'.'.join(map(str, c[8]))}" for c in TWO_SWEEPS])
+def test_dkdv_two_sweeps(dtype, d, hq, hk, sq, sk, causal, window, cfg, kind, monkeypatch):
+    """attn_bwd_dkdv's two-sweep schedule (dV over DV_BLOCK_M-query blocks, then dK over BLOCK_M-query blocks:
+    the D=256 tiles on CUDA) gives the same gradients as the one-sweep schedule: same score program, masks,
+    GQA and empty-row handling."""
+    monkeypatch.setitem(tp.INTERPRET_CONFIGS, "dkdv", cfg)
+    q, k, v = qkv(2, hq, hk, sq, sk, d, dtype, seed=31)
+    gen = torch.Generator().manual_seed(32)
+    ops = []
+    if kind == "scaled":
+        prog = scaled(d, causal=causal, window=window)
+    elif kind == "bias":
+        keys = torch.ones(2, 1, 1, sk, dtype=torch.bool)
+        keys[1, ..., 20:] = False
+        ops = [keys, torch.randn(1, hq, sq, sk, generator=gen).to(dtype)]
+        prog = ScoreProgram(("where", OP(0), ("add", ("mul", S, C(d ** -0.5)), OP(1)), C(-math.inf)),
+                            n_operands=2, operand_grad=(False, True), causal=causal)
+    elif kind == "softcap":
+        mask = torch.rand(2, 1, sq, sk, generator=gen) > 0.3
+        mask[0, 0, 4] = False
+        ops = [mask]
+        prog = ScoreProgram(("where", OP(0), ("mul", ("tanh", ("mul", S, C(0.02))), C(30.0)), C(-math.inf)),
+                            n_operands=1, causal=causal, empty_row="nan")
+    else:
+        keys = torch.ones(2, 1, 1, sk, dtype=torch.bool)
+        keys[1, ..., :9] = False
+        ops = [keys]
+        prog = ScoreProgram(("where", OP(0), ("mul", S, C(d ** -0.5)), C(-math.inf)), n_operands=1,
+                            causal=causal, empty_row="uniform")
+    attend_and_check(q, k, v, ops, prog)
+
+
 # --- random programs --------------------------------------------------------------------------------------
 
 from hypothesis import given, strategies as st  # noqa: E402
