@@ -290,7 +290,10 @@ def supports_fp8(prog: ScoreProgram, q, k, v, operands, recipe) -> str | None:
 
 
 def fp8_launch_args(q8, k8, v8, operands, prog: ScoreProgram, out, lse, pingpong=True, stages=None):
-    """Launch of the FP8 kernel on quantized operands (kernels/fp8_quant.Fp8Operand; V transposed)."""
+    """Launch of the FP8 kernel on quantized operands (kernels/fp8_quant.Fp8Operand; V transposed with its keys
+    in wgmma_key_order, the order in which the kernel's P operand holds them)."""
+    if not (v8.transposed and v8.wgmma_keys):
+        raise ValueError("the Hopper FP8 kernel takes V quantized with transposed=True, wgmma_keys=True")
     qd, kd, vt = q8.data, k8.data, v8.data
     b, hq, sq, d = qd.shape
     sk, dv = kd.shape[2], vt.shape[2]
@@ -302,7 +305,7 @@ def fp8_launch_args(q8, k8, v8, operands, prog: ScoreProgram, out, lse, pingpong
         op_args += [t] + [int(x) for x in t.expand(*full).stride()]
     tiles = tile_args(qd, kd, operands, prog, bn)
     coff = 0 if prog.causal != "bottom_right" else sk - sq
-    mod = _spec_and_module(prog, qd, kd, v8.rows(), operands)[1]
+    mod = _spec_and_module(prog, qd, kd, vt.transpose(-1, -2), operands)[1]
     grid = (triton_portable.triton_cdiv(sq, 2 * BLOCK_M), hq, b)
     scales = []
     for s in (q8.scale, k8.scale, v8.scale):
@@ -324,7 +327,7 @@ def forward_fp8(q, k, v, operands, prog: ScoreProgram, recipe, **variant):
         return fp8_portable.forward(q, k, v, operands, prog, recipe)
     out = triton_portable._empty((b, hq, sq, dv), v.dtype, q.device)
     lse = triton_portable._empty((b, hq, sq), torch.float32, q.device)
-    q8, k8, v8 = fp8_quant.quantize_qkv(q, k, v, recipe, *FP8_QUANT_BLOCKS, v_transposed=True)
+    q8, k8, v8 = fp8_quant.quantize_qkv(q, k, v, recipe, *FP8_QUANT_BLOCKS, v_transposed=True, v_wgmma_keys=True)
     kernel, grid, args, kwargs = fp8_launch_args(q8, k8, v8, operands, prog, out, lse, **variant)
     kernel[grid](*args, **kwargs)
     return _filled(out, lse, v, prog)

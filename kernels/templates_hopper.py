@@ -25,8 +25,11 @@ subtracting the row max, so finfo.min fills never overflow to -inf (eager's unif
 
 from __future__ import annotations
 
+import math
+
 from . import mask_tiles
 from .codegen import LOG2E, Emitter, KernelSpec
+from .templates import P_SCALE
 from .templates_bwd import _and, _ind
 
 _KERNEL = '''
@@ -52,7 +55,7 @@ def _producer(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_full, v_f
 
 
 @gluon.jit
-def _softmax_step(s, m_i, qi, kj, Sq, Sk, coff, __OPS_ARGS__MASKED: gl.constexpr, NEUTRAL: gl.constexpr):
+def _softmax_step(s, m_i, qk, qi, kj, Sq, Sk, coff, __OPS_ARGS__MASKED: gl.constexpr, NEUTRAL: gl.constexpr):
     if NEUTRAL:
         x = _score_neutral(s, qi, kj, Sq, Sk, __OPS_ARGS__)
     elif MASKED:
@@ -61,11 +64,27 @@ def _softmax_step(s, m_i, qi, kj, Sq, Sk, coff, __OPS_ARGS__MASKED: gl.constexpr
         x = _score_full(s, qi, kj, Sq, Sk, __OPS_ARGS__)
     if MASKED:
         x = gl.where(__VISIBLE__, x, float("-inf"))
-    m_new = gl.maximum(m_i, gl.max(x, 1))
+    m_new = gl.maximum(m_i, __ROWMAX__)
     m_use = gl.where(m_new == float("-inf"), 0.0, m_new)
-    p = gl.exp2((x - gl.expand_dims(m_use, 1)) * __XS__)
-    alpha = gl.exp2((m_i - m_use) * __XS__)
+    p = gl.exp2(__P_EXP__)
+    alpha = gl.exp2(__ALPHA_EXP__)
     return p, m_new, alpha
+
+
+@gluon.jit
+def _p_fp8(p, p_layout: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr):
+    """P (accumulator layout) as the e4m3 A operand of P·V with no data movement: in each group of 16 keys,
+    a thread's accumulator holds keys {2t, 2t+1, 8+2t, 9+2t} (t = lane % 4) where the 8-bit A operand wants
+    4 consecutive keys, so P's keys are reordered 16g + 8a + 2t + b -> 16g + 4t + 2a + b (a register
+    renaming) and V's keys come from the quantize pass in the same order (fp8_quant.wgmma_key_order)."""
+    p5 = gl.permute(gl.reshape(p, [BLOCK_M, BLOCK_N // 16, 2, 4, 2]), [0, 1, 3, 2, 4])
+    # in the operand layout (only the register order changes), each 4 consecutive registers are the 4 keys of
+    # one 32-bit A register: 2 cvt + 1 byte permute (the generic fp8 cast repacks byte by byte)
+    pk = gl.convert_layout(gl.reshape(p5, [BLOCK_M, BLOCK_N]), p_layout, assert_trivial=True)
+    return gl.inline_asm_elementwise(
+        "{ .reg .b16 lo, hi; cvt.rn.satfinite.e4m3x2.f32 lo, $2, $1; cvt.rn.satfinite.e4m3x2.f32 hi, $4, $3; "
+        "mov.b32 $0, {lo, hi}; }", "=r,r,r,r,r", [pk], dtype=gl.int8, is_pure=True, pack=4).to(gl.float8e4nv,
+                                                                                                  bitcast=True)
 
 
 @gluon.jit
@@ -101,10 +120,10 @@ __FP8_Q__
     zero_s = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout)
     acc = gl.zeros([BLOCK_M, HEAD_DV], gl.float32, o_layout)
     m_i = gl.full([BLOCK_M], float("-inf"), gl.float32, row_l)
-    turn_ph = 1 - WG   # consumer 0 takes the first turn
+__QK0__    turn_ph = 1 - WG   # consumer 0 takes the first turn
 
     # prologue: S_0 and its softmax
-    mbarrier.wait(k_full.index(0), 0)
+__FP8_LOAD0__    mbarrier.wait(k_full.index(0), 0)
     if PINGPONG:
         mbarrier.wait(turn.index(WG), turn_ph)
         turn_ph ^= 1
@@ -116,8 +135,7 @@ __FP8_Q__
 __FP8_S0__    kj = gl.expand_dims(_tile_start(0, lo, __TLA__BLOCK_N) + gl.arange(0, BLOCK_N, col_l), 0)
 __STEP0__
     l_i = gl.sum(p, 1)
-    p_op = gl.convert_layout(__P_CAST__, p_layout)
-
+__P_OP_PRO__
     i = 0
     for j in range(1, n_tiles):
         start_n = _tile_start(j, lo, __TLA__BLOCK_N)
@@ -125,7 +143,7 @@ __STEP0__
         cur_ph = (i // STAGES) & 1
         nxt = (i + 1) % STAGES
         nxt_ph = ((i + 1) // STAGES) & 1
-        mbarrier.wait(k_full.index(nxt), nxt_ph)
+__FP8_LOADJ____P_OP_TOP__        mbarrier.wait(k_full.index(nxt), nxt_ph)
         if PINGPONG:
             mbarrier.wait(turn.index(WG), turn_ph)
             turn_ph ^= 1
@@ -144,13 +162,12 @@ __STEPJ__
         acc = acc * gl.expand_dims(gl.convert_layout(__ALPHA__, orow_l), 1)
         l_i = l_i * alpha + gl.sum(p, 1)
         m_i = m_new
-        p_op = gl.convert_layout(__P_CAST__, p_layout)
-        i += 1
+__P_OP_END__        i += 1
 
     # the last PV product
     cur = i % STAGES
     cur_ph = (i // STAGES) & 1
-    mbarrier.wait(v_full.index(cur), cur_ph)
+__P_OP_LAST__    mbarrier.wait(v_full.index(cur), cur_ph)
     if PINGPONG:
         mbarrier.wait(turn.index(WG), turn_ph)
     o_tok = warpgroup_mma(p_op, v_smem.index(cur)__VT__, acc, is_async=True)
@@ -271,6 +288,7 @@ def tile_plan(prog, kinds):
 # FP8: rows per Q scale and per K / V scale (kernels/fp8_quant.py); a CTA's 2 x 64 query rows share one Q
 # scale, a 64- or 128-key tile lies inside one K / V scale block.
 FP8_QUANT_BLOCKS = (128, 128)
+FP8_P_LOG2 = int(math.log2(P_SCALE))      # P enters the PV product as e4m3(p · 2^FP8_P_LOG2)
 
 
 class _HopperGen:
@@ -283,12 +301,15 @@ class _HopperGen:
         self.window = self.prog.window
         self.tiles = tile_plan(self.prog, [o.kind for o in spec.operands])
         self.fp8 = spec.dtype.startswith("float8")
+        # a positive pure scale is applied inside the exp2's FFMA (x·qk - m), with the row max taken on the raw
+        # scores; any other chain is evaluated in natural units first
+        self.fold = self.scale is not None and self.scale > 0
 
     def score_fn(self, name: str, masked: bool, expr) -> list[str]:
         """x in log2 units for one tile; operand loads are bounds-checked on rows always, on keys when masked."""
         em = Emitter(self.spec, "s", "qi", "kj", "(qi < Sq)", "(kj < Sk)" if masked else None, ns="gl")
-        if self.scale is not None:      # log2 units; only scale-only programs, whose every variant is s * scale
-            body = [f"x = s * {self.scale * LOG2E!r}"]
+        if self.fold:                   # raw scores: the softmax step multiplies by qk (every variant is s·scale)
+            body = ["x = s"]
         else:
             root = em.emit(expr)
             body = em.lines + [f"x = {em.full_float(root)}"]
@@ -298,7 +319,7 @@ class _HopperGen:
     def steps(self) -> tuple[str, str]:
         """The softmax-step calls of the prologue (tile 0, always masked) and of tile j: with tile lists, a
         neutral tile takes the operand-free variant (a runtime branch); without, there is no such branch."""
-        call = "{lhs} = _softmax_step(s, m_i, qi, kj, Sq, Sk, coff, __OPS_ARGS__{masked}, {neutral})"
+        call = "{lhs} = _softmax_step(s, m_i, qk, qi, kj, Sq, Sk, coff, __OPS_ARGS__{masked}, {neutral})"
         p0, pj = "p, m_i, alpha", "p, m_new, alpha"
         if self.tiles is None:
             step0 = "    " + call.format(lhs=p0, masked="True", neutral="False")
@@ -375,40 +396,65 @@ class _HopperGen:
             tlp = "TL_IDX, TL_CLS, TL_CNT, tl_sb, tl_sh, tl_sm, tl_cb, tl_ch, "
             n_tiles = ("    tl_off = off_b.to(gl.int64) * tl_sb + off_h.to(gl.int64) * tl_sh + pid_m.to(gl.int64) * tl_sm\n"
                        "    n_tiles = gl.load(TL_CNT + off_b.to(gl.int64) * tl_cb + off_h.to(gl.int64) * tl_ch + pid_m)")
-        if self.scale is not None:
-            xs, lse = "1.0", "(m_i + gl.log2(l_safe)) * 0.6931471805599453"
-        else:
-            xs, lse = repr(LOG2E), "m_i + gl.log2(l_safe) * 0.6931471805599453"
+        ln2 = "0.6931471805599453"
+        # FP8: P enters the e4m3 A operand as 256·p (P_LOG2 = 8 in the exponent, so small probabilities keep
+        # their mantissa); l sums the same scaled p, and lse takes the 8 back out
+        poff = FP8_P_LOG2 if self.fp8 else 0
+        log2_l = f"(gl.log2(l_safe) - {poff!r}.0)" if poff else "gl.log2(l_safe)"
+        m_shift = f"gl.expand_dims(m_use - {poff!r}.0, 1)" if poff else "gl.expand_dims(m_use, 1)"
+        if self.fold:      # m in log2 units; p = exp2(FFMA(x, qk, -m))
+            rowmax, p_exp, alpha_exp = "gl.max(x, 1) * qk", f"x * qk - {m_shift}", "m_i - m_use"
+            lse = f"(m_i + {log2_l}) * {ln2}"
+        else:              # m in natural units
+            rowmax, alpha_exp = "gl.max(x, 1)", f"(m_i - m_use) * {LOG2E!r}"
+            p_exp = f"(x - gl.expand_dims(m_use, 1)) * {LOG2E!r}" + (f" + {poff!r}.0" if poff else "")
+            lse = f"m_i + {log2_l} * {ln2}"
+        qk_const = f"    qk = {self.scale * LOG2E!r}\n" if self.fold else "    qk = 1.0\n"
         if self.fp8:
             fp8p = "QS, KS, VS, sqs_b, sqs_h, sks_b, sks_h, svs_b, svs_h, "
             # one Q scale per CTA (QBM = 2 x BLOCK_M rows), one K / V scale per QBN keys; V's scale is folded
-            # into the accumulator's rescale, so acc is always in units of the last V tile added
+            # into the accumulator's rescale, so acc is always in units of the last V tile added. The K and V
+            # scales of a tile are loaded before its barrier waits, so their latency hides under them.
             fp8_q = (f"    qsc = gl.load(QS + off_b.to(gl.int64) * sqs_b + off_h.to(gl.int64) * sqs_h + m0 // (2 * BLOCK_M))\n"
                      f"    ks_base = KS + off_b.to(gl.int64) * sks_b + (off_h // {spec.G}).to(gl.int64) * sks_h\n"
                      f"    vs_base = VS + off_b.to(gl.int64) * svs_b + (off_h // {spec.G}).to(gl.int64) * svs_h\n")
             qbn = FP8_QUANT_BLOCKS[1]
-            fp8_s0 = ("    start0 = _tile_start(0, lo, __TLA__BLOCK_N)\n"
-                      "    s = s * (qsc * gl.load(ks_base + start0 // " + str(qbn) + "))\n"
-                      "    vs_prev = gl.load(vs_base + start0 // " + str(qbn) + ")\n")
-            fp8_sj = ("        s = s * (qsc * gl.load(ks_base + start_n // " + str(qbn) + "))\n"
-                      "        vs_new = gl.load(vs_base + start_n // " + str(qbn) + ")\n")
+            fp8_load0 = (f"    start0 = _tile_start(0, lo, __TLA__BLOCK_N)\n"
+                         f"    ks_j = gl.load(ks_base + start0 // {qbn})\n"
+                         f"    vs_prev = gl.load(vs_base + start0 // {qbn})\n")
+            fp8_loadj = (f"        ks_j = gl.load(ks_base + start_n // {qbn})\n"
+                         f"        vs_new = gl.load(vs_base + start_n // {qbn})\n")
+            if self.fold:     # the descales join qk: one scalar multiply per tile
+                fp8_q += f"    qk0 = qsc * {self.scale * LOG2E!r}\n"
+                qk_const = ""
+                fp8_s0, fp8_sj = "    qk = qk0 * ks_j\n", "        qk = qk0 * ks_j\n"
+            else:
+                fp8_s0, fp8_sj = "    s = s * (qsc * ks_j)\n", "        s = s * (qsc * ks_j)\n"
             alpha = "alpha * (vs_prev / vs_new)"
-            p_cast = "(p * 256.0).to(gl.float8e4nv)"
-            out_scale = "(vs_prev / 256.0)"
+            p_cast = "_p_fp8(p, p_layout, BLOCK_M, BLOCK_N)"
+            out_scale = "vs_prev"
             v_coord, v_tile, vt = "[off_b, off_hk, 0, start_n]", "[HEAD_DV, BLOCK_N]", ".permute((1, 0))"
         else:
-            fp8p = fp8_q = fp8_s0 = fp8_sj = ""
+            fp8p = fp8_q = fp8_s0 = fp8_sj = fp8_load0 = fp8_loadj = ""
             alpha, p_cast, out_scale = "alpha", "p.to(dtype)", "1.0"
             v_coord, v_tile, vt = "[off_b, off_hk, start_n, 0]", "[BLOCK_N, HEAD_DV]", ""
+        # P as the PV operand (a layout change without data movement). FP8 converts right before the product:
+        # carried across the loop edge as separate bytes, its 4-byte registers would be rebuilt byte by byte
+        p_op = f"p_op = gl.convert_layout({p_cast}, p_layout, assert_trivial=True)\n"
+        before, after = (p_op, "") if self.fp8 else ("", p_op)
         step0, stepj = self.steps()
         text = _KERNEL.replace("__STEP0__", step0).replace("__STEPJ__", stepj)
+        for token, value in [("__P_OP_PRO__", "    " + after), ("__P_OP_END__", "        " + after),
+                             ("__P_OP_TOP__", "        " + before), ("__P_OP_LAST__", "    " + before)]:
+            text = text.replace(token, value if value.strip() else "")
         if self.fp8:
             text = text.replace("        m_i = m_new\n", "        m_i = m_new\n        vs_prev = vs_new\n")
         text = (text.replace("__FP8_Q__", fp8_q).replace("__FP8_S0__", fp8_s0).replace("__FP8_SJ__", fp8_sj)
-                .replace("__ALPHA__", alpha).replace("__P_CAST__", p_cast).replace("__OUT_SCALE__", out_scale)
+                .replace("__FP8_LOAD0__", fp8_load0).replace("__FP8_LOADJ__", fp8_loadj).replace("__QK0__", qk_const)
+                .replace("__ALPHA__", alpha).replace("__OUT_SCALE__", out_scale)
                 .replace("__V_COORD__", v_coord).replace("__V_TILE__", v_tile).replace("__VT__", vt)
                 .replace("__FP8P__", fp8p))
-        for token, value in [("__XS__", xs), ("__LSE__", lse), ("__TLA__", tla), ("__TLP__", tlp), ("__N_TILES__", n_tiles),
+        for token, value in [("__ROWMAX__", rowmax), ("__P_EXP__", p_exp), ("__ALPHA_EXP__", alpha_exp), ("__LSE__", lse), ("__TLA__", tla), ("__TLP__", tlp), ("__N_TILES__", n_tiles),
             ("__OPS_KPARAMS__", ops_params), ("__OPS_PARAMS__", ops_params), ("__OPS_KARGS__", ops_params),
             ("__OPS_ARGS__", ops_args), ("__OPS_BASES__", "\n".join(bases)), ("__VISIBLE__", self.visible()),
             ("__TILE_MASKED__", self.tile_masked()), ("__KV_RANGE__", self.kv_range()),

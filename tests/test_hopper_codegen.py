@@ -104,7 +104,7 @@ def test_fp8_variant_compiles_to_e4m3_wgmma(d):
 
     def op(shape, transposed=False):
         return Fp8Operand(torch.randn(*shape).to(torch.float8_e4m3fn), torch.ones(b, h, s // 128), 128,
-                          transposed, False)
+                          transposed, False, transposed, s)
     q8, k8, v8 = op((b, h, s, d)), op((b, h, s, d)), op((b, h, d, s), True)
     out, lse = torch.empty(b, h, s, d, dtype=torch.bfloat16), torch.empty(b, h, s)
     prog = ScoreProgram(("mul", S, C(d ** -0.5)), causal="top_left")
