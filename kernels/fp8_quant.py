@@ -38,9 +38,12 @@ MAX_HEAD_DIM = 256
 # fp32 values one program keeps live per chunk, and its warps: compiled for sm_90 offline (ptxas -v), a whole
 # 128 x 128 tile at 16 warps and 32 x 256 chunks at 8 warps run without spills; 64 x 256 spills.
 _LIVE_VALUES = {128: 16384, 256: 8192}
-# quantize_tile_kernel's warps per register width (128-row tiles, compiled for sm_90 offline: no spills; 16 warps
-# at 256 keep 127 registers where 8 need 182)
-_TILE_WARPS = {16: 4, 32: 4, 64: 8, 128: 8, 256: 16}
+
+
+def _tile_warps(block: int, bd: int) -> int:
+    """quantize_tile_kernel's warps: one per 2048 values of the tile, 4..16 (compiled for sm_90 offline, no
+    spills: 128 x 128 at 8 warps 110 registers, 128 x 256 and 256 x 128 at 16 warps 111-127)."""
+    return max(4, min(16, block * bd // 2048))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,7 +117,7 @@ def check_quantizable(x: torch.Tensor, block: int, rotate: bool) -> str | None:
 
 def _tile_kernel_fits(x, block: int, bd: int, scaling: str, rotate: bool) -> bool:
     """Whether quantize_tile_kernel serves this call (see the module doc)."""
-    return (scaling == "block" and block & (block - 1) == 0 and 16 <= block <= 128 and bd <= 256
+    return (scaling == "block" and block & (block - 1) == 0 and 16 <= block <= 256 and block * bd <= 32768
             and (not rotate or x.dtype in (torch.float16, torch.bfloat16)))
 
 
@@ -136,8 +139,8 @@ def quantize(x: torch.Tensor, *, block: int, rotate: bool = False, seed: int = 0
     interpret = dev.type == "cpu"
     fits = _tile_kernel_fits(x, block, bd, scaling, rotate)
     if tile_kernel and not fits:
-        raise ValueError("fp8 quantize: the tile kernel takes block scaling, power-of-two blocks of 16..128 rows "
-                         "and 16-bit inputs when rotating")
+        raise ValueError("fp8 quantize: the tile kernel takes block scaling, power-of-two blocks of 16..256 rows "
+                         "(at most 32768 values a tile) and 16-bit inputs when rotating")
     use_tile = fits and (not interpret if tile_kernel is None else tile_kernel)
     if wgmma_keys and not use_tile and block % 16:
         raise ValueError(f"fp8 quantize: wgmma_keys needs blocks of a multiple of 16 rows, got {block}")
@@ -163,7 +166,7 @@ def quantize(x: torch.Tensor, *, block: int, rotate: bool = False, seed: int = 0
         rot = signed_hadamard(seed, bd, x.dtype, dev) if rotate else scale
         qk.quantize_tile_kernel[grid](x, buf, scale, rot, *x.stride(), *y_strides, *scale.stride(), s, s_store, d,
                                       d_store, 1.0 / math.sqrt(bd), BLOCK=block, BD=bd, ROTATE=rotate,
-                                      EXACT=interpret, WGMMA_KEYS=wgmma_keys, num_warps=_TILE_WARPS[bd])
+                                      EXACT=interpret, WGMMA_KEYS=wgmma_keys, num_warps=_tile_warps(block, bd))
         return out
     sg = signs(seed, bd, dev) if rotate else scale
     chunk = _chunk(block, bd, interpret)

@@ -12,15 +12,31 @@ partitions (`gl.warp_specialize`):
 Each consumer (one warpgroup, wgmma with M = 64 rows) runs the intra-warpgroup pipeline: in iteration j it
 issues S_j = Q K_jᵀ and O += P_{j-1} V_{j-1} back to back (async wgmma), waits for S_j only, computes the
 score chain and online softmax of S_j while the PV product still runs, then waits for PV, rescales O and
-releases the V slot (v_empty); the K slot is released as soon as S_j is done (k_empty). With PINGPONG the two consumers take turns issuing their GEMMs (mbarriers
+releases the V slot (v_empty); the K slot is released as soon as S_j is done (k_empty). OVERLAP=False
+waits for PV before the softmax instead (P's registers free while S is live: for key tiles whose S, P and O
+do not fit 240 registers together; the other consumer's GEMMs still cover the softmax with PINGPONG). With PINGPONG the two consumers take turns issuing their GEMMs (mbarriers
 turn[0] / turn[1]: a consumer waits for its turn, issues, then hands the turn over), so one warpgroup's
 softmax runs under the other's GEMMs. The epilogue writes O through shared memory (the Q buffer, when the
 head dims match) with a TMA store, and the log-sum-exp with plain stores.
 
 The score chain (scale, biases, masks, soft-capping) is the same ScoreProgram the portable kernel compiles,
-emitted by codegen.Emitter in Gluon spelling. A pure scale is folded into log2 units (x = s·scale·log2 e, so
-the softmax is a bare exp2); any other chain stays in natural units and the softmax scales by log2 e after
-subtracting the row max, so finfo.min fills never overflow to -inf (eager's uniform rows stay uniform).
+emitted by codegen.Emitter in Gluon spelling. A positive pure scale is folded into the exponent: the row max is
+taken on the raw scores and scaled once per row (m in log2 units), and p = exp2(s·qk - m) is one FFMA and
+one MUFU per score (qk = scale·log2 e); any other chain stays in natural units and the softmax scales by
+log2 e after subtracting the row max, so finfo.min fills never overflow to -inf (eager's uniform rows stay
+uniform).
+
+FP8 (e4m3 Q, K, V from kernels/fp8_quant.py; the same schedule on QGMMA, K = 32 per instruction). V arrives
+transposed (B, H, Dv, S), so both operands of P·V are k-major as 8-bit wgmma requires. The descales fold
+into qk per tile (qk = q_scale · k_scale · scale · log2 e: one scalar multiply); the tile's K and V scales
+are loaded before its barrier waits. P enters the PV product as e4m3(p · 2^8) (the 2^8 is -8 in the FFMA's
+max term; l sums the same scaled p and lse removes it), converted right before the product without data
+movement: the 8-bit A operand wants 4 consecutive keys per register where the accumulator gives a thread
+keys {2t, 2t+1, 8+2t, 9+2t} of each 16, so P's keys are renamed in registers (_p_fp8) and the quantize pass
+stores V's keys in that order (fp8_quant.wgmma_key_order); 4 values become one register with two cvt and
+one byte permute. V's scale is folded into the accumulator's rescale (acc in units of the last V tile), so
+the epilogue multiplies by the last V scale over l. A key tile larger than 128 keys has one K / V scale
+(fp8_quant_blocks).
 """
 
 from __future__ import annotations
@@ -98,7 +114,7 @@ __TILE_MASKED__    return masked
 def _consumer(q_smem, k_smem, v_smem, o_smem, o4, q_bar, k_full, v_full, k_empty, v_empty, turn, o_desc, LSE,
               slb, slh, slm, off_b, off_h, m0, lo, n_tiles, __TLA__Sq, Sk, coff, __FP8P____OPS_PARAMS__
               WG: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DV: gl.constexpr,
-              STAGES: gl.constexpr, PINGPONG: gl.constexpr):
+              STAGES: gl.constexpr, PINGPONG: gl.constexpr, OVERLAP: gl.constexpr):
     dtype: gl.constexpr = q_smem.dtype
     out_dtype: gl.constexpr = o_smem.dtype
     KI: gl.constexpr = 256 // dtype.primitive_bitwidth       # wgmma K per instruction: 16 (16-bit), 32 (fp8)
@@ -154,11 +170,15 @@ __FP8_LOADJ____P_OP_TOP__        mbarrier.wait(k_full.index(nxt), nxt_ph)
             mbarrier.arrive(turn.index(1 - WG))
         s = warpgroup_mma_wait(1, deps=(s_tok,))
         mbarrier.arrive(k_empty.index(nxt))   # K is read only by S; its slot refills while PV still runs
+        if not OVERLAP:     # PV done before the softmax: P's registers are free while S is live
+            acc = warpgroup_mma_wait(0, deps=(o_tok,))
+            mbarrier.arrive(v_empty.index(cur))
 __FP8_SJ__        kj = gl.expand_dims(start_n + gl.arange(0, BLOCK_N, col_l), 0)
         masked = _tile_masked(start_n, row0, Sk, coff, BLOCK_M, BLOCK_N)
 __STEPJ__
-        acc = warpgroup_mma_wait(0, deps=(o_tok,))
-        mbarrier.arrive(v_empty.index(cur))
+        if OVERLAP:
+            acc = warpgroup_mma_wait(0, deps=(o_tok,))
+            mbarrier.arrive(v_empty.index(cur))
         acc = acc * gl.expand_dims(gl.convert_layout(__ALPHA__, orow_l), 1)
         l_i = l_i * alpha + gl.sum(p, 1)
         m_i = m_new
@@ -192,7 +212,8 @@ __EMPTY_ROWS__
 
 @gluon.jit(do_not_specialize=["Sq", "Sk", "coff", "slb", "slh"])
 def attn_fwd_ws(q_desc, k_desc, v_desc, o_desc, LSE, __FP8P____OPS_KPARAMS____TLP__slb, slh, slm, Sq, Sk, coff,
-                BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, PINGPONG: gl.constexpr):
+                BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, PINGPONG: gl.constexpr,
+                OVERLAP: gl.constexpr = True):
     HEAD_D: gl.constexpr = q_desc.block_type.shape[3]
     HEAD_DV: gl.constexpr = o_desc.block_type.shape[3]
     dtype: gl.constexpr = q_desc.dtype
@@ -245,10 +266,10 @@ __N_TILES__
     gl.warp_specialize([
         (_consumer, (q2, k2, v2, o2, o_smem, q_bar, k_full, v_full, k_empty, v_empty, turn, o_desc, LSE, slb, slh, slm,
                      off_b, off_h, m0, lo, n_tiles, __TLA__Sq, Sk, coff, __FP8P____OPS_KARGS__0, BLOCK_M, BLOCK_N, HEAD_DV, STAGES,
-                     PINGPONG)),
+                     PINGPONG, OVERLAP)),
         (_consumer, (q2, k2, v2, o2, o_smem, q_bar, k_full, v_full, k_empty, v_empty, turn, o_desc, LSE, slb, slh, slm,
                      off_b, off_h, m0, lo, n_tiles, __TLA__Sq, Sk, coff, __FP8P____OPS_KARGS__1, BLOCK_M, BLOCK_N, HEAD_DV, STAGES,
-                     PINGPONG)),
+                     PINGPONG, OVERLAP)),
         (_producer, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_full, v_full, k_empty, v_empty,
                      off_b, off_h, off_hk, m0, lo, n_tiles, __TLA__BLOCK_M, BLOCK_N, STAGES)),
     ], [4, 1], [240, 24])
@@ -286,8 +307,14 @@ def tile_plan(prog, kinds):
 
 
 # FP8: rows per Q scale and per K / V scale (kernels/fp8_quant.py); a CTA's 2 x 64 query rows share one Q
-# scale, a 64- or 128-key tile lies inside one K / V scale block.
+# scale, a 64- or 128-key tile lies inside one K / V scale block; a larger key tile has one scale per tile
+# (fp8_quant_blocks).
 FP8_QUANT_BLOCKS = (128, 128)
+
+
+def fp8_quant_blocks(block_n: int) -> tuple[int, int]:
+    """(rows per Q scale, keys per K / V scale) of the FP8 kernel with key tiles of block_n."""
+    return FP8_QUANT_BLOCKS[0], max(FP8_QUANT_BLOCKS[1], block_n)
 FP8_P_LOG2 = int(math.log2(P_SCALE))      # P enters the PV product as e4m3(p · 2^FP8_P_LOG2)
 
 
@@ -347,11 +374,12 @@ class _HopperGen:
                 f"    return gl.load(TL_CLS + tl_off + j) == {mask_tiles.NEUTRAL}", "", ""]
 
     def visible(self) -> str:
-        parts = ["(kj < Sk)"]
-        if self.causal:
-            parts.append("(kj <= qi + coff)")
-            if self.window is not None:
-                parts.append(f"(kj >= qi + coff - {self.window})")
+        if not self.causal:
+            return "(kj < Sk)"
+        # key bound and diagonal as one per-row limit: one compare per score, two registers per thread
+        parts = ["(kj <= gl.minimum(qi + coff, Sk - 1))"]
+        if self.window is not None:
+            parts.append(f"(kj >= qi + coff - {self.window})")
         return _and(*parts)
 
     def tile_masked(self) -> str:
@@ -411,19 +439,21 @@ class _HopperGen:
             lse = f"m_i + {log2_l} * {ln2}"
         qk_const = f"    qk = {self.scale * LOG2E!r}\n" if self.fold else "    qk = 1.0\n"
         if self.fp8:
+            qbn = FP8_QUANT_BLOCKS[1]
             fp8p = "QS, KS, VS, sqs_b, sqs_h, sks_b, sks_h, svs_b, svs_h, "
-            # one Q scale per CTA (QBM = 2 x BLOCK_M rows), one K / V scale per QBN keys; V's scale is folded
+            # one Q scale per CTA (2 x BLOCK_M rows), one K / V scale per KVB keys; V's scale is folded
             # into the accumulator's rescale, so acc is always in units of the last V tile added. The K and V
             # scales of a tile are loaded before its barrier waits, so their latency hides under them.
-            fp8_q = (f"    qsc = gl.load(QS + off_b.to(gl.int64) * sqs_b + off_h.to(gl.int64) * sqs_h + m0 // (2 * BLOCK_M))\n"
-                     f"    ks_base = KS + off_b.to(gl.int64) * sks_b + (off_h // {spec.G}).to(gl.int64) * sks_h\n"
-                     f"    vs_base = VS + off_b.to(gl.int64) * svs_b + (off_h // {spec.G}).to(gl.int64) * svs_h\n")
-            qbn = FP8_QUANT_BLOCKS[1]
-            fp8_load0 = (f"    start0 = _tile_start(0, lo, __TLA__BLOCK_N)\n"
-                         f"    ks_j = gl.load(ks_base + start0 // {qbn})\n"
-                         f"    vs_prev = gl.load(vs_base + start0 // {qbn})\n")
-            fp8_loadj = (f"        ks_j = gl.load(ks_base + start_n // {qbn})\n"
-                         f"        vs_new = gl.load(vs_base + start_n // {qbn})\n")
+            fp8_q = (f"    KVB: gl.constexpr = BLOCK_N if BLOCK_N > {qbn} else {qbn}   # keys per K / V scale\n"
+                     f"    qsc = gl.load(QS + off_b.to(gl.int64) * sqs_b + off_h.to(gl.int64) * sqs_h + m0 // (2 * BLOCK_M))\n"
+                     # 32-bit offsets from the (constant-bank) base pointers: one register each, not two
+                     f"    ks_off = off_b * sks_b + (off_h // {spec.G}) * sks_h\n"
+                     f"    vs_off = off_b * svs_b + (off_h // {spec.G}) * svs_h\n")
+            fp8_load0 = ("    start0 = _tile_start(0, lo, __TLA__BLOCK_N)\n"
+                         "    ks_j = gl.load(KS + ks_off + start0 // KVB)\n"
+                         "    vs_prev = gl.load(VS + vs_off + start0 // KVB)\n")
+            fp8_loadj = ("        ks_j = gl.load(KS + ks_off + start_n // KVB)\n"
+                         "        vs_new = gl.load(VS + vs_off + start_n // KVB)\n")
             if self.fold:     # the descales join qk: one scalar multiply per tile
                 fp8_q += f"    qk0 = qsc * {self.scale * LOG2E!r}\n"
                 qk_const = ""
