@@ -111,7 +111,8 @@ def quant_row(kernel: str, d: int, rotate: bool, transposed: bool, block: int = 
     count = lambda *names: sum(o.split(".")[0] in names for o in ops)  # noqa: E731
     return {"kernel": f"{kernel} D{d} {'rotated rows' if rotate else 'V transposed'}", "warps": warps,
             **sass_facts(c), "instrs": len(ops), "LDG.128": sum(o.startswith("LDG.E.128") for o in ops),
-            "STG.128": sum(o.startswith("STG.E.128") for o in ops), "STG.U8": sum(o.startswith("STG.E.U8") for o in ops),
+            "STG.128": sum(o.startswith("STG.E.128") for o in ops),
+            "STG.U8": sum(o.startswith("STG.E.U8") for o in ops),
             "SHFL": count("SHFL"), "BAR": count("BAR"), "LDS/STS": count("LDS", "STS", "LDSM", "STSM")}
 
 
@@ -129,7 +130,8 @@ def main(argv=None):
     for v in VARIANTS:
         rows.append(row(*v))
         print(rows[-1], flush=True)
-    qrows = [quant_row(kern, d, rot, not rot) for kern in ("tile", "general") for d in (128, 256) for rot in (True, False)]
+    qrows = [quant_row(kern, d, rot, not rot)
+             for kern in ("tile", "general") for d in (128, 256) for rot in (True, False)]
     lines = ["# Hopper forward cross-compiled for sm_90a: cubin facts and one main-loop trip (consumer 0, unmasked)",
              "", "| " + " | ".join(COLS) + " |", "|" + "---|" * len(COLS)]
     lines += ["| " + " | ".join(str(r[c]) for c in COLS) + " |" for r in rows]

@@ -175,8 +175,8 @@ def quantize(x: torch.Tensor, *, block: int, rotate: bool = False, seed: int = 0
     def launch(mode, gamax):
         qk.quantize_kernel[grid](x, buf, scale, sg, gamax, *x.stride(), *y_strides, *scale.stride(),
                                  s, s_store, d, d_store, 1.0 / math.sqrt(bd), BLOCK=block, CHUNK=chunk, BD=bd,
-                                 LOG_BD=bd.bit_length() - 1, ROTATE=rotate, MODE=mode, EXACT=interpret, WGMMA_KEYS=wgmma_keys,
-                                 num_warps=warps)
+                                 LOG_BD=bd.bit_length() - 1, ROTATE=rotate, MODE=mode, EXACT=interpret,
+                                 WGMMA_KEYS=wgmma_keys, num_warps=warps)
 
     if scaling == "block":
         launch(qk.MODE_BLOCK, scale)

@@ -146,7 +146,8 @@ def _store_tile(Y, y, inv, rows, cols, sys, syd, S_STORE, D_STORE, BLOCK: tl.con
     y = to_e4m3(tl.clamp(y * inv, -448.0, 448.0), EXACT)
     if WGMMA_KEYS:
         y = wgmma_key_order(y, BLOCK, W)
-    tl.store(Y + rows[:, None] * sys + cols[None, :] * syd, y, mask=(rows[:, None] < S_STORE) & (cols[None, :] < D_STORE))
+    tl.store(Y + rows[:, None] * sys + cols[None, :] * syd, y,
+             mask=(rows[:, None] < S_STORE) & (cols[None, :] < D_STORE))
 
 
 # S_STORE is specialised: a multiple of 16 (the transposed layout's) lets the sequence-contiguous store vectorise

@@ -14,10 +14,11 @@ issues S_j = Q K_jᵀ and O += P_{j-1} V_{j-1} back to back (async wgmma), waits
 score chain and online softmax of S_j while the PV product still runs, then waits for PV, rescales O and
 releases the V slot (v_empty); the K slot is released as soon as S_j is done (k_empty). OVERLAP=False
 waits for PV before the softmax instead (P's registers free while S is live: for key tiles whose S, P and O
-do not fit 240 registers together; the other consumer's GEMMs still cover the softmax with PINGPONG). With PINGPONG the two consumers take turns issuing their GEMMs (mbarriers
-turn[0] / turn[1]: a consumer waits for its turn, issues, then hands the turn over), so one warpgroup's
-softmax runs under the other's GEMMs. The epilogue writes O through shared memory (the Q buffer, when the
-head dims match) with a TMA store, and the log-sum-exp with plain stores.
+do not fit 240 registers together; the other consumer's GEMMs still cover the softmax with PINGPONG). With
+PINGPONG the two consumers take turns issuing their GEMMs (mbarriers turn[0] / turn[1]: a consumer waits for
+its turn, issues, then hands the turn over), so one warpgroup's softmax runs under the other's GEMMs. The
+epilogue writes O through shared memory (the Q buffer, when the head dims match) with a TMA store, and the
+log-sum-exp with plain stores.
 
 The score chain (scale, biases, masks, soft-capping) is the same ScoreProgram the portable kernel compiles,
 emitted by codegen.Emitter in Gluon spelling. A positive pure scale is folded into the exponent: the row max is
@@ -312,10 +313,12 @@ def tile_plan(prog, kinds):
 FP8_QUANT_BLOCKS = (128, 128)
 
 
+FP8_P_LOG2 = int(math.log2(P_SCALE))      # P enters the PV product as e4m3(p · 2^FP8_P_LOG2)
+
+
 def fp8_quant_blocks(block_n: int) -> tuple[int, int]:
     """(rows per Q scale, keys per K / V scale) of the FP8 kernel with key tiles of block_n."""
     return FP8_QUANT_BLOCKS[0], max(FP8_QUANT_BLOCKS[1], block_n)
-FP8_P_LOG2 = int(math.log2(P_SCALE))      # P enters the PV product as e4m3(p · 2^FP8_P_LOG2)
 
 
 class _HopperGen:
@@ -333,7 +336,8 @@ class _HopperGen:
         self.fold = self.scale is not None and self.scale > 0
 
     def score_fn(self, name: str, masked: bool, expr) -> list[str]:
-        """x in log2 units for one tile; operand loads are bounds-checked on rows always, on keys when masked."""
+        """x for one tile: the raw scores when the scale folds into the softmax, else the chain in natural units;
+        operand loads are bounds-checked on rows always, on keys when masked."""
         em = Emitter(self.spec, "s", "qi", "kj", "(qi < Sq)", "(kj < Sk)" if masked else None, ns="gl")
         if self.fold:                   # raw scores: the softmax step multiplies by qk (every variant is s·scale)
             body = ["x = s"]
