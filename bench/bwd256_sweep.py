@@ -23,9 +23,11 @@ import datetime
 import json
 import math
 import os
-import subprocess
 import sys
 import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common  # noqa: E402
 import traceback
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -65,14 +67,6 @@ SMOKE_DQ = [(32, 16, 4, 1)]
 GUARD = 1e-3            # absolute guard, times max |reference|
 
 
-def git_commit() -> str:
-    if os.environ.get("FA3_COMMIT"):
-        return os.environ["FA3_COMMIT"]
-    try:
-        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, text=True,
-                                       stderr=subprocess.DEVNULL).strip()
-    except Exception:
-        return "unknown"
 
 
 def program(causal: bool) -> ScoreProgram:
@@ -277,7 +271,7 @@ def main(argv=None):
     import triton
     name = torch.cuda.get_device_name() if dev.type == "cuda" else "CPU (Triton interpreter)"
     header = [f"# Portable backward at D=256, per tile config, {datetime.datetime.now().isoformat(timespec='seconds')}",
-              f"device: {name}; torch {torch.__version__}; triton {triton.__version__}; commit {git_commit()}; "
+              f"device: {name}; torch {torch.__version__}; triton {triton.__version__}; commit {common.git_commit()}; "
               f"{'fp16 smoke run' if args.smoke else 'bf16'}, {TOKENS} tokens, H*D = 2048"]
     print("\n".join(header), flush=True)
     os.makedirs(args.out, exist_ok=True)

@@ -27,10 +27,9 @@ def main(argv=None):
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from triton.testing import do_bench
 
-    from fa3_inductor.kernels import fp8_quant, hopper
+    from fa3_inductor.kernels import hopper
     from fa3_inductor.kernels.fp8_recipe import Fp8Recipe
     from fa3_inductor.kernels.program import ScoreProgram
-    from fa3_inductor.kernels.templates_hopper import FP8_QUANT_BLOCKS
     recipe = Fp8Recipe("block", True, 0)
     rows = []
     for d in (64, 128, 256):
@@ -41,14 +40,14 @@ def main(argv=None):
                 prog = ScoreProgram(("mul", ("score",), ("const", d ** -0.5)), causal="top_left" if causal else "none")
                 fl = 4 * b * h * s * s * d / (2 if causal else 1)
                 row = {"D": d, "S": s, "causal": causal}
-                q8, k8, v8 = fp8_quant.quantize_qkv(q, k, v, recipe, *FP8_QUANT_BLOCKS, v_transposed=True)
+                q8, k8, v8 = hopper.quantize_fp8(q, k, v, recipe)
                 out = torch.empty_like(q)
                 lse = torch.empty(b, h, s, device="cuda")
                 kern, grid, kargs, kw = hopper.fp8_launch_args(q8, k8, v8, [], prog, out, lse)
                 bench = {
                     "fp8 kernel": lambda: kern[grid](*kargs, **kw),
                     "fp8 with quantize": lambda: hopper.forward_fp8(q, k, v, [], prog, recipe),
-                    "quantize only": lambda: fp8_quant.quantize_qkv(q, k, v, recipe, *FP8_QUANT_BLOCKS, v_transposed=True),
+                    "quantize only": lambda: hopper.quantize_fp8(q, k, v, recipe),
                     "bf16 ours": lambda: hopper.forward(q, k, v, [], prog),
                 }
                 for name, fn in bench.items():

@@ -11,8 +11,15 @@ consume them (kernels/fp8_portable.py, the Hopper FP8 kernel):
 
 Layouts. Rows: data (B, H, S, Dq), last dim contiguous, row stride a multiple of 16 elements (TMA-ready).
 Transposed (`transposed=True`, meant for V): data (B, H, Dv, S) with S contiguous and the row stride
-rounded up to 16 — the k-major B operand of the FP8 P·V wgmma; padding columns are zeros. `Fp8Operand.rows()`
-gives the (B, H, S, D) view of either layout. Dq = hadamard_dim(D) for rotated operands, else D.
+rounded up to 16 — the k-major B operand of the FP8 P·V wgmma; padding columns are zeros. With
+`wgmma_keys=True` (the Hopper FP8 kernel's V) each group of 16 keys is stored in `wgmma_key_order` and data
+spans all round16(S) columns (a key < S may sit in a padding column). `Fp8Operand.rows()` gives the
+(B, H, S, D) tensor of any layout (a view, or a gathered copy for wgmma_keys). Dq = hadamard_dim(D) for
+rotated operands, else D.
+
+Kernels: block scaling of 16-bit inputs on a GPU takes `quantize_tile_kernel` (one read, one write; the
+rotation on the tensor cores); tensor scaling, fp32 inputs and the CPU interpreter take `quantize_kernel`
+(the rotation as in-register butterflies, bit for bit kernels/fp8_reference.py).
 """
 
 from __future__ import annotations
@@ -23,7 +30,7 @@ import os
 
 import torch
 
-from .fp8_recipe import Fp8Recipe, hadamard_dim, signs
+from .fp8_recipe import Fp8Recipe, hadamard_dim, signed_hadamard, signs
 
 FP8 = torch.float8_e4m3fn
 INPUT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -33,6 +40,12 @@ MAX_HEAD_DIM = 256
 _LIVE_VALUES = {128: 16384, 256: 8192}
 
 
+def _tile_warps(block: int, bd: int) -> int:
+    """quantize_tile_kernel's warps: one per 2048 values of the tile, 4..16 (compiled for sm_90 offline, no
+    spills: 128 x 128 at 8 warps 110 registers, 128 x 256 and 256 x 128 at 16 warps 111-127)."""
+    return max(4, min(16, block * bd // 2048))
+
+
 @dataclasses.dataclass(frozen=True)
 class Fp8Operand:
     data: torch.Tensor      # float8_e4m3fn, (B, H, S, Dq) or, transposed, (B, H, Dv, S)
@@ -40,10 +53,26 @@ class Fp8Operand:
     block: int              # rows per scale
     transposed: bool
     rotated: bool
+    wgmma_keys: bool = False    # transposed, keys of each 16 in wgmma_key_order, data (B, H, Dv, round16(S))
+    seq_len: int | None = None  # S, when data spans more columns (wgmma_keys)
 
     def rows(self) -> torch.Tensor:
-        """(B, H, S, D) view of data, whatever its layout."""
-        return self.data.transpose(-1, -2) if self.transposed else self.data
+        """(B, H, S, D) tensor of data, whatever its layout (a copy for wgmma_keys)."""
+        if not self.transposed:
+            return self.data
+        if not self.wgmma_keys:
+            return self.data.transpose(-1, -2)
+        pos = torch.argsort(wgmma_key_order(self.data.shape[-1], self.data.device))[: self.seq_len]
+        return self.data.transpose(-1, -2)[..., pos, :]
+
+
+def wgmma_key_order(n: int, device="cpu") -> torch.Tensor:
+    """Key stored at each of n (a multiple of 16) positions: position 16g + 4t + 2a + b holds key
+    16g + 8a + 2t + b — in each group of 16 keys, the 4 keys a thread t of the FP8 wgmma's A operand holds in
+    one register are the ones its accumulator holds, so P needs no data movement (kernels/templates_hopper.py)."""
+    p = torch.arange(n, device=device)
+    g, t, a, b = p // 16, (p // 4) % 4, (p // 2) % 2, p % 2
+    return 16 * g + 8 * a + 2 * t + b
 
 
 def _empty(shape, dtype, device):
@@ -86,22 +115,39 @@ def check_quantizable(x: torch.Tensor, block: int, rotate: bool) -> str | None:
     return None
 
 
+def _tile_kernel_fits(x, block: int, bd: int, scaling: str, rotate: bool) -> bool:
+    """Whether quantize_tile_kernel serves this call (see the module doc)."""
+    return (scaling == "block" and block & (block - 1) == 0 and 16 <= block <= 256 and block * bd <= 32768
+            and (not rotate or x.dtype in (torch.float16, torch.bfloat16)))
+
+
 def quantize(x: torch.Tensor, *, block: int, rotate: bool = False, seed: int = 0, scaling: str = "block",
-             transposed: bool = False) -> Fp8Operand:
-    """Quantize x (B, H, S, D) to e4m3 with one scale per `block` rows (or per tensor); see the module doc."""
+             transposed: bool = False, wgmma_keys: bool = False, tile_kernel: bool | None = None) -> Fp8Operand:
+    """Quantize x (B, H, S, D) to e4m3 with one scale per `block` rows (or per tensor); see the module doc.
+    tile_kernel: force (True) or refuse (False) quantize_tile_kernel; None picks it wherever it serves on a GPU."""
     reason = check_quantizable(x, block, rotate)
     if reason:
         raise ValueError(f"fp8 quantize: {reason}")
     if scaling not in ("block", "tensor"):
         raise ValueError(f"fp8 quantize: scaling {scaling!r} is not 'block' or 'tensor'")
+    if wgmma_keys and not transposed:
+        raise ValueError("fp8 quantize: wgmma_keys orders the keys of the transposed layout only")
     b, h, s, d = x.shape
     bd = hadamard_dim(d)                      # register width: a power of two >= d
     dq = bd if rotate else d
     dev = x.device
+    interpret = dev.type == "cpu"
+    fits = _tile_kernel_fits(x, block, bd, scaling, rotate)
+    if tile_kernel and not fits:
+        raise ValueError("fp8 quantize: the tile kernel takes block scaling, power-of-two blocks of 16..256 rows "
+                         "(at most 32768 values a tile) and 16-bit inputs when rotating")
+    use_tile = fits and (not interpret if tile_kernel is None else tile_kernel)
+    if wgmma_keys and not use_tile and block % 16:
+        raise ValueError(f"fp8 quantize: wgmma_keys needs blocks of a multiple of 16 rows, got {block}")
     if transposed:
         s_alloc = _round16(s)
         buf = _empty((b, h, dq, s_alloc), FP8, dev)
-        data = buf[..., :s]
+        data = buf if wgmma_keys else buf[..., :s]
         y_strides = (buf.stride(0), buf.stride(1), buf.stride(3), buf.stride(2))
         s_store, d_store = s_alloc, dq
     else:
@@ -111,13 +157,18 @@ def quantize(x: torch.Tensor, *, block: int, rotate: bool = False, seed: int = 0
         y_strides = tuple(buf.stride())
         s_store, d_store = s, d_alloc
     scale = _empty((b, h, triton_cdiv(s, block)), torch.float32, dev)
-    out = Fp8Operand(data, scale, block, transposed, rotate)
+    out = Fp8Operand(data, scale, block, transposed, rotate, wgmma_keys, s)
     if b * h == 0 or s_store == 0:
         return out
     from . import fp8_quant_kernel as qk
-    interpret = dev.type == "cpu"
-    sg = signs(seed, bd, dev) if rotate else scale
     grid = (triton_cdiv(s_store, block), h, b)
+    if use_tile:
+        rot = signed_hadamard(seed, bd, x.dtype, dev) if rotate else scale
+        qk.quantize_tile_kernel[grid](x, buf, scale, rot, *x.stride(), *y_strides, *scale.stride(), s, s_store, d,
+                                      d_store, 1.0 / math.sqrt(bd), BLOCK=block, BD=bd, ROTATE=rotate,
+                                      EXACT=interpret, WGMMA_KEYS=wgmma_keys, num_warps=_tile_warps(block, bd))
+        return out
+    sg = signs(seed, bd, dev) if rotate else scale
     chunk = _chunk(block, bd, interpret)
     warps = max(4, min(16, chunk * bd // 1024))
 
@@ -125,7 +176,7 @@ def quantize(x: torch.Tensor, *, block: int, rotate: bool = False, seed: int = 0
         qk.quantize_kernel[grid](x, buf, scale, sg, gamax, *x.stride(), *y_strides, *scale.stride(),
                                  s, s_store, d, d_store, 1.0 / math.sqrt(bd), BLOCK=block, CHUNK=chunk, BD=bd,
                                  LOG_BD=bd.bit_length() - 1, ROTATE=rotate, MODE=mode, EXACT=interpret,
-                                 num_warps=warps)
+                                 WGMMA_KEYS=wgmma_keys, num_warps=warps)
 
     if scaling == "block":
         launch(qk.MODE_BLOCK, scale)
@@ -136,13 +187,14 @@ def quantize(x: torch.Tensor, *, block: int, rotate: bool = False, seed: int = 0
     return out
 
 
-def quantize_qkv(q, k, v, recipe: Fp8Recipe, block_m: int, block_n: int, v_transposed: bool = True):
+def quantize_qkv(q, k, v, recipe: Fp8Recipe, block_m: int, block_n: int, v_transposed: bool = True,
+                 v_wgmma_keys: bool = False):
     """The three operands of an FP8 attention: Q per block_m rows, K and V per block_n rows; Q and K rotated
     by the same M when recipe.hadamard. Returns (Fp8Operand q, k, v)."""
     rot = recipe.hadamard
     return (quantize(q, block=block_m, rotate=rot, seed=recipe.seed, scaling=recipe.scaling),
             quantize(k, block=block_n, rotate=rot, seed=recipe.seed, scaling=recipe.scaling),
-            quantize(v, block=block_n, scaling=recipe.scaling, transposed=v_transposed))
+            quantize(v, block=block_n, scaling=recipe.scaling, transposed=v_transposed, wgmma_keys=v_wgmma_keys))
 
 
 def triton_cdiv(a: int, b: int) -> int:

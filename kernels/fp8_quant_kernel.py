@@ -56,8 +56,16 @@ def _load_rotated(X, SIGNS, rows, cols, sxs, sxd, S, D, rsqrt_n, BD: tl.constexp
 
 
 @triton.jit
-def _store_e4m3(Y, x, inv, rows, cols, sys, syd, S_STORE, D_STORE, EXACT: tl.constexpr):
+def wgmma_key_position(r):
+    """Position of key r in wgmma_key_order: 16g + 8a + 2t + b -> 16g + 4t + 2a + b."""
+    return (r & ~15) | (((r >> 1) & 3) << 2) | (((r >> 3) & 1) << 1) | (r & 1)
+
+
+@triton.jit
+def _store_e4m3(Y, x, inv, rows, cols, sys, syd, S_STORE, D_STORE, EXACT: tl.constexpr, WGMMA_KEYS: tl.constexpr):
     y = to_e4m3(tl.clamp(x * inv, -448.0, 448.0), EXACT)
+    if WGMMA_KEYS:
+        rows = wgmma_key_position(rows)
     tl.store(Y + rows[:, None] * sys + cols[None, :] * syd, y,
              mask=(rows[:, None] < S_STORE) & (cols[None, :] < D_STORE))
 
@@ -73,7 +81,7 @@ def _scale_of(amax):
 def quantize_kernel(X, Y, SC, SIGNS, GAMAX, sxb, sxh, sxs, sxd, syb, syh, sys, syd, scb, sch, scn,
                     S, S_STORE, D, D_STORE, rsqrt_n,
                     BLOCK: tl.constexpr, CHUNK: tl.constexpr, BD: tl.constexpr, LOG_BD: tl.constexpr,
-                    ROTATE: tl.constexpr, MODE: tl.constexpr, EXACT: tl.constexpr):
+                    ROTATE: tl.constexpr, MODE: tl.constexpr, EXACT: tl.constexpr, WGMMA_KEYS: tl.constexpr):
     """One program per (row tile of BLOCK rows, head, batch).
 
     MODE_BLOCK with CHUNK == BLOCK: load the tile once, rotate (sign flip, FWHT, 1/sqrt(n)), take its amax,
@@ -81,7 +89,8 @@ def quantize_kernel(X, Y, SC, SIGNS, GAMAX, sxb, sxh, sxs, sxd, syb, syh, sys, s
     walks the tile for its amax and pass 2 re-reads it (from L2) and rotates again before storing.
     MODE_AMAX / MODE_TENSOR are the two passes of tensor scaling (the global amax is reduced in between).
     Rows in [S, S_STORE) and columns in [D, D_STORE) are padding and get zeros; Y's strides choose the
-    layout (rows, or transposed with the sequence contiguous). Scales are stored for tiles starting < S."""
+    layout (rows, or transposed with the sequence contiguous; WGMMA_KEYS: keys stored at wgmma_key_position,
+    chunks of a multiple of 16 rows). Scales are stored for tiles starting < S."""
     blk = tl.program_id(0)
     b64 = tl.program_id(2).to(tl.int64)
     h64 = tl.program_id(1).to(tl.int64)
@@ -96,7 +105,7 @@ def quantize_kernel(X, Y, SC, SIGNS, GAMAX, sxb, sxh, sxs, sxd, syb, syh, sys, s
         x = _load_rotated(X, SIGNS, rows, cols, sxs, sxd, S, D, rsqrt_n, BD, LOG_BD, CHUNK, ROTATE)
         scale, inv = _scale_of(tl.max(tl.max(tl.abs(x), 1), 0))
         tl.store(SC, scale, mask=tile_in)
-        _store_e4m3(Y, x, inv, rows, cols, sys, syd, S_STORE, D_STORE, EXACT)
+        _store_e4m3(Y, x, inv, rows, cols, sys, syd, S_STORE, D_STORE, EXACT, WGMMA_KEYS)
     else:
         if MODE == MODE_TENSOR:
             amax = tl.load(GAMAX)
@@ -115,4 +124,74 @@ def quantize_kernel(X, Y, SC, SIGNS, GAMAX, sxb, sxh, sxs, sxd, syb, syh, sys, s
             for c in range(0, BLOCK, CHUNK):
                 rows = r0 + c + tl.arange(0, CHUNK)
                 x = _load_rotated(X, SIGNS, rows, cols, sxs, sxd, S, D, rsqrt_n, BD, LOG_BD, CHUNK, ROTATE)
-                _store_e4m3(Y, x, inv, rows, cols, sys, syd, S_STORE, D_STORE, EXACT)
+                _store_e4m3(Y, x, inv, rows, cols, sys, syd, S_STORE, D_STORE, EXACT, WGMMA_KEYS)
+
+
+@triton.jit
+def wgmma_key_order(y, BLOCK: tl.constexpr, BD: tl.constexpr):
+    """Rows of y [BLOCK, BD] reordered in groups of 16: row 16g + 4t + 2a + b takes row 16g + 8a + 2t + b — the
+    key order in which the Hopper FP8 kernel's P·V operand holds P's keys (fp8_quant.wgmma_key_order)."""
+    return tl.reshape(tl.permute(tl.reshape(y, [BLOCK // 16, 2, 4, 2, BD]), [0, 2, 1, 3, 4]), [BLOCK, BD])
+
+
+@triton.jit
+def _load_tile(X, rows, cols, sxs, sxd, S, D):
+    return tl.load(X + rows[:, None] * sxs + cols[None, :] * sxd, mask=(rows[:, None] < S) & (cols[None, :] < D),
+                   other=0.0)
+
+
+@triton.jit
+def _store_tile(Y, y, inv, rows, cols, sys, syd, S_STORE, D_STORE, BLOCK: tl.constexpr, W: tl.constexpr,
+                EXACT: tl.constexpr, WGMMA_KEYS: tl.constexpr):
+    y = to_e4m3(tl.clamp(y * inv, -448.0, 448.0), EXACT)
+    if WGMMA_KEYS:
+        y = wgmma_key_order(y, BLOCK, W)
+    tl.store(Y + rows[:, None] * sys + cols[None, :] * syd, y,
+             mask=(rows[:, None] < S_STORE) & (cols[None, :] < D_STORE))
+
+
+# S_STORE is specialised: a multiple of 16 (the transposed layout's) lets the sequence-contiguous store vectorise
+@triton.jit(do_not_specialize=["S"])
+def quantize_tile_kernel(X, Y, SC, R, sxb, sxh, sxs, sxd, syb, syh, sys, syd, scb, sch, scn, S, S_STORE, D, D_STORE,
+                         rsqrt_n, BLOCK: tl.constexpr, BD: tl.constexpr, ROTATE: tl.constexpr,
+                         EXACT: tl.constexpr, WGMMA_KEYS: tl.constexpr):
+    """Block scaling of 16-bit inputs in one read and one write: one program per (tile of BLOCK rows, head, batch).
+
+    Loads the tile in its own dtype; ROTATE multiplies it by R = diag(signs)·H_n on the tensor cores (R is ±1,
+    exact in the input dtype; products exact, fp32 sums — the butterflies' sums in another order) and by
+    1/sqrt(n); a 256-wide row is rotated as H_256 = H_2 ⊗ H_128: u = x[:, :128]·R[:128, :128],
+    w = x[:, 128:]·R[128:, :128], rotated = [u + w, u - w]. Then the tile's amax, its scale, e4m3, one store
+    (Y's strides choose rows or transposed; WGMMA_KEYS stores each 16 rows in wgmma_key_order). The 256-wide
+    tile is held as two 128-wide halves."""
+    blk = tl.program_id(0)
+    b64 = tl.program_id(2).to(tl.int64)
+    h64 = tl.program_id(1).to(tl.int64)
+    X += b64 * sxb + h64 * sxh
+    Y += b64 * syb + h64 * syh
+    rows = blk * BLOCK + tl.arange(0, BLOCK)
+    W: tl.constexpr = BD if BD <= 128 else 128
+    cols = tl.arange(0, W)
+    x0 = _load_tile(X, rows, cols, sxs, sxd, S, D)
+    if BD > 128:
+        x1 = _load_tile(X, rows, cols + 128, sxs, sxd, S, D)
+    if ROTATE:
+        rr = tl.arange(0, W)[:, None] * BD + cols[None, :]
+        u = tl.dot(x0, tl.load(R + rr))
+        if BD > 128:
+            w = tl.dot(x1, tl.load(R + 128 * BD + rr))
+            y0 = (u + w) * rsqrt_n
+            y1 = (u - w) * rsqrt_n
+        else:
+            y0 = u * rsqrt_n
+    else:
+        y0 = x0.to(tl.float32)
+        if BD > 128:
+            y1 = x1.to(tl.float32)
+    amax = tl.max(tl.max(tl.abs(y0), 1), 0)
+    if BD > 128:
+        amax = tl.maximum(amax, tl.max(tl.max(tl.abs(y1), 1), 0))
+    scale, inv = _scale_of(amax)
+    tl.store(SC + b64 * scb + h64 * sch + blk * scn, scale, mask=blk * BLOCK < S)
+    _store_tile(Y, y0, inv, rows, cols, sys, syd, S_STORE, D_STORE, BLOCK, W, EXACT, WGMMA_KEYS)
+    if BD > 128:
+        _store_tile(Y, y1, inv, rows, cols + 128, sys, syd, S_STORE, D_STORE, BLOCK, W, EXACT, WGMMA_KEYS)

@@ -84,6 +84,20 @@ def signs(seed: int, n: int, device="cpu") -> torch.Tensor:
     return t
 
 
+_SIGNED_H: dict = {}
+
+
+def signed_hadamard(seed: int, n: int, dtype, device="cpu") -> torch.Tensor:
+    """diag(s) · H_n (entries ±1, exact in any float dtype): the rotation without its 1/sqrt(n), as the tensor-core
+    quantize pass multiplies by it; cached per (seed, n, dtype, device) (not to be modified)."""
+    key = (seed, n, dtype, str(device))
+    t = _SIGNED_H.get(key)
+    if t is None:
+        t = (_signs_cpu(seed, n).view(-1, 1) * hadamard_matrix(n, torch.float32)).to(dtype).to(device).contiguous()
+        _SIGNED_H[key] = t
+    return t
+
+
 def hadamard_matrix(n: int, dtype=torch.float64) -> torch.Tensor:
     """Sylvester H_n (entries ±1, not normalised); n a power of two."""
     if n <= 0 or n & (n - 1):

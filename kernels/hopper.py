@@ -31,11 +31,12 @@ def _tile_dim(d: int) -> int:
     return 1 << (d - 1).bit_length()
 
 
-def config(d: int, dv: int, dtype_bytes: int = 2) -> tuple[int, int]:
+def config(d: int, dv: int, dtype_bytes: int = 2, block_n: int | None = None) -> tuple[int, int]:
     # FP8 (dtype_bytes=1): the output tile (16-bit) cannot alias Q, so it is counted separately
-    """(BLOCK_N, STAGES): 128-key tiles up to head dim 128, else 64; as many K/V stages as fit (2..4)."""
+    """(BLOCK_N, STAGES): 128-key tiles up to head dim 128, else 64 (or block_n); as many K/V stages as fit
+    (2..4)."""
     d, dv = _tile_dim(d), _tile_dim(dv)
-    block_n = 128 if max(d, dv) <= 128 else 64
+    block_n = block_n or (128 if max(d, dv) <= 128 else 64)
     fixed = 2 * BLOCK_M * d * dtype_bytes + (0 if d == dv and dtype_bytes == 2 else 2 * BLOCK_M * dv * 2)
     per_stage = block_n * (d + dv) * dtype_bytes
     stages = min(4, (SMEM_LIMIT - fixed) // per_stage)
@@ -277,6 +278,26 @@ def backward(dout, q, k, v, operands, out, lse, prog: ScoreProgram):
 
 # --- FP8 (e4m3) variant: the same schedule on FP8 wgmma, inputs from the fused quantize pass ---------------
 
+def fp8_config(d: int, dv: int, block_n: int | None = None, n_operands: int = 0) -> tuple[int, int]:
+    """(BLOCK_N, most STAGES) of the FP8 kernel: 128-key tiles (e4m3 K/V tiles are half the bytes), also at
+    head dim 256 — FA3's FP8 tile there: without ping-pong it fits 240 registers with no spill and takes 27%
+    fewer instructions per key than 64-key tiles — except with mask / bias operands, whose loads spill it
+    (64 keys then). Cross-compiled for sm_90a (bench/fp8_sass.py); 256-key tiles at head dim 128 spill;
+    bench/fp8_variants.py times the alternatives."""
+    if block_n is None:
+        block_n = 64 if max(d, dv) > 128 and n_operands else 128
+    return config(d, dv, 1, block_n)
+
+
+def fp8_schedules(d: int, dv: int, block_n: int | None = None, n_operands: int = 0) -> list[tuple[bool, int]]:
+    """(PINGPONG, STAGES) candidates of the FP8 tuner, the expected best first: the deepest ring that fits;
+    ping-pong below head dim 256 (at 256 the 16-bit kernel measured it ~5% slower, and with 128-key FP8 tiles
+    it spills)."""
+    _, most = fp8_config(d, dv, block_n, n_operands)
+    first = [(False, most), (True, most)] if max(d, dv) > 128 else [(True, most), (True, 2), (False, most)]
+    return list(dict.fromkeys(first + [(False, 2)]))
+
+
 def supports_fp8(prog: ScoreProgram, q, k, v, operands, recipe) -> str | None:
     from . import fp8_portable
     from .fp8_recipe import hadamard_dim
@@ -288,39 +309,62 @@ def supports_fp8(prog: ScoreProgram, q, k, v, operands, recipe) -> str | None:
     if d not in HEAD_DIMS or dv not in HEAD_DIMS or _tile_dim(d) != d or _tile_dim(dv) != dv:
         return f"FP8 head dims ({d}, {dv}) not powers of two in {HEAD_DIMS}"
     from .templates_hopper import FP8_QUANT_BLOCKS
-    if FP8_QUANT_BLOCKS[0] != 2 * BLOCK_M or FP8_QUANT_BLOCKS[1] % config(d, dv, 1)[0]:
+    if FP8_QUANT_BLOCKS[0] != 2 * BLOCK_M:
         return "FP8 quantization blocks do not match the kernel's tiles"
     return None
 
 
-def fp8_launch_args(q8, k8, v8, operands, prog: ScoreProgram, out, lse, pingpong=True, stages=None):
-    """Launch of the FP8 kernel on quantized operands (kernels/fp8_quant.Fp8Operand; V transposed)."""
+def quantize_fp8(q, k, v, recipe, block_n: int | None = None, n_operands: int = 0):
+    """(q8, k8, v8) as the FP8 kernel with key tiles of block_n (default fp8_config's) takes them: Q per CTA
+    (2 x BLOCK_M rows), K / V per templates_hopper.fp8_quant_blocks, V transposed in wgmma_key_order."""
+    from . import fp8_quant
+    from .fp8_recipe import hadamard_dim
+    from .templates_hopper import fp8_quant_blocks
+    d = hadamard_dim(q.shape[-1]) if recipe.hadamard else q.shape[-1]
+    bn = fp8_config(d, v.shape[-1], block_n, n_operands)[0]
+    return fp8_quant.quantize_qkv(q, k, v, recipe, *fp8_quant_blocks(bn), v_transposed=True, v_wgmma_keys=True)
+
+
+def fp8_launch_args(q8, k8, v8, operands, prog: ScoreProgram, out, lse, pingpong=None, stages=None, block_n=None,
+                    overlap=True, tiles=None):
+    """Launch of the FP8 kernel on quantized operands (kernels/fp8_quant.Fp8Operand, as quantize_fp8 makes
+    them: V transposed with its keys in wgmma_key_order, the order in which the kernel's P operand holds them).
+    pingpong / stages default to the first of fp8_schedules; tiles: tile_args(...) (computed when None)."""
+    from .templates_hopper import fp8_quant_blocks
     qd, kd, vt = q8.data, k8.data, v8.data
     b, hq, sq, d = qd.shape
     sk, dv = kd.shape[2], vt.shape[2]
-    bn, st = config(d, dv, 1)
-    st = stages or min(st, 4)
+    bn, _ = fp8_config(d, dv, block_n, len(operands))
+    pp0, st0 = fp8_schedules(d, dv, bn, len(operands))[0]
+    st = stages or st0
+    pingpong = pp0 if pingpong is None else pingpong
+    if not (v8.transposed and v8.wgmma_keys):
+        raise ValueError("the Hopper FP8 kernel takes V quantized with transposed=True, wgmma_keys=True")
+    if (q8.block, k8.block, v8.block) != (fp8_quant_blocks(bn)[0],) + (fp8_quant_blocks(bn)[1],) * 2:
+        raise ValueError(f"FP8 scale blocks {(q8.block, k8.block, v8.block)} do not match {bn}-key tiles "
+                         "(quantize with hopper.quantize_fp8)")
     full = (b, hq, sq, sk)
     op_args = []
     for t in operands:
         op_args += [t] + [int(x) for x in t.expand(*full).stride()]
-    tiles = tile_args(qd, kd, operands, prog, bn)
+    if tiles is None:
+        tiles = tile_args(qd, kd, operands, prog, bn)
     coff = 0 if prog.causal != "bottom_right" else sk - sq
-    mod = _spec_and_module(prog, qd, kd, v8.rows(), operands)[1]
+    mod = _spec_and_module(prog, qd, kd, vt.transpose(-1, -2), operands)[1]
     grid = (triton_portable.triton_cdiv(sq, 2 * BLOCK_M), hq, b)
     scales = []
     for s in (q8.scale, k8.scale, v8.scale):
         scales += [s.stride(0) if s.shape[0] > 1 else 0, s.stride(1) if s.shape[1] > 1 else 0]
-    args = (_desc(qd, BLOCK_M), _desc(kd, bn), _desc(vt, dv, bn), _desc(out, BLOCK_M), lse, q8.scale, k8.scale, v8.scale, *scales, *op_args, *tiles,
-            *lse.stride(), sq, sk, coff)
+    args = (_desc(qd, BLOCK_M), _desc(kd, bn), _desc(vt, dv, bn), _desc(out, BLOCK_M), lse, q8.scale, k8.scale,
+            v8.scale, *scales, *op_args, *tiles, *lse.stride(), sq, sk, coff)
     return mod.attn_fwd_ws, grid, args, dict(BLOCK_M=BLOCK_M, BLOCK_N=bn, STAGES=st, PINGPONG=pingpong,
-                                             num_warps=4)
+                                             OVERLAP=overlap, num_warps=4)
 
 
 def forward_fp8(q, k, v, operands, prog: ScoreProgram, recipe, **variant):
-    """FP8 forward: one quantize pass per operand, then the warp-specialized kernel on e4m3 wgmma."""
-    from . import fp8_quant
-    from .templates_hopper import FP8_QUANT_BLOCKS
+    """FP8 forward: one quantize pass per operand, then the warp-specialized kernel on e4m3 wgmma. `variant`
+    (pingpong, stages, block_n, overlap) pins a schedule; otherwise the tuner picks (pingpong, stages) among
+    fp8_schedules per (spec, length bucket)."""
     b, hq, sq, _ = q.shape
     dv = v.shape[-1]
     if b * hq * sq * dv == 0 or k.shape[2] == 0:
@@ -328,7 +372,19 @@ def forward_fp8(q, k, v, operands, prog: ScoreProgram, recipe, **variant):
         return fp8_portable.forward(q, k, v, operands, prog, recipe)
     out = triton_portable._empty((b, hq, sq, dv), v.dtype, q.device)
     lse = triton_portable._empty((b, hq, sq), torch.float32, q.device)
-    q8, k8, v8 = fp8_quant.quantize_qkv(q, k, v, recipe, *FP8_QUANT_BLOCKS, v_transposed=True)
-    kernel, grid, args, kwargs = fp8_launch_args(q8, k8, v8, operands, prog, out, lse, **variant)
-    kernel[grid](*args, **kwargs)
+    q8, k8, v8 = quantize_fp8(q, k, v, recipe, variant.get("block_n"), len(operands))
+    if variant:
+        kernel, grid, args, kwargs = fp8_launch_args(q8, k8, v8, operands, prog, out, lse, **variant)
+        kernel[grid](*args, **kwargs)
+        return _filled(out, lse, v, prog)
+
+    def launch(cfg):
+        kernel, grid, args, kwargs = fp8_launch_args(q8, k8, v8, operands, prog, out, lse, *cfg)
+        kernel[grid](*args, **kwargs)
+
+    d = q8.data.shape[-1]
+    tkey = (_spec_and_module(prog, q8.data, k8.data, v8.data.transpose(-1, -2), operands)[0],
+            triton_portable._bucket(sq), triton_portable._bucket(k.shape[2]))
+    triton_portable._launch_tuned("hopper_fp8", tkey, d, q.dtype, q.device, launch,
+                                  fp8_schedules(d, dv, n_operands=len(operands)))
     return _filled(out, lse, v, prog)

@@ -68,7 +68,7 @@ def launch_args(c: triton_portable.BackwardLaunches, operands, prog: ScoreProgra
     mod = _spec_and_module(prog, q, k, v, operands)
     grid = (triton_portable.triton_cdiv(sk, BLOCK_N), hk, b)
     descs = [hopper._desc(t, rows) for t, rows in ((q, BLOCK_M), (k, BLOCK_N), (v, BLOCK_N), (dout, BLOCK_M),
-                                                  (c.dk, BLOCK_N), (c.dv, BLOCK_N))]
+                                                  (c.grads[1], BLOCK_N), (c.grads[2], BLOCK_N))]
     dq_desc = hopper._desc(dq_acc, BLOCK_M, d // 2)
     args = (*descs, c.lse, c.delta, dq_acc, dq_desc, c.flag, *c.op_args, *c.lse.stride(), sq, sk, c.coff)
     kwargs = dict(BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, STAGES=n_stages or stages(d), ROTATE=rotate, DQ_LAG=dq_lag,
@@ -94,7 +94,7 @@ def ws_grads(operands, prog: ScoreProgram, **variant):
         kernel, grid, args, kwargs = launch_args(c, operands, prog, dq_acc, **kw)
         # the descriptors are rebuilt per call (cheap objects); the launch key pins shapes, strides, dtypes
         launcher.launch(c.base + ("ws", tuple(sorted(kw.items()))), kernel, grid, args, kwargs)
-        dq_cast.cast_into(c.dq, dq_acc, c.lse, prog.empty_row == "nan", c.base)
+        dq_cast.cast_into(c.grads[0], dq_acc, c.lse, prog.empty_row == "nan", c.base)
 
     def grads(c: triton_portable.BackwardLaunches) -> None:
         if variant:

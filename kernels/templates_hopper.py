@@ -12,21 +12,41 @@ partitions (`gl.warp_specialize`):
 Each consumer (one warpgroup, wgmma with M = 64 rows) runs the intra-warpgroup pipeline: in iteration j it
 issues S_j = Q K_jᵀ and O += P_{j-1} V_{j-1} back to back (async wgmma), waits for S_j only, computes the
 score chain and online softmax of S_j while the PV product still runs, then waits for PV, rescales O and
-releases the V slot (v_empty); the K slot is released as soon as S_j is done (k_empty). With PINGPONG the two consumers take turns issuing their GEMMs (mbarriers
-turn[0] / turn[1]: a consumer waits for its turn, issues, then hands the turn over), so one warpgroup's
-softmax runs under the other's GEMMs. The epilogue writes O through shared memory (the Q buffer, when the
-head dims match) with a TMA store, and the log-sum-exp with plain stores.
+releases the V slot (v_empty); the K slot is released as soon as S_j is done (k_empty). OVERLAP=False
+waits for PV before the softmax instead (P's registers free while S is live: for key tiles whose S, P and O
+do not fit 240 registers together; the other consumer's GEMMs still cover the softmax with PINGPONG). With
+PINGPONG the two consumers take turns issuing their GEMMs (mbarriers turn[0] / turn[1]: a consumer waits for
+its turn, issues, then hands the turn over), so one warpgroup's softmax runs under the other's GEMMs. The
+epilogue writes O through shared memory (the Q buffer, when the head dims match) with a TMA store, and the
+log-sum-exp with plain stores.
 
 The score chain (scale, biases, masks, soft-capping) is the same ScoreProgram the portable kernel compiles,
-emitted by codegen.Emitter in Gluon spelling. A pure scale is folded into log2 units (x = s·scale·log2 e, so
-the softmax is a bare exp2); any other chain stays in natural units and the softmax scales by log2 e after
-subtracting the row max, so finfo.min fills never overflow to -inf (eager's uniform rows stay uniform).
+emitted by codegen.Emitter in Gluon spelling. A positive pure scale is folded into the exponent: the row max is
+taken on the raw scores and scaled once per row (m in log2 units), and p = exp2(s·qk - m) is one FFMA and
+one MUFU per score (qk = scale·log2 e); any other chain stays in natural units and the softmax scales by
+log2 e after subtracting the row max, so finfo.min fills never overflow to -inf (eager's uniform rows stay
+uniform).
+
+FP8 (e4m3 Q, K, V from kernels/fp8_quant.py; the same schedule on QGMMA, K = 32 per instruction). V arrives
+transposed (B, H, Dv, S), so both operands of P·V are k-major as 8-bit wgmma requires. The descales fold
+into qk per tile (qk = q_scale · k_scale · scale · log2 e: one scalar multiply); the tile's K and V scales
+are loaded before its barrier waits. P enters the PV product as e4m3(p · 2^8) (the 2^8 is -8 in the FFMA's
+max term; l sums the same scaled p and lse removes it), converted right before the product without data
+movement: the 8-bit A operand wants 4 consecutive keys per register where the accumulator gives a thread
+keys {2t, 2t+1, 8+2t, 9+2t} of each 16, so P's keys are renamed in registers (_p_fp8) and the quantize pass
+stores V's keys in that order (fp8_quant.wgmma_key_order); 4 values become one register with two cvt and
+one byte permute. V's scale is folded into the accumulator's rescale (acc in units of the last V tile), so
+the epilogue multiplies by the last V scale over l. A key tile larger than 128 keys has one K / V scale
+(fp8_quant_blocks).
 """
 
 from __future__ import annotations
 
+import math
+
 from . import mask_tiles
 from .codegen import LOG2E, Emitter, KernelSpec
+from .templates import P_SCALE
 from .templates_bwd import _and, _ind
 
 _KERNEL = '''
@@ -52,7 +72,7 @@ def _producer(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_full, v_f
 
 
 @gluon.jit
-def _softmax_step(s, m_i, qi, kj, Sq, Sk, coff, __OPS_ARGS__MASKED: gl.constexpr, NEUTRAL: gl.constexpr):
+def _softmax_step(s, m_i, qk, qi, kj, Sq, Sk, coff, __OPS_ARGS__MASKED: gl.constexpr, NEUTRAL: gl.constexpr):
     if NEUTRAL:
         x = _score_neutral(s, qi, kj, Sq, Sk, __OPS_ARGS__)
     elif MASKED:
@@ -61,11 +81,27 @@ def _softmax_step(s, m_i, qi, kj, Sq, Sk, coff, __OPS_ARGS__MASKED: gl.constexpr
         x = _score_full(s, qi, kj, Sq, Sk, __OPS_ARGS__)
     if MASKED:
         x = gl.where(__VISIBLE__, x, float("-inf"))
-    m_new = gl.maximum(m_i, gl.max(x, 1))
+    m_new = gl.maximum(m_i, __ROWMAX__)
     m_use = gl.where(m_new == float("-inf"), 0.0, m_new)
-    p = gl.exp2((x - gl.expand_dims(m_use, 1)) * __XS__)
-    alpha = gl.exp2((m_i - m_use) * __XS__)
+    p = gl.exp2(__P_EXP__)
+    alpha = gl.exp2(__ALPHA_EXP__)
     return p, m_new, alpha
+
+
+@gluon.jit
+def _p_fp8(p, p_layout: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr):
+    """P (accumulator layout) as the e4m3 A operand of P·V with no data movement: in each group of 16 keys,
+    a thread's accumulator holds keys {2t, 2t+1, 8+2t, 9+2t} (t = lane % 4) where the 8-bit A operand wants
+    4 consecutive keys, so P's keys are reordered 16g + 8a + 2t + b -> 16g + 4t + 2a + b (a register
+    renaming) and V's keys come from the quantize pass in the same order (fp8_quant.wgmma_key_order)."""
+    p5 = gl.permute(gl.reshape(p, [BLOCK_M, BLOCK_N // 16, 2, 4, 2]), [0, 1, 3, 2, 4])
+    # in the operand layout (only the register order changes), each 4 consecutive registers are the 4 keys of
+    # one 32-bit A register: 2 cvt + 1 byte permute (the generic fp8 cast repacks byte by byte)
+    pk = gl.convert_layout(gl.reshape(p5, [BLOCK_M, BLOCK_N]), p_layout, assert_trivial=True)
+    return gl.inline_asm_elementwise(
+        "{ .reg .b16 lo, hi; cvt.rn.satfinite.e4m3x2.f32 lo, $2, $1; cvt.rn.satfinite.e4m3x2.f32 hi, $4, $3; "
+        "mov.b32 $0, {lo, hi}; }", "=r,r,r,r,r", [pk], dtype=gl.int8, is_pure=True, pack=4).to(gl.float8e4nv,
+                                                                                                  bitcast=True)
 
 
 @gluon.jit
@@ -79,7 +115,7 @@ __TILE_MASKED__    return masked
 def _consumer(q_smem, k_smem, v_smem, o_smem, o4, q_bar, k_full, v_full, k_empty, v_empty, turn, o_desc, LSE,
               slb, slh, slm, off_b, off_h, m0, lo, n_tiles, __TLA__Sq, Sk, coff, __FP8P____OPS_PARAMS__
               WG: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DV: gl.constexpr,
-              STAGES: gl.constexpr, PINGPONG: gl.constexpr):
+              STAGES: gl.constexpr, PINGPONG: gl.constexpr, OVERLAP: gl.constexpr):
     dtype: gl.constexpr = q_smem.dtype
     out_dtype: gl.constexpr = o_smem.dtype
     KI: gl.constexpr = 256 // dtype.primitive_bitwidth       # wgmma K per instruction: 16 (16-bit), 32 (fp8)
@@ -101,10 +137,10 @@ __FP8_Q__
     zero_s = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout)
     acc = gl.zeros([BLOCK_M, HEAD_DV], gl.float32, o_layout)
     m_i = gl.full([BLOCK_M], float("-inf"), gl.float32, row_l)
-    turn_ph = 1 - WG   # consumer 0 takes the first turn
+__QK0__    turn_ph = 1 - WG   # consumer 0 takes the first turn
 
     # prologue: S_0 and its softmax
-    mbarrier.wait(k_full.index(0), 0)
+__FP8_LOAD0__    mbarrier.wait(k_full.index(0), 0)
     if PINGPONG:
         mbarrier.wait(turn.index(WG), turn_ph)
         turn_ph ^= 1
@@ -116,8 +152,7 @@ __FP8_Q__
 __FP8_S0__    kj = gl.expand_dims(_tile_start(0, lo, __TLA__BLOCK_N) + gl.arange(0, BLOCK_N, col_l), 0)
 __STEP0__
     l_i = gl.sum(p, 1)
-    p_op = gl.convert_layout(__P_CAST__, p_layout)
-
+__P_OP_PRO__
     i = 0
     for j in range(1, n_tiles):
         start_n = _tile_start(j, lo, __TLA__BLOCK_N)
@@ -125,7 +160,7 @@ __STEP0__
         cur_ph = (i // STAGES) & 1
         nxt = (i + 1) % STAGES
         nxt_ph = ((i + 1) // STAGES) & 1
-        mbarrier.wait(k_full.index(nxt), nxt_ph)
+__FP8_LOADJ____P_OP_TOP__        mbarrier.wait(k_full.index(nxt), nxt_ph)
         if PINGPONG:
             mbarrier.wait(turn.index(WG), turn_ph)
             turn_ph ^= 1
@@ -136,21 +171,24 @@ __STEP0__
             mbarrier.arrive(turn.index(1 - WG))
         s = warpgroup_mma_wait(1, deps=(s_tok,))
         mbarrier.arrive(k_empty.index(nxt))   # K is read only by S; its slot refills while PV still runs
+        if not OVERLAP:     # PV done before the softmax: P's registers are free while S is live
+            acc = warpgroup_mma_wait(0, deps=(o_tok,))
+            mbarrier.arrive(v_empty.index(cur))
 __FP8_SJ__        kj = gl.expand_dims(start_n + gl.arange(0, BLOCK_N, col_l), 0)
         masked = _tile_masked(start_n, row0, Sk, coff, BLOCK_M, BLOCK_N)
 __STEPJ__
-        acc = warpgroup_mma_wait(0, deps=(o_tok,))
-        mbarrier.arrive(v_empty.index(cur))
+        if OVERLAP:
+            acc = warpgroup_mma_wait(0, deps=(o_tok,))
+            mbarrier.arrive(v_empty.index(cur))
         acc = acc * gl.expand_dims(gl.convert_layout(__ALPHA__, orow_l), 1)
         l_i = l_i * alpha + gl.sum(p, 1)
         m_i = m_new
-        p_op = gl.convert_layout(__P_CAST__, p_layout)
-        i += 1
+__P_OP_END__        i += 1
 
     # the last PV product
     cur = i % STAGES
     cur_ph = (i // STAGES) & 1
-    mbarrier.wait(v_full.index(cur), cur_ph)
+__P_OP_LAST__    mbarrier.wait(v_full.index(cur), cur_ph)
     if PINGPONG:
         mbarrier.wait(turn.index(WG), turn_ph)
     o_tok = warpgroup_mma(p_op, v_smem.index(cur)__VT__, acc, is_async=True)
@@ -175,7 +213,8 @@ __EMPTY_ROWS__
 
 @gluon.jit(do_not_specialize=["Sq", "Sk", "coff", "slb", "slh"])
 def attn_fwd_ws(q_desc, k_desc, v_desc, o_desc, LSE, __FP8P____OPS_KPARAMS____TLP__slb, slh, slm, Sq, Sk, coff,
-                BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, PINGPONG: gl.constexpr):
+                BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, PINGPONG: gl.constexpr,
+                OVERLAP: gl.constexpr = True):
     HEAD_D: gl.constexpr = q_desc.block_type.shape[3]
     HEAD_DV: gl.constexpr = o_desc.block_type.shape[3]
     dtype: gl.constexpr = q_desc.dtype
@@ -228,10 +267,10 @@ __N_TILES__
     gl.warp_specialize([
         (_consumer, (q2, k2, v2, o2, o_smem, q_bar, k_full, v_full, k_empty, v_empty, turn, o_desc, LSE, slb, slh, slm,
                      off_b, off_h, m0, lo, n_tiles, __TLA__Sq, Sk, coff, __FP8P____OPS_KARGS__0, BLOCK_M, BLOCK_N, HEAD_DV, STAGES,
-                     PINGPONG)),
+                     PINGPONG, OVERLAP)),
         (_consumer, (q2, k2, v2, o2, o_smem, q_bar, k_full, v_full, k_empty, v_empty, turn, o_desc, LSE, slb, slh, slm,
                      off_b, off_h, m0, lo, n_tiles, __TLA__Sq, Sk, coff, __FP8P____OPS_KARGS__1, BLOCK_M, BLOCK_N, HEAD_DV, STAGES,
-                     PINGPONG)),
+                     PINGPONG, OVERLAP)),
         (_producer, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_full, v_full, k_empty, v_empty,
                      off_b, off_h, off_hk, m0, lo, n_tiles, __TLA__BLOCK_M, BLOCK_N, STAGES)),
     ], [4, 1], [240, 24])
@@ -269,8 +308,17 @@ def tile_plan(prog, kinds):
 
 
 # FP8: rows per Q scale and per K / V scale (kernels/fp8_quant.py); a CTA's 2 x 64 query rows share one Q
-# scale, a 64- or 128-key tile lies inside one K / V scale block.
+# scale, a 64- or 128-key tile lies inside one K / V scale block; a larger key tile has one scale per tile
+# (fp8_quant_blocks).
 FP8_QUANT_BLOCKS = (128, 128)
+
+
+FP8_P_LOG2 = int(math.log2(P_SCALE))      # P enters the PV product as e4m3(p · 2^FP8_P_LOG2)
+
+
+def fp8_quant_blocks(block_n: int) -> tuple[int, int]:
+    """(rows per Q scale, keys per K / V scale) of the FP8 kernel with key tiles of block_n."""
+    return FP8_QUANT_BLOCKS[0], max(FP8_QUANT_BLOCKS[1], block_n)
 
 
 class _HopperGen:
@@ -283,12 +331,16 @@ class _HopperGen:
         self.window = self.prog.window
         self.tiles = tile_plan(self.prog, [o.kind for o in spec.operands])
         self.fp8 = spec.dtype.startswith("float8")
+        # a positive pure scale is applied inside the exp2's FFMA (x·qk - m), with the row max taken on the raw
+        # scores; any other chain is evaluated in natural units first
+        self.fold = self.scale is not None and self.scale > 0
 
     def score_fn(self, name: str, masked: bool, expr) -> list[str]:
-        """x in log2 units for one tile; operand loads are bounds-checked on rows always, on keys when masked."""
+        """x for one tile: the raw scores when the scale folds into the softmax, else the chain in natural units;
+        operand loads are bounds-checked on rows always, on keys when masked."""
         em = Emitter(self.spec, "s", "qi", "kj", "(qi < Sq)", "(kj < Sk)" if masked else None, ns="gl")
-        if self.scale is not None:      # log2 units; only scale-only programs, whose every variant is s * scale
-            body = [f"x = s * {self.scale * LOG2E!r}"]
+        if self.fold:                   # raw scores: the softmax step multiplies by qk (every variant is s·scale)
+            body = ["x = s"]
         else:
             root = em.emit(expr)
             body = em.lines + [f"x = {em.full_float(root)}"]
@@ -298,7 +350,7 @@ class _HopperGen:
     def steps(self) -> tuple[str, str]:
         """The softmax-step calls of the prologue (tile 0, always masked) and of tile j: with tile lists, a
         neutral tile takes the operand-free variant (a runtime branch); without, there is no such branch."""
-        call = "{lhs} = _softmax_step(s, m_i, qi, kj, Sq, Sk, coff, __OPS_ARGS__{masked}, {neutral})"
+        call = "{lhs} = _softmax_step(s, m_i, qk, qi, kj, Sq, Sk, coff, __OPS_ARGS__{masked}, {neutral})"
         p0, pj = "p, m_i, alpha", "p, m_new, alpha"
         if self.tiles is None:
             step0 = "    " + call.format(lhs=p0, masked="True", neutral="False")
@@ -326,11 +378,12 @@ class _HopperGen:
                 f"    return gl.load(TL_CLS + tl_off + j) == {mask_tiles.NEUTRAL}", "", ""]
 
     def visible(self) -> str:
-        parts = ["(kj < Sk)"]
-        if self.causal:
-            parts.append("(kj <= qi + coff)")
-            if self.window is not None:
-                parts.append(f"(kj >= qi + coff - {self.window})")
+        if not self.causal:
+            return "(kj < Sk)"
+        # key bound and diagonal as one per-row limit: one compare per score, two registers per thread
+        parts = ["(kj <= gl.minimum(qi + coff, Sk - 1))"]
+        if self.window is not None:
+            parts.append(f"(kj >= qi + coff - {self.window})")
         return _and(*parts)
 
     def tile_masked(self) -> str:
@@ -375,40 +428,67 @@ class _HopperGen:
             tlp = "TL_IDX, TL_CLS, TL_CNT, tl_sb, tl_sh, tl_sm, tl_cb, tl_ch, "
             n_tiles = ("    tl_off = off_b.to(gl.int64) * tl_sb + off_h.to(gl.int64) * tl_sh + pid_m.to(gl.int64) * tl_sm\n"
                        "    n_tiles = gl.load(TL_CNT + off_b.to(gl.int64) * tl_cb + off_h.to(gl.int64) * tl_ch + pid_m)")
-        if self.scale is not None:
-            xs, lse = "1.0", "(m_i + gl.log2(l_safe)) * 0.6931471805599453"
-        else:
-            xs, lse = repr(LOG2E), "m_i + gl.log2(l_safe) * 0.6931471805599453"
+        ln2 = "0.6931471805599453"
+        # FP8: P enters the e4m3 A operand as 256·p (P_LOG2 = 8 in the exponent, so small probabilities keep
+        # their mantissa); l sums the same scaled p, and lse takes the 8 back out
+        poff = FP8_P_LOG2 if self.fp8 else 0
+        log2_l = f"(gl.log2(l_safe) - {poff!r}.0)" if poff else "gl.log2(l_safe)"
+        m_shift = f"gl.expand_dims(m_use - {poff!r}.0, 1)" if poff else "gl.expand_dims(m_use, 1)"
+        if self.fold:      # m in log2 units; p = exp2(FFMA(x, qk, -m))
+            rowmax, p_exp, alpha_exp = "gl.max(x, 1) * qk", f"x * qk - {m_shift}", "m_i - m_use"
+            lse = f"(m_i + {log2_l}) * {ln2}"
+        else:              # m in natural units
+            rowmax, alpha_exp = "gl.max(x, 1)", f"(m_i - m_use) * {LOG2E!r}"
+            p_exp = f"(x - gl.expand_dims(m_use, 1)) * {LOG2E!r}" + (f" + {poff!r}.0" if poff else "")
+            lse = f"m_i + {log2_l} * {ln2}"
+        qk_const = f"    qk = {self.scale * LOG2E!r}\n" if self.fold else "    qk = 1.0\n"
         if self.fp8:
-            fp8p = "QS, KS, VS, sqs_b, sqs_h, sks_b, sks_h, svs_b, svs_h, "
-            # one Q scale per CTA (QBM = 2 x BLOCK_M rows), one K / V scale per QBN keys; V's scale is folded
-            # into the accumulator's rescale, so acc is always in units of the last V tile added
-            fp8_q = (f"    qsc = gl.load(QS + off_b.to(gl.int64) * sqs_b + off_h.to(gl.int64) * sqs_h + m0 // (2 * BLOCK_M))\n"
-                     f"    ks_base = KS + off_b.to(gl.int64) * sks_b + (off_h // {spec.G}).to(gl.int64) * sks_h\n"
-                     f"    vs_base = VS + off_b.to(gl.int64) * svs_b + (off_h // {spec.G}).to(gl.int64) * svs_h\n")
             qbn = FP8_QUANT_BLOCKS[1]
-            fp8_s0 = ("    start0 = _tile_start(0, lo, __TLA__BLOCK_N)\n"
-                      "    s = s * (qsc * gl.load(ks_base + start0 // " + str(qbn) + "))\n"
-                      "    vs_prev = gl.load(vs_base + start0 // " + str(qbn) + ")\n")
-            fp8_sj = ("        s = s * (qsc * gl.load(ks_base + start_n // " + str(qbn) + "))\n"
-                      "        vs_new = gl.load(vs_base + start_n // " + str(qbn) + ")\n")
+            fp8p = "QS, KS, VS, sqs_b, sqs_h, sks_b, sks_h, svs_b, svs_h, "
+            # one Q scale per CTA (2 x BLOCK_M rows), one K / V scale per KVB keys; V's scale is folded
+            # into the accumulator's rescale, so acc is always in units of the last V tile added. The K and V
+            # scales of a tile are loaded before its barrier waits, so their latency hides under them.
+            fp8_q = (f"    KVB: gl.constexpr = BLOCK_N if BLOCK_N > {qbn} else {qbn}   # keys per K / V scale\n"
+                     f"    qsc = gl.load(QS + off_b.to(gl.int64) * sqs_b + off_h.to(gl.int64) * sqs_h + m0 // (2 * BLOCK_M))\n"
+                     # 32-bit offsets from the (constant-bank) base pointers: one register each, not two
+                     f"    ks_off = off_b * sks_b + (off_h // {spec.G}) * sks_h\n"
+                     f"    vs_off = off_b * svs_b + (off_h // {spec.G}) * svs_h\n")
+            fp8_load0 = ("    start0 = _tile_start(0, lo, __TLA__BLOCK_N)\n"
+                         "    ks_j = gl.load(KS + ks_off + start0 // KVB)\n"
+                         "    vs_prev = gl.load(VS + vs_off + start0 // KVB)\n")
+            fp8_loadj = ("        ks_j = gl.load(KS + ks_off + start_n // KVB)\n"
+                         "        vs_new = gl.load(VS + vs_off + start_n // KVB)\n")
+            if self.fold:     # the descales join qk: one scalar multiply per tile
+                fp8_q += f"    qk0 = qsc * {self.scale * LOG2E!r}\n"
+                qk_const = ""
+                fp8_s0, fp8_sj = "    qk = qk0 * ks_j\n", "        qk = qk0 * ks_j\n"
+            else:
+                fp8_s0, fp8_sj = "    s = s * (qsc * ks_j)\n", "        s = s * (qsc * ks_j)\n"
             alpha = "alpha * (vs_prev / vs_new)"
-            p_cast = "(p * 256.0).to(gl.float8e4nv)"
-            out_scale = "(vs_prev / 256.0)"
+            p_cast = "_p_fp8(p, p_layout, BLOCK_M, BLOCK_N)"
+            out_scale = "vs_prev"
             v_coord, v_tile, vt = "[off_b, off_hk, 0, start_n]", "[HEAD_DV, BLOCK_N]", ".permute((1, 0))"
         else:
-            fp8p = fp8_q = fp8_s0 = fp8_sj = ""
+            fp8p = fp8_q = fp8_s0 = fp8_sj = fp8_load0 = fp8_loadj = ""
             alpha, p_cast, out_scale = "alpha", "p.to(dtype)", "1.0"
             v_coord, v_tile, vt = "[off_b, off_hk, start_n, 0]", "[BLOCK_N, HEAD_DV]", ""
+        # P as the PV operand (a layout change without data movement). FP8 converts right before the product:
+        # carried across the loop edge as separate bytes, its 4-byte registers would be rebuilt byte by byte
+        p_op = f"p_op = gl.convert_layout({p_cast}, p_layout, assert_trivial=True)\n"
+        before, after = (p_op, "") if self.fp8 else ("", p_op)
         step0, stepj = self.steps()
         text = _KERNEL.replace("__STEP0__", step0).replace("__STEPJ__", stepj)
+        for token, value in [("__P_OP_PRO__", "    " + after), ("__P_OP_END__", "        " + after),
+                             ("__P_OP_TOP__", "        " + before), ("__P_OP_LAST__", "    " + before)]:
+            text = text.replace(token, value if value.strip() else "")
         if self.fp8:
             text = text.replace("        m_i = m_new\n", "        m_i = m_new\n        vs_prev = vs_new\n")
         text = (text.replace("__FP8_Q__", fp8_q).replace("__FP8_S0__", fp8_s0).replace("__FP8_SJ__", fp8_sj)
-                .replace("__ALPHA__", alpha).replace("__P_CAST__", p_cast).replace("__OUT_SCALE__", out_scale)
+                .replace("__FP8_LOAD0__", fp8_load0).replace("__FP8_LOADJ__", fp8_loadj).replace("__QK0__", qk_const)
+                .replace("__ALPHA__", alpha).replace("__OUT_SCALE__", out_scale)
                 .replace("__V_COORD__", v_coord).replace("__V_TILE__", v_tile).replace("__VT__", vt)
                 .replace("__FP8P__", fp8p))
-        for token, value in [("__XS__", xs), ("__LSE__", lse), ("__TLA__", tla), ("__TLP__", tlp), ("__N_TILES__", n_tiles),
+        for token, value in [("__ROWMAX__", rowmax), ("__P_EXP__", p_exp), ("__ALPHA_EXP__", alpha_exp), ("__LSE__", lse), ("__TLA__", tla), ("__TLP__", tlp), ("__N_TILES__", n_tiles),
             ("__OPS_KPARAMS__", ops_params), ("__OPS_PARAMS__", ops_params), ("__OPS_KARGS__", ops_params),
             ("__OPS_ARGS__", ops_args), ("__OPS_BASES__", "\n".join(bases)), ("__VISIBLE__", self.visible()),
             ("__TILE_MASKED__", self.tile_masked()), ("__KV_RANGE__", self.kv_range()),

@@ -7,7 +7,6 @@ autotuner on CUDA (never while a CUDA graph is being captured) and fixed small t
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import os
 
@@ -389,7 +388,6 @@ class BackwardLaunches:
         self._qkv_strides = [*q.stride(), *k.stride(), *v.stride(), *dout.stride(), *lse.stride()]
         # what another gradient step (hopper_bwd's warp-specialized kernel) reads
         self.q, self.k, self.v, self.dout, self.lse = q, k, v, dout, lse
-        self.dq, self.dk, self.dv = self.grads
         self.coff, self.base = coff, self._base
 
     def pre(self):

@@ -93,6 +93,70 @@ def test_quantize_kernel_matches_emulation(d, block, rotate, scaling, transposed
         assert op.data.shape[-1] == (hadamard_dim(d) if rotate else d)
 
 
+def test_wgmma_key_order_is_the_kernel_permutation():
+    """The torch index (rows(), tests), the Triton position function (general kernel) and the Triton reshape
+    (tile kernel) describe one permutation: in each 16 keys, position 16g + 4t + 2a + b holds 16g + 8a + 2t + b."""
+    order = fp8_quant.wgmma_key_order(48)
+    assert sorted(order.tolist()) == list(range(48))
+    assert order[:16].tolist() == [0, 1, 8, 9, 2, 3, 10, 11, 4, 5, 12, 13, 6, 7, 14, 15]
+    assert torch.equal(order[16:32] - 16, order[:16])
+
+
+@pytest.mark.parametrize("block,tile_kernel", [(32, False), (48, False), (32, True)])
+def test_quantize_wgmma_keys(block, tile_kernel):
+    """V for the Hopper FP8 kernel: transposed, each 16 keys in wgmma_key_order, all round16(S) columns written
+    (keys past S are zeros), rows() the emulation's e4m3 values."""
+    x = rand(2, 3, 75, 40, seed=block, dtype=torch.float16, outliers=True)
+    op = fp8_quant.quantize(x, block=block, transposed=True, wgmma_keys=True, tile_kernel=tile_kernel)
+    r8, rs = fr.quantize(x, block)
+    assert op.data.shape == (2, 3, 40, 80) and op.data.stride(-1) == 1
+    assert torch.equal(op.rows().float(), r8.float()) and torch.equal(op.scale, rs)
+    assert (_storage_bytes(op) != F8_NAN).all(), "padding or data left unwritten"
+    stored = op.data.float()
+    natural = torch.zeros(2, 3, 40, 80)
+    natural[..., :75] = r8.float().transpose(-1, -2)
+    assert torch.equal(stored, natural[..., fp8_quant.wgmma_key_order(80)])
+
+
+TILE_CASES = [
+    # d, block, rotate, transposed, dtype
+    (64, 32, True, False, torch.float16),
+    (128, 64, True, False, torch.float16),
+    (80, 32, True, False, torch.float16),      # rotated width 128: zero-padded columns
+    (256, 32, True, False, torch.float16),     # H_2 ⊗ H_128: two products and a butterfly
+    (256, 16, False, True, torch.bfloat16),    # unrotated V, two 128-wide halves, transposed
+    (40, 32, False, False, torch.float32),
+]
+
+
+@pytest.mark.parametrize("d,block,rotate,transposed,dtype", TILE_CASES,
+                         ids=[f"d{c[0]}-b{c[1]}-{'rot' if c[2] else 'plain'}-{'T' if c[3] else 'rows'}-"
+                              f"{str(c[4])[6:]}" for c in TILE_CASES])
+def test_quantize_tile_kernel_matches_emulation(d, block, rotate, transposed, dtype):
+    """The GPU's quantize kernel (the rotation as a tensor-core product: fp32 sums in another order than the
+    butterflies') against the emulation: the same scales up to rounding, e4m3 values at most one step apart
+    and almost all equal."""
+    x = rand(2, 2, 75, d, seed=d + block, dtype=dtype, outliers=True)
+    x = x.transpose(1, 2).contiguous().transpose(1, 2)
+    op = fp8_quant.quantize(x, block=block, rotate=rotate, seed=5, transposed=transposed, tile_kernel=True)
+    r8, rs = fr.quantize(x, block, rotate_seed=5 if rotate else None)
+    torch.testing.assert_close(op.scale, rs, atol=0, rtol=1e-6)
+    a, b = op.rows().float(), r8.float()
+    assert a.shape == b.shape
+    assert (a != b).float().mean().item() <= 1e-3
+    assert ((a - b).abs() <= b.abs() * 0.125 + 2.0 ** -9).all()
+    assert (_storage_bytes(op) != F8_NAN).all(), "padding or data left unwritten"
+
+
+def test_quantize_tile_kernel_refuses_what_it_cannot_take():
+    with pytest.raises(ValueError, match="tile kernel"):
+        fp8_quant.quantize(rand(1, 1, 40, 64, dtype=torch.float32), block=32, rotate=True, tile_kernel=True)
+    with pytest.raises(ValueError, match="tile kernel"):
+        fp8_quant.quantize(rand(1, 1, 40, 64), block=32, scaling="tensor", tile_kernel=True)
+    with pytest.raises(ValueError, match="transposed"):
+        fp8_quant.quantize(rand(1, 1, 40, 64), block=32, wgmma_keys=True)
+
+
 if os.environ.get("TRITON_INTERPRET") == "1":       # triton is imported only in the interpreter's process
     import triton
     import triton.language as tl

@@ -18,7 +18,7 @@ from fa3_inductor.kernels.program import ScoreProgram
 S = ("score",)
 
 try:
-    from sm90_cross_compile import compile_sm90, sass_facts
+    from sm90_cross_compile import compile_sm90, sass_facts, sass_text
     import triton.experimental.gluon  # noqa: F401
     _HAVE = True
 except Exception as exc:   # pragma: no cover - depends on the Triton build
@@ -104,8 +104,10 @@ def test_fp8_variant_compiles_to_e4m3_wgmma(d):
 
     def op(shape, transposed=False):
         return Fp8Operand(torch.randn(*shape).to(torch.float8_e4m3fn), torch.ones(b, h, s // 128), 128,
-                          transposed, False)
+                          transposed, False, transposed, s)
     q8, k8, v8 = op((b, h, s, d)), op((b, h, s, d)), op((b, h, d, s), True)
+    with pytest.raises(ValueError, match="wgmma_keys"):
+        hopper.fp8_launch_args(q8, k8, op((b, h, d, s)), [], ScoreProgram(("mul", S, C(0.1))), None, None)
     out, lse = torch.empty(b, h, s, d, dtype=torch.bfloat16), torch.empty(b, h, s)
     prog = ScoreProgram(("mul", S, C(d ** -0.5)), causal="top_left")
     kernel, grid, args, kwargs = hopper.fp8_launch_args(q8, k8, v8, [], prog, out, lse)
@@ -113,4 +115,8 @@ def test_fp8_variant_compiles_to_e4m3_wgmma(d):
     ptx = compiled.asm["ptx"]
     assert ".e4m3.e4m3" in ptx and "cp.async.bulk.tensor" in ptx and "setmaxnreg" in ptx
     facts = sass_facts(compiled)
-    assert facts["local_ops"] == 0 and facts["shared"] <= 232448, facts
+    assert facts["local_ops"] == 0 and facts["shared"] <= 232448 and facts["qgmma"] > 0, facts
+    # P reaches the PV operand without data movement (convert_layout(assert_trivial=True) in the template) and
+    # each 4 e4m3 values are packed by one byte permute after two cvt: no byte-by-byte repacking
+    sass = sass_text(compiled)
+    assert sass.count("PRMT") * 2 <= sass.count("F2FP.SATFINITE.E4M3"), "P packed byte by byte"

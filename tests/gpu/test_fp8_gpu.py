@@ -72,8 +72,12 @@ def ref64(q, k, v, ops, prog):
 
 def test_quantize_pass_matches_emulation():
     x = rand(2, 4, 1000, 128, seed=1, outliers=True)
-    for rotate, scaling, transposed in [(True, "block", False), (False, "tensor", True), (True, "tensor", False)]:
-        op = fp8_quant.quantize(x, block=128, rotate=rotate, seed=3, scaling=scaling, transposed=transposed)
+    # block scaling runs quantize_tile_kernel (rotation on the tensor cores), tensor scaling quantize_kernel
+    for rotate, scaling, transposed, keys in [(True, "block", False, False), (False, "tensor", True, False),
+                                              (True, "tensor", False, False), (False, "block", True, True),
+                                              (False, "tensor", True, True)]:
+        op = fp8_quant.quantize(x, block=128, rotate=rotate, seed=3, scaling=scaling, transposed=transposed,
+                                wgmma_keys=keys)
         r8, rs = fr.quantize(x, 128, rotate_seed=3 if rotate else None, scaling=scaling)
         torch.testing.assert_close(op.scale, rs, atol=0, rtol=1e-6)
         a, b = op.rows().float(), r8.float()
@@ -120,13 +124,14 @@ def test_fp8_accuracy_rule(name, dtype, d, dv, hq, hk, sq, sk, prog, recipe):
     check(q, k, v, [], prog, recipe)
 
 
-def check(q, k, v, ops, prog, recipe, kernel=None):
-    """kernel: (supports, forward) of an FP8 kernel; default the portable one."""
+def check(q, k, v, ops, prog, recipe, kernel=None, blocks=None):
+    """kernel: (supports, forward) of an FP8 kernel; default the portable one. blocks: its quantization blocks
+    (default the portable kernel's)."""
     supports, forward = kernel or (fp.supports, fp.forward)
     assert supports(prog, q, k, v, ops, recipe) is None, supports(prog, q, k, v, ops, recipe)
     out, lse = forward(q, k, v, ops, prog, recipe)
     assert out.dtype == q.dtype and lse.dtype == torch.float32
-    qb = fp.quant_blocks(q.device)
+    qb = blocks or fp.quant_blocks(q.device)
     deq = fr.dequantized_attention(q, k, v, ops, prog, recipe, *qb)[0]
     emu = fr.emulate(q, k, v, ops, prog, recipe, *qb, 64)[0]
     r = ref64(q, k, v, ops, prog)
@@ -202,6 +207,24 @@ def test_hopper_fp8_bounds(d, causal, recipe):
 
 
 @HOPPER
+@pytest.mark.parametrize("d,block_n,pingpong,overlap,causal", [
+    (128, 256, True, True, "none"), (128, 256, False, False, "top_left"), (256, 64, False, True, "none"),
+    (256, 128, True, False, "bottom_right"), (64, 64, False, True, "none")])
+def test_hopper_fp8_tile_variants(d, block_n, pingpong, overlap, causal):
+    """The key tiles and schedules bench/fp8_variants.py times (a 256-key tile has one K / V scale per 256
+    keys), by the same rule."""
+    import functools
+
+    from fa3_inductor.kernels import hopper
+    from fa3_inductor.kernels.templates_hopper import fp8_quant_blocks
+    q = rand(2, 4, 1000, d, seed=50, outliers=True)
+    k, v = (rand(2, 4, 1100, d, seed=51 + n, outliers=True) for n in range(2))
+    prog = ScoreProgram(("mul", S, ("const", d ** -0.5)), causal=causal)
+    fwd = functools.partial(hopper.forward_fp8, block_n=block_n, pingpong=pingpong, overlap=overlap)
+    check(q, k, v, [], prog, BLOCK_HADAMARD, kernel=(hopper.supports_fp8, fwd), blocks=fp8_quant_blocks(block_n))
+
+
+@HOPPER
 def test_hopper_fp8_mask_and_ptx():
     from fa3_inductor import dispatch
     from fa3_inductor.kernels import hopper
@@ -213,7 +236,8 @@ def test_hopper_fp8_mask_and_ptx():
     entry, _ = dispatch.select(prog, q, k, v, [mask], fp8=BLOCK_HADAMARD)
     assert entry.name == "hopper_fp8"
     from fa3_inductor.kernels import codegen
-    ptxs = [c.asm["ptx"] for key, mod in codegen._MODULES.items() if key.startswith("fa3_hopper")
+    ptxs = [c.asm["ptx"] for key, mod in codegen._MODULES.items()
+            if key.startswith("fa3_hopper_") and hasattr(mod, "attn_fwd_ws")
             for cache in mod.attn_fwd_ws.device_caches.values() for c in cache[0].values()]
     fp8_ptx = [p for p in ptxs if ".e4m3.e4m3" in p]
     assert fp8_ptx, "no FP8 wgmma in any compiled Hopper kernel"
