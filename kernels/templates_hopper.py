@@ -298,6 +298,24 @@ def _sigmoid(x):
 '''
 
 
+def operand_text(spec: KernelSpec, indent: str) -> tuple[str, str, list[str]]:
+    """Score operands in the generated Gluon text: the kernel's parameters (pointer and (b, h, m, n) strides),
+    the score function's arguments, and the lines computing each operand's (batch, head) base pointer from
+    off_b / off_h (broadcast dims skipped). Shared by the forward and backward Hopper kernels."""
+    n = range(len(spec.operands))
+    params = "".join(f"OP{i}, st{i}_b, st{i}_h, st{i}_m, st{i}_n, " for i in n)
+    args = "".join(f"OP{i}b, st{i}_m, st{i}_n, " for i in n)
+    bases = []
+    for i, o in enumerate(spec.operands):
+        ptr = f"OP{i}"
+        if not o.bcast[0]:
+            ptr += f" + off_b.to(gl.int64) * st{i}_b"
+        if not o.bcast[1]:
+            ptr += f" + off_h.to(gl.int64) * st{i}_h"
+        bases.append(f"{indent}OP{i}b = {ptr}")
+    return params, args, bases
+
+
 def tile_plan(prog, kinds):
     """(operand, kind) of the mask operand the kernel visits through tile lists, or None. Only without a
     structural mask: a structural mask already bounds the key range, and mixing both is not worth the code.
@@ -404,17 +422,7 @@ class _HopperGen:
 
     def module(self) -> str:
         spec = self.spec
-        n = range(self.nops)
-        ops_params = "".join(f"OP{i}, st{i}_b, st{i}_h, st{i}_m, st{i}_n, " for i in n)
-        ops_args = "".join(f"OP{i}b, st{i}_m, st{i}_n, " for i in n)
-        bases = []
-        for i, o in enumerate(spec.operands):
-            ptr = f"OP{i}"
-            if not o.bcast[0]:
-                ptr += f" + off_b.to(gl.int64) * st{i}_b"
-            if not o.bcast[1]:
-                ptr += f" + off_h.to(gl.int64) * st{i}_h"
-            bases.append(f"    OP{i}b = {ptr}")
+        ops_params, ops_args, bases = operand_text(spec, "    ")
         if self.prog.empty_row == "nan":
             empty = "    out = gl.where(gl.expand_dims(gl.convert_layout(empty, orow_l), 1), float('nan'), out)"
         else:

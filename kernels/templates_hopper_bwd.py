@@ -32,6 +32,8 @@ from __future__ import annotations
 from .codegen import LOG2E, Emitter, KernelSpec
 from .program import derivative
 from .templates_bwd import _and, _ind
+from .templates_hopper import _HEAD as _FWD_HEAD
+from .templates_hopper import operand_text
 
 _KERNEL = '''
 @gluon.jit
@@ -262,27 +264,9 @@ __Q_RANGE__
     ], [4, 1], [240, 24])
 '''
 
-_HEAD = '''import triton
-import triton.language as tl
-from triton.experimental import gluon
-from triton.experimental.gluon import language as gl
-from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
-                                                               warpgroup_mma_wait)
-from fa3_inductor.kernels.gluon_tma_reduce import async_reduce_add_shared_to_global
-
-
-@gluon.jit
-def _tanh(x):
-    t = gl.exp(-2.0 * gl.abs(x))
-    r = (1.0 - t) / (1.0 + t)
-    return gl.where(x < 0, -r, r)
-
-
-@gluon.jit
-def _sigmoid(x):
-    return 1.0 / (1.0 + gl.exp(-x))
-
-'''
+# the forward's prelude (imports, _tanh, _sigmoid) plus the TMA reduction the dQ path uses
+_HEAD = _FWD_HEAD.replace("warpgroup_mma_wait)\n", "warpgroup_mma_wait)\n"
+                          "from fa3_inductor.kernels.gluon_tma_reduce import async_reduce_add_shared_to_global\n", 1)
 
 
 class _HopperBwdGen:
@@ -337,17 +321,7 @@ class _HopperBwdGen:
 
     def module(self) -> str:
         spec = self.spec
-        n = range(self.nops)
-        ops_params = "".join(f"OP{i}, st{i}_b, st{i}_h, st{i}_m, st{i}_n, " for i in n)
-        ops_args = "".join(f"OP{i}b, st{i}_m, st{i}_n, " for i in n)
-        bases = []
-        for i, o in enumerate(spec.operands):
-            ptr = f"OP{i}"
-            if not o.bcast[0]:
-                ptr += f" + off_b.to(gl.int64) * st{i}_b"
-            if not o.bcast[1]:
-                ptr += f" + off_h.to(gl.int64) * st{i}_h"
-            bases.append(f"        OP{i}b = {ptr}")
+        ops_params, ops_args, bases = operand_text(spec, "        ")   # per query head: inside the walk
         nan_group = ""
         if self.prog.empty_row == "nan":    # eager: a (batch, K/V head) with an empty row has NaN dK / dV
             nan_group = ("    flag = gl.load(FLAG + off_b * (H // __G__) + off_hk)\n"
