@@ -156,16 +156,15 @@ def select_backward(prog: ScoreProgram, q, k, v, operands, preference: str = "au
     """The entry that runs the backward: the forward's (without FP8), unless its backward_supports declines the
     site; then the next entry down the table that runs on the device and supports it (whatever the preference:
     the forward already honoured it, and its (out, lse) are every entry's)."""
-    entry, passed_over = select(prog, q, k, v, operands, preference)
-    if entry.backward_supports is None:
-        return entry, passed_over
+    # one key and one lookup per call once memoised (the forward's select is not asked again)
     key = _select_key(prog, q, k, v, operands, preference, None) if q.device.type != "meta" else None
     if key is not None:
         key = key + (torch.are_deterministic_algorithms_enabled(),)
         hit = _SELECTED_BWD.get(key)
         if hit is not None:
             return hit
-    reason = entry.backward_supports(prog, q, k, v, operands)
+    entry, passed_over = _select(prog, q, k, v, operands, preference)
+    reason = entry.backward_supports(prog, q, k, v, operands) if entry.backward_supports else None
     hit = entry, passed_over
     if reason is not None:
         passed_over = passed_over + [f"{entry.name} backward: {reason}"]

@@ -116,14 +116,15 @@ def _desc(t, rows: int, cols: int | None = None):
 _SPECS: dict = {}
 
 
-def _spec_and_module(prog, q, k, v, operands):
-    """(spec key, generated module), memoised on cheap facts so that a launch costs a dict lookup."""
-    fast = (prog, q.dtype, q.shape[-1], v.shape[-1], q.shape[1] // k.shape[1],
+def _spec_and_module(prog, q, k, v, operands, flavor: str = "hopper"):
+    """(spec key, generated module of `flavor`: the forward "hopper" or the backward "hopper_bwd"), memoised on
+    cheap facts so that a launch costs a dict lookup."""
+    fast = (flavor, prog, q.dtype, q.shape[-1], v.shape[-1], q.shape[1] // k.shape[1],
             tuple((t.dtype, tuple(s == 1 for s in t.shape)) for t in operands))
     hit = _SPECS.get(fast)
     if hit is None:
         spec = codegen.make_spec(prog, q, k, v, operands, False)
-        hit = _SPECS[fast] = (spec.key(), codegen.load(spec, "hopper"))
+        hit = _SPECS[fast] = (spec.key(), codegen.load(spec, flavor))
     return hit
 
 

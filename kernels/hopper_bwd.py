@@ -2,15 +2,15 @@
 
 sm_90 only. It replaces the portable dK/dV and dQ kernels inside triton_portable.backward (which still runs
 attn_bwd_pre, the uniform-row correction and the exact band of imprecise rows around it), so every program
-semantics stays the portable backward's. dQ is accumulated in fp32 with atomics, then cast: not
-deterministic, so under torch.use_deterministic_algorithms(True) dispatch takes the portable backward.
+semantics stays the portable backward's. dQ is accumulated in fp32 by TMA bulk reductions (or atomics), then
+cast: not deterministic, so under torch.use_deterministic_algorithms(True) dispatch takes the portable backward.
 """
 
 from __future__ import annotations
 
 import torch
 
-from . import codegen, dq_cast, hopper, launcher, triton_portable
+from . import dq_cast, hopper, launcher, triton_portable
 from .program import ScoreProgram
 
 HEAD_DIMS = (64, 128)
@@ -20,8 +20,9 @@ SMEM_LIMIT = hopper.SMEM_LIMIT
 
 
 def stages(d: int) -> int:
-    """Q / dO ring depth that fits beside K, V (BLOCK_N x d each) and the two dS buffers."""
-    fixed = 2 * BLOCK_N * d * 2 + 2 * BLOCK_N * BLOCK_M * 2
+    """Q / dO ring depth that fits beside K, V (BLOCK_N x d each), the two dS buffers and the consumers' fp32
+    dQ tiles (the TMA reductions' sources)."""
+    fixed = 2 * BLOCK_N * d * 2 + 2 * BLOCK_N * BLOCK_M * 2 + 2 * BLOCK_M * (d // 2) * 4
     return max(0, min(3, (SMEM_LIMIT - fixed) // (2 * BLOCK_M * d * 2)))
 
 
@@ -43,23 +44,11 @@ def supports(prog: ScoreProgram, q, k, v, operands) -> str | None:
 
 
 def _spec_and_module(prog, q, k, v, operands):
-    fast = (prog, q.dtype, q.shape[-1], v.shape[-1], q.shape[1] // k.shape[1],
-            tuple((t.dtype, tuple(s == 1 for s in t.shape)) for t in operands))
-    return _module(fast, prog, q, k, v, operands)
-
-
-_MODULES: dict = {}
-
-
-def _module(fast, prog, q, k, v, operands):
-    mod = _MODULES.get(fast)
-    if mod is None:
-        mod = _MODULES[fast] = codegen.load(codegen.make_spec(prog, q, k, v, operands, False), "hopper_bwd")
-    return mod
+    return hopper._spec_and_module(prog, q, k, v, operands, "hopper_bwd")[1]
 
 
 def launch_args(c: triton_portable.BackwardLaunches, operands, prog: ScoreProgram, dq_acc, n_stages=None,
-                rotate=False, dq_lag=False, dq_add=3):
+                dq_lag=False, dq_add=3):
     """(kernel, grid, args, kwargs) of one attn_bwd_ws launch; also used by tests to compile and read the PTX.
     dq_acc: zeroed fp32 (B, Hq, Sq rounded up to BLOCK_M, D)."""
     q, k, v, dout = c.q, c.k, c.v, c.dout
@@ -71,16 +60,22 @@ def launch_args(c: triton_portable.BackwardLaunches, operands, prog: ScoreProgra
                                                   (c.grads[1], BLOCK_N), (c.grads[2], BLOCK_N))]
     dq_desc = hopper._desc(dq_acc, BLOCK_M, d // 2)
     args = (*descs, c.lse, c.delta, dq_acc, dq_desc, c.flag, *c.op_args, *c.lse.stride(), sq, sk, c.coff)
-    kwargs = dict(BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, STAGES=n_stages or stages(d), ROTATE=rotate, DQ_LAG=dq_lag,
+    kwargs = dict(BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, STAGES=n_stages or stages(d), DQ_LAG=dq_lag,
                   DQ_ADD=dq_add, num_warps=4)
     return mod.attn_bwd_ws, grid, args, kwargs
 
 
 # Candidates of the tuned gradient step, the default (no tuning possible, e.g. under CUDA-graph capture) first:
-# (kind, Q/dO stages, rotate, dq_lag, dq_add: 1 per-thread atomics, 3 TMA bulk reductions). The portable
+# (kind, Q/dO stages, dq_lag, dq_add: 1 per-thread atomics, 3 TMA bulk reductions). The portable
 # dK/dV + dQ kernels stay a candidate, and the tuner keeps whichever is faster per (spec, length bucket), so
 # dispatch never pays for the warp-specialized kernel where it loses (bench/results/bwd_ws.md).
-CANDIDATES = (("ws", 2, False, False, 3), ("ws", 2, False, True, 3), ("ws", 2, False, False, 1), ("portable",))
+CANDIDATES = (("ws", 2, False, 3), ("ws", 2, True, 3), ("ws", 2, False, 1), ("portable",))
+
+
+def variant_of(candidate: tuple) -> dict:
+    """backward()'s variant keywords for a warp-specialized entry of CANDIDATES."""
+    _, n_stages, dq_lag, dq_add = candidate
+    return dict(n_stages=n_stages, dq_lag=dq_lag, dq_add=dq_add)
 
 
 def ws_grads(operands, prog: ScoreProgram, **variant):
@@ -105,7 +100,7 @@ def ws_grads(operands, prog: ScoreProgram, **variant):
             if cfg[0] == "portable":
                 triton_portable.portable_grads(c)
             else:
-                run_ws(c, dict(n_stages=cfg[1], rotate=cfg[2], dq_lag=cfg[3], dq_add=cfg[4]))
+                run_ws(c, variant_of(cfg))
         triton_portable._launch_tuned("ws_bwd", c.tune_key, c.q.shape[-1], c.q.dtype, c.q.device, launch,
                                       list(CANDIDATES))
     return grads
@@ -114,7 +109,7 @@ def ws_grads(operands, prog: ScoreProgram, **variant):
 def backward(dout, q, k, v, operands, out, lse, prog: ScoreProgram, **variant):
     """Returns (dq, dk, dv, [d operands]): the portable backward's frame around the warp-specialized gradient
     kernel, or the portable backward itself for a site this kernel declines (the Hopper forward already
-    checked the sm_90 / TMA conditions on q, k, v). `variant` (n_stages, rotate, dq_lag, dq_add) pins a
+    checked the sm_90 / TMA conditions on q, k, v). `variant` (n_stages, dq_lag, dq_add) pins a
     warp-specialized schedule (benchmarks, tests); otherwise the tuner picks among CANDIDATES."""
     if _declines(prog, q, v):
         return triton_portable.backward(dout, q, k, v, operands, out, lse, prog)

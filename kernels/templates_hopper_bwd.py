@@ -16,7 +16,8 @@ still runs, forms dSᵀ = Pᵀ ∘ (dPᵀ − δ) · ∂x/∂s, then issues dV +
 register operands. dQ needs dS over all 128 keys: each consumer stores its dSᵀ half into a shared buffer
 (two buffers, alternating by tile), arrives on ds_bar[tile % 2] (count 2) and waits for the other half; then
 it computes dQ[:, its half of the head dim] = dS K[:, half] (dS transposed from shared memory) and adds it
-to an fp32 dQ buffer (rows padded to whole query tiles, so unpredicated) with vector atomics. Once dK / dV of the tile are done it releases the Q / dO slot
+to an fp32 dQ buffer (rows padded to whole query tiles) with one TMA bulk reduction from shared memory
+(DQ_ADD=3; DQ_ADD=1: per-thread vector atomics). Once dK / dV of the tile are done it releases the Q / dO slot
 (empty, count 2). Reuse of a dS buffer two tiles later is safe: a consumer arrives on ds_bar only after its
 previous dQ product completed. At the end both consumers meet on fin (count 2) — the other may still read
 this one's K rows for dQ — then write dK / dV over their own K / V rows in shared memory, meet again, and the
@@ -37,25 +38,22 @@ from .templates_hopper import operand_text
 
 _KERNEL = '''
 @gluon.jit
-def _tile_of(it, n_it, rot, n_m, m_lo, off_hk, BLOCK_M: gl.constexpr):
-    """(first query row, query head) of the it-th tile a CTA walks: the walk starts at tile `rot`, so that
-    neighbouring CTAs add into different dQ rows at any moment (atomic contention)."""
-    t = it + rot
-    t = gl.where(t >= n_it, t - n_it, t)
-    g = t // n_m
-    return m_lo + (t - g * n_m) * BLOCK_M, off_hk * __G__ + g
+def _tile_of(it, n_m, m_lo, off_hk, BLOCK_M: gl.constexpr):
+    """(first query row, query head) of the it-th tile a CTA walks: the query tiles of each head of the group."""
+    g = it // n_m
+    return m_lo + (it - g * n_m) * BLOCK_M, off_hk * __G__ + g
 
 
 @gluon.jit
 def _bwd_producer(q_desc, k_desc, v_desc, do_desc, q_smem, k_smem, v_smem, do_smem, kv_bar, full, empty,
-                  off_b, off_hk, n0, m_lo, n_m, rot, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+                  off_b, off_hk, n0, m_lo, n_m, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
                   STAGES: gl.constexpr):
     mbarrier.expect(kv_bar, k_desc.block_type.nbytes + v_desc.block_type.nbytes)
     tma.async_copy_global_to_shared(k_desc, [off_b, off_hk, n0, 0], kv_bar, k_smem)
     tma.async_copy_global_to_shared(v_desc, [off_b, off_hk, n0, 0], kv_bar, v_smem)
     n_it = __G__ * n_m
     for it in range(n_it):
-        start_m, off_h = _tile_of(it, n_it, rot, n_m, m_lo, off_hk, BLOCK_M)
+        start_m, off_h = _tile_of(it, n_m, m_lo, off_hk, BLOCK_M)
         st = it % STAGES
         ph = (it // STAGES) & 1
         # a fresh barrier passes a wait on parity 1, so the first STAGES loads do not wait
@@ -66,12 +64,12 @@ def _bwd_producer(q_desc, k_desc, v_desc, do_desc, q_smem, k_smem, v_smem, do_sm
 
 
 @gluon.jit
-def _dq_step(j, ds_smem, ds_bar, k_half, zero_dq, DQ, dq_desc, dq_buf, dq_buf4, dq_offs, n_it, rot, n_m, m_lo,
+def _dq_step(j, ds_smem, ds_bar, k_half, zero_dq, DQ, dq_desc, dq_buf, dq_buf4, dq_offs, n_m, m_lo,
              off_hk, off_b, H, sq_pad, WG: gl.constexpr, BLOCK_M: gl.constexpr, HEAD_D: gl.constexpr,
              DQ_ADD: gl.constexpr):
     """dQ[tile j, this consumer's columns] += dS K over all BLOCK_N keys, once both dS halves of tile j are in
     shared memory."""
-    start_m, off_h = _tile_of(j, n_it, rot, n_m, m_lo, off_hk, BLOCK_M)
+    start_m, off_h = _tile_of(j, n_m, m_lo, off_hk, BLOCK_M)
     buf = ds_smem.index(j % 2)
     mbarrier.wait(ds_bar.index(j % 2), (j // 2) & 1)
     dq = warpgroup_mma(buf.permute((1, 0)), k_half, zero_dq, use_acc=False)
@@ -79,13 +77,6 @@ def _dq_step(j, ds_smem, ds_bar, k_half, zero_dq, DQ, dq_desc, dq_buf, dq_buf4, 
     dq_base = DQ + ((off_b.to(gl.int64) * H + off_h) * sq_pad + start_m) * HEAD_D
     if DQ_ADD == 1:     # from the wgmma layout: two consecutive fp32 per atomic
         gl.atomic_add(dq_base + dq_offs, dq, sem="relaxed")
-    elif DQ_ADD == 2:   # through a blocked layout (a shared-memory shuffle): four per atomic
-        HD2: gl.constexpr = HEAD_D // 2
-        bl: gl.constexpr = gl.BlockedLayout([1, 4], [32 * 4 // HD2, HD2 // 4], [4, 1], [1, 0])
-        r = gl.arange(0, BLOCK_M, gl.SliceLayout(1, bl))
-        c = WG * HD2 + gl.arange(0, HD2, gl.SliceLayout(0, bl))
-        gl.atomic_add(dq_base + (gl.expand_dims(r, 1) * HEAD_D + gl.expand_dims(c, 0)), gl.convert_layout(dq, bl),
-                      sem="relaxed")
     elif DQ_ADD == 3:   # one TMA bulk reduction per tile from shared memory (FlashAttention-3's dQ path)
         tma.store_wait(0)   # the previous tile's reduction has read the buffer
         dq_buf.store(dq)
@@ -96,8 +87,8 @@ def _dq_step(j, ds_smem, ds_bar, k_half, zero_dq, DQ, dq_desc, dq_buf, dq_buf4, 
 
 @gluon.jit
 def _bwd_consumer(q2, k2, v2, do2, ds_smem, k_smem, v_smem, kv_bar, full, empty, ds_bar, fin,
-                  dk_desc, dv_desc, LSE, DELTA, DQ, dq_desc, dq_smem, FLAG, slb, slh, slm, off_b, off_hk, n0, m_lo, n_m, rot,
-                  Sq, Sk, coff, H, __OPS_PARAMS__WG: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+                  dk_desc, dv_desc, LSE, DELTA, DQ, dq_desc, dq_smem, FLAG, slb, slh, slm, off_b, off_hk, n0, m_lo,
+                  n_m, Sq, Sk, coff, H, __OPS_PARAMS__WG: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
                   HEAD_D: gl.constexpr, STAGES: gl.constexpr, DQ_LAG: gl.constexpr, DQ_ADD: gl.constexpr):
     dtype: gl.constexpr = q2.dtype
     KW: gl.constexpr = BLOCK_N // 2          # keys per consumer (wgmma M)
@@ -130,7 +121,7 @@ def _bwd_consumer(q2, k2, v2, do2, ds_smem, k_smem, v_smem, kv_bar, full, empty,
     mbarrier.wait(kv_bar, 0)
     n_it = __G__ * n_m
     for it in range(n_it):
-        start_m, off_h = _tile_of(it, n_it, rot, n_m, m_lo, off_hk, BLOCK_M)
+        start_m, off_h = _tile_of(it, n_m, m_lo, off_hk, BLOCK_M)
 __OPS_BASES__
         st = it % STAGES
         mbarrier.wait(full.index(st), (it // STAGES) & 1)
@@ -140,8 +131,8 @@ __OPS_BASES__
         dp_tok = warpgroup_mma(v_w, do_t.permute((1, 0)), zero_s, use_acc=False, is_async=True)
         if DQ_LAG:      # the previous tile's dQ, queued behind S / dP on the tensor cores
             if it > 0:
-                _dq_step(it - 1, ds_smem, ds_bar, k_half, zero_dq, DQ, dq_desc, dq_buf, dq_buf4, dq_offs, n_it, rot, n_m, m_lo, off_hk,
-                         off_b, H, sq_pad, WG, BLOCK_M, HEAD_D, DQ_ADD)
+                _dq_step(it - 1, ds_smem, ds_bar, k_half, zero_dq, DQ, dq_desc, dq_buf, dq_buf4, dq_offs, n_m, m_lo,
+                         off_hk, off_b, H, sq_pad, WG, BLOCK_M, HEAD_D, DQ_ADD)
         offs_m = start_m + gl.arange(0, BLOCK_M, col_l)
         row_ok = offs_m < Sq
         lse = gl.load(LSE + off_b.to(gl.int64) * slb + off_h.to(gl.int64) * slh + offs_m * slm, mask=row_ok,
@@ -173,12 +164,12 @@ __OPS_BASES__
         dv, dk, p_op, ds_op = warpgroup_mma_wait(0, deps=(dv_tok, dk_tok, p_op, ds_op))
         mbarrier.arrive(empty.index(st))
         if not DQ_LAG:
-            _dq_step(it, ds_smem, ds_bar, k_half, zero_dq, DQ, dq_desc, dq_buf, dq_buf4, dq_offs, n_it, rot, n_m, m_lo, off_hk, off_b, H,
-                     sq_pad, WG, BLOCK_M, HEAD_D, DQ_ADD)
+            _dq_step(it, ds_smem, ds_bar, k_half, zero_dq, DQ, dq_desc, dq_buf, dq_buf4, dq_offs, n_m, m_lo, off_hk,
+                     off_b, H, sq_pad, WG, BLOCK_M, HEAD_D, DQ_ADD)
     if DQ_LAG:
         if n_it > 0:
-            _dq_step(n_it - 1, ds_smem, ds_bar, k_half, zero_dq, DQ, dq_desc, dq_buf, dq_buf4, dq_offs, n_it, rot, n_m, m_lo, off_hk,
-                     off_b, H, sq_pad, WG, BLOCK_M, HEAD_D, DQ_ADD)
+            _dq_step(n_it - 1, ds_smem, ds_bar, k_half, zero_dq, DQ, dq_desc, dq_buf, dq_buf4, dq_offs, n_m, m_lo,
+                     off_hk, off_b, H, sq_pad, WG, BLOCK_M, HEAD_D, DQ_ADD)
 
     if DQ_ADD == 3:
         tma.store_wait(0)
@@ -199,9 +190,9 @@ __NAN_GROUP__
 
 
 @gluon.jit(do_not_specialize=["Sq", "Sk", "coff", "slb", "slh"])
-def attn_bwd_ws(q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, LSE, DELTA, DQ, dq_desc, FLAG, __OPS_KPARAMS__slb, slh, slm,
-                Sq, Sk, coff, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
-                ROTATE: gl.constexpr, DQ_LAG: gl.constexpr, DQ_ADD: gl.constexpr):
+def attn_bwd_ws(q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, LSE, DELTA, DQ, dq_desc, FLAG,
+                __OPS_KPARAMS__slb, slh, slm, Sq, Sk, coff, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+                STAGES: gl.constexpr, DQ_LAG: gl.constexpr, DQ_ADD: gl.constexpr):
     HEAD_D: gl.constexpr = q_desc.block_type.shape[3]
     dtype: gl.constexpr = q_desc.dtype
     KW: gl.constexpr = BLOCK_N // 2
@@ -214,9 +205,6 @@ def attn_bwd_ws(q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, LSE, DELTA, D
     m_hi = Sq
 __Q_RANGE__
     n_m = gl.cdiv(gl.maximum(m_hi - m_lo, 0), BLOCK_M)
-    rot = 0
-    if ROTATE:
-        rot = pid_n % gl.maximum(__G__ * n_m, 1)
 
     q_l: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, HEAD_D], dtype)
     k_l: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, HEAD_D], dtype)
@@ -252,15 +240,15 @@ __Q_RANGE__
     v2 = v_smem._reinterpret(dtype, [BLOCK_N, HEAD_D], k_l)
     gl.warp_specialize([
         (_bwd_consumer, (q2, k2, v2, do2, ds_smem, k_smem, v_smem, kv_bar, full, empty, ds_bar, fin,
-                         dk_desc, dv_desc, LSE, DELTA, DQ, dq_desc, dq_smem, FLAG, slb, slh, slm, off_b, off_hk, n0, m_lo, n_m, rot, Sq,
-                         Sk, coff, H, __OPS_KARGS__0, BLOCK_M, BLOCK_N, HEAD_D, STAGES, DQ_LAG,
+                         dk_desc, dv_desc, LSE, DELTA, DQ, dq_desc, dq_smem, FLAG, slb, slh, slm, off_b, off_hk, n0,
+                         m_lo, n_m, Sq, Sk, coff, H, __OPS_KARGS__0, BLOCK_M, BLOCK_N, HEAD_D, STAGES, DQ_LAG,
                          DQ_ADD)),
         (_bwd_consumer, (q2, k2, v2, do2, ds_smem, k_smem, v_smem, kv_bar, full, empty, ds_bar, fin,
-                         dk_desc, dv_desc, LSE, DELTA, DQ, dq_desc, dq_smem, FLAG, slb, slh, slm, off_b, off_hk, n0, m_lo, n_m, rot, Sq,
-                         Sk, coff, H, __OPS_KARGS__1, BLOCK_M, BLOCK_N, HEAD_D, STAGES, DQ_LAG,
+                         dk_desc, dv_desc, LSE, DELTA, DQ, dq_desc, dq_smem, FLAG, slb, slh, slm, off_b, off_hk, n0,
+                         m_lo, n_m, Sq, Sk, coff, H, __OPS_KARGS__1, BLOCK_M, BLOCK_N, HEAD_D, STAGES, DQ_LAG,
                          DQ_ADD)),
         (_bwd_producer, (q_desc, k_desc, v_desc, do_desc, q_smem, k_smem, v_smem, do_smem, kv_bar, full, empty,
-                         off_b, off_hk, n0, m_lo, n_m, rot, BLOCK_M, BLOCK_N, STAGES)),
+                         off_b, off_hk, n0, m_lo, n_m, BLOCK_M, BLOCK_N, STAGES)),
     ], [4, 1], [240, 24])
 '''
 
@@ -335,7 +323,8 @@ class _HopperBwdGen:
         for token, value in [("__OPS_KPARAMS__", ops_params), ("__OPS_PARAMS__", ops_params),
                              ("__OPS_KARGS__", ops_params), ("__OPS_ARGS__", ops_args),
                              ("__OPS_BASES__", "\n".join(bases)), ("__VISIBLE__", self.visible()),
-                             ("__Q_RANGE__", self.q_range()), ("__NAN_GROUP__", nan_group), ("__EXP_P__", exp_p), ("__G__", str(spec.G))]:
+                             ("__Q_RANGE__", self.q_range()), ("__NAN_GROUP__", nan_group),
+                             ("__EXP_P__", exp_p), ("__G__", str(spec.G))]:
             text = text.replace(token, value)
         fns = self.score_fn("_score_masked", True) + self.score_fn("_score_full", False) + self.tile_masked()
         return _HEAD + "\n".join(fns) + text

@@ -382,25 +382,22 @@ class BackwardLaunches:
         for n in self.grad_ops:
             self.dop_args += [self.dfull[n]] + list(self.dfull[n].stride())
         # everything the launches are specialised on follows from these tensors (the rest is allocated here)
-        self._base = ("bwd", prog, q.device.index, launcher.call_key((q, k, v, dout, out, lse, *operands)))
-        self._t = (q, k, v, dout, out, lse)
+        self.base = ("bwd", prog, q.device.index, launcher.call_key((q, k, v, dout, out, lse, *operands)))
+        self.q, self.k, self.v, self.dout, self.out, self.lse, self.coff = q, k, v, dout, out, lse, coff
         self._dims = (b, hq, hk, sq, sk, coff, hf)
         self._qkv_strides = [*q.stride(), *k.stride(), *v.stride(), *dout.stride(), *lse.stride()]
-        # what another gradient step (hopper_bwd's warp-specialized kernel) reads
-        self.q, self.k, self.v, self.dout, self.lse = q, k, v, dout, lse
-        self.coff, self.base = coff, self._base
 
     def pre(self):
-        q, _, _, dout, out, lse = self._t
+        dout, out, lse = self.dout, self.out, self.lse
         b, hq, _, sq, _, _, _ = self._dims
-        bm_pre = _pre_block(q.device)
-        launcher.launch(self._base + ("pre",), self.mod.attn_bwd_pre, (triton_cdiv(sq, bm_pre), hq, b),
+        bm_pre = _pre_block(self.q.device)
+        launcher.launch(self.base + ("pre",), self.mod.attn_bwd_pre, (triton_cdiv(sq, bm_pre), hq, b),
                         (out, dout, lse, self.delta, self.flag, *out.stride(), *dout.stride(), *lse.stride(), sq,
                          hq), dict(BLOCK_M=bm_pre))
 
     def dkdv_call(self, cfg):
         """(kernel, grid, args, kwargs) of attn_bwd_dkdv with tile config cfg (dkdv_config)."""
-        q, k, v, dout, _, lse = self._t
+        q, k, v, dout, lse = self.q, self.k, self.v, self.dout, self.lse
         b, _, hk, sq, sk, coff, _ = self._dims
         bm, bn, warps, stages, dv_bm = dkdv_config(cfg)
         _, dk, dv = self.grads
@@ -411,7 +408,7 @@ class BackwardLaunches:
 
     def dq_call(self, cfg):
         """(kernel, grid, args, kwargs) of attn_bwd_dq with tile config cfg."""
-        q, k, v, dout, _, lse = self._t
+        q, k, v, dout, lse = self.q, self.k, self.v, self.dout, self.lse
         b, hq, _, sq, sk, coff, hf = self._dims
         bm, bn, warps, stages = cfg
         dq = self.grads[0]
@@ -421,10 +418,10 @@ class BackwardLaunches:
                 dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages))
 
     def dkdv(self, cfg):
-        launcher.launch(self._base + ("dkdv", cfg), *self.dkdv_call(cfg))
+        launcher.launch(self.base + ("dkdv", cfg), *self.dkdv_call(cfg))
 
     def dq(self, cfg):
-        launcher.launch(self._base + ("dq", cfg), *self.dq_call(cfg))
+        launcher.launch(self.base + ("dq", cfg), *self.dq_call(cfg))
 
 
 def portable_grads(run: BackwardLaunches) -> None:

@@ -240,8 +240,7 @@ def test_ws_backward_against_portable(d, causal, g, sq, sk):
     for cand in hopper_bwd.CANDIDATES:
         if cand[0] != "ws":
             continue
-        ws = hopper_bwd.backward(dout, q, k, v, [], out, lse, prog, n_stages=cand[1], rotate=cand[2],
-                                 dq_lag=cand[3], dq_add=cand[4])
+        ws = hopper_bwd.backward(dout, q, k, v, [], out, lse, prog, **hopper_bwd.variant_of(cand))
         for name, a, b in zip(("dq", "dk", "dv"), ws[:3], pt[:3]):
             err = (a.float() - b.float()).abs().max().item()
             scale = b.float().abs().max().item()
