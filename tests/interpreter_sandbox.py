@@ -1,16 +1,35 @@
-"""Shared setup of the interpreter kernel suites: a private generated-source cache and poisoned output buffers
-(NaN for floats, 0x7F — e4m3's NaN — for fp8, -12345 for integers), so an element a kernel fails to write
-shows up."""
+"""Shared setup of the interpreter kernel suites: their pytest marks, score-program shorthands, a private
+generated-source cache and poisoned output buffers (NaN for floats, 0x7F — e4m3's NaN — for fp8, -12345 for
+integers), so an element a kernel fails to write shows up."""
 
 from __future__ import annotations
 
 import contextlib
 import math
+import os
 
 import pytest
 import torch
 
 F8_NAN = 0x7F
+
+# module marks of a suite that runs Triton kernels under the interpreter (test_interpreter_process.py starts it
+# in a process with TRITON_INTERPRET=1 from the start)
+INTERPRETER_ONLY = [
+    pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning"),
+    pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
+                       reason="needs TRITON_INTERPRET=1 from process start; run by test_interpreter_process.py"),
+]
+
+S = ("score",)
+
+
+def C(x):
+    return ("const", float(x))
+
+
+def OP(n):
+    return ("operand", n)
 
 
 def poisoned_empty(shape, dtype, device):

@@ -11,12 +11,12 @@ are blocks. Runs in the interpreter process (tests/test_interpreter_process.py),
 from __future__ import annotations
 
 import math
-import os
 
 import pytest
 import torch
 
-from interpreter_sandbox import interpreter_sandbox  # noqa: E402  (tests/, on sys.path)
+from interpreter_sandbox import (  # noqa: E402  (tests/, on sys.path)
+    INTERPRETER_ONLY, C, OP, S, interpreter_sandbox)
 
 from fa3_inductor.kernels import reference
 from fa3_inductor.kernels import triton_decode as td
@@ -24,21 +24,7 @@ from fa3_inductor.kernels import triton_portable as tp
 from fa3_inductor.kernels.program import ScoreProgram
 from test_triton_kernels import check, qkv, run_eager  # noqa: E402  (same directory; shared comparison rule)
 
-pytestmark = [
-    pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning"),
-    pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
-                       reason="needs TRITON_INTERPRET=1 from process start; run by test_interpreter_process.py"),
-]
-
-S = ("score",)
-
-
-def C(x):
-    return ("const", float(x))
-
-
-def OP(n):
-    return ("operand", n)
+pytestmark = INTERPRETER_ONLY
 
 
 @pytest.fixture(autouse=True, scope="module")

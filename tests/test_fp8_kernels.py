@@ -19,7 +19,8 @@ import os
 import pytest
 import torch
 
-from interpreter_sandbox import F8_NAN, interpreter_sandbox  # noqa: E402  (tests/, on sys.path)
+from interpreter_sandbox import (  # noqa: E402  (tests/, on sys.path)
+    F8_NAN, INTERPRETER_ONLY, C, S, interpreter_sandbox)
 
 from fa3_inductor.kernels import fp8_portable as fp
 from fa3_inductor.kernels import fp8_quant
@@ -29,17 +30,7 @@ from fa3_inductor.kernels import triton_portable as tp
 from fa3_inductor.kernels.fp8_recipe import Fp8Recipe, hadamard_dim, hadamard_matrix
 from fa3_inductor.kernels.program import ScoreProgram
 
-pytestmark = [
-    pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning"),
-    pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
-                       reason="needs TRITON_INTERPRET=1 from process start; run by test_interpreter_process.py"),
-]
-
-S = ("score",)
-
-
-def C(x):
-    return ("const", float(x))
+pytestmark = INTERPRETER_ONLY
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -12,8 +12,7 @@ import torch
 
 from fa3_inductor.kernels import hopper_bwd, triton_portable
 from fa3_inductor.kernels.program import ScoreProgram
-
-S = ("score",)
+from interpreter_sandbox import C, S
 
 try:
     from sm90_cross_compile import compile_sm90, sass_facts
@@ -21,10 +20,6 @@ try:
     _HAVE = True
 except Exception:   # pragma: no cover - depends on the Triton build
     _HAVE = False
-
-
-def C(x):
-    return ("const", float(x))
 
 
 VARIANTS = {
