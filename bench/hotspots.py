@@ -8,7 +8,9 @@ Scenarios (GPU sizes of the benchmarks; --cpu: tiny sizes, fp32, a check of the 
   decode       generate() 16 tokens after a 4096 prompt, StaticCache, default compile mode (no CUDA graphs, so
                the profiler sees every kernel of the decode steps);
   decode-ro    the same with mode="reduce-overhead" (CUDA graphs; the header counts Inductor's cudagraph skips);
-  train-bert   one AdamW step of the padded BERT of bench/train.py.
+  train-bert   one AdamW step of the padded BERT of bench/train.py;
+  zoo-MODEL-IMPL  one no-grad prefill of a bench/models.py case (e.g. zoo-whisper-eager, zoo-t5-sdpa), the
+               sizes of its zoo row.
 Per scenario and mode: wall ms per iteration, the top CUDA kernels (total µs per iteration and calls), the top
 host ops by self CPU time, device->host syncs (cudaStreamSynchronize / cudaMemcpy calls), and for fa3 the
 cProfile of one iteration (Python functions by cumulative time). Writes hotspots[_cpu].txt under --out.
@@ -80,7 +82,36 @@ def train_bert(mode, device, cpu):
     return step
 
 
+def zoo_prefill(case, impl):
+    """A bench/models.py row's prefill (its model, inputs and dtype), as that row times it."""
+    def build(mode, device, cpu):
+        import models
+        dtype = torch.float32 if cpu else torch.bfloat16
+        model, inputs, _ = models.build(case, impl, "tiny" if cpu else "bench", device)
+        model, inputs = model.to(dtype), models.cast(inputs, dtype)
+        common.reset_dynamo()
+        fn = torch.compile(model, backend="inductor" if mode == "inductor" else "fa3")
+
+        def step():
+            with torch.no_grad():
+                fn(**inputs)
+        return step
+    return build
+
+
 BUILDERS = {"prefill512": prefill512, "decode": decode, "decode-ro": decode_ro, "train-bert": train_bert}
+
+
+def builder(name):
+    """The scenario's builder: a fixed one, or zoo-MODEL-IMPL for any bench/models.py case."""
+    if name in BUILDERS:
+        return BUILDERS[name]
+    if name.startswith("zoo-") and name.count("-") >= 2:
+        import models
+        case, impl = name[4:].rsplit("-", 1)
+        if case in models.case_table() and impl in ("eager", "sdpa"):
+            return zoo_prefill(case, impl)
+    return None
 
 
 def table(rows, n_iter, top, unit="us") -> list[str]:
@@ -93,7 +124,7 @@ def table(rows, n_iter, top, unit="us") -> list[str]:
 def profile_one(name, mode, device, cpu, iters) -> list[str]:
     from torch._dynamo.utils import counters
     counters.clear()
-    step = BUILDERS[name](mode, device, cpu)
+    step = builder(name)(mode, device, cpu)
     for _ in range(3):      # compile, autotune, warm caches
         step()
     common.sync(device)
@@ -143,9 +174,9 @@ def main(argv=None):
     device = common.pick_device(args.cpu)
     cpu = device.type == "cpu"
     names = args.scenarios.split(",")
-    bad = [n for n in names if n not in BUILDERS]
+    bad = [n for n in names if builder(n) is None]
     if bad:
-        ap.error(f"unknown scenarios {bad}; choose from {list(BUILDERS)}")
+        ap.error(f"unknown scenarios {bad}; choose from {list(BUILDERS)} or zoo-MODEL-IMPL")
     iters = args.iters or (1 if cpu else 5)
     lines = common.header("Profiles of model scenarios, fa3 vs Inductor", device)
     os.makedirs(args.out, exist_ok=True)
