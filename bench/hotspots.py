@@ -8,6 +8,7 @@ Scenarios (GPU sizes of the benchmarks; --cpu: tiny sizes, fp32, a check of the 
   decode       generate() 16 tokens after a 4096 prompt, StaticCache, default compile mode (no CUDA graphs, so
                the profiler sees every kernel of the decode steps);
   decode-ro    the same with mode="reduce-overhead" (CUDA graphs; the header counts Inductor's cudagraph skips);
+  decode-dynamic  the same with a DynamicCache (the cache grows every token: dynamic shapes);
   train-bert   one AdamW step of the padded BERT of bench/train.py;
   zoo-MODEL-IMPL  one no-grad prefill of a bench/models.py case (e.g. zoo-whisper-eager, zoo-t5-sdpa), the
                sizes of its zoo row.
@@ -31,7 +32,7 @@ import common  # noqa: E402
 import torch  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
-SCENARIOS = ("prefill512", "decode", "decode-ro", "train-bert")
+SCENARIOS = ("prefill512", "decode", "decode-ro", "decode-dynamic", "train-bert")
 SYNC_EVENTS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaMemcpyAsync", "cudaEventSynchronize")
 
 
@@ -49,19 +50,23 @@ def prefill512(mode, device, cpu):
     return step
 
 
-def decode(mode, device, cpu, compile_mode=None):
+def decode(mode, device, cpu, compile_mode=None, cache="static"):
     import generate
     dtype = torch.float32 if cpu else torch.bfloat16
     prompt, new = (24, 4) if cpu else (4096, 16)
     model = generate.llama("sdpa", not cpu, device, dtype)
     ids = torch.randint(1, model.config.vocab_size, (1, prompt), device=device,
                         generator=torch.Generator(device=device).manual_seed(0))
-    gen = generate.Generator(model, ids, (mode, "sdpa", "static", compile_mode), prompt, new)
+    gen = generate.Generator(model, ids, (mode, "sdpa", cache, compile_mode), prompt, new)
     return lambda: gen(new)
 
 
 def decode_ro(mode, device, cpu):
     return decode(mode, device, cpu, "reduce-overhead")
+
+
+def decode_dynamic(mode, device, cpu):
+    return decode(mode, device, cpu, cache="dynamic")
 
 
 def train_bert(mode, device, cpu):
@@ -99,7 +104,8 @@ def zoo_prefill(case, impl):
     return build
 
 
-BUILDERS = {"prefill512": prefill512, "decode": decode, "decode-ro": decode_ro, "train-bert": train_bert}
+BUILDERS = {"prefill512": prefill512, "decode": decode, "decode-ro": decode_ro, "decode-dynamic": decode_dynamic,
+            "train-bert": train_bert}
 
 
 def builder(name):
