@@ -327,10 +327,12 @@ def quantize_fp8(q, k, v, recipe, block_n: int | None = None, n_operands: int = 
 
 
 def fp8_launch_args(q8, k8, v8, operands, prog: ScoreProgram, out, lse, pingpong=None, stages=None, block_n=None,
-                    overlap=True, tiles=None):
+                    overlap=True, tiles=None, emu=0, tree=False, late=False):
     """Launch of the FP8 kernel on quantized operands (kernels/fp8_quant.Fp8Operand, as quantize_fp8 makes
     them: V transposed with its keys in wgmma_key_order, the order in which the kernel's P operand holds them).
-    pingpong / stages default to the first of fp8_schedules; tiles: tile_args(...) (computed when None)."""
+    pingpong / stages default to the first of fp8_schedules; tiles: tile_args(...) (computed when None).
+    Softmax knobs (templates_hopper): emu, exp2 per 8 scores on the FMA pipe (kernels/fp8_exp2.py); tree, row
+    max / sum as reduction trees; late, O's rescale and P's conversion between the S and the PV issue."""
     from .templates_hopper import fp8_quant_blocks
     qd, kd, vt = q8.data, k8.data, v8.data
     b, hq, sq, d = qd.shape
@@ -359,7 +361,7 @@ def fp8_launch_args(q8, k8, v8, operands, prog: ScoreProgram, out, lse, pingpong
     args = (_desc(qd, BLOCK_M), _desc(kd, bn), _desc(vt, dv, bn), _desc(out, BLOCK_M), lse, q8.scale, k8.scale,
             v8.scale, *scales, *op_args, *tiles, *lse.stride(), sq, sk, coff)
     return mod.attn_fwd_ws, grid, args, dict(BLOCK_M=BLOCK_M, BLOCK_N=bn, STAGES=st, PINGPONG=pingpong,
-                                             OVERLAP=overlap, num_warps=4)
+                                             OVERLAP=overlap, EMU=emu, TREE=tree, LATE=late, num_warps=4)
 
 
 def forward_fp8(q, k, v, operands, prog: ScoreProgram, recipe, **variant):
