@@ -66,8 +66,47 @@ def trip_cycles(path: list[tuple[str, int]]) -> int:
     return max([t] + ready)
 
 
-def loop_trip_cycles(sass: str) -> int | None:
-    """trip_cycles of consumer 0's main loop, unmasked path (sm90_cross_compile.main_loop_path), or None."""
+def shared_cycles(path: list[tuple[str, int]], warps: int = 2, trips: int = 8) -> float:
+    """Cycles per trip and warp pair when `warps` warps run the trip back to back on one sub-partition (no
+    ping-pong: both consumer warpgroups in their softmax at once), sharing the issue slot and the MUFU unit;
+    the first warp starts first, the next half a trip later. GEMM waits are free as in trip_cycles: a lower
+    bound where the two warps' softmaxes overlap perfectly."""
+    stream = path * trips
+    pos = [0] * warps
+    t_next = [trip_cycles(path) * w // (2 * warps) for w in range(warps)]
+    ready = [[0] * 6 for _ in range(warps)]
+    mufu_free = 0
+    clock = 0
+    while any(p < len(stream) for p in pos):
+        best = None
+        for w in range(warps):
+            if pos[w] >= len(stream):
+                continue
+            text, hi = stream[pos[w]]
+            _, _, _, wait = _control(hi)
+            start = max([clock, t_next[w]] + [ready[w][b] for b in range(6) if wait >> b & 1])
+            if _op(text) == "MUFU":
+                start = max(start, mufu_free)
+            if best is None or start < best[0]:
+                best = (start, w)
+        start, w = best
+        text, hi = stream[pos[w]]
+        stall, wb, rb, _ = _control(hi)
+        op = _op(text)
+        if op == "MUFU":
+            mufu_free = start + MUFU_CYCLES
+        if wb < 6:
+            lat = 0 if op in FREE or "DEPBAR" in text else LATENCY.get(op, OTHER_LATENCY)
+            ready[w][wb] = max(ready[w][wb], start + lat)
+        if rb < 6:
+            ready[w][rb] = max(ready[w][rb], start + 2)
+        t_next[w] = start + max(stall, 1)
+        clock = start + 1          # one issue per cycle for the sub-partition
+        pos[w] += 1
+    return max(t_next) / trips
+
+
+def _path(sass: str):
     import os
     import sys
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
@@ -76,4 +115,16 @@ def loop_trip_cycles(sass: str) -> int | None:
     if path is None:
         return None
     hi = {a: h for a, _, h in instructions(sass)}
-    return trip_cycles([(t, hi[a]) for a, t in path])
+    return [(t, hi[a]) for a, t in path]
+
+
+def loop_trip_cycles(sass: str) -> int | None:
+    """trip_cycles of consumer 0's main loop, unmasked path (sm90_cross_compile.main_loop_path), or None."""
+    path = _path(sass)
+    return None if path is None else trip_cycles(path)
+
+
+def loop_shared_cycles(sass: str) -> float | None:
+    """shared_cycles of consumer 0's main loop (both consumers' warps on one sub-partition), or None."""
+    path = _path(sass)
+    return None if path is None else round(shared_cycles(path), 1)

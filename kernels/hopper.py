@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from typing import NamedTuple
 
 import torch
 from torch._subclasses.fake_tensor import FakeTensor
@@ -290,13 +291,32 @@ def fp8_config(d: int, dv: int, block_n: int | None = None, n_operands: int = 0)
     return config(d, dv, 1, block_n)
 
 
-def fp8_schedules(d: int, dv: int, block_n: int | None = None, n_operands: int = 0) -> list[tuple[bool, int]]:
-    """(PINGPONG, STAGES) candidates of the FP8 tuner, the expected best first: the deepest ring that fits;
-    ping-pong below head dim 256 (at 256 the 16-bit kernel measured it ~5% slower, and with 128-key FP8 tiles
-    it spills)."""
+class Fp8Schedule(NamedTuple):
+    """One FP8 tuner candidate: fp8_launch_args's schedule keywords (softmax knobs: templates_hopper)."""
+    pingpong: bool
+    stages: int
+    emu: int = 0            # exp2 per 8 scores on the FMA pipe (kernels/fp8_exp2.py)
+    tree: bool = False      # row max as a reduction tree
+    late: bool = False      # O rescale and P conversion under S's GEMM
+    lsum: bool = False      # row sum of e4m3 P on the tensor core
+
+
+# Head dims <= 128: the softmax, not the GEMMs, bounds a key tile (64 exp2 per thread against a 512-cycle GEMM),
+# so the tuner also tries the lighter softmax (bench/sass_model.py: 2005 -> 1697 modelled cycles per tile pair
+# at D=128 without ping-pong; bench/fp8_variants.py times it). Not at 256, where lsum spills.
+_FP8_LIGHT = dict(emu=2, tree=True, late=True, lsum=True)
+
+
+def fp8_schedules(d: int, dv: int, block_n: int | None = None, n_operands: int = 0) -> list[Fp8Schedule]:
+    """Candidates of the FP8 tuner, the expected best first: the deepest ring that fits; ping-pong below head
+    dim 256 (at 256 the 16-bit kernel measured it ~5% slower, and with 128-key FP8 tiles it spills); below 256
+    also the lighter softmax (_FP8_LIGHT) with and without ping-pong."""
     _, most = fp8_config(d, dv, block_n, n_operands)
     first = [(False, most), (True, most)] if max(d, dv) > 128 else [(True, most), (True, 2), (False, most)]
-    return list(dict.fromkeys(first + [(False, 2)]))
+    cands = [Fp8Schedule(pp, st) for pp, st in first + [(False, 2)]]
+    if max(d, dv) <= 128:
+        cands += [Fp8Schedule(False, most, **_FP8_LIGHT), Fp8Schedule(True, most, **_FP8_LIGHT)]
+    return list(dict.fromkeys(cands))
 
 
 def supports_fp8(prog: ScoreProgram, q, k, v, operands, recipe) -> str | None:
@@ -327,18 +347,20 @@ def quantize_fp8(q, k, v, recipe, block_n: int | None = None, n_operands: int = 
 
 
 def fp8_launch_args(q8, k8, v8, operands, prog: ScoreProgram, out, lse, pingpong=None, stages=None, block_n=None,
-                    overlap=True, tiles=None, emu=0, tree=False, late=False):
+                    overlap=True, tiles=None, emu=0, tree=False, late=False,
+                    lsum=False):
     """Launch of the FP8 kernel on quantized operands (kernels/fp8_quant.Fp8Operand, as quantize_fp8 makes
     them: V transposed with its keys in wgmma_key_order, the order in which the kernel's P operand holds them).
     pingpong / stages default to the first of fp8_schedules; tiles: tile_args(...) (computed when None).
     Softmax knobs (templates_hopper): emu, exp2 per 8 scores on the FMA pipe (kernels/fp8_exp2.py); tree, row
-    max / sum as reduction trees; late, O's rescale and P's conversion between the S and the PV issue."""
+    max / sum as reduction trees; late, O's rescale and P's conversion between the S and the PV issue; lsum, the
+    row sum of e4m3 P on the tensor core (P times a ones tile) instead of 64 FADDs per thread and tile."""
     from .templates_hopper import fp8_quant_blocks
     qd, kd, vt = q8.data, k8.data, v8.data
     b, hq, sq, d = qd.shape
     sk, dv = kd.shape[2], vt.shape[2]
     bn, _ = fp8_config(d, dv, block_n, len(operands))
-    pp0, st0 = fp8_schedules(d, dv, bn, len(operands))[0]
+    pp0, st0 = fp8_schedules(d, dv, bn, len(operands))[0][:2]
     st = stages or st0
     pingpong = pp0 if pingpong is None else pingpong
     if not (v8.transposed and v8.wgmma_keys):
@@ -361,7 +383,8 @@ def fp8_launch_args(q8, k8, v8, operands, prog: ScoreProgram, out, lse, pingpong
     args = (_desc(qd, BLOCK_M), _desc(kd, bn), _desc(vt, dv, bn), _desc(out, BLOCK_M), lse, q8.scale, k8.scale,
             v8.scale, *scales, *op_args, *tiles, *lse.stride(), sq, sk, coff)
     return mod.attn_fwd_ws, grid, args, dict(BLOCK_M=BLOCK_M, BLOCK_N=bn, STAGES=st, PINGPONG=pingpong,
-                                             OVERLAP=overlap, EMU=emu, TREE=tree, LATE=late, num_warps=4)
+                                             OVERLAP=overlap, EMU=emu, TREE=tree, LATE=late,
+                                             LSUM=lsum, num_warps=4)
 
 
 def forward_fp8(q, k, v, operands, prog: ScoreProgram, recipe, **variant):
@@ -382,7 +405,7 @@ def forward_fp8(q, k, v, operands, prog: ScoreProgram, recipe, **variant):
         return _filled(out, lse, v, prog)
 
     def launch(cfg):
-        kernel, grid, args, kwargs = fp8_launch_args(q8, k8, v8, operands, prog, out, lse, *cfg)
+        kernel, grid, args, kwargs = fp8_launch_args(q8, k8, v8, operands, prog, out, lse, **cfg._asdict())
         kernel[grid](*args, **kwargs)
 
     d = q8.data.shape[-1]

@@ -169,11 +169,11 @@ __TILE_MASKED__    return masked
 
 
 @gluon.jit
-def _consumer(q_smem, k_smem, v_smem, o_smem, o4, q_bar, k_full, v_full, k_empty, v_empty, turn, o_desc, LSE,
+def _consumer(q_smem, k_smem, v_smem, o_smem, o4, ones_smem, q_bar, k_full, v_full, k_empty, v_empty, turn, o_desc, LSE,
               slb, slh, slm, off_b, off_h, m0, lo, n_tiles, __TLA__Sq, Sk, coff, __FP8P____OPS_PARAMS__
               WG: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DV: gl.constexpr,
               STAGES: gl.constexpr, PINGPONG: gl.constexpr, OVERLAP: gl.constexpr, EMU: gl.constexpr,
-              TREE: gl.constexpr, LATE: gl.constexpr):
+              TREE: gl.constexpr, LATE: gl.constexpr, LSUM: gl.constexpr):
     dtype: gl.constexpr = q_smem.dtype
     out_dtype: gl.constexpr = o_smem.dtype
     KI: gl.constexpr = 256 // dtype.primitive_bitwidth       # wgmma K per instruction: 16 (16-bit), 32 (fp8)
@@ -186,6 +186,12 @@ def _consumer(q_smem, k_smem, v_smem, o_smem, o4, q_bar, k_full, v_full, k_empty
     row_l: gl.constexpr = gl.SliceLayout(1, s_layout)
     col_l: gl.constexpr = gl.SliceLayout(0, s_layout)
     orow_l: gl.constexpr = gl.SliceLayout(1, o_layout)
+    # LSUM: the row sum as P times a ones tile (a [BLOCK_M, 8] accumulator), sharing P's registers with PV
+    l_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, 8, KI])
+    lp_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=l_layout,
+                                                  k_width=32 // dtype.primitive_bitwidth)
+    lrow_l: gl.constexpr = gl.SliceLayout(1, l_layout)
+    WAIT_S: gl.constexpr = 2 if LSUM else 1     # groups issued after S: PV (and P·1)
 __OPS_BASES__
     row0 = m0 + WG * BLOCK_M
     qi = gl.expand_dims(row0 + gl.arange(0, BLOCK_M, row_l), 1)
@@ -194,6 +200,7 @@ __OPS_BASES__
 __FP8_Q__
     zero_s = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout)
     acc = gl.zeros([BLOCK_M, HEAD_DV], gl.float32, o_layout)
+    l_acc = gl.zeros([BLOCK_M, 8], gl.float32, l_layout)
     m_i = gl.full([BLOCK_M], float("-inf"), gl.float32, row_l)
 __QK0__    turn_ph = 1 - WG   # consumer 0 takes the first turn
 
@@ -209,8 +216,10 @@ __FP8_LOAD0__    mbarrier.wait(k_full.index(0), 0)
     mbarrier.arrive(k_empty.index(0))
 __FP8_S0__    kj = gl.expand_dims(_tile_start(0, lo, __TLA__BLOCK_N) + gl.arange(0, BLOCK_N, col_l), 0)
 __STEP0__
-    l_i = _row_sum(p, m_i, TREE)
+    if not LSUM:
+        l_i = _row_sum(p, m_i, TREE)
     alpha_o = gl.full([BLOCK_M], 1.0, gl.float32, orow_l)    # LATE: O's pending rescale
+    alpha_l = gl.full([BLOCK_M], 1.0, gl.float32, lrow_l)
 __P_OP_PRO__
     i = 0
     for j in range(1, n_tiles):
@@ -226,26 +235,41 @@ __FP8_LOADJ____P_OP_TOP__        mbarrier.wait(k_full.index(nxt), nxt_ph)
         s_tok = warpgroup_mma(q, k_smem.index(nxt).permute((1, 0)), zero_s, use_acc=False, is_async=True)
         if LATE:    # under S's GEMM rather than between the softmax and its issue
             acc = acc * gl.expand_dims(alpha_o, 1)
+            if LSUM:
+                l_acc = l_acc * gl.expand_dims(alpha_l, 1)
 __P_OP_LATE__        mbarrier.wait(v_full.index(cur), cur_ph)
         o_tok = warpgroup_mma(p_op, v_smem.index(cur)__VT__, acc, is_async=True)
+        if LSUM:
+            l_tok = warpgroup_mma(gl.convert_layout(p_op, lp_layout, assert_trivial=True),
+                                  ones_smem.permute((1, 0)), l_acc, is_async=True)
         if PINGPONG:
             mbarrier.arrive(turn.index(1 - WG))
-        s = warpgroup_mma_wait(1, deps=(s_tok,))
+        s = warpgroup_mma_wait(WAIT_S, deps=(s_tok,))
         mbarrier.arrive(k_empty.index(nxt))   # K is read only by S; its slot refills while PV still runs
         if not OVERLAP:     # PV done before the softmax: P's registers are free while S is live
-            acc = warpgroup_mma_wait(0, deps=(o_tok,))
+            if LSUM:
+                acc, l_acc = warpgroup_mma_wait(0, deps=(o_tok, l_tok))
+            else:
+                acc = warpgroup_mma_wait(0, deps=(o_tok,))
             mbarrier.arrive(v_empty.index(cur))
 __FP8_SJ__        kj = gl.expand_dims(start_n + gl.arange(0, BLOCK_N, col_l), 0)
         masked = _tile_masked(start_n, row0, Sk, coff, BLOCK_M, BLOCK_N)
 __STEPJ__
         if OVERLAP:
-            acc = warpgroup_mma_wait(0, deps=(o_tok,))
+            if LSUM:
+                acc, l_acc = warpgroup_mma_wait(0, deps=(o_tok, l_tok))
+            else:
+                acc = warpgroup_mma_wait(0, deps=(o_tok,))
             mbarrier.arrive(v_empty.index(cur))
         if LATE:
             alpha_o = gl.convert_layout(__ALPHA__, orow_l)
+            alpha_l = gl.convert_layout(alpha, lrow_l)
         else:
             acc = acc * gl.expand_dims(gl.convert_layout(__ALPHA__, orow_l), 1)
-        l_i = l_i * alpha + _row_sum(p, m_i, TREE)
+            if LSUM:
+                l_acc = l_acc * gl.expand_dims(gl.convert_layout(alpha, lrow_l), 1)
+        if not LSUM:
+            l_i = l_i * alpha + _row_sum(p, m_i, TREE)
         m_i = m_new
 __P_OP_END__        i += 1
 
@@ -257,10 +281,20 @@ __P_OP_LAST__    mbarrier.wait(v_full.index(cur), cur_ph)
         mbarrier.wait(turn.index(WG), turn_ph)
     if LATE:
         acc = acc * gl.expand_dims(alpha_o, 1)
+        if LSUM:
+            l_acc = l_acc * gl.expand_dims(alpha_l, 1)
     o_tok = warpgroup_mma(p_op, v_smem.index(cur)__VT__, acc, is_async=True)
+    if LSUM:
+        l_tok = warpgroup_mma(gl.convert_layout(p_op, lp_layout, assert_trivial=True), ones_smem.permute((1, 0)),
+                              l_acc, is_async=True)
     if PINGPONG:
         mbarrier.arrive(turn.index(1 - WG))
-    acc = warpgroup_mma_wait(0, deps=(o_tok,))
+    if LSUM:
+        acc, l_acc = warpgroup_mma_wait(0, deps=(o_tok, l_tok))
+        # every column of l_acc is the row sum of e4m3(256 p): the same P the numerator saw
+        l_i = gl.convert_layout(gl.max(l_acc, 1), row_l)
+    else:
+        acc = warpgroup_mma_wait(0, deps=(o_tok,))
     mbarrier.arrive(v_empty.index(cur))
 
     empty = m_i == float("-inf")
@@ -281,7 +315,7 @@ __EMPTY_ROWS__
 def attn_fwd_ws(q_desc, k_desc, v_desc, o_desc, LSE, __FP8P____OPS_KPARAMS____TLP__slb, slh, slm, Sq, Sk, coff,
                 BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, PINGPONG: gl.constexpr,
                 OVERLAP: gl.constexpr = True, EMU: gl.constexpr = 0, TREE: gl.constexpr = False,
-                LATE: gl.constexpr = False):
+                LATE: gl.constexpr = False, LSUM: gl.constexpr = False):
     HEAD_D: gl.constexpr = q_desc.block_type.shape[3]
     HEAD_DV: gl.constexpr = o_desc.block_type.shape[3]
     dtype: gl.constexpr = q_desc.dtype
@@ -325,6 +359,13 @@ __N_TILES__
         mbarrier.init(v_full.index(st), count=1)
         mbarrier.init(k_empty.index(st), count=2)    # both consumers release a slot
         mbarrier.init(v_empty.index(st), count=2)
+    if LSUM:
+        ones_reg: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [2, 2], [1, 0])
+        ones_l: gl.constexpr = gl.NVMMASharedLayout.get_default_for([8, BLOCK_N], dtype)
+        ones_smem = gl.allocate_shared_memory(dtype, [8, BLOCK_N], ones_l,
+                                              gl.full([8, BLOCK_N], 1.0, gl.float16, ones_reg).to(dtype))
+    else:
+        ones_smem = q_smem
     fence_async_shared()
 
     q2 = q_smem._reinterpret(dtype, [2, BLOCK_M, HEAD_D], q_l)
@@ -332,12 +373,12 @@ __N_TILES__
     v2 = v_smem._reinterpret(dtype, [STAGES] + __V_TILE__, v_l)
     o2 = o_smem._reinterpret(out_dtype, [2, BLOCK_M, HEAD_DV], o_l)
     gl.warp_specialize([
-        (_consumer, (q2, k2, v2, o2, o_smem, q_bar, k_full, v_full, k_empty, v_empty, turn, o_desc, LSE, slb, slh, slm,
+        (_consumer, (q2, k2, v2, o2, o_smem, ones_smem, q_bar, k_full, v_full, k_empty, v_empty, turn, o_desc, LSE, slb, slh, slm,
                      off_b, off_h, m0, lo, n_tiles, __TLA__Sq, Sk, coff, __FP8P____OPS_KARGS__0, BLOCK_M, BLOCK_N, HEAD_DV, STAGES,
-                     PINGPONG, OVERLAP, EMU, TREE, LATE)),
-        (_consumer, (q2, k2, v2, o2, o_smem, q_bar, k_full, v_full, k_empty, v_empty, turn, o_desc, LSE, slb, slh, slm,
+                     PINGPONG, OVERLAP, EMU, TREE, LATE, LSUM)),
+        (_consumer, (q2, k2, v2, o2, o_smem, ones_smem, q_bar, k_full, v_full, k_empty, v_empty, turn, o_desc, LSE, slb, slh, slm,
                      off_b, off_h, m0, lo, n_tiles, __TLA__Sq, Sk, coff, __FP8P____OPS_KARGS__1, BLOCK_M, BLOCK_N, HEAD_DV, STAGES,
-                     PINGPONG, OVERLAP, EMU, TREE, LATE)),
+                     PINGPONG, OVERLAP, EMU, TREE, LATE, LSUM)),
         (_producer, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_full, v_full, k_empty, v_empty,
                      off_b, off_h, off_hk, m0, lo, n_tiles, __TLA__BLOCK_M, BLOCK_N, STAGES)),
     ], [4, 1], [240, 24])
