@@ -119,6 +119,18 @@ def main(argv=None):
                     row[f"tile N{VARIANTS[d][0][0]} {warps} warps"] = bench(
                         lambda: hopper.quantize_fp8(q, k, v, recipe, VARIANTS[d][0][0]))
             fp8_quant._tile_warps = saved
+            saved_pipe = fp8_quant._tile_pipeline
+            for tiles, stages in ((4, 1), (4, 2), (8, 2)):       # several tiles per program, loads pipelined
+                fp8_quant._tile_pipeline = lambda bd, rot, tr: (tiles, stages)   # noqa: E731
+                row[f"tile N{VARIANTS[d][0][0]} x{tiles} tiles st{stages}"] = bench(
+                    lambda: hopper.quantize_fp8(q, k, v, recipe, VARIANTS[d][0][0]))
+                for op_name, fn in (("Q", lambda: fp8_quant.quantize(q, block=128, rotate=True)),
+                                    ("V", lambda: fp8_quant.quantize(v, block=128, transposed=True, wgmma_keys=True))):
+                    row[f"  {op_name} alone x{tiles} tiles st{stages} (x3)"] = 3 * bench(fn)
+            fp8_quant._tile_pipeline = saved_pipe
+            for op_name, fn in (("Q", lambda: fp8_quant.quantize(q, block=128, rotate=True)),
+                                ("V", lambda: fp8_quant.quantize(v, block=128, transposed=True, wgmma_keys=True))):
+                row[f"  {op_name} alone x1 tiles st1 (x3)"] = 3 * bench(fn)
 
             def general():
                 fp8_quant.quantize(q, block=128, rotate=True, tile_kernel=False)

@@ -12,8 +12,8 @@ other's GEMMs (ping-pong) while the exps issue back to back. Part of the exps ca
 
 Eight instructions (FMNMX, 3 FADD, 3 FFMA, one shift-add) against one MUFU: worth it only for a fraction of
 the scores. Masked scores (-inf) clamp to -127, whose fraction is 0 and p = 1 exactly, so the sum of exponent
-bits is 0: +0.0, never NaN. Between -127 and -126 the result is a subnormal (as 2^x is); e4m3(256·p) and the
-row sum cannot tell either from 0. P is quantized to e4m3 (3 mantissa bits) after, so 8.6e-5 is invisible.
+bits is 0: +0.0, never NaN. Between -127 and -126 the result is p's mantissa read as a subnormal: in
+[0, 2^-126] and monotone, not 2^x, but e4m3(256·p) and the row sum cannot tell either from 0. P is quantized to e4m3 (3 mantissa bits) after, so 8.6e-5 is invisible.
 
 `asm(emulated)` is the PTX of one `gl.inline_asm_elementwise` call over 8 consecutive registers of a thread
 (pack=8), the first `emulated` of them by the polynomial, the rest by ex2.approx.ftz; which scores of a tile
