@@ -35,19 +35,24 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # (BLOCK_N, PINGPONG, STAGES or None for the most that fit, OVERLAP, softmax knobs); the default schedule first.
 # At D=256 the 64-key rows are the previous default. Knobs (templates_hopper, hopper.Fp8Schedule): "tree" row max
 # / sum as reduction trees, "lsum" row sum on the tensor core, "late" O rescale and P conversion under S's GEMM,
-# "emuN" N of every 8 exp2 on the FMA pipe. bench/sass_model.py's cycles per tile pair (both consumer warps on
-# one sub-partition, D=128): default nopp 2005, tree 1926, tree lsum 1852, + emu1 1749, + emu2 1723, + emu3 1715,
-# tree lsum late emu2 1697 / emu3 1694; pp tree lsum late emu2 1718 (the 877 TFLOPS measured nopp ~ 2200 cycles).
-LIGHT = ("tree", "lsum", "late", "emu2")
+# "emuN" N of every 8 exp2 on the FMA pipe, "join" the exp2 after the masked / unmasked branches join (ptxas then
+# interleaves it with the row sum and hoists the PV wait above it), "mid" the PV wait and O rescale between the
+# row max and the exp2. bench/sass_model.py's cycles per tile pair (both consumer warps on one sub-partition,
+# D=128, waits free; bench/results/fp8_sass.md): nopp default 2005, tree 1926, join 1735, tree lsum 1852,
+# tree lsum join 1663, tree emu2 1845, tree lsum emu2 1723, LIGHT 1697, JOINED 1617, tree lsum join emu3 1628,
+# tree lsum mid emu1 1632; pp LIGHT 1718, pp JOINED 1639 (the 877 TFLOPS measured nopp default ~ 2200 cycles).
+LIGHT = ("tree", "lsum", "late", "emu2")           # hopper._FP8_LIGHT
+JOINED = ("tree", "lsum", "join", "emu1")          # hopper._FP8_JOINED
 VARIANTS = {
-    128: [(128, True, None, True, ()), (128, False, None, True, ()), (128, True, 2, True, ()),
-          (256, True, None, True, ()),
-          (128, False, None, True, ("tree",)), (128, False, None, True, ("tree", "lsum")),
-          (128, False, None, True, ("tree", "emu2")),
-          (128, False, None, True, ("tree", "lsum", "emu1")), (128, False, None, True, ("tree", "lsum", "emu2")),
-          (128, False, None, True, ("tree", "lsum", "emu3")), (128, False, None, True, LIGHT),
-          (128, False, None, True, ("tree", "lsum", "late", "emu3")), (128, True, None, True, LIGHT),
-          (128, True, None, True, ("tree", "lsum", "late", "emu4"))],
+    128: [(128, True, None, True, ()), (128, False, None, True, ()),
+          (128, False, None, True, ("tree",)), (128, False, None, True, ("join",)),
+          (128, False, None, True, ("tree", "lsum")), (128, False, None, True, ("tree", "lsum", "join")),
+          (128, False, None, True, ("tree", "emu2")), (128, False, None, True, ("tree", "lsum", "emu2")),
+          (128, False, None, True, LIGHT), (128, False, None, True, JOINED),
+          (128, False, None, True, ("tree", "lsum", "join", "emu3")),
+          (128, False, None, True, ("tree", "lsum", "mid", "emu1")),
+          (128, True, None, True, LIGHT), (128, True, None, True, JOINED),
+          (128, True, None, True, ("tree", "lsum", "join", "emu3"))],
     256: [(128, False, None, True, ()), (128, True, None, True, ()), (128, True, None, False, ()),
           (64, False, None, True, ()), (128, False, None, True, ("tree",)), (128, True, None, True, ("tree",))],
 }

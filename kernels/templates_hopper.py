@@ -73,7 +73,9 @@ def _producer(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_full, v_f
 
 @gluon.jit
 def _softmax_step(s, m_i, qk, qi, kj, Sq, Sk, coff, __OPS_ARGS__MASKED: gl.constexpr, NEUTRAL: gl.constexpr,
-                  EMU: gl.constexpr, TREE: gl.constexpr):
+                  EMU: gl.constexpr, TREE: gl.constexpr, SPLIT: gl.constexpr):
+    """(p, m_new, alpha) of one tile; with SPLIT the exponent of p instead of p (the caller takes the exp2
+    after the masked / unmasked branches join, where ptxas may schedule it among other work)."""
     if NEUTRAL:
         x = _score_neutral(s, qi, kj, Sq, Sk, __OPS_ARGS__)
     elif MASKED:
@@ -87,8 +89,11 @@ def _softmax_step(s, m_i, qk, qi, kj, Sq, Sk, coff, __OPS_ARGS__MASKED: gl.const
     else:
         m_new = gl.maximum(m_i, __ROWMAX__)
     m_use = gl.where(m_new == float("-inf"), 0.0, m_new)
-    p = _exp2_mix(__P_EXP__, EMU)
     alpha = gl.exp2(__ALPHA_EXP__)
+    if SPLIT:
+        p = __P_EXP__
+    else:
+        p = _exp2_mix(__P_EXP__, EMU)
     return p, m_new, alpha
 
 
@@ -173,7 +178,9 @@ def _consumer(q_smem, k_smem, v_smem, o_smem, o4, ones_smem, q_bar, k_full, v_fu
               slb, slh, slm, off_b, off_h, m0, lo, n_tiles, __TLA__Sq, Sk, coff, __FP8P____OPS_PARAMS__
               WG: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DV: gl.constexpr,
               STAGES: gl.constexpr, PINGPONG: gl.constexpr, OVERLAP: gl.constexpr, EMU: gl.constexpr,
-              TREE: gl.constexpr, LATE: gl.constexpr, LSUM: gl.constexpr):
+              TREE: gl.constexpr, LATE: gl.constexpr, LSUM: gl.constexpr, MID: gl.constexpr,
+              JOIN: gl.constexpr):
+    SPLIT: gl.constexpr = MID or JOIN
     dtype: gl.constexpr = q_smem.dtype
     out_dtype: gl.constexpr = o_smem.dtype
     KI: gl.constexpr = 256 // dtype.primitive_bitwidth       # wgmma K per instruction: 16 (16-bit), 32 (fp8)
@@ -216,6 +223,10 @@ __FP8_LOAD0__    mbarrier.wait(k_full.index(0), 0)
     mbarrier.arrive(k_empty.index(0))
 __FP8_S0__    kj = gl.expand_dims(_tile_start(0, lo, __TLA__BLOCK_N) + gl.arange(0, BLOCK_N, col_l), 0)
 __STEP0__
+    if SPLIT:
+        p = _exp2_mix(p_arg, EMU)
+    else:
+        p = p_arg
     if not LSUM:
         l_i = _row_sum(p, m_i, TREE)
     alpha_o = gl.full([BLOCK_M], 1.0, gl.float32, orow_l)    # LATE: O's pending rescale
@@ -255,7 +266,21 @@ __P_OP_LATE__        mbarrier.wait(v_full.index(cur), cur_ph)
 __FP8_SJ__        kj = gl.expand_dims(start_n + gl.arange(0, BLOCK_N, col_l), 0)
         masked = _tile_masked(start_n, row0, Sk, coff, BLOCK_M, BLOCK_N)
 __STEPJ__
-        if OVERLAP:
+        if OVERLAP and MID:     # PV waited after the row max: O's rescale can issue among the exps
+            if LSUM:
+                acc, l_acc = warpgroup_mma_wait(0, deps=(o_tok, l_tok))
+            else:
+                acc = warpgroup_mma_wait(0, deps=(o_tok,))
+            mbarrier.arrive(v_empty.index(cur))
+        if MID and not LATE:
+            acc = acc * gl.expand_dims(gl.convert_layout(__ALPHA__, orow_l), 1)
+            if LSUM:
+                l_acc = l_acc * gl.expand_dims(gl.convert_layout(alpha, lrow_l), 1)
+        if SPLIT:
+            p = _exp2_mix(p_arg, EMU)
+        else:
+            p = p_arg
+        if OVERLAP and not MID:
             if LSUM:
                 acc, l_acc = warpgroup_mma_wait(0, deps=(o_tok, l_tok))
             else:
@@ -264,7 +289,7 @@ __STEPJ__
         if LATE:
             alpha_o = gl.convert_layout(__ALPHA__, orow_l)
             alpha_l = gl.convert_layout(alpha, lrow_l)
-        else:
+        elif not MID:
             acc = acc * gl.expand_dims(gl.convert_layout(__ALPHA__, orow_l), 1)
             if LSUM:
                 l_acc = l_acc * gl.expand_dims(gl.convert_layout(alpha, lrow_l), 1)
@@ -315,7 +340,8 @@ __EMPTY_ROWS__
 def attn_fwd_ws(q_desc, k_desc, v_desc, o_desc, LSE, __FP8P____OPS_KPARAMS____TLP__slb, slh, slm, Sq, Sk, coff,
                 BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, PINGPONG: gl.constexpr,
                 OVERLAP: gl.constexpr = True, EMU: gl.constexpr = 0, TREE: gl.constexpr = False,
-                LATE: gl.constexpr = False, LSUM: gl.constexpr = False):
+                LATE: gl.constexpr = False, LSUM: gl.constexpr = False, MID: gl.constexpr = False,
+                JOIN: gl.constexpr = False):
     HEAD_D: gl.constexpr = q_desc.block_type.shape[3]
     HEAD_DV: gl.constexpr = o_desc.block_type.shape[3]
     dtype: gl.constexpr = q_desc.dtype
@@ -375,10 +401,10 @@ __N_TILES__
     gl.warp_specialize([
         (_consumer, (q2, k2, v2, o2, o_smem, ones_smem, q_bar, k_full, v_full, k_empty, v_empty, turn, o_desc, LSE, slb, slh, slm,
                      off_b, off_h, m0, lo, n_tiles, __TLA__Sq, Sk, coff, __FP8P____OPS_KARGS__0, BLOCK_M, BLOCK_N, HEAD_DV, STAGES,
-                     PINGPONG, OVERLAP, EMU, TREE, LATE, LSUM)),
+                     PINGPONG, OVERLAP, EMU, TREE, LATE, LSUM, MID, JOIN)),
         (_consumer, (q2, k2, v2, o2, o_smem, ones_smem, q_bar, k_full, v_full, k_empty, v_empty, turn, o_desc, LSE, slb, slh, slm,
                      off_b, off_h, m0, lo, n_tiles, __TLA__Sq, Sk, coff, __FP8P____OPS_KARGS__1, BLOCK_M, BLOCK_N, HEAD_DV, STAGES,
-                     PINGPONG, OVERLAP, EMU, TREE, LATE, LSUM)),
+                     PINGPONG, OVERLAP, EMU, TREE, LATE, LSUM, MID, JOIN)),
         (_producer, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_full, v_full, k_empty, v_empty,
                      off_b, off_h, off_hk, m0, lo, n_tiles, __TLA__BLOCK_M, BLOCK_N, STAGES)),
     ], [4, 1], [240, 24])
@@ -476,8 +502,9 @@ class _HopperGen:
     def steps(self) -> tuple[str, str]:
         """The softmax-step calls of the prologue (tile 0, always masked) and of tile j: with tile lists, a
         neutral tile takes the operand-free variant (a runtime branch); without, there is no such branch."""
-        call = "{lhs} = _softmax_step(s, m_i, qk, qi, kj, Sq, Sk, coff, __OPS_ARGS__{masked}, {neutral}, EMU, TREE)"
-        p0, pj = "p, m_i, alpha", "p, m_new, alpha"
+        call = ("{lhs} = _softmax_step(s, m_i, qk, qi, kj, Sq, Sk, coff, __OPS_ARGS__{masked}, {neutral}, EMU, TREE, "
+                "SPLIT)")
+        p0, pj = "p_arg, m_i, alpha", "p_arg, m_new, alpha"
         if self.tiles is None:
             step0 = "    " + call.format(lhs=p0, masked="True", neutral="False")
             stepj = ("        if masked:\n            " + call.format(lhs=pj, masked="True", neutral="False")

@@ -45,7 +45,10 @@ def base128():
 @pytest.mark.parametrize("kw", [dict(pingpong=False, tree=True), dict(pingpong=False, lsum=True, tree=True),
                                 dict(pingpong=False, emu=2, tree=True, late=True, lsum=True),
                                 dict(pingpong=True, emu=2, tree=True, late=True, lsum=True),
-                                dict(pingpong=False, emu=3, tree=True, lsum=True)])
+                                dict(pingpong=False, emu=3, tree=True, lsum=True),
+                                dict(pingpong=False, emu=1, tree=True, lsum=True, join=True),
+                                dict(pingpong=False, emu=1, tree=True, lsum=True, mid=True),
+                                dict(pingpong=False, join=True)])
 def test_knobs_d128_mix(base128, kw):
     facts, mix, sass = _compile(128, **kw)
     bfacts, bmix, _ = base128
@@ -73,6 +76,8 @@ def test_knobs_other_shapes_do_not_spill(d, causal, kw):
 
 
 def test_tuner_candidates_compile_without_spills():
-    for cand in hopper.fp8_schedules(128, 128)[3:]:
+    cands = hopper.fp8_schedules(128, 128)[4:]
+    assert len(cands) == 3 and all(c.lsum for c in cands)
+    for cand in cands:
         facts, mix, _ = _compile(128, **cand._asdict())
         assert facts["loop_local_ops"] == 0 and mix["local"] == 0, (cand, facts)

@@ -233,7 +233,11 @@ def test_hopper_fp8_tile_variants(d, block_n, pingpong, overlap, causal):
     (128, True, dict(tree=True, late=True), "none", False),
     (64, True, dict(emu=2, tree=True, late=True, lsum=True), "none", False),
     (256, False, dict(tree=True), "none", False),
-    (128, False, dict(emu=2, tree=True, late=True, lsum=True), "none", True)])
+    (128, False, dict(emu=2, tree=True, late=True, lsum=True), "none", True),
+    (128, False, dict(emu=1, tree=True, lsum=True, join=True), "bottom_right", False),
+    (128, True, dict(emu=1, tree=True, lsum=True, join=True), "none", True),
+    (128, False, dict(emu=1, tree=True, lsum=True, mid=True), "top_left", False),
+    (128, False, dict(join=True), "none", False)])
 def test_hopper_fp8_softmax_knobs(d, pingpong, knobs, causal, masked):
     """The softmax knobs bench/fp8_variants.py times and the tuner may pick (hopper.Fp8Schedule), by the same
     rule; with a boolean-like additive mask, whose hidden scores reach the emulated exp2 as -inf."""
