@@ -38,7 +38,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # "emuN" N of every 8 exp2 on the FMA pipe, "join" the exp2 after the masked / unmasked branches join (ptxas then
 # interleaves it with the row sum and hoists the PV wait above it), "mid" the PV wait and O rescale between the
 # row max and the exp2. bench/sass_model.py's cycles per tile pair (both consumer warps on one sub-partition,
-# D=128, waits free; bench/results/fp8_sass.md): nopp default 2005, tree 1926, join 1735, tree lsum 1852,
+# D=128, waits free; bench/results/fp8_sass.md): nopp default 2005, tree 1926, join 1735, tree lsum 1795,
 # tree lsum join 1663, tree emu2 1845, tree lsum emu2 1723, LIGHT 1697, JOINED 1617, tree lsum join emu3 1628,
 # tree lsum mid emu1 1632; pp LIGHT 1718, pp JOINED 1639 (the 877 TFLOPS measured nopp default ~ 2200 cycles).
 LIGHT = ("tree", "lsum", "late", "emu2")           # hopper._FP8_LIGHT

@@ -38,6 +38,17 @@ stores V's keys in that order (fp8_quant.wgmma_key_order); 4 values become one r
 one byte permute. V's scale is folded into the accumulator's rescale (acc in units of the last V tile), so
 the epilogue multiplies by the last V scale over l. A key tile larger than 128 keys has one K / V scale
 (fp8_quant_blocks).
+
+Softmax knobs (constexprs, all off by default; hopper.Fp8Schedule; measured by bench/fp8_variants.py). At FP8
+D=128 one warp's trip through a key tile (~1350 cycles alone: 64 MUFU.EX2 back to back, 31-deep FMNMX and
+FADD chains) is 2.5x the other warpgroup's GEMMs (512 cycles), so the softmax, not the tensor cores, sets
+the pace and ping-pong only serialises the two softmaxes. EMU: EMU of every 8 exp2 on the FMA pipe
+(kernels/fp8_exp2.py) instead of MUFU. TREE: row max (and, without LSUM, row sum) as reduction trees over
+register halves, not chains. LSUM: the row sum is P times a ones tile (one 64x8 wgmma per 32 keys on P's
+registers; l then sums the same e4m3 P the numerator used) instead of 64 FADDs and shuffles. LATE: O's rescale
+and FP8's P conversion move between the S and the PV issue of the next trip. JOIN: the exp2 after the
+masked / unmasked branches join (one copy; ptxas interleaves it with the row sum and hoists the PV wait above
+it). MID: PV waited and O rescaled between the row max and the exp2.
 """
 
 from __future__ import annotations
