@@ -8,7 +8,10 @@ Columns: registers at launch (the consumers run at setmaxnreg 240), local-memory
 whole kernel and in one loop trip, tensor-core MMAs in the kernel (QGMMA: e4m3, HGMMA: 16-bit), shared
 memory, instructions per loop trip and per 128 keys, then the softmax (MUFU = exp2, FFMA, FMUL, FMNMX) and
 the P conversion (F2FP: cvt pairs, PRMT: byte permutes, SHFL: lane shuffles, LOP3 + SHF, LDS/STS + LDSM/STSM:
-shared memory) per trip. Scale-only programs (scale = D^-0.5), 2 x 4 heads x 1024 keys.
+shared memory) per trip, and bench/sass_model.py's cycles: one warp's trip alone ("trip cyc": what ping-pong
+pays per warpgroup and tile) and per tile pair with both consumers' warps on one sub-partition ("pair cyc": the
+schedule without ping-pong; the measured 877 TFLOPS of the D=128 nopp default is ~2200 cycles per pair at
+1.755 GHz against 2005 here). Scale-only programs (scale = D^-0.5), 2 x 4 heads x 1024 keys.
 
 Second table: the quantize pass's kernels per 128-row tile of bf16 input (tile kernel: rows rotated, V transposed
 in wgmma_key_order; general kernel: the butterfly path), with their global loads / stores by width.
@@ -30,6 +33,9 @@ sys.path.insert(0, os.path.join(ROOT, "tests"))
 
 from sm90_cross_compile import compile_sm90, compile_triton_sm90, main_loop_mix, sass_facts, sass_text  # noqa: E402
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import sass_model  # noqa: E402
+
 from fa3_inductor.kernels import hopper  # noqa: E402
 from fa3_inductor.kernels.fp8_quant import Fp8Operand  # noqa: E402
 from fa3_inductor.kernels.program import ScoreProgram  # noqa: E402
@@ -46,6 +52,27 @@ VARIANTS = [
     ("fp8", 256, False, {"block_n": 128, "pingpong": True, "overlap": False}),
     ("fp8", 256, False, {"block_n": 64, "pingpong": False}),
     ("fp8", 256, False, {"block_n": 64, "pingpong": True}),
+    # softmax knobs (hopper.Fp8Schedule) at D=128, 128-key tiles
+    ("fp8", 128, False, {"pingpong": False}),
+    ("fp8", 128, False, {"pingpong": False, "tree": True}),
+    ("fp8", 128, False, {"pingpong": False, "tree": True, "lsum": True}),
+    ("fp8", 128, False, {"pingpong": False, "tree": True, "emu": 2}),
+    ("fp8", 128, False, {"pingpong": False, "tree": True, "lsum": True, "emu": 1}),
+    ("fp8", 128, False, {"pingpong": False, "tree": True, "lsum": True, "emu": 2}),
+    ("fp8", 128, False, {"pingpong": False, "tree": True, "lsum": True, "emu": 3}),
+    ("fp8", 128, False, {"pingpong": False, "tree": True, "lsum": True, "late": True, "emu": 2}),
+    ("fp8", 128, False, {"pingpong": False, "tree": True, "lsum": True, "late": True, "emu": 3}),
+    ("fp8", 128, False, {"pingpong": False, "join": True}),
+    ("fp8", 128, False, {"pingpong": False, "tree": True, "lsum": True, "join": True}),
+    ("fp8", 128, False, {"pingpong": False, "tree": True, "lsum": True, "join": True, "emu": 1}),
+    ("fp8", 128, False, {"pingpong": False, "tree": True, "lsum": True, "join": True, "emu": 3}),
+    ("fp8", 128, False, {"pingpong": False, "tree": True, "lsum": True, "mid": True, "emu": 1}),
+    ("fp8", 128, False, {"pingpong": True, "tree": True, "lsum": True, "join": True, "emu": 1}),
+    ("fp8", 128, False, {"pingpong": True, "tree": True, "lsum": True, "late": True, "emu": 2}),
+    ("fp8", 128, False, {"pingpong": True, "tree": True, "lsum": True, "emu": 2}),
+    ("fp8", 128, True, {"pingpong": False, "tree": True, "lsum": True, "late": True, "emu": 2}),
+    ("fp8", 64, False, {"pingpong": True, "tree": True, "lsum": True, "late": True, "emu": 2}),
+    ("fp8", 256, False, {"pingpong": False, "tree": True}),
 ]
 
 
@@ -72,17 +99,21 @@ def compile_variant(dtype: str, d: int, causal: bool, kw: dict):
 def row(dtype, d, causal, kw) -> dict:
     compiled, kwargs = compile_variant(dtype, d, causal, kw)
     facts = sass_facts(compiled)
-    mix = main_loop_mix(sass_text(compiled)) or {}
+    sass = sass_text(compiled)
+    mix = main_loop_mix(sass) or {}
     bn = kwargs["BLOCK_N"]
+    soft = "".join(f" {k}" for k in ("tree", "lsum", "late", "join", "mid") if kwargs.get(k.upper()))
+    soft += f" emu{kwargs['EMU']}" if kwargs.get("EMU") else ""
     name = (f"{dtype} D{d}{' causal' if causal else ''} N{bn} {'pp' if kwargs['PINGPONG'] else 'nopp'} "
-            f"st{kwargs['STAGES']}{'' if kwargs.get('OVERLAP', True) else ' no-overlap'}"
+            f"st{kwargs['STAGES']}{'' if kwargs.get('OVERLAP', True) else ' no-overlap'}{soft}"
             f"{' (default)' if not kw else ''}")
     g = mix.get
     return {"variant": name, **facts, "loop_local": g("local", 0), "loop": g("total", 0),
             "per128": round(g("total", 0) * 128 / bn), "MUFU": g("MUFU", 0), "FFMA": g("FFMA", 0),
             "FMUL": g("FMUL", 0), "FMNMX": g("FMNMX", 0), "F2FP": g("F2FP", 0), "PRMT": g("PRMT", 0),
             "SHFL": g("SHFL", 0), "LOP3+SHF": g("LOP3", 0) + g("SHF", 0),
-            "smem": g("LDS", 0) + g("STS", 0) + g("LDSM", 0) + g("STSM", 0)}
+            "smem": g("LDS", 0) + g("STS", 0) + g("LDSM", 0) + g("STSM", 0), "FADD": g("FADD", 0),
+            "trip cyc": sass_model.loop_trip_cycles(sass), "pair cyc": sass_model.loop_shared_cycles(sass)}
 
 
 def quant_row(kernel: str, d: int, rotate: bool, transposed: bool, block: int = 128) -> dict:
@@ -119,7 +150,7 @@ def quant_row(kernel: str, d: int, rotate: bool, transposed: bool, block: int = 
 QCOLS = ["kernel", "warps", "regs", "local_ops", "hgmma", "shared", "instrs", "LDG.128", "STG.128", "STG.U8", "SHFL",
          "BAR", "LDS/STS"]
 COLS = ["variant", "regs", "local_ops", "loop_local", "qgmma", "hgmma", "shared", "loop", "per128", "MUFU", "FFMA",
-        "FMUL", "FMNMX", "F2FP", "PRMT", "SHFL", "LOP3+SHF", "smem"]
+        "FADD", "FMUL", "FMNMX", "F2FP", "PRMT", "SHFL", "LOP3+SHF", "smem", "trip cyc", "pair cyc"]
 
 
 def main(argv=None):

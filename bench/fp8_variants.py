@@ -32,13 +32,29 @@ import torch.nn.functional as F
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-# (BLOCK_N, PINGPONG, STAGES or None for the most that fit, OVERLAP); the default schedule first. At D=256 the
-# 64-key rows are the previous default.
+# (BLOCK_N, PINGPONG, STAGES or None for the most that fit, OVERLAP, softmax knobs); the default schedule first.
+# At D=256 the 64-key rows are the previous default. Knobs (templates_hopper, hopper.Fp8Schedule): "tree" row max
+# / sum as reduction trees, "lsum" row sum on the tensor core, "late" O rescale and P conversion under S's GEMM,
+# "emuN" N of every 8 exp2 on the FMA pipe, "join" the exp2 after the masked / unmasked branches join (ptxas then
+# interleaves it with the row sum and hoists the PV wait above it), "mid" the PV wait and O rescale between the
+# row max and the exp2. bench/sass_model.py's cycles per tile pair (both consumer warps on one sub-partition,
+# D=128, waits free; bench/results/fp8_sass.md): nopp default 2005, tree 1926, join 1735, tree lsum 1795,
+# tree lsum join 1663, tree emu2 1845, tree lsum emu2 1723, LIGHT 1697, JOINED 1617, tree lsum join emu3 1628,
+# tree lsum mid emu1 1632; pp LIGHT 1718, pp JOINED 1639 (the 877 TFLOPS measured nopp default ~ 2200 cycles).
+LIGHT = ("tree", "lsum", "late", "emu2")           # hopper._FP8_LIGHT
+JOINED = ("tree", "lsum", "join", "emu1")          # hopper._FP8_JOINED
 VARIANTS = {
-    128: [(128, True, None, True), (128, True, 2, True), (128, False, None, True), (256, True, None, True),
-          (256, False, None, False)],
-    256: [(128, False, None, True), (128, True, None, True), (128, True, None, False), (64, False, None, True),
-          (64, True, None, True)],
+    128: [(128, True, None, True, ()), (128, False, None, True, ()),
+          (128, False, None, True, ("tree",)), (128, False, None, True, ("join",)),
+          (128, False, None, True, ("tree", "lsum")), (128, False, None, True, ("tree", "lsum", "join")),
+          (128, False, None, True, ("tree", "emu2")), (128, False, None, True, ("tree", "lsum", "emu2")),
+          (128, False, None, True, LIGHT), (128, False, None, True, JOINED),
+          (128, False, None, True, ("tree", "lsum", "join", "emu3")),
+          (128, False, None, True, ("tree", "lsum", "mid", "emu1")),
+          (128, True, None, True, LIGHT), (128, True, None, True, JOINED),
+          (128, True, None, True, ("tree", "lsum", "join", "emu3"))],
+    256: [(128, False, None, True, ()), (128, True, None, True, ()), (128, True, None, False, ()),
+          (64, False, None, True, ()), (128, False, None, True, ("tree",)), (128, True, None, True, ("tree",))],
 }
 TARGETS = {(128, 16384, False): 1000, (256, 16384, False): 1100}
 HBM_TBS = 3.35        # H100 SXM HBM3 peak, for the quantize pass's fraction of it
@@ -47,8 +63,19 @@ HBM_TBS = 3.35        # H100 SXM HBM3 peak, for the quantize pass's fraction of 
 
 
 def name(v) -> str:
-    bn, pp, st, ov = v
-    return f"N{bn} {'pp' if pp else 'nopp'} st{st or 'max'}{'' if ov else ' no-overlap'}"
+    bn, pp, st, ov, kn = v
+    return f"N{bn} {'pp' if pp else 'nopp'} st{st or 'max'}{'' if ov else ' no-overlap'}{''.join(' ' + k for k in kn)}"
+
+
+def knobs(kn) -> dict:
+    """fp8_launch_args keywords of a variant's softmax knobs."""
+    out = {}
+    for k in kn:
+        if k.startswith("emu"):
+            out["emu"] = int(k[3:])
+        else:
+            out[k] = True
+    return out
 
 
 def rmse(a, b) -> float:
@@ -63,6 +90,7 @@ def main(argv=None):
     ap.add_argument("--dims", default="128,256")
     ap.add_argument("--seqs", default="4096,16384")
     ap.add_argument("--table3-seq", type=int, default=4096)
+    ap.add_argument("--causal", default="0,1", help="0: non-causal, 1: causal cells")
     args = ap.parse_args(argv)
     import triton
     from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -96,6 +124,18 @@ def main(argv=None):
                     row[f"tile N{VARIANTS[d][0][0]} {warps} warps"] = bench(
                         lambda: hopper.quantize_fp8(q, k, v, recipe, VARIANTS[d][0][0]))
             fp8_quant._tile_warps = saved
+            saved_pipe = fp8_quant._tile_pipeline
+            for tiles, stages in ((4, 1), (4, 2), (8, 2)):       # several tiles per program, loads pipelined
+                fp8_quant._tile_pipeline = lambda bd, rot, tr: (tiles, stages)   # noqa: E731
+                row[f"tile N{VARIANTS[d][0][0]} x{tiles} tiles st{stages}"] = bench(
+                    lambda: hopper.quantize_fp8(q, k, v, recipe, VARIANTS[d][0][0]))
+                for op_name, fn in (("Q", lambda: fp8_quant.quantize(q, block=128, rotate=True)),
+                                    ("V", lambda: fp8_quant.quantize(v, block=128, transposed=True, wgmma_keys=True))):
+                    row[f"  {op_name} alone x{tiles} tiles st{stages} (x3)"] = 3 * bench(fn)
+            fp8_quant._tile_pipeline = saved_pipe
+            for op_name, fn in (("Q", lambda: fp8_quant.quantize(q, block=128, rotate=True)),
+                                ("V", lambda: fp8_quant.quantize(v, block=128, transposed=True, wgmma_keys=True))):
+                row[f"  {op_name} alone x1 tiles st1 (x3)"] = 3 * bench(fn)
 
             def general():
                 fp8_quant.quantize(q, block=128, rotate=True, tile_kernel=False)
@@ -107,7 +147,7 @@ def main(argv=None):
             quant.append(row)
             print("quantize", row, flush=True)
 
-            for causal in (False, True):
+            for causal in (bool(int(x)) for x in args.causal.split(",")):
                 if time.time() - t0 > args.budget:
                     skipped.append((d, s, causal))
                     continue
@@ -123,13 +163,13 @@ def main(argv=None):
                     ms = bench(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=causal))
                     cell["cudnn bf16"] = {"ms": ms, "rmse_fp32": rmse(ocd, ref)}
                 for var in VARIANTS[d]:
-                    bn, pp, st, ov = var
+                    bn, pp, st, ov, kn = var
                     rec = {}
                     try:
                         q8, k8, v8 = hopper.quantize_fp8(q, k, v, recipe, bn)
                         out = torch.empty_like(q)
                         lse = torch.empty(b, h, s, device="cuda")
-                        pinned = dict(block_n=bn, pingpong=pp, stages=st, overlap=ov)
+                        pinned = dict(block_n=bn, pingpong=pp, stages=st, overlap=ov, **knobs(kn))
                         kern, grid, kargs, kw = hopper.fp8_launch_args(q8, k8, v8, [], prog, out, lse, **pinned)
                         out.fill_(float("nan"))
                         kern[grid](*kargs, **kw)
@@ -159,9 +199,10 @@ def main(argv=None):
         ref = F.scaled_dot_product_attention(q.double(), k.double(), v.double())
         row = {"D": d, "bf16 ours": rmse(hopper.forward(q, k, v, [], prog)[0].double(), ref)}
         for var in VARIANTS[d]:
-            bn, pp, st, ov = var
+            bn, pp, st, ov, kn = var
             try:
-                o8, _ = hopper.forward_fp8(q, k, v, [], prog, recipe, block_n=bn, pingpong=pp, stages=st, overlap=ov)
+                o8, _ = hopper.forward_fp8(q, k, v, [], prog, recipe, block_n=bn, pingpong=pp, stages=st, overlap=ov,
+                                           **knobs(kn))
                 row[name(var)] = rmse(o8.double(), ref)
             except Exception as exc:
                 row[name(var)] = f"{type(exc).__name__}"

@@ -154,44 +154,53 @@ def _store_tile(Y, y, inv, rows, cols, sys, syd, S_STORE, D_STORE, BLOCK: tl.con
 @triton.jit(do_not_specialize=["S"])
 def quantize_tile_kernel(X, Y, SC, R, sxb, sxh, sxs, sxd, syb, syh, sys, syd, scb, sch, scn, S, S_STORE, D, D_STORE,
                          rsqrt_n, BLOCK: tl.constexpr, BD: tl.constexpr, ROTATE: tl.constexpr,
-                         EXACT: tl.constexpr, WGMMA_KEYS: tl.constexpr):
-    """Block scaling of 16-bit inputs in one read and one write: one program per (tile of BLOCK rows, head, batch).
+                         EXACT: tl.constexpr, WGMMA_KEYS: tl.constexpr, TILES: tl.constexpr = 1,
+                         STAGES: tl.constexpr = 1):
+    """Block scaling of 16-bit inputs in one read and one write: one program per (TILES consecutive tiles of
+    BLOCK rows, head, batch).
 
     Loads the tile in its own dtype; ROTATE multiplies it by R = diag(signs)·H_n on the tensor cores (R is ±1,
     exact in the input dtype; products exact, fp32 sums — the butterflies' sums in another order) and by
     1/sqrt(n); a 256-wide row is rotated as H_256 = H_2 ⊗ H_128: u = x[:, :128]·R[:128, :128],
     w = x[:, 128:]·R[128:, :128], rotated = [u + w, u - w]. Then the tile's amax, its scale, e4m3, one store
     (Y's strides choose rows or transposed; WGMMA_KEYS stores each 16 rows in wgmma_key_order). The 256-wide
-    tile is held as two 128-wide halves."""
-    blk = tl.program_id(0)
+    tile is held as two 128-wide halves. With TILES > 1 the program walks its tiles in a loop software-pipelined
+    STAGES deep (the next tiles' loads in flight while one is rotated and stored: a one-tile program leaves the
+    memory idle during its compute), and loads R once."""
     b64 = tl.program_id(2).to(tl.int64)
     h64 = tl.program_id(1).to(tl.int64)
     X += b64 * sxb + h64 * sxh
     Y += b64 * syb + h64 * syh
-    rows = blk * BLOCK + tl.arange(0, BLOCK)
     W: tl.constexpr = BD if BD <= 128 else 128
     cols = tl.arange(0, W)
-    x0 = _load_tile(X, rows, cols, sxs, sxd, S, D)
-    if BD > 128:
-        x1 = _load_tile(X, rows, cols + 128, sxs, sxd, S, D)
     if ROTATE:
         rr = tl.arange(0, W)[:, None] * BD + cols[None, :]
-        u = tl.dot(x0, tl.load(R + rr))
+        r0 = tl.load(R + rr)
         if BD > 128:
-            w = tl.dot(x1, tl.load(R + 128 * BD + rr))
-            y0 = (u + w) * rsqrt_n
-            y1 = (u - w) * rsqrt_n
+            r1 = tl.load(R + 128 * BD + rr)
+    for t in tl.range(0, TILES, num_stages=STAGES):
+        blk = tl.program_id(0) * TILES + t
+        rows = blk * BLOCK + tl.arange(0, BLOCK)
+        x0 = _load_tile(X, rows, cols, sxs, sxd, S, D)
+        if BD > 128:
+            x1 = _load_tile(X, rows, cols + 128, sxs, sxd, S, D)
+        if ROTATE:
+            u = tl.dot(x0, r0)
+            if BD > 128:
+                w = tl.dot(x1, r1)
+                y0 = (u + w) * rsqrt_n
+                y1 = (u - w) * rsqrt_n
+            else:
+                y0 = u * rsqrt_n
         else:
-            y0 = u * rsqrt_n
-    else:
-        y0 = x0.to(tl.float32)
+            y0 = x0.to(tl.float32)
+            if BD > 128:
+                y1 = x1.to(tl.float32)
+        amax = tl.max(tl.max(tl.abs(y0), 1), 0)
         if BD > 128:
-            y1 = x1.to(tl.float32)
-    amax = tl.max(tl.max(tl.abs(y0), 1), 0)
-    if BD > 128:
-        amax = tl.maximum(amax, tl.max(tl.max(tl.abs(y1), 1), 0))
-    scale, inv = _scale_of(amax)
-    tl.store(SC + b64 * scb + h64 * sch + blk * scn, scale, mask=blk * BLOCK < S)
-    _store_tile(Y, y0, inv, rows, cols, sys, syd, S_STORE, D_STORE, BLOCK, W, EXACT, WGMMA_KEYS)
-    if BD > 128:
-        _store_tile(Y, y1, inv, rows, cols + 128, sys, syd, S_STORE, D_STORE, BLOCK, W, EXACT, WGMMA_KEYS)
+            amax = tl.maximum(amax, tl.max(tl.max(tl.abs(y1), 1), 0))
+        scale, inv = _scale_of(amax)
+        tl.store(SC + b64 * scb + h64 * sch + blk * scn, scale, mask=blk * BLOCK < S)
+        _store_tile(Y, y0, inv, rows, cols, sys, syd, S_STORE, D_STORE, BLOCK, W, EXACT, WGMMA_KEYS)
+        if BD > 128:
+            _store_tile(Y, y1, inv, rows, cols + 128, sys, syd, S_STORE, D_STORE, BLOCK, W, EXACT, WGMMA_KEYS)

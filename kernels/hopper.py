@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from typing import NamedTuple
 
 import torch
 from torch._subclasses.fake_tensor import FakeTensor
@@ -290,13 +291,38 @@ def fp8_config(d: int, dv: int, block_n: int | None = None, n_operands: int = 0)
     return config(d, dv, 1, block_n)
 
 
-def fp8_schedules(d: int, dv: int, block_n: int | None = None, n_operands: int = 0) -> list[tuple[bool, int]]:
-    """(PINGPONG, STAGES) candidates of the FP8 tuner, the expected best first: the deepest ring that fits;
-    ping-pong below head dim 256 (at 256 the 16-bit kernel measured it ~5% slower, and with 128-key FP8 tiles
-    it spills)."""
+class Fp8Schedule(NamedTuple):
+    """One FP8 tuner candidate: fp8_launch_args's schedule keywords (softmax knobs: templates_hopper)."""
+    pingpong: bool
+    stages: int
+    emu: int = 0            # exp2 per 8 scores on the FMA pipe (kernels/fp8_exp2.py)
+    tree: bool = False      # row max as a reduction tree
+    late: bool = False      # O rescale and P conversion under S's GEMM
+    lsum: bool = False      # row sum of e4m3 P on the tensor core
+    mid: bool = False       # PV waited after the row max (O's rescale among the exps)
+    join: bool = False      # exp2 after the masked / unmasked branches join
+
+
+# Head dims <= 128: the softmax, not the GEMMs, bounds a key tile (64 exp2 per thread against a 512-cycle GEMM),
+# so the tuner also tries lighter softmaxes (bench/sass_model.py, cycles per tile pair at D=128 without
+# ping-pong: default 2005, _FP8_LIGHT 1697 with the PV wait after the exps, _FP8_JOINED 1617 where ptxas hoists
+# the PV wait above them — free in the model, a stall if PV is not done; bench/fp8_variants.py times both).
+# Not at 256, where lsum spills.
+_FP8_LIGHT = dict(emu=2, tree=True, late=True, lsum=True)
+_FP8_JOINED = dict(emu=1, tree=True, lsum=True, join=True)
+
+
+def fp8_schedules(d: int, dv: int, block_n: int | None = None, n_operands: int = 0) -> list[Fp8Schedule]:
+    """Candidates of the FP8 tuner, the expected best first: the deepest ring that fits; ping-pong below head
+    dim 256 (at 256 the 16-bit kernel measured it ~5% slower, and with 128-key FP8 tiles it spills); below 256
+    also the lighter softmaxes (_FP8_LIGHT with and without ping-pong, _FP8_JOINED without)."""
     _, most = fp8_config(d, dv, block_n, n_operands)
     first = [(False, most), (True, most)] if max(d, dv) > 128 else [(True, most), (True, 2), (False, most)]
-    return list(dict.fromkeys(first + [(False, 2)]))
+    cands = [Fp8Schedule(pp, st) for pp, st in first + [(False, 2)]]
+    if max(d, dv) <= 128:
+        cands += [Fp8Schedule(False, most, **_FP8_LIGHT), Fp8Schedule(False, most, **_FP8_JOINED),
+                  Fp8Schedule(True, most, **_FP8_LIGHT)]
+    return list(dict.fromkeys(cands))
 
 
 def supports_fp8(prog: ScoreProgram, q, k, v, operands, recipe) -> str | None:
@@ -327,16 +353,23 @@ def quantize_fp8(q, k, v, recipe, block_n: int | None = None, n_operands: int = 
 
 
 def fp8_launch_args(q8, k8, v8, operands, prog: ScoreProgram, out, lse, pingpong=None, stages=None, block_n=None,
-                    overlap=True, tiles=None):
+                    overlap=True, tiles=None, emu=0, tree=False, late=False,
+                    lsum=False, mid=False, join=False):
     """Launch of the FP8 kernel on quantized operands (kernels/fp8_quant.Fp8Operand, as quantize_fp8 makes
     them: V transposed with its keys in wgmma_key_order, the order in which the kernel's P operand holds them).
-    pingpong / stages default to the first of fp8_schedules; tiles: tile_args(...) (computed when None)."""
+    pingpong / stages default to the first of fp8_schedules; tiles: tile_args(...) (computed when None).
+    Softmax knobs (templates_hopper): emu, exp2 per 8 scores on the FMA pipe (kernels/fp8_exp2.py); tree, row
+    max / sum as reduction trees; late, O's rescale and P's conversion between the S and the PV issue; lsum, the
+    row sum of e4m3 P on the tensor core (P times a ones tile) instead of 64 FADDs per thread and tile; mid, PV
+    waited right after the row max, so O's rescale (unless late) issues among the exps; join, the exp2 after the
+    masked / unmasked branches join (one copy, where ptxas interleaves it with the row sum and may hoist the PV
+    wait above it)."""
     from .templates_hopper import fp8_quant_blocks
     qd, kd, vt = q8.data, k8.data, v8.data
     b, hq, sq, d = qd.shape
     sk, dv = kd.shape[2], vt.shape[2]
     bn, _ = fp8_config(d, dv, block_n, len(operands))
-    pp0, st0 = fp8_schedules(d, dv, bn, len(operands))[0]
+    pp0, st0 = fp8_schedules(d, dv, bn, len(operands))[0][:2]
     st = stages or st0
     pingpong = pp0 if pingpong is None else pingpong
     if not (v8.transposed and v8.wgmma_keys):
@@ -359,7 +392,8 @@ def fp8_launch_args(q8, k8, v8, operands, prog: ScoreProgram, out, lse, pingpong
     args = (_desc(qd, BLOCK_M), _desc(kd, bn), _desc(vt, dv, bn), _desc(out, BLOCK_M), lse, q8.scale, k8.scale,
             v8.scale, *scales, *op_args, *tiles, *lse.stride(), sq, sk, coff)
     return mod.attn_fwd_ws, grid, args, dict(BLOCK_M=BLOCK_M, BLOCK_N=bn, STAGES=st, PINGPONG=pingpong,
-                                             OVERLAP=overlap, num_warps=4)
+                                             OVERLAP=overlap, EMU=emu, TREE=tree, LATE=late,
+                                             LSUM=lsum, MID=mid, JOIN=join, num_warps=4)
 
 
 def forward_fp8(q, k, v, operands, prog: ScoreProgram, recipe, **variant):
@@ -380,7 +414,7 @@ def forward_fp8(q, k, v, operands, prog: ScoreProgram, recipe, **variant):
         return _filled(out, lse, v, prog)
 
     def launch(cfg):
-        kernel, grid, args, kwargs = fp8_launch_args(q8, k8, v8, operands, prog, out, lse, *cfg)
+        kernel, grid, args, kwargs = fp8_launch_args(q8, k8, v8, operands, prog, out, lse, **cfg._asdict())
         kernel[grid](*args, **kwargs)
 
     d = q8.data.shape[-1]

@@ -38,13 +38,24 @@ stores V's keys in that order (fp8_quant.wgmma_key_order); 4 values become one r
 one byte permute. V's scale is folded into the accumulator's rescale (acc in units of the last V tile), so
 the epilogue multiplies by the last V scale over l. A key tile larger than 128 keys has one K / V scale
 (fp8_quant_blocks).
+
+Softmax knobs (constexprs, all off by default; hopper.Fp8Schedule; measured by bench/fp8_variants.py). At FP8
+D=128 one warp's trip through a key tile (~1350 cycles alone: 64 MUFU.EX2 back to back, 31-deep FMNMX and
+FADD chains) is 2.5x the other warpgroup's GEMMs (512 cycles), so the softmax, not the tensor cores, sets
+the pace and ping-pong only serialises the two softmaxes. EMU: EMU of every 8 exp2 on the FMA pipe
+(kernels/fp8_exp2.py) instead of MUFU. TREE: row max (and, without LSUM, row sum) as reduction trees over
+register halves, not chains. LSUM: the row sum is P times a ones tile (one 64x8 wgmma per 32 keys on P's
+registers; l then sums the same e4m3 P the numerator used) instead of 64 FADDs and shuffles. LATE: O's rescale
+and FP8's P conversion move between the S and the PV issue of the next trip. JOIN: the exp2 after the
+masked / unmasked branches join (one copy; ptxas interleaves it with the row sum and hoists the PV wait above
+it). MID: PV waited and O rescaled between the row max and the exp2.
 """
 
 from __future__ import annotations
 
 import math
 
-from . import mask_tiles
+from . import fp8_exp2, mask_tiles
 from .codegen import LOG2E, Emitter, KernelSpec
 from .templates import P_SCALE
 from .templates_bwd import _and, _ind
@@ -72,7 +83,10 @@ def _producer(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_full, v_f
 
 
 @gluon.jit
-def _softmax_step(s, m_i, qk, qi, kj, Sq, Sk, coff, __OPS_ARGS__MASKED: gl.constexpr, NEUTRAL: gl.constexpr):
+def _softmax_step(s, m_i, qk, qi, kj, Sq, Sk, coff, __OPS_ARGS__MASKED: gl.constexpr, NEUTRAL: gl.constexpr,
+                  EMU: gl.constexpr, TREE: gl.constexpr, SPLIT: gl.constexpr):
+    """(p, m_new, alpha) of one tile; with SPLIT the exponent of p instead of p (the caller takes the exp2
+    after the masked / unmasked branches join, where ptxas may schedule it among other work)."""
     if NEUTRAL:
         x = _score_neutral(s, qi, kj, Sq, Sk, __OPS_ARGS__)
     elif MASKED:
@@ -81,11 +95,70 @@ def _softmax_step(s, m_i, qk, qi, kj, Sq, Sk, coff, __OPS_ARGS__MASKED: gl.const
         x = _score_full(s, qi, kj, Sq, Sk, __OPS_ARGS__)
     if MASKED:
         x = gl.where(__VISIBLE__, x, float("-inf"))
-    m_new = gl.maximum(m_i, __ROWMAX__)
+    if TREE:
+        m_new = gl.maximum(m_i, gl.convert_layout(_tree_max(x), m_i.type.layout, assert_trivial=True)__ROWSCALE__)
+    else:
+        m_new = gl.maximum(m_i, __ROWMAX__)
     m_use = gl.where(m_new == float("-inf"), 0.0, m_new)
-    p = gl.exp2(__P_EXP__)
     alpha = gl.exp2(__ALPHA_EXP__)
+    if SPLIT:
+        p = __P_EXP__
+    else:
+        p = _exp2_mix(__P_EXP__, EMU)
     return p, m_new, alpha
+
+
+@gluon.jit
+def _halve(x, MAX: gl.constexpr):
+    """Column c and c + N/2 of each row combined: the top column bit of the wgmma accumulator is a register
+    index, so this is one independent instruction per pair (a reduction tree, not a dependent chain)."""
+    y = gl.reshape(x, [x.shape[0], 2, x.shape[1] // 2])
+    if MAX:
+        r = gl.max(y, 1)
+    else:
+        r = gl.sum(y, 1)
+    return r
+
+
+@gluon.jit
+def _tree_reduce(x, MAX: gl.constexpr):
+    """Row max / sum in log2(N) levels of independent pairs down to 8 columns (2 registers x 4 lanes), where
+    the plain reduction (one add, two shuffles) finishes: the in-thread chain of gl.max / gl.sum is N/4 deep."""
+    if x.shape[1] > 128:
+        x = _halve(x, MAX)
+    if x.shape[1] > 64:
+        x = _halve(x, MAX)
+    if x.shape[1] > 32:
+        x = _halve(x, MAX)
+    if x.shape[1] > 16:
+        x = _halve(x, MAX)
+    if x.shape[1] > 8:
+        x = _halve(x, MAX)
+    if MAX:
+        r = gl.max(x, 1)
+    else:
+        r = gl.sum(x, 1)
+    return r
+
+
+@gluon.jit
+def _tree_max(x):
+    return _tree_reduce(x, True)
+
+
+@gluon.jit
+def _row_sum(p, like, TREE: gl.constexpr):
+    if TREE:
+        r = gl.convert_layout(_tree_reduce(p, False), like.type.layout, assert_trivial=True)
+    else:
+        r = gl.sum(p, 1)
+    return r
+
+
+@gluon.jit
+def _exp2_mix(x, EMU: gl.constexpr):
+    """2^x; with EMU > 0, EMU of every 8 scores on the FMA pipe (kernels/fp8_exp2.py), the rest on MUFU."""
+__EXP2_MIX__
 
 
 @gluon.jit
@@ -112,10 +185,13 @@ __TILE_MASKED__    return masked
 
 
 @gluon.jit
-def _consumer(q_smem, k_smem, v_smem, o_smem, o4, q_bar, k_full, v_full, k_empty, v_empty, turn, o_desc, LSE,
+def _consumer(q_smem, k_smem, v_smem, o_smem, o4, ones_smem, q_bar, k_full, v_full, k_empty, v_empty, turn, o_desc, LSE,
               slb, slh, slm, off_b, off_h, m0, lo, n_tiles, __TLA__Sq, Sk, coff, __FP8P____OPS_PARAMS__
               WG: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DV: gl.constexpr,
-              STAGES: gl.constexpr, PINGPONG: gl.constexpr, OVERLAP: gl.constexpr):
+              STAGES: gl.constexpr, PINGPONG: gl.constexpr, OVERLAP: gl.constexpr, EMU: gl.constexpr,
+              TREE: gl.constexpr, LATE: gl.constexpr, LSUM: gl.constexpr, MID: gl.constexpr,
+              JOIN: gl.constexpr):
+    SPLIT: gl.constexpr = MID or JOIN
     dtype: gl.constexpr = q_smem.dtype
     out_dtype: gl.constexpr = o_smem.dtype
     KI: gl.constexpr = 256 // dtype.primitive_bitwidth       # wgmma K per instruction: 16 (16-bit), 32 (fp8)
@@ -128,6 +204,12 @@ def _consumer(q_smem, k_smem, v_smem, o_smem, o4, q_bar, k_full, v_full, k_empty
     row_l: gl.constexpr = gl.SliceLayout(1, s_layout)
     col_l: gl.constexpr = gl.SliceLayout(0, s_layout)
     orow_l: gl.constexpr = gl.SliceLayout(1, o_layout)
+    # LSUM: the row sum as P times a ones tile (a [BLOCK_M, 8] accumulator), sharing P's registers with PV
+    l_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, 8, KI])
+    lp_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=l_layout,
+                                                  k_width=32 // dtype.primitive_bitwidth)
+    lrow_l: gl.constexpr = gl.SliceLayout(1, l_layout)
+    WAIT_S: gl.constexpr = 2 if LSUM else 1     # groups issued after S: PV (and P·1)
 __OPS_BASES__
     row0 = m0 + WG * BLOCK_M
     qi = gl.expand_dims(row0 + gl.arange(0, BLOCK_M, row_l), 1)
@@ -136,6 +218,7 @@ __OPS_BASES__
 __FP8_Q__
     zero_s = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout)
     acc = gl.zeros([BLOCK_M, HEAD_DV], gl.float32, o_layout)
+    l_acc = gl.zeros([BLOCK_M, 8], gl.float32, l_layout)
     m_i = gl.full([BLOCK_M], float("-inf"), gl.float32, row_l)
 __QK0__    turn_ph = 1 - WG   # consumer 0 takes the first turn
 
@@ -151,7 +234,14 @@ __FP8_LOAD0__    mbarrier.wait(k_full.index(0), 0)
     mbarrier.arrive(k_empty.index(0))
 __FP8_S0__    kj = gl.expand_dims(_tile_start(0, lo, __TLA__BLOCK_N) + gl.arange(0, BLOCK_N, col_l), 0)
 __STEP0__
-    l_i = gl.sum(p, 1)
+    if SPLIT:
+        p = _exp2_mix(p_arg, EMU)
+    else:
+        p = p_arg
+    if not LSUM:
+        l_i = _row_sum(p, m_i, TREE)
+    alpha_o = gl.full([BLOCK_M], 1.0, gl.float32, orow_l)    # LATE: O's pending rescale
+    alpha_l = gl.full([BLOCK_M], 1.0, gl.float32, lrow_l)
 __P_OP_PRO__
     i = 0
     for j in range(1, n_tiles):
@@ -165,23 +255,57 @@ __FP8_LOADJ____P_OP_TOP__        mbarrier.wait(k_full.index(nxt), nxt_ph)
             mbarrier.wait(turn.index(WG), turn_ph)
             turn_ph ^= 1
         s_tok = warpgroup_mma(q, k_smem.index(nxt).permute((1, 0)), zero_s, use_acc=False, is_async=True)
-        mbarrier.wait(v_full.index(cur), cur_ph)
+        if LATE:    # under S's GEMM rather than between the softmax and its issue
+            acc = acc * gl.expand_dims(alpha_o, 1)
+            if LSUM:
+                l_acc = l_acc * gl.expand_dims(alpha_l, 1)
+__P_OP_LATE__        mbarrier.wait(v_full.index(cur), cur_ph)
         o_tok = warpgroup_mma(p_op, v_smem.index(cur)__VT__, acc, is_async=True)
+        if LSUM:
+            l_tok = warpgroup_mma(gl.convert_layout(p_op, lp_layout, assert_trivial=True),
+                                  ones_smem.permute((1, 0)), l_acc, is_async=True)
         if PINGPONG:
             mbarrier.arrive(turn.index(1 - WG))
-        s = warpgroup_mma_wait(1, deps=(s_tok,))
+        s = warpgroup_mma_wait(WAIT_S, deps=(s_tok,))
         mbarrier.arrive(k_empty.index(nxt))   # K is read only by S; its slot refills while PV still runs
         if not OVERLAP:     # PV done before the softmax: P's registers are free while S is live
-            acc = warpgroup_mma_wait(0, deps=(o_tok,))
+            if LSUM:
+                acc, l_acc = warpgroup_mma_wait(0, deps=(o_tok, l_tok))
+            else:
+                acc = warpgroup_mma_wait(0, deps=(o_tok,))
             mbarrier.arrive(v_empty.index(cur))
 __FP8_SJ__        kj = gl.expand_dims(start_n + gl.arange(0, BLOCK_N, col_l), 0)
         masked = _tile_masked(start_n, row0, Sk, coff, BLOCK_M, BLOCK_N)
 __STEPJ__
-        if OVERLAP:
-            acc = warpgroup_mma_wait(0, deps=(o_tok,))
+        if OVERLAP and MID:     # PV waited after the row max: O's rescale can issue among the exps
+            if LSUM:
+                acc, l_acc = warpgroup_mma_wait(0, deps=(o_tok, l_tok))
+            else:
+                acc = warpgroup_mma_wait(0, deps=(o_tok,))
             mbarrier.arrive(v_empty.index(cur))
-        acc = acc * gl.expand_dims(gl.convert_layout(__ALPHA__, orow_l), 1)
-        l_i = l_i * alpha + gl.sum(p, 1)
+        if MID and not LATE:
+            acc = acc * gl.expand_dims(gl.convert_layout(__ALPHA__, orow_l), 1)
+            if LSUM:
+                l_acc = l_acc * gl.expand_dims(gl.convert_layout(alpha, lrow_l), 1)
+        if SPLIT:
+            p = _exp2_mix(p_arg, EMU)
+        else:
+            p = p_arg
+        if OVERLAP and not MID:
+            if LSUM:
+                acc, l_acc = warpgroup_mma_wait(0, deps=(o_tok, l_tok))
+            else:
+                acc = warpgroup_mma_wait(0, deps=(o_tok,))
+            mbarrier.arrive(v_empty.index(cur))
+        if LATE:
+            alpha_o = gl.convert_layout(__ALPHA__, orow_l)
+            alpha_l = gl.convert_layout(alpha, lrow_l)
+        elif not MID:
+            acc = acc * gl.expand_dims(gl.convert_layout(__ALPHA__, orow_l), 1)
+            if LSUM:
+                l_acc = l_acc * gl.expand_dims(gl.convert_layout(alpha, lrow_l), 1)
+        if not LSUM:
+            l_i = l_i * alpha + _row_sum(p, m_i, TREE)
         m_i = m_new
 __P_OP_END__        i += 1
 
@@ -191,10 +315,22 @@ __P_OP_END__        i += 1
 __P_OP_LAST__    mbarrier.wait(v_full.index(cur), cur_ph)
     if PINGPONG:
         mbarrier.wait(turn.index(WG), turn_ph)
+    if LATE:
+        acc = acc * gl.expand_dims(alpha_o, 1)
+        if LSUM:
+            l_acc = l_acc * gl.expand_dims(alpha_l, 1)
     o_tok = warpgroup_mma(p_op, v_smem.index(cur)__VT__, acc, is_async=True)
+    if LSUM:
+        l_tok = warpgroup_mma(gl.convert_layout(p_op, lp_layout, assert_trivial=True), ones_smem.permute((1, 0)),
+                              l_acc, is_async=True)
     if PINGPONG:
         mbarrier.arrive(turn.index(1 - WG))
-    acc = warpgroup_mma_wait(0, deps=(o_tok,))
+    if LSUM:
+        acc, l_acc = warpgroup_mma_wait(0, deps=(o_tok, l_tok))
+        # every column of l_acc is the row sum of e4m3(256 p): the same P the numerator saw
+        l_i = gl.convert_layout(gl.max(l_acc, 1), row_l)
+    else:
+        acc = warpgroup_mma_wait(0, deps=(o_tok,))
     mbarrier.arrive(v_empty.index(cur))
 
     empty = m_i == float("-inf")
@@ -214,7 +350,9 @@ __EMPTY_ROWS__
 @gluon.jit(do_not_specialize=["Sq", "Sk", "coff", "slb", "slh"])
 def attn_fwd_ws(q_desc, k_desc, v_desc, o_desc, LSE, __FP8P____OPS_KPARAMS____TLP__slb, slh, slm, Sq, Sk, coff,
                 BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, PINGPONG: gl.constexpr,
-                OVERLAP: gl.constexpr = True):
+                OVERLAP: gl.constexpr = True, EMU: gl.constexpr = 0, TREE: gl.constexpr = False,
+                LATE: gl.constexpr = False, LSUM: gl.constexpr = False, MID: gl.constexpr = False,
+                JOIN: gl.constexpr = False):
     HEAD_D: gl.constexpr = q_desc.block_type.shape[3]
     HEAD_DV: gl.constexpr = o_desc.block_type.shape[3]
     dtype: gl.constexpr = q_desc.dtype
@@ -258,6 +396,13 @@ __N_TILES__
         mbarrier.init(v_full.index(st), count=1)
         mbarrier.init(k_empty.index(st), count=2)    # both consumers release a slot
         mbarrier.init(v_empty.index(st), count=2)
+    if LSUM:
+        ones_reg: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [2, 2], [1, 0])
+        ones_l: gl.constexpr = gl.NVMMASharedLayout.get_default_for([8, BLOCK_N], dtype)
+        ones_smem = gl.allocate_shared_memory(dtype, [8, BLOCK_N], ones_l,
+                                              gl.full([8, BLOCK_N], 1.0, gl.float16, ones_reg).to(dtype))
+    else:
+        ones_smem = q_smem
     fence_async_shared()
 
     q2 = q_smem._reinterpret(dtype, [2, BLOCK_M, HEAD_D], q_l)
@@ -265,12 +410,12 @@ __N_TILES__
     v2 = v_smem._reinterpret(dtype, [STAGES] + __V_TILE__, v_l)
     o2 = o_smem._reinterpret(out_dtype, [2, BLOCK_M, HEAD_DV], o_l)
     gl.warp_specialize([
-        (_consumer, (q2, k2, v2, o2, o_smem, q_bar, k_full, v_full, k_empty, v_empty, turn, o_desc, LSE, slb, slh, slm,
+        (_consumer, (q2, k2, v2, o2, o_smem, ones_smem, q_bar, k_full, v_full, k_empty, v_empty, turn, o_desc, LSE, slb, slh, slm,
                      off_b, off_h, m0, lo, n_tiles, __TLA__Sq, Sk, coff, __FP8P____OPS_KARGS__0, BLOCK_M, BLOCK_N, HEAD_DV, STAGES,
-                     PINGPONG, OVERLAP)),
-        (_consumer, (q2, k2, v2, o2, o_smem, q_bar, k_full, v_full, k_empty, v_empty, turn, o_desc, LSE, slb, slh, slm,
+                     PINGPONG, OVERLAP, EMU, TREE, LATE, LSUM, MID, JOIN)),
+        (_consumer, (q2, k2, v2, o2, o_smem, ones_smem, q_bar, k_full, v_full, k_empty, v_empty, turn, o_desc, LSE, slb, slh, slm,
                      off_b, off_h, m0, lo, n_tiles, __TLA__Sq, Sk, coff, __FP8P____OPS_KARGS__1, BLOCK_M, BLOCK_N, HEAD_DV, STAGES,
-                     PINGPONG, OVERLAP)),
+                     PINGPONG, OVERLAP, EMU, TREE, LATE, LSUM, MID, JOIN)),
         (_producer, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_full, v_full, k_empty, v_empty,
                      off_b, off_h, off_hk, m0, lo, n_tiles, __TLA__BLOCK_M, BLOCK_N, STAGES)),
     ], [4, 1], [240, 24])
@@ -368,8 +513,9 @@ class _HopperGen:
     def steps(self) -> tuple[str, str]:
         """The softmax-step calls of the prologue (tile 0, always masked) and of tile j: with tile lists, a
         neutral tile takes the operand-free variant (a runtime branch); without, there is no such branch."""
-        call = "{lhs} = _softmax_step(s, m_i, qk, qi, kj, Sq, Sk, coff, __OPS_ARGS__{masked}, {neutral})"
-        p0, pj = "p, m_i, alpha", "p, m_new, alpha"
+        call = ("{lhs} = _softmax_step(s, m_i, qk, qi, kj, Sq, Sk, coff, __OPS_ARGS__{masked}, {neutral}, EMU, TREE, "
+                "SPLIT)")
+        p0, pj = "p_arg, m_i, alpha", "p_arg, m_new, alpha"
         if self.tiles is None:
             step0 = "    " + call.format(lhs=p0, masked="True", neutral="False")
             stepj = ("        if masked:\n            " + call.format(lhs=pj, masked="True", neutral="False")
@@ -486,8 +632,11 @@ class _HopperGen:
         before, after = (p_op, "") if self.fp8 else ("", p_op)
         step0, stepj = self.steps()
         text = _KERNEL.replace("__STEP0__", step0).replace("__STEPJ__", stepj)
+        # LATE: FP8's P conversion also moves under S's GEMM (its fp32 P crosses the loop edge instead)
+        top = f"        if not LATE:\n            {before}" if before else ""
+        late = f"        if LATE:\n            {before}" if before else ""
         for token, value in [("__P_OP_PRO__", "    " + after), ("__P_OP_END__", "        " + after),
-                             ("__P_OP_TOP__", "        " + before), ("__P_OP_LAST__", "    " + before)]:
+                             ("__P_OP_TOP__", top), ("__P_OP_LATE__", late), ("__P_OP_LAST__", "    " + before)]:
             text = text.replace(token, value if value.strip() else "")
         if self.fp8:
             text = text.replace("        m_i = m_new\n", "        m_i = m_new\n        vs_prev = vs_new\n")
@@ -496,7 +645,8 @@ class _HopperGen:
                 .replace("__ALPHA__", alpha).replace("__OUT_SCALE__", out_scale)
                 .replace("__V_COORD__", v_coord).replace("__V_TILE__", v_tile).replace("__VT__", vt)
                 .replace("__FP8P__", fp8p))
-        for token, value in [("__ROWMAX__", rowmax), ("__P_EXP__", p_exp), ("__ALPHA_EXP__", alpha_exp), ("__LSE__", lse), ("__TLA__", tla), ("__TLP__", tlp), ("__N_TILES__", n_tiles),
+        for token, value in [("__ROWMAX__", rowmax), ("__ROWSCALE__", " * qk" if self.fold else ""),
+                             ("__EXP2_MIX__", exp2_mix()), ("__P_EXP__", p_exp), ("__ALPHA_EXP__", alpha_exp), ("__LSE__", lse), ("__TLA__", tla), ("__TLP__", tlp), ("__N_TILES__", n_tiles),
             ("__OPS_KPARAMS__", ops_params), ("__OPS_PARAMS__", ops_params), ("__OPS_KARGS__", ops_params),
             ("__OPS_ARGS__", ops_args), ("__OPS_BASES__", "\n".join(bases)), ("__VISIBLE__", self.visible()),
             ("__TILE_MASKED__", self.tile_masked()), ("__KV_RANGE__", self.kv_range()),
@@ -507,6 +657,16 @@ class _HopperGen:
         fns = (self.score_fn("_score_masked", True, self.prog.expr) + self.score_fn("_score_full", False, self.prog.expr)
                + self.score_fn("_score_neutral", False, neutral) + self.tile_fns())
         return _HEAD + "\n".join(fns) + text
+
+
+def exp2_mix() -> str:
+    """Body of _exp2_mix: one static branch per EMU (0: gl.exp2 alone)."""
+    lines = ["    if EMU == 0:", "        y = gl.exp2(x)"]
+    for e in range(1, fp8_exp2.PACK + 1):
+        lines += [f"    elif EMU == {e}:",
+                  f"        y = gl.inline_asm_elementwise({fp8_exp2.asm(e)!r}, {fp8_exp2.constraints()!r}, [x], "
+                  f"dtype=gl.float32, is_pure=True, pack={fp8_exp2.PACK})"]
+    return "\n".join(lines + ["    return y"])
 
 
 def generate(spec: KernelSpec) -> str:

@@ -106,6 +106,18 @@ def main_loop_mix(sass: str) -> dict | None:
     innermost backward branch over a body with tensor-core MMAs and a wgmma wait: consumer 0's main loop), on its
     unmasked path: a forward branch over a block that ends in an unconditional branch and selects -INF (the
     masked softmax) is left out. {"total": n, "local": spills in the loop, opcode: count, ...} or None."""
+    path = main_loop_path(sass)
+    if path is None:
+        return None
+    path = [t for _, t in path]
+    mix: dict = {"total": len(path), "local": sum(_opcode(t) in ("LDL", "STL") for t in path)}
+    for t in path:
+        mix[_opcode(t)] = mix.get(_opcode(t), 0) + 1
+    return mix
+
+
+def main_loop_path(sass: str) -> list[tuple[int, str]] | None:
+    """(address, text) of the instructions of main_loop_mix's trip, in program order, or None."""
     ins = _sass_instrs(sass)
     loops = []
     for addr, text in ins:
@@ -129,8 +141,4 @@ def main_loop_mix(sass: str) -> dict | None:
                     any("-INF" in y for _, y in blk):
                 skip = {x for x, _ in blk}
                 break
-    path = [t for a, t in body if a not in skip]
-    mix: dict = {"total": len(path), "local": sum(_opcode(t) in ("LDL", "STL") for t in path)}
-    for t in path:
-        mix[_opcode(t)] = mix.get(_opcode(t), 0) + 1
-    return mix
+    return [(a, t) for a, t in body if a not in skip]

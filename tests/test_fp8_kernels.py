@@ -139,6 +139,22 @@ def test_quantize_tile_kernel_matches_emulation(d, block, rotate, transposed, dt
     assert (_storage_bytes(op) != F8_NAN).all(), "padding or data left unwritten"
 
 
+@pytest.mark.parametrize("tiles,stages", [(2, 1), (4, 2)])
+@pytest.mark.parametrize("d,rotate,transposed", [(64, True, False), (256, True, False), (128, False, True)])
+def test_quantize_tile_kernel_several_tiles_per_program(monkeypatch, tiles, stages, d, rotate, transposed):
+    """TILES tiles per program (software-pipelined loads) store exactly what one tile per program stores,
+    the last program's tiles past the sequence included (75 rows: 3 tiles of 32)."""
+    x = rand(2, 2, 75, d, seed=d + tiles, dtype=torch.float16, outliers=True)
+
+    def run():
+        return fp8_quant.quantize(x, block=32, rotate=rotate, seed=5, transposed=transposed,
+                                  wgmma_keys=transposed, tile_kernel=True)
+    one = run()
+    monkeypatch.setattr(fp8_quant, "_tile_pipeline", lambda bd, rot, tr: (tiles, stages))
+    many = run()
+    assert torch.equal(_storage_bytes(many), _storage_bytes(one)) and torch.equal(many.scale, one.scale)
+
+
 def test_quantize_tile_kernel_refuses_what_it_cannot_take():
     with pytest.raises(ValueError, match="tile kernel"):
         fp8_quant.quantize(rand(1, 1, 40, 64, dtype=torch.float32), block=32, rotate=True, tile_kernel=True)

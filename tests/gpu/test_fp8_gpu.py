@@ -225,6 +225,39 @@ def test_hopper_fp8_tile_variants(d, block_n, pingpong, overlap, causal):
 
 
 @HOPPER
+@pytest.mark.parametrize("d,pingpong,knobs,causal,masked", [
+    (128, False, dict(emu=2, tree=True, late=True, lsum=True), "none", False),
+    (128, True, dict(emu=2, tree=True, late=True, lsum=True), "top_left", False),
+    (128, False, dict(emu=3, tree=True, lsum=True), "bottom_right", False),
+    (128, False, dict(emu=8, tree=True), "top_left", False),          # every exp2 on the FMA pipe, -inf included
+    (128, True, dict(tree=True, late=True), "none", False),
+    (64, True, dict(emu=2, tree=True, late=True, lsum=True), "none", False),
+    (256, False, dict(tree=True), "none", False),
+    (128, False, dict(emu=2, tree=True, late=True, lsum=True), "none", True),
+    (128, False, dict(emu=1, tree=True, lsum=True, join=True), "bottom_right", False),
+    (128, True, dict(emu=1, tree=True, lsum=True, join=True), "none", True),
+    (128, False, dict(emu=1, tree=True, lsum=True, mid=True), "top_left", False),
+    (128, False, dict(join=True), "none", False)])
+def test_hopper_fp8_softmax_knobs(d, pingpong, knobs, causal, masked):
+    """The softmax knobs bench/fp8_variants.py times and the tuner may pick (hopper.Fp8Schedule), by the same
+    rule; with a boolean-like additive mask, whose hidden scores reach the emulated exp2 as -inf."""
+    import functools
+
+    from fa3_inductor.kernels import hopper
+    q = rand(2, 4, 1000, d, seed=60, outliers=True)
+    k, v = (rand(2, 4, 1300 if causal == "bottom_right" else 1000, d, seed=61 + n, outliers=True) for n in range(2))
+    ops = []
+    expr = ("mul", S, ("const", d ** -0.5))
+    if masked:
+        vis = torch.rand(2, 1, 1000, 1000, generator=torch.Generator().manual_seed(64)).to(DEV) > 0.3
+        ops = [torch.where(vis, 0.0, float("-inf")).to(torch.bfloat16)]
+        expr = ("add", expr, ("operand", 0))
+    prog = ScoreProgram(expr, causal=causal, n_operands=len(ops))
+    fwd = functools.partial(hopper.forward_fp8, pingpong=pingpong, **knobs)
+    check(q, k, v, ops, prog, BLOCK_HADAMARD, kernel=(hopper.supports_fp8, fwd))
+
+
+@HOPPER
 def test_hopper_fp8_mask_and_ptx():
     from fa3_inductor import dispatch
     from fa3_inductor.kernels import hopper
