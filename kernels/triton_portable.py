@@ -311,11 +311,25 @@ def _uniform_programs(device) -> int:
     return 2 * _SMS[idx]
 
 
-def uniform_work_buffer(b: int, hq: int, hk: int, sq: int, device):
-    """Zeroed int32 work list of attn_bwd_pre / attn_bwd_uniform (layout in templates_uniform.py)."""
+def uniform_work_len(b: int, hq: int, hk: int, sq: int, device) -> int:
+    """Length of the zeroed int32 work list of attn_bwd_pre / attn_bwd_uniform (layout in templates_uniform.py)."""
     ng = b * hk
-    return torch.zeros((2 * ng + 2 + triton_cdiv(sq, _pre_block(device)) * hq * b,), dtype=torch.int32,
-                       device=device)
+    return 2 * ng + 2 + triton_cdiv(sq, _pre_block(device)) * hq * b
+
+
+def _uniform_fixed(q, k, v, dout, lse, grad_strides, target):
+    """What attn_bwd_uniform's launch takes from the layouts alone: (work items, integer arguments, kwargs).
+    grad_strides: those of dq, dk, dv."""
+    b, hq, sq, d = q.shape
+    hk, sk = k.shape[1], k.shape[2]
+    bm, bn, warps = _uniform_config(d, q.dtype, target)
+    pre = _pre_block(target)
+    assert pre % bm == 0
+    num_pre, num_n = triton_cdiv(sq, pre), triton_cdiv(sk, bn)
+    ints = (*q.stride(), *k.stride(), *v.stride(), *dout.stride(), *lse.stride(), *grad_strides[0],
+            *grad_strides[1], *grad_strides[2], sq, sk, hq, b * hk, num_pre, num_n)
+    kw = dict(PRE_M=pre, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=1)
+    return num_pre * hq * b + b * hk * num_n, ints, kw
 
 
 def uniform_launch_args(mod, q, k, v, dout, lse, work, dq, dk, dv, op_args, dop_args, target=None):
@@ -323,102 +337,168 @@ def uniform_launch_args(mod, q, k, v, dout, lse, work, dq, dk, dv, op_args, dop_
     the rows empty_row="uniform" fills to dq, dk, dv and to the d(operand) buffers of dop_args. work: the list
     attn_bwd_pre filled. No host sync: the kernel reads how much there is to do on the device.
     target: the device whose tiles to take (default q's; a test compiles CUDA tiles from CPU tensors)."""
-    b, hq, sq, d = q.shape
-    hk, sk = k.shape[1], k.shape[2]
-    target = target or q.device
-    bm, bn, warps = _uniform_config(d, q.dtype, target)
-    pre = _pre_block(target)
-    assert pre % bm == 0
-    num_pre, num_n = triton_cdiv(sq, pre), triton_cdiv(sk, bn)
-    grid = (max(1, min(num_pre * hq * b + b * hk * num_n, _uniform_programs(q.device))),)
-    args = (q, k, v, dout, lse, work, dq, dk, dv, *op_args, *dop_args, *q.stride(), *k.stride(), *v.stride(),
-            *dout.stride(), *lse.stride(), *dq.stride(), *dk.stride(), *dv.stride(), sq, sk, hq, b * hk,
-            num_pre, num_n)
-    kw = dict(PRE_M=pre, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=1)
-    return mod.attn_bwd_uniform, grid, args, kw
+    grad_strides = (dq.stride(), dk.stride(), dv.stride())
+    items, ints, kw = _uniform_fixed(q, k, v, dout, lse, grad_strides, target or q.device)
+    grid = (max(1, min(items, _uniform_programs(q.device))),)
+    return mod.attn_bwd_uniform, grid, (q, k, v, dout, lse, work, dq, dk, dv, *op_args, *dop_args, *ints), kw
 
 
 def triton_cdiv(a: int, b: int) -> int:
     return (a + b - 1) // b
 
 
+def _contiguous(shape) -> tuple:
+    """Strides of a contiguous tensor of this shape (what _empty returns)."""
+    strides, acc = [], 1
+    for n in reversed(shape):
+        strides.append(acc)
+        acc *= max(n, 1)
+    return tuple(reversed(strides))
+
+
+def _interleave(tensors, strides) -> list:
+    args = []
+    for t, st in zip(tensors, strides):
+        args.append(t)
+        args += st
+    return args
+
+
+class _Backward:
+    """What a backward call key pins (shapes, strides, dtypes and alignment of dout, q, k, v, operands, out, lse):
+    the generated module, every integer argument, grids and constexprs of attn_bwd_pre and attn_bwd_uniform,
+    those of dkdv / dq per config, and which buffers the program needs. A call allocates, launches (directly
+    after the first call: launcher.Site) and reduces operand gradients. The configs of dkdv / dq still come
+    from _launch_tuned per call (a cached lookup once tuned). Holds no tensors."""
+
+    def __init__(self, base, dout, q, k, v, operands, out, lse, prog: ScoreProgram):
+        b, hq, sq, d = q.shape
+        hk, sk = k.shape[1], k.shape[2]
+        dev = q.device
+        self.base, self.d, self.dtype, self.mode = base, d, q.dtype, prog.empty_row
+        self.shapes = (tuple(q.shape), tuple(k.shape), tuple(v.shape))
+        self.lse_shape, self.full = (b, hq, sq), (b, hq, sq, sk)
+        want = prog.operand_grad or (False,) * len(operands)
+        self.grad_ops = tuple(n for n, w in enumerate(want) if w)
+        # per operand gradient: the broadcast dims its full (B, Hq, Sq, Sk) gradient is summed over
+        self.reduce = tuple([i for i in range(4) if operands[n].shape[i] == 1 and self.full[i] != 1]
+                            for n in self.grad_ops)
+        self.imprecise = reference.enormous_possible(prog, operands)
+        _, self.mod, _, coff, skey, self.hf = _prepare(q, k, v, operands, prog)
+        self.tune_key = _tune_key(skey, sq, sk)
+        self.op_strides = tuple(tuple(_expanded_strides(t, self.full)) for t in operands)
+        self.dfull_strides = (_contiguous(self.full),) * len(self.grad_ops)
+        grads = tuple(_contiguous(s) for s in self.shapes)
+        # FLAG: attn_bwd_pre's per-group flags (empty_row="nan") or the uniform rows' work list; unread otherwise
+        self.flag_len = {"nan": b * hk, "uniform": uniform_work_len(b, hq, hk, sq, dev)}.get(self.mode)
+        bm_pre = _pre_block(dev)
+        self.pre = (launcher.Site(base + ("pre",)), (triton_cdiv(sq, bm_pre), hq, b),
+                    (*out.stride(), *dout.stride(), *lse.stride(), sq, hq), dict(BLOCK_M=bm_pre))
+        qkv = (*q.stride(), *k.stride(), *v.stride(), *dout.stride(), *lse.stride())
+        self.dkdv_ints = (*qkv, *grads[1], *grads[2], sq, sk, coff)
+        self.dq_ints = (*qkv, *grads[0], sq, sk, hq, coff)
+        self.launches: dict = {}        # ("dkdv" | "dq", config) -> (Site, grid, kwargs)
+        self.uniform = None
+        if self.mode == "uniform":
+            self.uniform = (launcher.Site(base + ("uniform",)), *_uniform_fixed(q, k, v, dout, lse, grads, dev))
+
+    def _launch(self, kind: str, cfg):
+        hit = self.launches.get((kind, cfg))
+        if hit is None:
+            bm, bn, warps, stages = cfg
+            b, hq, sq, sk = self.full
+            grid = (triton_cdiv(sk, bn), self.shapes[1][1], b) if kind == "dkdv" else _grid_m(
+                self.hf, triton_cdiv(sq, bm), hq, b)
+            hit = self.launches[(kind, cfg)] = (launcher.Site(self.base + (kind, cfg)), grid,
+                                                dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages))
+        return hit
+
+    def run(self, dout, q, k, v, operands, out, lse, prog: ScoreProgram, band):
+        dev, mod = q.device, self.mod
+        qs, ks, vs = self.shapes
+        dq = _empty(qs, self.dtype, dev)
+        dk = _empty(ks, self.dtype, dev)
+        dv = _empty(vs, self.dtype, dev)
+        dfull = [torch.zeros(self.full, dtype=torch.float32, device=dev) for _ in self.grad_ops]
+        delta = _empty(self.lse_shape, torch.float32, dev)
+        flag = delta if self.flag_len is None else torch.zeros((self.flag_len,), dtype=torch.int32, device=dev)
+        op_args = _interleave(operands, self.op_strides)
+        dop_args = _interleave(dfull, self.dfull_strides)
+        site, grid, ints, kw = self.pre
+        site(mod.attn_bwd_pre, grid, (out, dout, lse, delta, flag, *ints), kw)
+
+        def launch_dkdv(cfg):
+            site, grid, kw = self._launch("dkdv", cfg)
+            site(mod.attn_bwd_dkdv, grid, (q, k, v, dout, lse, delta, flag, dk, dv, *op_args, *self.dkdv_ints), kw)
+
+        def launch_dq(cfg):
+            site, grid, kw = self._launch("dq", cfg)
+            site(mod.attn_bwd_dq, grid, (q, k, v, dout, lse, delta, dq, *op_args, *dop_args, *self.dq_ints), kw)
+
+        _launch_tuned("dkdv", self.tune_key, self.d, self.dtype, dev, launch_dkdv)
+        _launch_tuned("dq", self.tune_key, self.d, self.dtype, dev, launch_dq)
+        if self.uniform is not None:    # rows the kernels above left without gradient (no visible key)
+            site, items, ints, kw = self.uniform
+            site(mod.attn_bwd_uniform, (max(1, min(items, _uniform_programs(dev))),),
+                 (q, k, v, dout, lse, flag, dq, dk, dv, *op_args, *dop_args, *ints), kw)
+        if band is not None:
+            exact = reference.backward(dout, q, k, v, operands, prog, rows=band)
+            dq, dk, dv = ((t.float() + e.float()).to(t.dtype) for t, e in zip((dq, dk, dv), exact[:3]))
+        extra = []
+        for i, n in enumerate(self.grad_ops):
+            full = dfull[i]
+            if self.mode == "nan":
+                full = torch.where((lse == -math.inf).unsqueeze(-1), torch.full_like(full, math.nan), full)
+            dims = self.reduce[i]
+            red = full.sum(dim=dims, keepdim=True) if dims else full
+            if band is not None:
+                red = red + exact[3][i].float().reshape(red.shape)
+            t = operands[n]
+            extra.append(red.reshape(t.shape).to(t.dtype))
+        return dq, dk, dv, extra
+
+
+_BWD_PLANS: dict = {}
+
+
+def _backward_plan(dout, q, k, v, operands, out, lse, prog: ScoreProgram) -> _Backward:
+    dev = q.device
+    base = ("bwd", prog, dev.index, dev.type == "cpu" and interpreting(),
+            launcher.call_key((q, k, v, dout, out, lse, *operands)))
+    plan = _BWD_PLANS.get(base)
+    if plan is None:
+        if len(_BWD_PLANS) > 4096:
+            _BWD_PLANS.clear()
+        plan = _BWD_PLANS[base] = _Backward(base, dout, q, k, v, operands, out, lse, prog)
+    return plan
+
+
 def backward(dout, q, k, v, operands, out, lse, prog: ScoreProgram):
-    """Returns (dq, dk, dv, [d operand for each operand whose operand_grad flag is set])."""
-    b, hq, sq, d = q.shape
-    hk, sk, dvd = k.shape[1], k.shape[2], v.shape[-1]
-    g = hq // hk
-    dq = _empty(q.shape, q.dtype, q.device)
-    dk = _empty(k.shape, k.dtype, q.device)
-    dv = _empty(v.shape, v.dtype, q.device)
-    want = prog.operand_grad or (False,) * len(operands)
-    grad_ops = [n for n, w in enumerate(want) if w]
-    full_shape = (b, hq, sq, sk)
-    dfull = {n: torch.zeros(full_shape, dtype=torch.float32, device=q.device) for n in grad_ops}
+    """Returns (dq, dk, dv, [d operand for each operand whose operand_grad flag is set]). dout may have any
+    strides (the kernels take them)."""
+    b, hq, sq, _ = q.shape
+    sk = k.shape[2]
     if b * hq * sq == 0 or sk == 0:
-        dq.zero_(), dk.zero_(), dv.zero_()
-        if prog.empty_row == "nan" and sk == 0 and b * hq * sq > 0:
-            dq.fill_(math.nan)
-        return dq, dk, dv, [torch.zeros_like(operands[n]) for n in grad_ops]
-    spec, mod, op_args, coff, skey, hf = _prepare(q, k, v, operands, prog)
+        return _backward_empty(q, k, v, operands, prog)
+    plan = _backward_plan(dout, q, k, v, operands, out, lse, prog)
     # rows whose lse lost log(l) (dense enormous fills): the kernels skip them (lse = +inf gives p = 0) and the
     # reference computes that band exactly
-    band = reference.imprecise_rows(prog, lse, operands)
+    band = reference.imprecise_rows(prog, lse, operands) if plan.imprecise else None
     if band is not None:
         lse = lse.clone()
         lse[:, :, band[0]:band[1]] = math.inf
-    delta = _empty((b, hq, sq), torch.float32, q.device)
-    if prog.empty_row == "uniform":
-        flag = uniform_work_buffer(b, hq, hk, sq, q.device)
-    else:
-        flag = torch.zeros((b * hk,), dtype=torch.int32, device=q.device)
-    bm_pre = _pre_block(q.device)
-    # everything the launches are specialised on follows from these tensors (the rest is allocated here)
-    base = ("bwd", prog, q.device.index, launcher.call_key((q, k, v, dout, out, lse, *operands)))
-    launcher.launch(base + ("pre",), mod.attn_bwd_pre, (triton_cdiv(sq, bm_pre), hq, b),
-                    (out, dout, lse, delta, flag, *out.stride(), *dout.stride(), *lse.stride(), sq, hq),
-                    dict(BLOCK_M=bm_pre))
-    qkv_strides = [*q.stride(), *k.stride(), *v.stride(), *dout.stride(), *lse.stride()]
+        plan = _backward_plan(dout, q, k, v, operands, out, lse, prog)    # the clone's layout may differ
+    return plan.run(dout, q, k, v, operands, out, lse, prog, band)
 
-    def launch_dkdv(cfg):
-        bm, bn, warps, stages = cfg
-        grid = (triton_cdiv(sk, bn), hk, b)
-        launcher.launch(base + ("dkdv", cfg), mod.attn_bwd_dkdv, grid,
-                        (q, k, v, dout, lse, delta, flag, dk, dv, *op_args, *qkv_strides, *dk.stride(),
-                         *dv.stride(), sq, sk, coff),
-                        dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages))
 
-    dop_args = []
-    for n in grad_ops:
-        dop_args += [dfull[n]] + list(dfull[n].stride())
-
-    def launch_dq(cfg):
-        bm, bn, warps, stages = cfg
-        grid = _grid_m(hf, triton_cdiv(sq, bm), hq, b)
-        launcher.launch(base + ("dq", cfg), mod.attn_bwd_dq, grid,
-                        (q, k, v, dout, lse, delta, dq, *op_args, *dop_args, *qkv_strides, *dq.stride(),
-                         sq, sk, hq, coff),
-                        dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages))
-
-    key = _tune_key(skey, sq, sk)
-    _launch_tuned("dkdv", key, d, q.dtype, q.device, launch_dkdv)
-    _launch_tuned("dq", key, d, q.dtype, q.device, launch_dq)
-    if prog.empty_row == "uniform":     # rows the kernels above left without gradient (no visible key)
-        kernel, grid, args, kw = uniform_launch_args(mod, q, k, v, dout, lse, flag, dq, dk, dv, op_args,
-                                                     dop_args)
-        kernel[grid](*args, **kw)
-    if band is not None:
-        exact = reference.backward(dout, q, k, v, operands, prog, rows=band)
-        dq, dk, dv = ((t.float() + e.float()).to(t.dtype) for t, e in zip((dq, dk, dv), exact[:3]))
-    extra = []
-    for n in grad_ops:
-        full = dfull[n]
-        if prog.empty_row == "nan":
-            full = torch.where((lse == -math.inf).unsqueeze(-1), torch.full_like(full, math.nan), full)
-        t = operands[n]
-        dims = [i for i in range(4) if t.shape[i] == 1 and full_shape[i] != 1]
-        red = full.sum(dim=dims, keepdim=True) if dims else full
-        if band is not None:
-            red = red + exact[3][grad_ops.index(n)].float().reshape(red.shape)
-        extra.append(red.reshape(t.shape).to(t.dtype))
-    _ = g
-    return dq, dk, dv, extra
+def _backward_empty(q, k, v, operands, prog: ScoreProgram):
+    """No query row or no key: zero gradients (NaN dq for empty_row="nan" rows, as eager gives them)."""
+    dq = _empty(q.shape, q.dtype, q.device)
+    dk = _empty(k.shape, k.dtype, q.device)
+    dv = _empty(v.shape, v.dtype, q.device)
+    dq.zero_(), dk.zero_(), dv.zero_()
+    b, hq, sq, _ = q.shape
+    if prog.empty_row == "nan" and k.shape[2] == 0 and b * hq * sq > 0:
+        dq.fill_(math.nan)
+    want = prog.operand_grad or (False,) * len(operands)
+    return dq, dk, dv, [torch.zeros_like(t) for t, w in zip(operands, want) if w]
