@@ -138,7 +138,8 @@ def _tile_lists(q, k, operands, prog: ScoreProgram, block_n: int):
 
 
 def _tile_ints(lists: mask_tiles.TileLists) -> tuple:
-    """The integer kernel arguments after (idx, cls, cnt): strides of the (contiguous) lists, 0 where broadcast."""
+    """The integer kernel arguments after (idx, cls, cnt) as tile_args derives them from the lists: strides of the
+    (contiguous) lists, 0 where broadcast; a plan's copy (tests/test_hopper_plan.py checks they agree)."""
     bm, hm, mb, nb = lists.shape
     return (0 if bm == 1 else hm * mb * nb, 0 if hm == 1 else mb * nb, nb, 0 if bm == 1 else hm * mb,
             0 if hm == 1 else mb)
@@ -150,7 +151,10 @@ def tile_args(q, k, operands, prog: ScoreProgram, block_n: int) -> list:
     if found is None:
         return []
     n, lists = found
-    return [*lists(operands[n]), *_tile_ints(lists)]
+    idx, cls, cnt = lists(operands[n])
+    bc_b, bc_h = idx.shape[0] == 1, idx.shape[1] == 1
+    return [idx, cls, cnt, 0 if bc_b else idx.stride(0), 0 if bc_h else idx.stride(1), idx.stride(2),
+            0 if bc_b else cnt.stride(0), 0 if bc_h else cnt.stride(1)]
 
 
 def launch_args(q, k, v, operands, prog: ScoreProgram, out, lse, pingpong: bool = True, block_n=None,
@@ -224,7 +228,8 @@ def _make_plan(key, q, k, v, operands, prog, out, lse, cfg, tiles) -> _Plan:
     found = _tile_lists(q, k, operands, prog, kwargs["BLOCK_N"])
     pre = None if found is None else (found[0], found[1], _tile_ints(found[1]))
     fill = uniform_fill.UniformFill(out, lse, v) if prog.empty_row == "uniform" else None
-    return _Plan(launcher.Site(key), kernel, tuple(out.shape), grid, kwargs, descs, op_strides, pre, fill, args[-6:])
+    return _Plan(launcher.Site(key), kernel, tuple(out.shape), grid, kwargs, descs, op_strides, pre, fill,
+                 args[-6:])
 
 
 def _launch_planned(plan: _Plan, q, k, v, operands):
