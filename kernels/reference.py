@@ -228,7 +228,7 @@ def _capturing(device) -> bool:
 IMPRECISE_LSE = 1e4   # |lse| beyond this: fp32 lse = max + log(l) has lost log(l) (ulp(1e4) ~ 1e-3)
 
 
-def _enormous_possible(prog: ScoreProgram, operands) -> bool:
+def enormous_possible(prog: ScoreProgram, operands) -> bool:
     """Can a finite score reach |x| > IMPRECISE_LSE without absurd inputs: a float operand (a dense additive
     mask or bias) or an enormous finite constant in the program."""
     if any(t.dtype.is_floating_point for t in operands):
@@ -248,7 +248,7 @@ def imprecise_rows(prog: ScoreProgram, lse, operands=()) -> tuple[int, int] | No
     hands this band to `backward(rows=...)`. Only programs with a float operand or an enormous constant can
     produce such rows (boolean padding masks cannot: no device sync for them);
     finding them syncs with the device (skipped while a CUDA graph is being captured)."""
-    if not _enormous_possible(prog, operands):
+    if not enormous_possible(prog, operands):
         return None
     if lse.numel() == 0 or _capturing(lse.device):
         return None

@@ -292,6 +292,56 @@ def test_uniform_rows_none_empty_leave_gradients_alone():
         assert torch.equal(a, b)
 
 
+PADDED = [("zero", None), ("uniform", None), ("nan", None), ("uniform", "bias"), ("nan", "finfo.min")]
+
+
+@pytest.mark.parametrize("rule,extra", PADDED, ids=[f"{r}-{e}" for r, e in PADDED])
+def test_padded_backward_strided_dout_and_repeated_calls(rule, extra):
+    """The padded-batch backward as torch.compile calls it: dout a transposed view of a (B, S, H, D) gradient
+    (read through its strides, no copy) gives bit for bit the gradients of its contiguous copy; and later calls
+    with fresh tensors of the same layouts (the backward's per-call-key plan) give bit for bit what a fresh
+    plan gives, also when the imprecise band's lse clone or the uniform rows come in."""
+    b, hq, hk, sq, sk, d = 2, 4, 2, 29, 37, 32
+    keys = torch.ones(b, 1, 1, sk, dtype=torch.bool)
+    keys[0, ..., 25:] = False
+    keys[1, ..., :sk] = rule == "nan"        # batch row 1 wholly padded (empty rows) except under "nan"
+    keys[1, ..., 30:] = False
+    ops, expr, grad = [keys], ("where", OP(0), ("mul", S, C(d ** -0.5)), C(-math.inf)), ()
+    if extra == "bias":
+        ops.append(torch.randn(1, hq, sq, sk, generator=torch.Generator().manual_seed(51)))
+        expr, grad = ("where", OP(0), ("add", ("mul", S, C(d ** -0.5)), OP(1)), C(-math.inf)), (False, True)
+    elif extra == "finfo.min":
+        fill = torch.zeros(b, 1, sq, sk)
+        fill[0, 0, 7] = torch.finfo(torch.float32).min     # a fully covered row: the reference's exact band
+        ops.append(fill)
+        expr = ("where", OP(0), ("add", ("mul", S, C(d ** -0.5)), OP(1)), C(-math.inf))
+    prog = ScoreProgram(expr, n_operands=len(ops), empty_row=rule, operand_grad=grad)
+
+    def same(x, y):
+        for a, w in zip([*x[:3], *x[3]], [*y[:3], *y[3]]):
+            assert torch.equal(a.nan_to_num(5.0), w.nan_to_num(5.0)) and torch.equal(a.isnan(), w.isnan())
+
+    calls = []
+    tp._BWD_PLANS.clear()
+    for seed in range(3):       # the first call makes the plan, the others run through it
+        gen = torch.Generator().manual_seed(60 + seed)
+        q = torch.randn(b, sq, hq, d, generator=gen).transpose(1, 2)
+        k, v = torch.randn(b, hk, sk, d, generator=gen), torch.randn(b, hk, sk, d, generator=gen)
+        out, lse = tp.forward(q, k, v, ops, prog)
+        dout = torch.randn(b, sq, hq, d, generator=gen).transpose(1, 2)
+        calls.append(((q, k, v, dout, out, lse), tp.backward(dout, q, k, v, ops, out, lse, prog)))
+    for (q, k, v, dout, out, lse), got in calls:
+        tp._BWD_PLANS.clear()
+        same(got, tp.backward(dout, q, k, v, ops, out, lse, prog))                # a fresh plan
+        tp._BWD_PLANS.clear()
+        same(got, tp.backward(dout.contiguous(), q, k, v, ops, out, lse, prog))   # contiguous dout
+    if extra == "finfo.min":
+        assert reference.imprecise_rows(prog, lse, ops) == (7, 8)
+    rgr = reference.backward(dout, q, k, v, ops, prog)
+    for a, r in zip(got[:3], rgr[:3]):
+        torch.testing.assert_close(a, r, atol=1e-4, rtol=1e-4, equal_nan=True)
+
+
 def test_uniform_rows_independent_of_program_count(monkeypatch):
     """attn_bwd_uniform's programs stride over the work list; each output has one owner item, so the result
     is the same (bit for bit) with one program or several."""
