@@ -1,16 +1,18 @@
 """Host work per call of fa3::attention and fa3::attention_backward on the H100's path, counted on a CPU.
 
-    python bench/host_counts.py [--shape B,H,S,D] [--calls 200] [--out DIR]
+    python bench/host_counts.py [--shape B,H,S,D] [--calls 200] [--backward ws|portable] [--out DIR]
 
-The dispatch table is made to pick what it picks on sm_90 (the Hopper forward, the portable backward), the tuner
-to behave as once it has settled, and every kernel launch is recorded instead of run (Gluon cannot run on a
-CPU); the custom-op machinery, dispatch, plans, allocations and launch bookkeeping run for real on CPU tensors.
+The dispatch table is made to pick what it picks on sm_90 (the Hopper forward; the Hopper backward, whose tuner
+settles on its first warp-specialized candidate, or with --backward portable the portable backward, as for
+sites the warp-specialized one declines), the tuner to behave as once it has settled, and every kernel launch
+is recorded instead of run (Gluon cannot run on a CPU); the custom-op machinery, dispatch, plans, allocations and launch bookkeeping run for real on CPU tensors.
 Per call (warm, after the plans exist), for a padded batch's key-padding mask (bench/train.py's BERT sites: a
 (B, 1, 1, S) boolean operand, empty_row zero = its sdpa site, uniform = its eager site) and a dense additive
 float mask: torch ops the op body calls, allocations, torch ops that launch a device kernel, Triton launches
 (direct = the launcher's cached path, ordinary = kernel[grid]), Python function calls (all, and fa3_inductor's)
 and µs per call on this CPU with launches stubbed (a CPU's allocator and dispatcher, not the H100 host's).
-dout is a transposed view, as torch.compile passes it. Writes host_counts.json / .md under --out.
+dout is a transposed view, as torch.compile passes it. Writes host_counts.json / .md under --out (with
+--backward portable: host_counts_portable_bwd.*).
 """
 
 from __future__ import annotations
@@ -31,12 +33,13 @@ import torch  # noqa: E402
 LAUNCHES: collections.Counter = collections.Counter()
 
 
-def stand_in_for_sm90() -> None:
-    """Record launches instead of running them; select the sm_90 entries for CPU tensors; a settled tuner."""
+def stand_in_for_sm90(backward: str = "ws") -> None:
+    """Record launches instead of running them; select the sm_90 entries for CPU tensors; a settled tuner.
+    backward="portable": the warp-specialized backward declines every site."""
     from triton.runtime.jit import KernelInterface
 
     from fa3_inductor import dispatch
-    from fa3_inductor.kernels import hopper, launcher
+    from fa3_inductor.kernels import hopper, hopper_bwd, launcher
     from fa3_inductor.kernels import triton_portable as tp
     seen = set()
 
@@ -69,6 +72,8 @@ def stand_in_for_sm90() -> None:
     dispatch._runs_on = lambda entry, device: device in entry.devices or device == "cpu"
     hopper._not_sm90 = lambda device: None
     tp._launch_tuned = settled
+    if backward == "portable":
+        hopper_bwd._declines = lambda prog, q, v: "host_counts --backward portable"
 
 
 def cases(shape):
@@ -135,17 +140,20 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shape", default="2,4,64,64", help="B,H,S,D (counts do not depend on it)")
     ap.add_argument("--calls", type=int, default=200)
+    ap.add_argument("--backward", choices=("ws", "portable"), default="ws",
+                    help="the Hopper backward's warp-specialized kernel, or the portable one (as where ws declines)")
     ap.add_argument("--out", default=os.path.join(common.ROOT, "bench", "results"))
     args = ap.parse_args(argv)
-    stand_in_for_sm90()
+    stand_in_for_sm90(args.backward)
     from fa3_inductor import dispatch, op
     shape = tuple(int(x) for x in args.shape.split(","))
-    head = common.header("Host work per fa3 call on the H100's path, counted on CPU (launches recorded)",
-                         torch.device("cpu"))
+    head = common.header("Host work per fa3 call on the H100's path, counted on CPU (launches recorded), "
+                         f"{args.backward} backward", torch.device("cpu"))
     rows = []
     for name, (prog, (q, k, v, ops)) in cases(shape).items():
         s = prog.dumps()
         entry = dispatch.select(op.load_program(s), q, k, v, ops)[0].name
+        bwd_entry = dispatch.select_backward(op.load_program(s), q, k, v, ops)[0].name
         out, lse = torch.ops.fa3.attention(q, k, v, ops, s, "auto", "")
         out.normal_(), lse.zero_()      # launches are recorded, not run: a valid forward's (out, lse)
         b, hq, sq, dv = out.shape
@@ -153,7 +161,8 @@ def main(argv=None):
         for what, fn in (("forward", lambda: torch.ops.fa3.attention(q, k, v, ops, s, "auto", "")),
                          ("backward", lambda: torch.ops.fa3.attention_backward(dout, q, k, v, ops, out, lse, s,
                                                                                "auto"))):
-            rows.append({"case": name, "pass": what, "entry": entry, **measure(fn, args.calls)})
+            rows.append({"case": name, "pass": what, "entry": entry if what == "forward" else bwd_entry,
+                         **measure(fn, args.calls)})
             print(rows[-1], flush=True)
     md = head + ["", f"shape B,H,S,D = {shape}", "",
                  "| case | pass | torch ops | allocations | torch kernels | Triton launches (direct/ordinary) "
@@ -163,7 +172,8 @@ def main(argv=None):
         md.append(f"| {r['case']} | {r['pass']} | {r['torch_ops']} {r['torch_ops_by_name']} | {r['allocations']} "
                   f"| {r['torch_kernels']} | {tl.get('direct', 0)}/{tl.get('ordinary', 0)} "
                   f"| {r['python_calls']} ({r['python_calls_fa3']}) | {r['cpu_us_per_call']:.1f} |")
-    common.write_results(args.out, "host_counts", head, rows, md)
+    common.write_results(args.out, "host_counts" if args.backward == "ws" else "host_counts_portable_bwd", head,
+                         rows, md)
     print("\n".join(md))
 
 

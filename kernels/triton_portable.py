@@ -460,9 +460,11 @@ class BackwardLaunches:
         plan = plan or _backward_plan(dout, q, k, v, operands, out, lse, prog)
         dev = q.device
         self.plan, self.mod, self.tune_key, self.base, self.coff = plan, plan.mod, plan.tune_key, plan.base, plan.coff
-        self.grads = tuple(_empty(s, plan.dtype, dev) for s in plan.shapes)     # dq, dk, dv
+        qs, ks, vs = plan.shapes
+        self.grads = (_empty(qs, plan.dtype, dev), _empty(ks, plan.dtype, dev), _empty(vs, plan.dtype, dev))
         self.grad_ops = plan.grad_ops
-        self.dfull = [torch.zeros(plan.full, dtype=torch.float32, device=dev) for _ in plan.grad_ops]
+        self.dfull = [torch.zeros(plan.full, dtype=torch.float32, device=dev) for _ in plan.grad_ops] if (
+            plan.grad_ops) else []
         self.delta = _empty(plan.lse_shape, torch.float32, dev)
         self.flag = (self.delta if plan.flag_len is None
                      else torch.zeros((plan.flag_len,), dtype=torch.int32, device=dev))
@@ -476,30 +478,27 @@ class BackwardLaunches:
 
     def dkdv_call(self, cfg):
         """(kernel, grid, args, kwargs) of attn_bwd_dkdv with tile config cfg (dkdv_config)."""
+        _, dk, dv = self.grads
         _, grid, kw = self.plan.launch("dkdv", cfg)
-        return self.mod.attn_bwd_dkdv, grid, self._dkdv_args(), kw
+        return self.mod.attn_bwd_dkdv, grid, (self.q, self.k, self.v, self.dout, self.lse, self.delta, self.flag,
+                                              dk, dv, *self.op_args, *self.plan.dkdv_ints), kw
 
     def dq_call(self, cfg):
         """(kernel, grid, args, kwargs) of attn_bwd_dq with tile config cfg."""
         _, grid, kw = self.plan.launch("dq", cfg)
-        return self.mod.attn_bwd_dq, grid, self._dq_args(), kw
-
-    def _dkdv_args(self):
-        _, dk, dv = self.grads
-        return (self.q, self.k, self.v, self.dout, self.lse, self.delta, self.flag, dk, dv, *self.op_args,
-                *self.plan.dkdv_ints)
-
-    def _dq_args(self):
-        return (self.q, self.k, self.v, self.dout, self.lse, self.delta, self.grads[0], *self.op_args,
-                *self.dop_args, *self.plan.dq_ints)
+        return self.mod.attn_bwd_dq, grid, (self.q, self.k, self.v, self.dout, self.lse, self.delta, self.grads[0],
+                                            *self.op_args, *self.dop_args, *self.plan.dq_ints), kw
 
     def dkdv(self, cfg):
         site, grid, kw = self.plan.launch("dkdv", cfg)
-        site(self.mod.attn_bwd_dkdv, grid, self._dkdv_args(), kw)
+        _, dk, dv = self.grads
+        site(self.mod.attn_bwd_dkdv, grid, (self.q, self.k, self.v, self.dout, self.lse, self.delta, self.flag, dk,
+                                            dv, *self.op_args, *self.plan.dkdv_ints), kw)
 
     def dq(self, cfg):
         site, grid, kw = self.plan.launch("dq", cfg)
-        site(self.mod.attn_bwd_dq, grid, self._dq_args(), kw)
+        site(self.mod.attn_bwd_dq, grid, (self.q, self.k, self.v, self.dout, self.lse, self.delta, self.grads[0],
+                                          *self.op_args, *self.dop_args, *self.plan.dq_ints), kw)
 
     def uniform(self):
         """empty_row="uniform": adds the gradient of the rows the kernels left without one (no visible key)."""
