@@ -5,12 +5,14 @@
 The dispatch table is made to pick what it picks on sm_90 (the Hopper forward; the Hopper backward, whose tuner
 settles on its first warp-specialized candidate, or with --backward portable the portable backward, as for
 sites the warp-specialized one declines), the tuner to behave as once it has settled, and every kernel launch
-is recorded instead of run (Gluon cannot run on a CPU); the custom-op machinery, dispatch, plans, allocations and launch bookkeeping run for real on CPU tensors.
-Per call (warm, after the plans exist), for a padded batch's key-padding mask (bench/train.py's BERT sites: a
-(B, 1, 1, S) boolean operand, empty_row zero = its sdpa site, uniform = its eager site) and a dense additive
-float mask: torch ops the op body calls, allocations, torch ops that launch a device kernel, Triton launches
-(direct = the launcher's cached path, ordinary = kernel[grid]), Python function calls (all, and fa3_inductor's)
-and µs per call on this CPU with launches stubbed (a CPU's allocator and dispatcher, not the H100 host's).
+is recorded instead of run (Gluon cannot run on a CPU); the custom-op machinery, dispatch, plans, allocations
+and launch bookkeeping run for real on CPU tensors. Per call (warm, after the plans exist), for a padded
+batch's key-padding mask (bench/train.py's BERT sites: a (B, 1, 1, S) boolean operand, empty_row zero = its
+sdpa site, uniform = its eager site; the same padding as a float finfo.min operand, as an eager site whose mask
+is not proven passes it) and a dense additive float mask: torch ops the op body calls, allocations, torch ops
+that launch a device kernel, Triton launches (direct = the launcher's cached path, ordinary = kernel[grid]),
+Python function calls (all, and fa3_inductor's) and µs per call on this CPU with launches stubbed (a CPU's
+allocator and dispatcher, not the H100 host's).
 dout is a transposed view, as torch.compile passes it. Writes host_counts.json / .md under --out (with
 --backward portable: host_counts_portable_bwd.*).
 """
@@ -86,11 +88,14 @@ def cases(shape):
     from fa3_inductor.kernels.program import ScoreProgram
     where = ("where", ("operand", 0), scaled, ("const", -math.inf))
     dense = torch.where(torch.rand(b, 1, s, s, generator=g) > 0.2, 0.0, torch.finfo(torch.float16).min).half()
+    additive_keys = torch.where(keep, 0.0, torch.finfo(torch.float16).min).half()[:, None, None, :]
     return {
         "key padding, empty_row=zero (BERT sdpa)": (ScoreProgram(where, 1, empty_row="zero"),
                                                     (q, k, v, [keep[:, None, None, :]])),
         "key padding, empty_row=uniform (BERT eager)": (ScoreProgram(where, 1, empty_row="uniform"),
                                                         (q, k, v, [keep[:, None, None, :]])),
+        "key padding as an additive finfo.min operand (BERT eager, mask not proven)": (
+            ScoreProgram(("add", scaled, ("operand", 0)), 1, empty_row="nan"), (q, k, v, [additive_keys])),
         "dense additive finfo.min mask": (ScoreProgram(("add", scaled, ("operand", 0)), 1, empty_row="nan"),
                                           (q, k, v, [dense])),
     }
