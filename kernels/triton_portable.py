@@ -12,7 +12,7 @@ import os
 
 import torch
 
-from . import codegen, launcher, reference
+from . import codegen, launcher
 from .program import COMPARE, LEAVES, LOGICAL, ScoreProgram
 from .uniform_fill import uniform_fill
 
@@ -331,19 +331,51 @@ def uniform_work_len(b: int, hq: int, hk: int, sq: int, device) -> int:
     return 2 * ng + 2 + triton_cdiv(sq, _pre_block(device)) * hq * b
 
 
-def _uniform_fixed(q, k, v, dout, lse, grad_strides, target):
-    """What attn_bwd_uniform's launch takes from the layouts alone: (work items, integer arguments, kwargs).
+def _imprecise_config(d: int, dtype: torch.dtype, device, part: int):
+    """attn_bwd_imprecise's tiles per PART: ones that compile for sm_90 without register spills
+    (tests/test_uniform_sm90.py; its PART 1 holds a row block's q, dO and dq beside the score tiles of two
+    passes, so at head dim 128 it takes 32 keys where attn_bwd_uniform takes 64)."""
+    if device.type != "cuda":
+        return UNIFORM_INTERPRET_CONFIG
+    if dtype == torch.float32:
+        if d <= 64:
+            return (32, 32, 8)
+        return (16, 16, 8) if part == 1 else (16, 32, 8)
+    if d <= 64:
+        return (64, 64, 4)
+    return (32, 32, 4) if d <= 128 else (32, 32, 8)
+
+
+def _special_fixed(q, k, v, dout, lse_strides, grad_strides, cfg, target):
+    """What a launch of attn_bwd_uniform / attn_bwd_imprecise with tiles cfg (BLOCK_M, BLOCK_N, num_warps) takes
+    from the layouts alone: (query-block items, (group, key block) items, integer arguments, kwargs).
     grad_strides: those of dq, dk, dv."""
     b, hq, sq, d = q.shape
     hk, sk = k.shape[1], k.shape[2]
-    bm, bn, warps = _uniform_config(d, q.dtype, target)
+    bm, bn, warps = cfg
     pre = _pre_block(target)
     assert pre % bm == 0
     num_pre, num_n = triton_cdiv(sq, pre), triton_cdiv(sk, bn)
-    ints = (*q.stride(), *k.stride(), *v.stride(), *dout.stride(), *lse.stride(), *grad_strides[0],
+    ints = (*q.stride(), *k.stride(), *v.stride(), *dout.stride(), *lse_strides, *grad_strides[0],
             *grad_strides[1], *grad_strides[2], sq, sk, hq, b * hk, num_pre, num_n)
     kw = dict(PRE_M=pre, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=1)
-    return num_pre * hq * b + b * hk * num_n, ints, kw
+    return num_pre * hq * b, b * hk * num_n, ints, kw
+
+
+def _uniform_fixed(q, k, v, dout, lse_strides, grad_strides, target):
+    """attn_bwd_uniform's (work items, integer arguments, kwargs): both kinds of items in one launch."""
+    rows, keys, ints, kw = _special_fixed(q, k, v, dout, lse_strides, grad_strides,
+                                          _uniform_config(q.shape[-1], q.dtype, target), target)
+    return rows + keys, ints, kw
+
+
+def imprecise_fixed(q, k, v, dout, lse_strides, grad_strides, coff: int, part: int, target):
+    """attn_bwd_imprecise's (work items, integer arguments, kwargs) for PART part (templates_uniform.py); its
+    tensors: q, k, v, dout, the forward's lse, delta (3, B, H, Sq), the work list, dq, dk, dv, operands,
+    d(operand) buffers. target: the device whose tiles to take."""
+    rows, keys, ints, kw = _special_fixed(q, k, v, dout, lse_strides, grad_strides,
+                                          _imprecise_config(q.shape[-1], q.dtype, target, part), target)
+    return (rows if part == 1 else keys), (*ints, coff), dict(kw, PART=part)
 
 
 def uniform_launch_args(mod, q, k, v, dout, lse, work, dq, dk, dv, op_args, dop_args, target=None):
@@ -352,7 +384,7 @@ def uniform_launch_args(mod, q, k, v, dout, lse, work, dq, dk, dv, op_args, dop_
     attn_bwd_pre filled. No host sync: the kernel reads how much there is to do on the device.
     target: the device whose tiles to take (default q's; a test compiles CUDA tiles from CPU tensors)."""
     grad_strides = (dq.stride(), dk.stride(), dv.stride())
-    items, ints, kw = _uniform_fixed(q, k, v, dout, lse, grad_strides, target or q.device)
+    items, ints, kw = _uniform_fixed(q, k, v, dout, lse.stride(), grad_strides, target or q.device)
     grid = (max(1, min(items, _uniform_programs(q.device))),)
     return mod.attn_bwd_uniform, grid, (q, k, v, dout, lse, work, dq, dk, dv, *op_args, *dop_args, *ints), kw
 
@@ -397,24 +429,36 @@ class _Backward:
         # per operand gradient: the broadcast dims its full (B, Hq, Sq, Sk) gradient is summed over
         self.reduce = tuple([i for i in range(4) if operands[n].shape[i] == 1 and self.full[i] != 1]
                             for n in self.grad_ops)
-        self.imprecise = reference.enormous_possible(prog, operands)
-        _, self.mod, _, self.coff, skey, self.hf = _prepare(q, k, v, operands, prog)
+        spec, self.mod, _, self.coff, skey, self.hf = _prepare(q, k, v, operands, prog)
+        # rows whose fp32 lse lost log l: attn_bwd_pre writes the lse the gradient kernels read (+inf there: they
+        # skip them; contiguous like delta) and lists them; attn_bwd_imprecise adds their gradient (PART 1, 2);
+        # delta gets two more (B, H, Sq) planes for their softmax's m and l
+        self.imprecise = codegen.imprecise_possible(spec)
+        self.delta_shape = (3, b, hq, sq) if self.imprecise else (b, hq, sq)
+        klse = _contiguous(self.lse_shape) if self.imprecise else tuple(lse.stride())
         self.tune_key = _tune_key(skey, sq, sk)
         self.op_strides = tuple(tuple(_expanded_strides(t, self.full)) for t in operands)
         self.dfull_strides = (_contiguous(self.full),) * len(self.grad_ops)
         grads = tuple(_contiguous(s) for s in self.shapes)
-        # FLAG: attn_bwd_pre's per-group flags (empty_row="nan") or the uniform rows' work list; unread otherwise
-        self.flag_len = {"nan": b * hk, "uniform": uniform_work_len(b, hq, hk, sq, dev)}.get(self.mode)
+        # FLAG: attn_bwd_pre's per-group flags (empty_row="nan") or the uniform rows' work list, then the
+        # imprecise rows' work list; unread when empty
+        work = uniform_work_len(b, hq, hk, sq, dev)
+        self.flag_len = {"nan": b * hk, "uniform": work}.get(self.mode, 0) + (work if self.imprecise else 0) or None
         bm_pre = _pre_block(dev)
         self.pre = (launcher.Site(base + ("pre",)), (triton_cdiv(sq, bm_pre), hq, b),
                     (*out.stride(), *dout.stride(), *lse.stride(), sq, hq), dict(BLOCK_M=bm_pre))
-        qkv = (*q.stride(), *k.stride(), *v.stride(), *dout.stride(), *lse.stride())
+        qkv = (*q.stride(), *k.stride(), *v.stride(), *dout.stride(), *klse)
         self.dkdv_ints = (*qkv, *grads[1], *grads[2], sq, sk, self.coff)
         self.dq_ints = (*qkv, *grads[0], sq, sk, hq, self.coff)
         self.launches: dict = {}        # ("dkdv" | "dq", config) -> (Site, grid, kwargs)
         self.uniform = None
         if self.mode == "uniform":
-            self.uniform = (launcher.Site(base + ("uniform",)), *_uniform_fixed(q, k, v, dout, lse, grads, dev))
+            self.uniform = (launcher.Site(base + ("uniform",)), *_uniform_fixed(q, k, v, dout, klse, grads, dev))
+        self.rows = None
+        if self.imprecise:      # attn_bwd_imprecise: PART 1 over query blocks, PART 2 over (group, key block)
+            self.rows = tuple((launcher.Site(base + ("imprecise", part)),
+                               *imprecise_fixed(q, k, v, dout, tuple(lse.stride()), grads, self.coff, part, dev))
+                              for part in (1, 2))
 
     def launch(self, kind: str, cfg):
         """(Site, grid, kwargs) of attn_bwd_dkdv ("dkdv", a dkdv_config) or attn_bwd_dq ("dq") with tile cfg."""
@@ -452,9 +496,10 @@ class BackwardLaunches:
     """The backward's buffers and kernel launches for one call, through its call key's plan (_Backward): pre()
     computes delta (and the empty-row flags / uniform work list), dkdv(cfg) and dq(cfg) launch attn_bwd_dkdv /
     attn_bwd_dq with a tile config (tuned by `backward`; timed config by config by bench/bwd256_sweep.py),
-    uniform() adds the uniform rows' gradient; dkdv_call / dq_call give the launch without running it (built
-    from CPU tensors without the interpreter, a test compiles the CUDA kernels for sm_90a). lse: as the kernels
-    read it (imprecise rows already +inf)."""
+    uniform() / imprecise() add the special rows' gradient; dkdv_call / dq_call give the launch without running
+    it (built from CPU tensors without the interpreter, a test compiles the CUDA kernels for sm_90a). lse: the
+    forward's; self.lse is what the gradient kernels read: where the program can have imprecise rows a copy
+    that pre() writes, +inf on those rows (templates_uniform.py)."""
 
     def __init__(self, dout, q, k, v, operands, lse, prog: ScoreProgram, out, plan: _Backward | None = None):
         plan = plan or _backward_plan(dout, q, k, v, operands, out, lse, prog)
@@ -465,16 +510,21 @@ class BackwardLaunches:
         self.grad_ops = plan.grad_ops
         self.dfull = [torch.zeros(plan.full, dtype=torch.float32, device=dev) for _ in plan.grad_ops] if (
             plan.grad_ops) else []
-        self.delta = _empty(plan.lse_shape, torch.float32, dev)
+        self.delta = _empty(plan.delta_shape, torch.float32, dev)
         self.flag = (self.delta if plan.flag_len is None
                      else torch.zeros((plan.flag_len,), dtype=torch.int32, device=dev))
         self.op_args = _interleave(operands, plan.op_strides)
         self.dop_args = _interleave(self.dfull, plan.dfull_strides)
-        self.q, self.k, self.v, self.dout, self.out, self.lse = q, k, v, dout, out, lse
+        self.q, self.k, self.v, self.dout, self.out, self.saved_lse = q, k, v, dout, out, lse
+        self.lse = _empty(plan.lse_shape, torch.float32, dev) if plan.imprecise else lse
 
     def pre(self):
         site, grid, ints, kw = self.plan.pre
-        site(self.mod.attn_bwd_pre, grid, (self.out, self.dout, self.lse, self.delta, self.flag, *ints), kw)
+        if self.plan.imprecise:
+            site(self.mod.attn_bwd_pre, grid, (self.out, self.dout, self.saved_lse, self.delta, self.flag, self.lse,
+                                               *ints), kw)
+        else:
+            site(self.mod.attn_bwd_pre, grid, (self.out, self.dout, self.lse, self.delta, self.flag, *ints), kw)
 
     def dkdv_call(self, cfg):
         """(kernel, grid, args, kwargs) of attn_bwd_dkdv with tile config cfg (dkdv_config)."""
@@ -508,6 +558,16 @@ class BackwardLaunches:
              (self.q, self.k, self.v, self.dout, self.lse, self.flag, dq, dk, dv, *self.op_args, *self.dop_args,
               *ints), kw)
 
+    def imprecise(self):
+        """Programs that can have imprecise rows: adds their gradient (attn_bwd_imprecise PART 1, then PART 2;
+        each a fixed grid that ends at once when pre() listed no such row)."""
+        programs = _uniform_programs(self.q.device)
+        dq, dk, dv = self.grads
+        tensors = (self.q, self.k, self.v, self.dout, self.saved_lse, self.delta, self.flag, dq, dk, dv,
+                   *self.op_args, *self.dop_args)
+        for site, items, ints, kw in self.plan.rows:
+            site(self.mod.attn_bwd_imprecise, (max(1, min(items, programs)),), (*tensors, *ints), kw)
+
 
 def portable_grads(run: BackwardLaunches) -> None:
     """dK / dV (one program per key block) then dQ (one per query block), each tuned: deterministic, no
@@ -521,29 +581,22 @@ def backward(dout, q, k, v, operands, out, lse, prog: ScoreProgram, grads=portab
     """Returns (dq, dk, dv, [d operand for each operand whose operand_grad flag is set]). dout may have any
     strides (the kernels take them).
     grads(BackwardLaunches) fills dq, dk, dv (and the d(operand) buffers): the portable kernels by default, the
-    Hopper warp-specialized kernel through hopper_bwd.backward. Around it: attn_bwd_pre (delta, the
-    uniform-row work list), the uniform-row correction and the exact band of imprecise rows."""
+    Hopper warp-specialized kernel through hopper_bwd.backward. Around it: attn_bwd_pre (delta, the special
+    rows' work lists), the uniform rows' and the imprecise rows' gradients (templates_uniform.py). No host sync
+    (also while a CUDA graph is captured)."""
     b, hq, sq, _ = q.shape
     sk = k.shape[2]
     if b * hq * sq == 0 or sk == 0:
         return _backward_empty(q, k, v, operands, prog)
     plan = _backward_plan(dout, q, k, v, operands, out, lse, prog)
-    # rows whose lse lost log(l) (dense enormous fills): the kernels skip them (lse = +inf gives p = 0) and the
-    # reference computes that band exactly
-    band = reference.imprecise_rows(prog, lse, operands) if plan.imprecise else None
-    if band is not None:
-        lse = lse.clone()
-        lse[:, :, band[0]:band[1]] = math.inf
-        plan = _backward_plan(dout, q, k, v, operands, out, lse, prog)    # the clone's layout may differ
     run = BackwardLaunches(dout, q, k, v, operands, lse, prog, out, plan)
     run.pre()
     grads(run)
     if plan.uniform is not None:    # rows the kernels above left without gradient (no visible key)
         run.uniform()
+    if plan.rows is not None:       # rows whose lse lost log l, which the kernels above skipped
+        run.imprecise()
     dq, dk, dv = run.grads
-    if band is not None:
-        exact = reference.backward(dout, q, k, v, operands, prog, rows=band)
-        dq, dk, dv = ((t.float() + e.float()).to(t.dtype) for t, e in zip((dq, dk, dv), exact[:3]))
     extra = []
     for i, n in enumerate(plan.grad_ops):
         full = run.dfull[i]
@@ -551,8 +604,6 @@ def backward(dout, q, k, v, operands, out, lse, prog: ScoreProgram, grads=portab
             full = torch.where((lse == -math.inf).unsqueeze(-1), torch.full_like(full, math.nan), full)
         dims = plan.reduce[i]
         red = full.sum(dim=dims, keepdim=True) if dims else full
-        if band is not None:
-            red = red + exact[3][i].float().reshape(red.shape)
         t = operands[n]
         extra.append(red.reshape(t.shape).to(t.dtype))
     return dq, dk, dv, extra
