@@ -419,6 +419,28 @@ def test_imprecise_rows_bias_grad():
     attend_and_check(*_imprecise_case(torch.float32, "finfo.min", 4, 2, 35, 29, "none", 1, seed=72, bias=True))
 
 
+@pytest.mark.parametrize("empty_row", ["zero", "uniform"])
+def test_imprecise_rows_beside_empty_rows(empty_row):
+    """A -1e9 float mask's fully masked rows beside the rows a bool key-padding operand empties, under the other
+    empty-row rules ("nan": the tests above): the imprecise rows' work list sits at the start of FLAG ("zero")
+    or after the uniform rows' list ("uniform")."""
+    q, k, v = qkv(2, 4, 1, 40, 40, 32, torch.float32, seed=78)
+    gen = torch.Generator().manual_seed(79)
+    vis = torch.rand(2, 1, 40, 40, generator=gen) > 0.3
+    vis[0, :, 5] = False
+    vis[1, :, :4] = False
+    keys = torch.ones(2, 1, 1, 40, dtype=torch.bool)
+    keys[1, ..., 30:] = False
+    prog = ScoreProgram(("where", OP(1), ("add", ("mul", S, C(32 ** -0.5)), OP(0)), C(-math.inf)), n_operands=2,
+                        empty_row=empty_row, causal="top_left")
+    ops = [torch.where(vis, 0.0, -1e9), keys]
+    attend_and_check(q, k, v, ops, prog)
+    out, lse = tp.forward(q, k, v, ops, prog)
+    dout = torch.randn(out.shape, generator=gen)
+    for a, r in zip(tp.backward(dout, q, k, v, ops, out, lse, prog)[:3], reference.backward(dout, q, k, v, ops, prog)):
+        torch.testing.assert_close(a, r, atol=1e-4, rtol=1e-4, equal_nan=True)
+
+
 _SYNC_OPS = ("_local_scalar_dense", "is_nonzero", "item", "nonzero", "masked_select", "equal", "allclose",
              "unique", "_unique2", "unique_dim", "unique_consecutive")
 
