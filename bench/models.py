@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 import time
 import traceback
@@ -177,6 +178,17 @@ def summarize(results: list[dict]) -> list[dict]:
     return rows
 
 
+def skipped_summary(lines: list[str]) -> str:
+    """The fa3 log's "fa3 skipped: <reason> [<site>] <spelling>" lines as one entry per distinct reason with its
+    number of sites ("6 sites: <reason>"); the site names stay in the JSON (fa3_skipped)."""
+    counts: dict = {}
+    for ln in lines:
+        m = re.match(r"fa3 skipped: (.*?) \[[^\]]*\]", ln)
+        reason = m.group(1) if m else ln
+        counts[reason] = counts.get(reason, 0) + 1
+    return " | ".join(f"{n} site{'s' if n > 1 else ''}: {reason}" for reason, n in counts.items())
+
+
 def markdown(summary: list[dict], header_lines: list[str]) -> list[str]:
     f = common.fmt
     lines = list(header_lines) + [
@@ -191,7 +203,8 @@ def markdown(summary: list[dict], header_lines: list[str]) -> list[str]:
     for r in summary:
         kern = ", ".join(f"{k}×{v}" for k, v in (r.get("fa3_kernels") or {}).items())
         graphs = f"{r['fa3_graphs']} ({r['fa3_recompiles']})" if r.get("fa3_graphs") is not None else "-"
-        notes = r["notes"] + ("; skipped sites: " + " | ".join(r["fa3_skipped"]) if r.get("fa3_skipped") else "")
+        skipped = "skipped: " + skipped_summary(r["fa3_skipped"]) if r.get("fa3_skipped") else ""
+        notes = "; ".join(x for x in (r["notes"], skipped) if x)
         lines.append(
             f"| {r['model']} | {r['impl']} | {r['shape']} | {r.get('sites', '-')} | {f(r['eager_ms'], '.2f')} | "
             f"{f(r['inductor_ms'], '.2f')} | {f(r['fa3_ms'], '.2f')} | {f(r.get('speedup_vs_best'), '.2f')} | "

@@ -99,12 +99,16 @@ def fp8_fallback_reason(passed_over: list[str]) -> str:
 
 
 def _select_key(prog, q, k, v, operands, preference, fp8):
-    """What every entry's `supports` looks at (shapes, strides, dtypes, device, 16-byte alignment), or None for
-    fake tensors (compile time: symbolic sizes, no storage; not memoised)."""
+    """What every entry's `supports` looks at (shapes, strides, dtypes, device, 16-byte alignment; on CPU also
+    TRITON_INTERPRET), or None for fake tensors and the meta device (compile time: symbolic sizes, no storage;
+    not memoised)."""
     if isinstance(q, FakeTensor) or any(isinstance(t, FakeTensor) for t in operands):
         return None
-    return (prog, preference, fp8, q.device, os.environ.get("TRITON_INTERPRET", "0"),
-            launcher.call_key((q, k, v, *operands)))
+    device = q.device
+    if device.type == "meta":
+        return None
+    interpret = os.environ.get("TRITON_INTERPRET", "0") if device.type == "cpu" else None
+    return (prog, preference, fp8, device, interpret, launcher.call_key((q, k, v, *operands)))
 
 
 _SELECTED: dict = {}
@@ -114,7 +118,7 @@ def select(prog: ScoreProgram, q, k, v, operands, preference: str = "auto",
            fp8: Fp8Recipe | None = None) -> tuple[KernelEntry, list[str]]:
     """Memoised _select: a launch must not pay Python support checks on every call (S=512 prefill was
     CPU-bound on them)."""
-    key = _select_key(prog, q, k, v, operands, preference, fp8) if q.device.type != "meta" else None
+    key = _select_key(prog, q, k, v, operands, preference, fp8)
     if key is None:
         return _select(prog, q, k, v, operands, preference, fp8)
     hit = _SELECTED.get(key)

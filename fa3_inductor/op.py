@@ -106,7 +106,9 @@ def attention_backward_op(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, 
     prog = load_program(program)
     entry, passed = dispatch.select_backward(prog, q, k, v, operands, kernel)
     dispatch.record("backward", entry, passed)
-    dq, dk, dv, dops = entry.backward(dout.contiguous(), q, k, v, operands, out, lse, prog)
+    # dout as it comes (under torch.compile often a transposed view of the next op's gradient): every
+    # backward reads it through its strides, so no copy
+    dq, dk, dv, dops = entry.backward(dout, q, k, v, operands, out, lse, prog)
     return [g.contiguous() for g in (dq, dk, dv, *dops)]   # the fake promises contiguous gradients
 
 

@@ -22,7 +22,7 @@ import torch
 from . import reference
 from .program import COMPARE, LEAVES, ScoreProgram, render
 
-CODEGEN_VERSION = "14"
+CODEGEN_VERSION = "15"
 LOG2E = 1.4426950408889634
 
 
@@ -64,6 +64,13 @@ class KernelSpec:
     def key(self) -> str:
         text = repr((CODEGEN_VERSION, dataclasses.astuple(self)))
         return hashlib.sha256(text.encode()).hexdigest()[:20]
+
+
+def imprecise_possible(spec: KernelSpec) -> bool:
+    """Can a row's fp32 lse lose log l (reference.IMPRECISE_LSE): an operand that is not boolean (a dense additive
+    mask or bias) or an enormous finite constant in the program. The backward of such a spec finds those rows on
+    the device and computes their gradient exactly (attn_bwd_imprecise, templates_uniform.py)."""
+    return any(o.kind != "bool" for o in spec.operands) or reference.enormous_constant(spec.prog.expr)
 
 
 def pad_dim(d: int, least: int = 16) -> int:

@@ -14,7 +14,7 @@ from typing import NamedTuple
 import torch
 from torch._subclasses.fake_tensor import FakeTensor
 
-from . import codegen, launcher, mask_tiles, triton_portable
+from . import codegen, launcher, mask_tiles, triton_portable, uniform_fill
 from .program import ScoreProgram
 
 HEAD_DIMS = (64, 96, 128, 192, 256)
@@ -129,15 +129,33 @@ def _spec_and_module(prog, q, k, v, operands, flavor: str = "hopper"):
     return hit
 
 
-def tile_args(q, k, operands, prog: ScoreProgram, block_n: int) -> list:
-    """Kernel arguments of the mask pre-pass's tile lists (mask_tiles.py), [] when the kernel has none."""
+def _tile_lists(q, k, operands, prog: ScoreProgram, block_n: int):
+    """(mask operand index, TileLists) of the mask pre-pass (mask_tiles.py) for this call's layout, or None when
+    the kernel walks no tile lists."""
     from .templates_hopper import tile_plan
     plan = tile_plan(prog, ["bool" if t.dtype == torch.bool else "float" for t in operands]) if operands else None
     if plan is None:
-        return []
+        return None
     n, kind = plan
     b, hq, sq, _ = q.shape
-    idx, cls, cnt = mask_tiles.tile_lists(operands[n], kind, (b, hq, sq, k.shape[2]), 2 * BLOCK_M, block_n)
+    return n, mask_tiles.TileLists(operands[n], kind, (b, hq, sq, k.shape[2]), 2 * BLOCK_M, block_n)
+
+
+def _tile_ints(lists: mask_tiles.TileLists) -> tuple:
+    """The integer kernel arguments after (idx, cls, cnt) as tile_args derives them from the lists: strides of the
+    (contiguous) lists, 0 where broadcast; a plan's copy (tests/test_hopper_plan.py checks they agree)."""
+    bm, hm, mb, nb = lists.shape
+    return (0 if bm == 1 else hm * mb * nb, 0 if hm == 1 else mb * nb, nb, 0 if bm == 1 else hm * mb,
+            0 if hm == 1 else mb)
+
+
+def tile_args(q, k, operands, prog: ScoreProgram, block_n: int) -> list:
+    """Kernel arguments of the mask pre-pass's tile lists (mask_tiles.py), [] when the kernel has none."""
+    found = _tile_lists(q, k, operands, prog, block_n)
+    if found is None:
+        return []
+    n, lists = found
+    idx, cls, cnt = lists(operands[n])
     bc_b, bc_h = idx.shape[0] == 1, idx.shape[1] == 1
     return [idx, cls, cnt, 0 if bc_b else idx.stride(0), 0 if bc_h else idx.stride(1), idx.stride(2),
             0 if bc_b else cnt.stride(0), 0 if bc_h else cnt.stride(1)]
@@ -178,15 +196,17 @@ def schedules(d: int, dv: int) -> list[tuple[bool, int]]:
 @dataclasses.dataclass(frozen=True)
 class _Plan:
     """What a call key pins of one launch (the tuned schedule, grid, constexprs and every integer argument), so
-    that a call only rebases the four TMA descriptors on its tensors and starts the compiled kernel."""
-    key: tuple
+    that a call only rebases the four TMA descriptors on its tensors and starts the compiled kernel; likewise
+    the mask pre-pass (its tile lists are data: computed per call) and the empty-row fill around it."""
+    site: launcher.Site
     kernel: object
+    out_shape: tuple      # (B, Hq, Sq, Dv); lse is its first three
     grid: tuple
     kwargs: dict
     descs: tuple          # validated descriptors of the first call (q, k, v, out): box, layout, geometry
     op_strides: tuple     # per operand: its strides expanded to (B, Hq, Sq, Sk)
-    block_n: int
-    tiled: bool           # the program walks tile lists of a dense mask (computed per call: data)
+    tiles: tuple | None   # (mask operand index, mask_tiles.TileLists, the lists' integer arguments)
+    fill: object          # uniform_fill.UniformFill for empty_row="uniform", else None
     tail: tuple           # lse strides, Sq, Sk, causal offset
 
 
@@ -209,24 +229,41 @@ def _make_plan(key, q, k, v, operands, prog, out, lse, cfg, tiles) -> _Plan:
     op_strides = tuple(tuple(int(x) for x in t.expand(*full).stride()) for t in operands)
     # the templates must not keep this call's tensors alive (memory; CUDA graph pools check for such leaks)
     descs = tuple(_rebase(d, None) for d in args[:4])
-    return _Plan(key, kernel, grid, kwargs, descs, op_strides, kwargs["BLOCK_N"], bool(tiles), args[-6:])
+    found = _tile_lists(q, k, operands, prog, kwargs["BLOCK_N"])
+    pre = None if found is None else (found[0], found[1], _tile_ints(found[1]))
+    fill = uniform_fill.UniformFill(out, lse, v) if prog.empty_row == "uniform" else None
+    return _Plan(launcher.Site(key), kernel, tuple(out.shape), grid, kwargs, descs, op_strides, pre, fill,
+                 args[-6:])
 
 
-def _launch_planned(plan: _Plan, q, k, v, operands, prog, out, lse) -> None:
+def _launch_planned(plan: _Plan, q, k, v, operands):
+    dev = q.device
+    out = triton_portable._empty(plan.out_shape, v.dtype, dev)
+    lse = triton_portable._empty(plan.out_shape[:3], torch.float32, dev)
     op_args = []
     for t, st in zip(operands, plan.op_strides):
         op_args.append(t)
         op_args += st
-    tiles = tile_args(q, k, operands, prog, plan.block_n) if plan.tiled else ()
+    if plan.tiles is not None:
+        n, lists, ints = plan.tiles
+        op_args += [*lists(operands[n]), *ints]
     dq, dk, dv, do = plan.descs
-    args = (_rebase(dq, q), _rebase(dk, k), _rebase(dv, v), _rebase(do, out), lse, *op_args, *tiles, *plan.tail)
-    launcher.launch(plan.key, plan.kernel, plan.grid, args, plan.kwargs)
+    args = (_rebase(dq, q), _rebase(dk, k), _rebase(dv, v), _rebase(do, out), lse, *op_args, *plan.tail)
+    plan.site(plan.kernel, plan.grid, args, plan.kwargs)
+    if plan.fill is not None:
+        plan.fill(out, lse, v)
+    return out, lse
 
 
 def forward(q, k, v, operands, prog: ScoreProgram, **variant):
     """Returns (out (B, Hq, Sq, Dv) in v.dtype, lse fp32 (B, Hq, Sq)). `variant` (pingpong, block_n, stages)
     pins a schedule (benchmarks, tests); otherwise the tuner picks one per (spec, length bucket), and once it
     has, the call's plan (keyed by its shapes, strides, dtypes, alignments) makes later calls cheap on the host."""
+    if not variant:     # a plan exists only for shapes that passed the checks below
+        key = ("hopper", prog, q.device.index, launcher.call_key((q, k, v, *operands)))
+        plan = _PLANS.get(key)
+        if plan is not None:
+            return _launch_planned(plan, q, k, v, operands)
     b, hq, sq, _ = q.shape
     dv = v.shape[-1]
     out = triton_portable._empty((b, hq, sq, dv), v.dtype, q.device)
@@ -238,11 +275,6 @@ def forward(q, k, v, operands, prog: ScoreProgram, **variant):
     if variant:
         kernel, grid, args, kwargs = launch_args(q, k, v, operands, prog, out, lse, **variant)
         kernel[grid](*args, **kwargs)
-        return _filled(out, lse, v, prog)
-    key = ("hopper", prog, q.device.index, launcher.call_key((q, k, v, *operands)))
-    plan = _PLANS.get(key)
-    if plan is not None:
-        _launch_planned(plan, q, k, v, operands, prog, out, lse)
         return _filled(out, lse, v, prog)
     d, dv = q.shape[-1], v.shape[-1]
     tiles = tile_args(q, k, operands, prog, config(d, dv)[0])

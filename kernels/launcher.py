@@ -29,21 +29,26 @@ def _direct(ck, tail: tuple[str, ...]) -> tuple | None:
     return ck, tail
 
 
+def _run(hit, grid: tuple, args: tuple, kwargs: dict) -> None:
+    """Start a cached compiled kernel (what JITFunction.run ends in) on the current stream."""
+    ck, tail = hit
+    drv = driver.active
+    stream = drv.get_current_stream(drv.get_current_device())
+    values = args + tuple(kwargs[n] for n in tail) if tail else args
+    enter = knobs.runtime.launch_enter_hook
+    meta = ck.launch_metadata(grid, stream, *values) if enter is not None else None
+    g1 = grid[1] if len(grid) > 1 else 1
+    g2 = grid[2] if len(grid) > 2 else 1
+    ck.run(grid[0], g1, g2, stream, ck.function, ck.packed_metadata, meta, enter,
+           knobs.runtime.launch_exit_hook, *values)
+
+
 def launch(key, kernel, grid: tuple, args: tuple, kwargs: dict) -> None:
     """Launch kernel[grid](*args, **kwargs); `key` must determine everything the kernel is specialised on
     (never the data pointers themselves, which change from call to call)."""
     hit = _COMPILED.get(key)
     if hit is not None:
-        ck, tail = hit
-        drv = driver.active
-        stream = drv.get_current_stream(drv.get_current_device())
-        values = args + tuple(kwargs[n] for n in tail)
-        enter = knobs.runtime.launch_enter_hook
-        meta = ck.launch_metadata(grid, stream, *values) if enter is not None else None
-        g1 = grid[1] if len(grid) > 1 else 1
-        g2 = grid[2] if len(grid) > 2 else 1
-        ck.run(grid[0], g1, g2, stream, ck.function, ck.packed_metadata, meta, enter,
-               knobs.runtime.launch_exit_hook, *values)
+        _run(hit, grid, args, kwargs)
         return
     ck = kernel[grid](*args, **kwargs)
     names = getattr(kernel, "arg_names", None)
@@ -60,7 +65,26 @@ def launch(key, kernel, grid: tuple, args: tuple, kwargs: dict) -> None:
         _COMPILED[key] = direct
 
 
+class Site:
+    """One launch of a caller's plan, whose key (see `launch`) the plan already pins: after the first launch
+    that could be cached, the compiled kernel is kept here, so a call does not even hash the key. Until then
+    `kernel` (read by the caller at call time) takes the ordinary path. Holds no tensors (a plan outlives its
+    calls; CUDA graph pools check for leaked tensors)."""
+
+    __slots__ = ("key", "hit")
+
+    def __init__(self, key):
+        self.key, self.hit = key, None
+
+    def __call__(self, kernel, grid: tuple, args: tuple, kwargs: dict) -> None:
+        if self.hit is not None:
+            _run(self.hit, grid, args, kwargs)
+            return
+        launch(self.key, kernel, grid, args, kwargs)
+        self.hit = _COMPILED.get(self.key)
+
+
 def call_key(tensors) -> tuple:
     """What a launch derived from these (real, concrete) tensors is specialised on: shape, strides, dtype and
     16-byte alignment of each (data pointers excluded)."""
-    return tuple((t.shape, t.stride(), t.dtype, t.data_ptr() % 16 == 0) for t in tensors)
+    return tuple([(t.shape, t.stride(), t.dtype, t.data_ptr() % 16 == 0) for t in tensors])

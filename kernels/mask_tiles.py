@@ -78,8 +78,8 @@ def _tile_lists(M, IDX, CLS, CNT, smb, smh, smm, smn, Sq, Sk, Hm, n_blocks_m, n_
 
     Cost: M is read once (the bytes the forward would load for it) and 6 bytes are written per tile; the
     work is memory-bound and spread over Bm*Hm*Mb programs (fewer than the SMs leave bandwidth unused: a
-    B=1, 8k-query mask has 64 row blocks). On the host: three torch.empty and one launch
-    (launcher.launch: after the first call per mask layout, the compiled kernel is started directly).
+    B=1, 8k-query mask has 64 row blocks). On the host: three torch.empty and one launch (TileLists: after
+    the first call per mask layout, the compiled kernel is started directly).
     """
     bh = tl.program_id(0)
     mb = tl.program_id(1)
@@ -145,25 +145,50 @@ def _empty(shape, dtype, device):
     return torch.empty(shape, dtype=dtype, device=device)
 
 
+class TileLists:
+    """The pre-pass for one mask layout (shape, strides, dtype, alignment), expansion and tiles: everything but
+    the mask's data is fixed here once, so a call is three allocations and one launch. Holds no tensors."""
+
+    def __init__(self, mask: torch.Tensor, kind: str, full: tuple, block_m: int, block_n: int):
+        b, h, sq, sk = full
+        bm = 1 if mask.shape[0] == 1 else b
+        hm = 1 if mask.shape[1] == 1 else h
+        mb, nb = -(-sq // block_m), -(-sk // block_n)
+        self.shape, self.count_shape = (bm, hm, mb, nb), (bm, hm, mb)
+        self.device = mask.device
+        self.grid = (bm * hm, mb)
+        # the expanded mask's strides: the kernel reads the mask itself through them (no expand per call)
+        self.ints = (*mask.expand(bm, hm, sq, sk).stride(), sq, sk, hm, mb, nb)
+        self.kwargs = dict(BOOL=kind == "bool", BLOCK_M=block_m, BLOCK_N=block_n, SUB_N=min(block_n, 32),
+                           CHUNK=_CHUNK, num_warps=8 if block_m * block_n >= 8192 else 4)
+        key = ("tile_lists", mask.device.index, launcher.call_key((mask,)), full, kind, block_m, block_n)
+        self.site = launcher.Site(key) if mb else None
+
+    def __call__(self, mask: torch.Tensor):
+        dev = self.device
+        idx = _empty(self.shape, torch.int32, dev)
+        cls = _empty(self.shape, torch.int8, dev)
+        count = _empty(self.count_shape, torch.int32, dev)
+        if self.site is not None:
+            self.site(_tile_lists, self.grid, (mask, idx, cls, count, *self.ints), self.kwargs)
+        return idx, cls, count
+
+
+_PLANS: dict = {}
+
+
 def tile_lists(mask: torch.Tensor, kind: str, full: tuple, block_m: int, block_n: int):
     """(idx int32 (Bm, Hm, Mb, Nb), cls int8 (same), count int32 (Bm, Hm, Mb)) for the mask expanded to
     full = (B, H, Sq, Sk); Bm / Hm are 1 where the mask broadcasts. Per row block: the count kept key
-    blocks in key order, then the skipped ones (cls MIXED past count: unused). One launch (_tile_lists)."""
-    b, h, sq, sk = full
-    bm = 1 if mask.shape[0] == 1 else b
-    hm = 1 if mask.shape[1] == 1 else h
-    m = mask.expand(bm, hm, sq, sk)
-    mb, nb = triton.cdiv(sq, block_m), triton.cdiv(sk, block_n)
-    dev = mask.device
-    idx = _empty((bm, hm, mb, nb), torch.int32, dev)
-    cls = _empty((bm, hm, mb, nb), torch.int8, dev)
-    count = _empty((bm, hm, mb), torch.int32, dev)
-    if mb:
-        key = ("tile_lists", dev.index, launcher.call_key((mask,)), full, kind, block_m, block_n)
-        launcher.launch(key, _tile_lists, (bm * hm, mb), (m, idx, cls, count, *m.stride(), sq, sk, hm, mb, nb),
-                        dict(BOOL=kind == "bool", BLOCK_M=block_m, BLOCK_N=block_n, SUB_N=min(block_n, 32),
-                             CHUNK=_CHUNK, num_warps=8 if block_m * block_n >= 8192 else 4))
-    return idx, cls, count
+    blocks in key order, then the skipped ones (cls MIXED past count: unused). One launch (_tile_lists);
+    a caller with its own plan keeps the TileLists object instead of looking it up here."""
+    key = (mask.device.index, launcher.call_key((mask,)), tuple(full), kind, block_m, block_n)
+    lists = _PLANS.get(key)
+    if lists is None:
+        if len(_PLANS) > 4096:
+            _PLANS.clear()
+        lists = _PLANS[key] = TileLists(mask, kind, tuple(full), block_m, block_n)
+    return lists(mask)
 
 
 _CHUNK = 128    # classes compacted per step of pass 2 (a row block of a 16k-key mask has 128 to 256)

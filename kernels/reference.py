@@ -228,27 +228,28 @@ def _capturing(device) -> bool:
 IMPRECISE_LSE = 1e4   # |lse| beyond this: fp32 lse = max + log(l) has lost log(l) (ulp(1e4) ~ 1e-3)
 
 
-def _enormous_possible(prog: ScoreProgram, operands) -> bool:
+def enormous_constant(expr) -> bool:
+    """Does the expression hold a finite constant beyond IMPRECISE_LSE (a -1e9 or finfo.min fill)."""
+    if expr[0] == "const":
+        return math.isfinite(expr[1]) and abs(expr[1]) > IMPRECISE_LSE
+    return any(enormous_constant(a) for a in expr[1:] if isinstance(a, tuple))
+
+
+def enormous_possible(prog: ScoreProgram, operands) -> bool:
     """Can a finite score reach |x| > IMPRECISE_LSE without absurd inputs: a float operand (a dense additive
     mask or bias) or an enormous finite constant in the program."""
-    if any(t.dtype.is_floating_point for t in operands):
-        return True
-
-    def walk(e):
-        if e[0] == "const":
-            return math.isfinite(e[1]) and abs(e[1]) > IMPRECISE_LSE
-        return any(walk(a) for a in e[1:] if isinstance(a, tuple))
-    return walk(prog.expr)
+    return any(t.dtype.is_floating_point for t in operands) or enormous_constant(prog.expr)
 
 
 def imprecise_rows(prog: ScoreProgram, lse, operands=()) -> tuple[int, int] | None:
     """The query-row band [r0, r1) holding rows whose fp32 lse cannot carry log(l): rows whose every score
     is an enormous fill (finfo.min or -1e9 added by a dense mask; eager then averages v over the keys with
-    the largest score). Kernels recover p = exp(x − lse) wrongly there (1 instead of 1/l), so their backward
-    hands this band to `backward(rows=...)`. Only programs with a float operand or an enormous constant can
-    produce such rows (boolean padding masks cannot: no device sync for them);
-    finding them syncs with the device (skipped while a CUDA graph is being captured)."""
-    if not _enormous_possible(prog, operands):
+    the largest score). Kernels recover p = exp(x − lse) wrongly there (1 instead of 1/l); the Triton backward
+    finds these rows on the device and computes their gradient itself (attn_bwd_imprecise,
+    templates_uniform.py); this host-side finder (`backward(rows=...)` takes its band) serves tests. Only
+    programs with a float operand or an enormous constant can produce such rows; finding them syncs with the
+    device (skipped while a CUDA graph is being captured)."""
+    if not enormous_possible(prog, operands):
         return None
     if lse.numel() == 0 or _capturing(lse.device):
         return None

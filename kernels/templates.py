@@ -3,12 +3,15 @@
 Kernels in every generated module:
     attn_fwd        one program per (query block, head, batch): online softmax over key blocks, out + lse
     attn_bwd_pre    delta = rowsum(dO * O); in "nan" and "uniform" modes also flags (batch, kv head) groups with
-                    an empty row
+                    an empty row; where imprecise rows are possible, the lse the gradient kernels read and the
+                    list of those rows
     attn_bwd_dkdv   one program per (key block, kv head, batch): loops over the G query heads of the group and
                     the visible query blocks; deterministic (no atomics)
     attn_bwd_dq     one program per (query block, head, batch): dQ, and d(operand) tiles for grad operands
     attn_bwd_uniform  (empty_row="uniform" only) adds the gradient of the rows with no visible key, which the
                     kernels above leave without one (templates_uniform.py)
+    attn_bwd_imprecise  (programs with a float operand or an enormous constant) adds the gradient of the rows
+                    whose fp32 lse lost log l, which the kernels above skip (templates_uniform.py)
 Key (or query) blocks are visited in three runs: [lo, a) masked, [a, b) needing no mask, [b, hi) masked,
 so the structural mask and bounds checks cost nothing in the bulk of the loop and hidden tiles are skipped.
 Modules of the "decode" variant hold instead the split-KV decode kernels of templates_decode.py (they reuse
@@ -25,7 +28,7 @@ last V scale and 1/P_SCALE are applied in the epilogue. Output in O's dtype (the
 
 from __future__ import annotations
 
-from .codegen import LOG2E, VARIANTS, Emitter, KernelSpec
+from .codegen import LOG2E, VARIANTS, Emitter, KernelSpec, imprecise_possible
 from .program import derivative
 from .templates_bwd import BackwardKernels, _and, _ind, _mask_kw
 from .templates_decode import DecodeKernels
@@ -49,6 +52,7 @@ class _Gen(BackwardKernels, DecodeKernels, UniformRowKernels):
         self.window = self.prog.window
         self.nan_mode = self.prog.empty_row == "nan"
         self.uniform_mode = self.prog.empty_row == "uniform"
+        self.imprecise_mode = imprecise_possible(spec)
         self.head_fastest = any(o.bcast[1] and not (o.bcast[2] and o.bcast[3]) for o in spec.operands)
         self.dmask = None if spec.BD == spec.D else f"(offs_d < {spec.D})"
         self.dvmask = None if spec.BDV == spec.DV else f"(offs_dv < {spec.DV})"
@@ -308,6 +312,8 @@ class _Gen(BackwardKernels, DecodeKernels, UniformRowKernels):
         out += self.dq_tile(True) + self.dq_tile(False) + self.dq_kernel()
         if self.uniform_mode:
             out += self.uniform_kernel()
+        if self.imprecise_mode:
+            out += self.imprecise_kernel()
         return "\n".join(out) + "\n"
 
 

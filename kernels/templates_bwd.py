@@ -54,10 +54,12 @@ class BackwardKernels:
             ]
         elif self.uniform_mode:     # the work list of attn_bwd_uniform (templates_uniform.py)
             body += self.uniform_pre_lines()
+        if self.imprecise_mode:     # the lse the gradient kernels read, attn_bwd_imprecise's work list
+            body += self.imprecise_pre_lines(self.nan_mode or self.uniform_mode)
         head = [
             '@triton.jit(do_not_specialize=["Sq", "slb", "slh"])',
-            "def attn_bwd_pre(O, DO, LSE, DELTA, FLAG, sob, soh, som, sod, sdob, sdoh, sdom, sdod, slb, slh, slm, "
-            "Sq, H, BLOCK_M: tl.constexpr):",
+            f"def attn_bwd_pre(O, DO, LSE, DELTA, FLAG, {'LSEK, ' if self.imprecise_mode else ''}sob, soh, som, "
+            "sod, sdob, sdoh, sdom, sdod, slb, slh, slm, Sq, H, BLOCK_M: tl.constexpr):",
         ]
         return head + [_ind(body)] + [""]
 

@@ -12,7 +12,7 @@ import os
 
 import torch
 
-from . import codegen, launcher, reference
+from . import codegen, launcher
 from .program import COMPARE, LEAVES, LOGICAL, ScoreProgram
 from .uniform_fill import uniform_fill
 
@@ -325,11 +325,57 @@ def _uniform_programs(device) -> int:
     return 2 * _SMS[idx]
 
 
-def uniform_work_buffer(b: int, hq: int, hk: int, sq: int, device):
-    """Zeroed int32 work list of attn_bwd_pre / attn_bwd_uniform (layout in templates_uniform.py)."""
+def uniform_work_len(b: int, hq: int, hk: int, sq: int, device) -> int:
+    """Length of the zeroed int32 work list of attn_bwd_pre / attn_bwd_uniform (layout in templates_uniform.py)."""
     ng = b * hk
-    return torch.zeros((2 * ng + 2 + triton_cdiv(sq, _pre_block(device)) * hq * b,), dtype=torch.int32,
-                       device=device)
+    return 2 * ng + 2 + triton_cdiv(sq, _pre_block(device)) * hq * b
+
+
+def _imprecise_config(d: int, dtype: torch.dtype, device, part: int):
+    """attn_bwd_imprecise's tiles per PART: ones that compile for sm_90 without register spills
+    (tests/test_uniform_sm90.py; its PART 1 holds a row block's q, dO and dq beside the score tiles of two
+    passes, so at head dim 128 it takes 32 keys where attn_bwd_uniform takes 64)."""
+    if device.type != "cuda":
+        return UNIFORM_INTERPRET_CONFIG
+    if dtype == torch.float32:
+        if d <= 64:
+            return (32, 32, 8)
+        return (16, 16, 8) if part == 1 else (16, 32, 8)
+    if d <= 64:
+        return (64, 64, 4)
+    return (32, 32, 4) if d <= 128 else (32, 32, 8)
+
+
+def _special_fixed(q, k, v, dout, lse_strides, grad_strides, cfg, target):
+    """What a launch of attn_bwd_uniform / attn_bwd_imprecise with tiles cfg (BLOCK_M, BLOCK_N, num_warps) takes
+    from the layouts alone: (query-block items, (group, key block) items, integer arguments, kwargs).
+    grad_strides: those of dq, dk, dv."""
+    b, hq, sq, d = q.shape
+    hk, sk = k.shape[1], k.shape[2]
+    bm, bn, warps = cfg
+    pre = _pre_block(target)
+    assert pre % bm == 0
+    num_pre, num_n = triton_cdiv(sq, pre), triton_cdiv(sk, bn)
+    ints = (*q.stride(), *k.stride(), *v.stride(), *dout.stride(), *lse_strides, *grad_strides[0],
+            *grad_strides[1], *grad_strides[2], sq, sk, hq, b * hk, num_pre, num_n)
+    kw = dict(PRE_M=pre, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=1)
+    return num_pre * hq * b, b * hk * num_n, ints, kw
+
+
+def _uniform_fixed(q, k, v, dout, lse_strides, grad_strides, target):
+    """attn_bwd_uniform's (work items, integer arguments, kwargs): both kinds of items in one launch."""
+    rows, keys, ints, kw = _special_fixed(q, k, v, dout, lse_strides, grad_strides,
+                                          _uniform_config(q.shape[-1], q.dtype, target), target)
+    return rows + keys, ints, kw
+
+
+def imprecise_fixed(q, k, v, dout, lse_strides, grad_strides, coff: int, part: int, target):
+    """attn_bwd_imprecise's (work items, integer arguments, kwargs) for PART part (templates_uniform.py); its
+    tensors: q, k, v, dout, the forward's lse, delta (3, B, H, Sq), the work list, dq, dk, dv, operands,
+    d(operand) buffers. target: the device whose tiles to take."""
+    rows, keys, ints, kw = _special_fixed(q, k, v, dout, lse_strides, grad_strides,
+                                          _imprecise_config(q.shape[-1], q.dtype, target, part), target)
+    return (rows if part == 1 else keys), (*ints, coff), dict(kw, PART=part)
 
 
 def uniform_launch_args(mod, q, k, v, dout, lse, work, dq, dk, dv, op_args, dop_args, target=None):
@@ -337,141 +383,240 @@ def uniform_launch_args(mod, q, k, v, dout, lse, work, dq, dk, dv, op_args, dop_
     the rows empty_row="uniform" fills to dq, dk, dv and to the d(operand) buffers of dop_args. work: the list
     attn_bwd_pre filled. No host sync: the kernel reads how much there is to do on the device.
     target: the device whose tiles to take (default q's; a test compiles CUDA tiles from CPU tensors)."""
-    b, hq, sq, d = q.shape
-    hk, sk = k.shape[1], k.shape[2]
-    target = target or q.device
-    bm, bn, warps = _uniform_config(d, q.dtype, target)
-    pre = _pre_block(target)
-    assert pre % bm == 0
-    num_pre, num_n = triton_cdiv(sq, pre), triton_cdiv(sk, bn)
-    grid = (max(1, min(num_pre * hq * b + b * hk * num_n, _uniform_programs(q.device))),)
-    args = (q, k, v, dout, lse, work, dq, dk, dv, *op_args, *dop_args, *q.stride(), *k.stride(), *v.stride(),
-            *dout.stride(), *lse.stride(), *dq.stride(), *dk.stride(), *dv.stride(), sq, sk, hq, b * hk,
-            num_pre, num_n)
-    kw = dict(PRE_M=pre, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=1)
-    return mod.attn_bwd_uniform, grid, args, kw
+    grad_strides = (dq.stride(), dk.stride(), dv.stride())
+    items, ints, kw = _uniform_fixed(q, k, v, dout, lse.stride(), grad_strides, target or q.device)
+    grid = (max(1, min(items, _uniform_programs(q.device))),)
+    return mod.attn_bwd_uniform, grid, (q, k, v, dout, lse, work, dq, dk, dv, *op_args, *dop_args, *ints), kw
 
 
 def triton_cdiv(a: int, b: int) -> int:
     return (a + b - 1) // b
 
 
-class BackwardLaunches:
-    """The backward's buffers and kernel launches for one call: pre() computes delta (and the empty-row flags),
-    dkdv(cfg) and dq(cfg) launch attn_bwd_dkdv / attn_bwd_dq with a tile config (tuned by `backward`; timed
-    config by config by bench/bwd256_sweep.py); dkdv_call / dq_call give the launch without running it (built
-    from CPU tensors without the interpreter, a test compiles the CUDA kernels for sm_90a). lse: as the kernels
-    read it (imprecise rows already +inf)."""
+def _contiguous(shape) -> tuple:
+    """Strides of a contiguous tensor of this shape (what _empty returns)."""
+    strides, acc = [], 1
+    for n in reversed(shape):
+        strides.append(acc)
+        acc *= max(n, 1)
+    return tuple(reversed(strides))
 
-    def __init__(self, dout, q, k, v, operands, lse, prog: ScoreProgram, out):
-        b, hq, sq, _ = q.shape
+
+def _interleave(tensors, strides) -> list:
+    args = []
+    for t, st in zip(tensors, strides):
+        args.append(t)
+        args += st
+    return args
+
+
+class _Backward:
+    """What a backward call key pins (shapes, strides, dtypes and alignment of dout, q, k, v, operands, out, lse):
+    the generated module, every integer argument, grids and constexprs of attn_bwd_pre and attn_bwd_uniform,
+    those of dkdv / dq per config, and which buffers the program needs. BackwardLaunches allocates a call's
+    buffers and launches through it (directly after the first call: launcher.Site). The configs of dkdv / dq
+    still come from _launch_tuned per call (a cached lookup once tuned). Holds no tensors."""
+
+    def __init__(self, base, dout, q, k, v, operands, out, lse, prog: ScoreProgram):
+        b, hq, sq, d = q.shape
         hk, sk = k.shape[1], k.shape[2]
-        self.grads = tuple(_empty(t.shape, t.dtype, q.device) for t in (q, k, v))     # dq, dk, dv
+        dev = q.device
+        self.base, self.d, self.dtype, self.mode = base, d, q.dtype, prog.empty_row
+        self.shapes = (tuple(q.shape), tuple(k.shape), tuple(v.shape))
+        self.lse_shape, self.full = (b, hq, sq), (b, hq, sq, sk)
         want = prog.operand_grad or (False,) * len(operands)
-        self.grad_ops = [n for n, w in enumerate(want) if w]
-        full_shape = (b, hq, sq, sk)
-        self.dfull = {n: torch.zeros(full_shape, dtype=torch.float32, device=q.device) for n in self.grad_ops}
-        _, mod, op_args, coff, skey, hf = _prepare(q, k, v, operands, prog)
-        self.mod, self.op_args, self.tune_key = mod, op_args, _tune_key(skey, sq, sk)
-        self.delta = _empty((b, hq, sq), torch.float32, q.device)
-        if prog.empty_row == "uniform":
-            self.flag = uniform_work_buffer(b, hq, hk, sq, q.device)
-        else:
-            self.flag = torch.zeros((b * hk,), dtype=torch.int32, device=q.device)
-        self.dop_args = []
-        for n in self.grad_ops:
-            self.dop_args += [self.dfull[n]] + list(self.dfull[n].stride())
-        # everything the launches are specialised on follows from these tensors (the rest is allocated here)
-        self.base = ("bwd", prog, q.device.index, launcher.call_key((q, k, v, dout, out, lse, *operands)))
-        self.q, self.k, self.v, self.dout, self.out, self.lse, self.coff = q, k, v, dout, out, lse, coff
-        self._dims = (b, hq, hk, sq, sk, coff, hf)
-        self._qkv_strides = [*q.stride(), *k.stride(), *v.stride(), *dout.stride(), *lse.stride()]
+        self.grad_ops = tuple(n for n, w in enumerate(want) if w)
+        # per operand gradient: the broadcast dims its full (B, Hq, Sq, Sk) gradient is summed over
+        self.reduce = tuple([i for i in range(4) if operands[n].shape[i] == 1 and self.full[i] != 1]
+                            for n in self.grad_ops)
+        spec, self.mod, _, self.coff, skey, self.hf = _prepare(q, k, v, operands, prog)
+        # rows whose fp32 lse lost log l: attn_bwd_pre writes the lse the gradient kernels read (+inf there: they
+        # skip them; contiguous like delta) and lists them; attn_bwd_imprecise adds their gradient (PART 1, 2);
+        # delta gets two more (B, H, Sq) planes for their softmax's m and l
+        self.imprecise = codegen.imprecise_possible(spec)
+        self.delta_shape = (3, b, hq, sq) if self.imprecise else (b, hq, sq)
+        klse = _contiguous(self.lse_shape) if self.imprecise else tuple(lse.stride())
+        self.tune_key = _tune_key(skey, sq, sk)
+        self.op_strides = tuple(tuple(_expanded_strides(t, self.full)) for t in operands)
+        self.dfull_strides = (_contiguous(self.full),) * len(self.grad_ops)
+        grads = tuple(_contiguous(s) for s in self.shapes)
+        # FLAG: attn_bwd_pre's per-group flags (empty_row="nan") or the uniform rows' work list, then the
+        # imprecise rows' work list; unread when empty
+        work = uniform_work_len(b, hq, hk, sq, dev)
+        self.flag_len = {"nan": b * hk, "uniform": work}.get(self.mode, 0) + (work if self.imprecise else 0) or None
+        bm_pre = _pre_block(dev)
+        self.pre = (launcher.Site(base + ("pre",)), (triton_cdiv(sq, bm_pre), hq, b),
+                    (*out.stride(), *dout.stride(), *lse.stride(), sq, hq), dict(BLOCK_M=bm_pre))
+        qkv = (*q.stride(), *k.stride(), *v.stride(), *dout.stride(), *klse)
+        self.dkdv_ints = (*qkv, *grads[1], *grads[2], sq, sk, self.coff)
+        self.dq_ints = (*qkv, *grads[0], sq, sk, hq, self.coff)
+        self.launches: dict = {}        # ("dkdv" | "dq", config) -> (Site, grid, kwargs)
+        self.uniform = None
+        if self.mode == "uniform":
+            self.uniform = (launcher.Site(base + ("uniform",)), *_uniform_fixed(q, k, v, dout, klse, grads, dev))
+        self.rows = None
+        if self.imprecise:      # attn_bwd_imprecise: PART 1 over query blocks, PART 2 over (group, key block)
+            self.rows = tuple((launcher.Site(base + ("imprecise", part)),
+                               *imprecise_fixed(q, k, v, dout, tuple(lse.stride()), grads, self.coff, part, dev))
+                              for part in (1, 2))
+
+    def launch(self, kind: str, cfg):
+        """(Site, grid, kwargs) of attn_bwd_dkdv ("dkdv", a dkdv_config) or attn_bwd_dq ("dq") with tile cfg."""
+        hit = self.launches.get((kind, cfg))
+        if hit is None:
+            b, hq, sq, sk = self.full
+            if kind == "dkdv":
+                bm, bn, warps, stages, dv_bm = dkdv_config(cfg)
+                grid = (triton_cdiv(sk, bn), self.shapes[1][1], b)
+                kw = dict(BLOCK_M=bm, BLOCK_N=bn, DV_BLOCK_M=dv_bm, num_warps=warps, num_stages=stages)
+            else:
+                bm, bn, warps, stages = cfg
+                grid = _grid_m(self.hf, triton_cdiv(sq, bm), hq, b)
+                kw = dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages)
+            hit = self.launches[(kind, cfg)] = (launcher.Site(self.base + (kind, cfg)), grid, kw)
+        return hit
+
+
+_BWD_PLANS: dict = {}
+
+
+def _backward_plan(dout, q, k, v, operands, out, lse, prog: ScoreProgram) -> _Backward:
+    dev = q.device
+    base = ("bwd", prog, dev.index, dev.type == "cpu" and interpreting(),
+            launcher.call_key((q, k, v, dout, out, lse, *operands)))
+    plan = _BWD_PLANS.get(base)
+    if plan is None:
+        if len(_BWD_PLANS) > 4096:
+            _BWD_PLANS.clear()
+        plan = _BWD_PLANS[base] = _Backward(base, dout, q, k, v, operands, out, lse, prog)
+    return plan
+
+
+class BackwardLaunches:
+    """The backward's buffers and kernel launches for one call, through its call key's plan (_Backward): pre()
+    computes delta (and the empty-row flags / uniform work list), dkdv(cfg) and dq(cfg) launch attn_bwd_dkdv /
+    attn_bwd_dq with a tile config (tuned by `backward`; timed config by config by bench/bwd256_sweep.py),
+    uniform() / imprecise() add the special rows' gradient; dkdv_call / dq_call give the launch without running
+    it (built from CPU tensors without the interpreter, a test compiles the CUDA kernels for sm_90a). lse: the
+    forward's; self.lse is what the gradient kernels read: where the program can have imprecise rows a copy
+    that pre() writes, +inf on those rows (templates_uniform.py)."""
+
+    def __init__(self, dout, q, k, v, operands, lse, prog: ScoreProgram, out, plan: _Backward | None = None):
+        plan = plan or _backward_plan(dout, q, k, v, operands, out, lse, prog)
+        dev = q.device
+        self.plan, self.mod, self.tune_key, self.base, self.coff = plan, plan.mod, plan.tune_key, plan.base, plan.coff
+        qs, ks, vs = plan.shapes
+        self.grads = (_empty(qs, plan.dtype, dev), _empty(ks, plan.dtype, dev), _empty(vs, plan.dtype, dev))
+        self.grad_ops = plan.grad_ops
+        self.dfull = [torch.zeros(plan.full, dtype=torch.float32, device=dev) for _ in plan.grad_ops] if (
+            plan.grad_ops) else []
+        self.delta = _empty(plan.delta_shape, torch.float32, dev)
+        self.flag = (self.delta if plan.flag_len is None
+                     else torch.zeros((plan.flag_len,), dtype=torch.int32, device=dev))
+        self.op_args = _interleave(operands, plan.op_strides)
+        self.dop_args = _interleave(self.dfull, plan.dfull_strides)
+        self.q, self.k, self.v, self.dout, self.out, self.saved_lse = q, k, v, dout, out, lse
+        self.lse = _empty(plan.lse_shape, torch.float32, dev) if plan.imprecise else lse
 
     def pre(self):
-        dout, out, lse = self.dout, self.out, self.lse
-        b, hq, _, sq, _, _, _ = self._dims
-        bm_pre = _pre_block(self.q.device)
-        launcher.launch(self.base + ("pre",), self.mod.attn_bwd_pre, (triton_cdiv(sq, bm_pre), hq, b),
-                        (out, dout, lse, self.delta, self.flag, *out.stride(), *dout.stride(), *lse.stride(), sq,
-                         hq), dict(BLOCK_M=bm_pre))
+        site, grid, ints, kw = self.plan.pre
+        if self.plan.imprecise:
+            site(self.mod.attn_bwd_pre, grid, (self.out, self.dout, self.saved_lse, self.delta, self.flag, self.lse,
+                                               *ints), kw)
+        else:
+            site(self.mod.attn_bwd_pre, grid, (self.out, self.dout, self.lse, self.delta, self.flag, *ints), kw)
 
     def dkdv_call(self, cfg):
         """(kernel, grid, args, kwargs) of attn_bwd_dkdv with tile config cfg (dkdv_config)."""
-        q, k, v, dout, lse = self.q, self.k, self.v, self.dout, self.lse
-        b, _, hk, sq, sk, coff, _ = self._dims
-        bm, bn, warps, stages, dv_bm = dkdv_config(cfg)
         _, dk, dv = self.grads
-        return (self.mod.attn_bwd_dkdv, (triton_cdiv(sk, bn), hk, b),
-                (q, k, v, dout, lse, self.delta, self.flag, dk, dv, *self.op_args, *self._qkv_strides, *dk.stride(),
-                 *dv.stride(), sq, sk, coff),
-                dict(BLOCK_M=bm, BLOCK_N=bn, DV_BLOCK_M=dv_bm, num_warps=warps, num_stages=stages))
+        _, grid, kw = self.plan.launch("dkdv", cfg)
+        return self.mod.attn_bwd_dkdv, grid, (self.q, self.k, self.v, self.dout, self.lse, self.delta, self.flag,
+                                              dk, dv, *self.op_args, *self.plan.dkdv_ints), kw
 
     def dq_call(self, cfg):
         """(kernel, grid, args, kwargs) of attn_bwd_dq with tile config cfg."""
-        q, k, v, dout, lse = self.q, self.k, self.v, self.dout, self.lse
-        b, hq, _, sq, sk, coff, hf = self._dims
-        bm, bn, warps, stages = cfg
-        dq = self.grads[0]
-        return (self.mod.attn_bwd_dq, _grid_m(hf, triton_cdiv(sq, bm), hq, b),
-                (q, k, v, dout, lse, self.delta, dq, *self.op_args, *self.dop_args, *self._qkv_strides,
-                 *dq.stride(), sq, sk, hq, coff),
-                dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages))
+        _, grid, kw = self.plan.launch("dq", cfg)
+        return self.mod.attn_bwd_dq, grid, (self.q, self.k, self.v, self.dout, self.lse, self.delta, self.grads[0],
+                                            *self.op_args, *self.dop_args, *self.plan.dq_ints), kw
 
     def dkdv(self, cfg):
-        launcher.launch(self.base + ("dkdv", cfg), *self.dkdv_call(cfg))
+        site, grid, kw = self.plan.launch("dkdv", cfg)
+        _, dk, dv = self.grads
+        site(self.mod.attn_bwd_dkdv, grid, (self.q, self.k, self.v, self.dout, self.lse, self.delta, self.flag, dk,
+                                            dv, *self.op_args, *self.plan.dkdv_ints), kw)
 
     def dq(self, cfg):
-        launcher.launch(self.base + ("dq", cfg), *self.dq_call(cfg))
+        site, grid, kw = self.plan.launch("dq", cfg)
+        site(self.mod.attn_bwd_dq, grid, (self.q, self.k, self.v, self.dout, self.lse, self.delta, self.grads[0],
+                                          *self.op_args, *self.dop_args, *self.plan.dq_ints), kw)
+
+    def uniform(self):
+        """empty_row="uniform": adds the gradient of the rows the kernels left without one (no visible key)."""
+        site, items, ints, kw = self.plan.uniform
+        dq, dk, dv = self.grads
+        site(self.mod.attn_bwd_uniform, (max(1, min(items, _uniform_programs(self.q.device))),),
+             (self.q, self.k, self.v, self.dout, self.lse, self.flag, dq, dk, dv, *self.op_args, *self.dop_args,
+              *ints), kw)
+
+    def imprecise(self):
+        """Programs that can have imprecise rows: adds their gradient (attn_bwd_imprecise PART 1, then PART 2;
+        each a fixed grid that ends at once when pre() listed no such row)."""
+        programs = _uniform_programs(self.q.device)
+        dq, dk, dv = self.grads
+        tensors = (self.q, self.k, self.v, self.dout, self.saved_lse, self.delta, self.flag, dq, dk, dv,
+                   *self.op_args, *self.dop_args)
+        for site, items, ints, kw in self.plan.rows:
+            site(self.mod.attn_bwd_imprecise, (max(1, min(items, programs)),), (*tensors, *ints), kw)
 
 
 def portable_grads(run: BackwardLaunches) -> None:
     """dK / dV (one program per key block) then dQ (one per query block), each tuned: deterministic, no
     atomics."""
-    d = run.q.shape[-1]
-    _launch_tuned("dkdv", run.tune_key, d, run.q.dtype, run.q.device, run.dkdv)
-    _launch_tuned("dq", run.tune_key, d, run.q.dtype, run.q.device, run.dq)
+    plan = run.plan
+    _launch_tuned("dkdv", plan.tune_key, plan.d, plan.dtype, run.q.device, run.dkdv)
+    _launch_tuned("dq", plan.tune_key, plan.d, plan.dtype, run.q.device, run.dq)
 
 
 def backward(dout, q, k, v, operands, out, lse, prog: ScoreProgram, grads=portable_grads):
-    """Returns (dq, dk, dv, [d operand for each operand whose operand_grad flag is set]).
+    """Returns (dq, dk, dv, [d operand for each operand whose operand_grad flag is set]). dout may have any
+    strides (the kernels take them).
     grads(BackwardLaunches) fills dq, dk, dv (and the d(operand) buffers): the portable kernels by default, the
-    Hopper warp-specialized kernel through hopper_bwd.backward. Around it: attn_bwd_pre (delta, the
-    uniform-row work list), the uniform-row correction and the exact band of imprecise rows."""
-    b, hq, sq, d = q.shape
+    Hopper warp-specialized kernel through hopper_bwd.backward. Around it: attn_bwd_pre (delta, the special
+    rows' work lists), the uniform rows' and the imprecise rows' gradients (templates_uniform.py). No host sync
+    (also while a CUDA graph is captured)."""
+    b, hq, sq, _ = q.shape
     sk = k.shape[2]
     if b * hq * sq == 0 or sk == 0:
-        dq, dk, dv = (_empty(t.shape, t.dtype, q.device).zero_() for t in (q, k, v))
-        if prog.empty_row == "nan" and sk == 0 and b * hq * sq > 0:
-            dq.fill_(math.nan)
-        want = prog.operand_grad or (False,) * len(operands)
-        return dq, dk, dv, [torch.zeros_like(operands[n]) for n, w in enumerate(want) if w]
-    # rows whose lse lost log(l) (dense enormous fills): the kernels skip them (lse = +inf gives p = 0) and the
-    # reference computes that band exactly
-    band = reference.imprecise_rows(prog, lse, operands)
-    if band is not None:
-        lse = lse.clone()
-        lse[:, :, band[0]:band[1]] = math.inf
-    run = BackwardLaunches(dout, q, k, v, operands, lse, prog, out)
+        return _backward_empty(q, k, v, operands, prog)
+    plan = _backward_plan(dout, q, k, v, operands, out, lse, prog)
+    run = BackwardLaunches(dout, q, k, v, operands, lse, prog, out, plan)
     run.pre()
     grads(run)
+    if plan.uniform is not None:    # rows the kernels above left without gradient (no visible key)
+        run.uniform()
+    if plan.rows is not None:       # rows whose lse lost log l, which the kernels above skipped
+        run.imprecise()
     dq, dk, dv = run.grads
-    grad_ops, dfull, full_shape = run.grad_ops, run.dfull, (b, hq, sq, sk)
-    if prog.empty_row == "uniform":     # rows the kernels above left without gradient (no visible key)
-        kernel, grid, args, kw = uniform_launch_args(run.mod, q, k, v, dout, lse, run.flag, dq, dk, dv,
-                                                     run.op_args, run.dop_args)
-        kernel[grid](*args, **kw)
-    if band is not None:
-        exact = reference.backward(dout, q, k, v, operands, prog, rows=band)
-        dq, dk, dv = ((t.float() + e.float()).to(t.dtype) for t, e in zip((dq, dk, dv), exact[:3]))
     extra = []
-    for n in grad_ops:
-        full = dfull[n]
-        if prog.empty_row == "nan":
+    for i, n in enumerate(plan.grad_ops):
+        full = run.dfull[i]
+        if plan.mode == "nan":
             full = torch.where((lse == -math.inf).unsqueeze(-1), torch.full_like(full, math.nan), full)
-        t = operands[n]
-        dims = [i for i in range(4) if t.shape[i] == 1 and full_shape[i] != 1]
+        dims = plan.reduce[i]
         red = full.sum(dim=dims, keepdim=True) if dims else full
-        if band is not None:
-            red = red + exact[3][grad_ops.index(n)].float().reshape(red.shape)
+        t = operands[n]
         extra.append(red.reshape(t.shape).to(t.dtype))
     return dq, dk, dv, extra
+
+
+def _backward_empty(q, k, v, operands, prog: ScoreProgram):
+    """No query row or no key: zero gradients (NaN dq for empty_row="nan" rows, as eager gives them)."""
+    dq = _empty(q.shape, q.dtype, q.device)
+    dk = _empty(k.shape, k.dtype, q.device)
+    dv = _empty(v.shape, v.dtype, q.device)
+    dq.zero_(), dk.zero_(), dv.zero_()
+    b, hq, sq, _ = q.shape
+    if prog.empty_row == "nan" and k.shape[2] == 0 and b * hq * sq > 0:
+        dq.fill_(math.nan)
+    want = prog.operand_grad or (False,) * len(operands)
+    return dq, dk, dv, [torch.zeros_like(t) for t, w in zip(operands, want) if w]

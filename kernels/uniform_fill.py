@@ -1,6 +1,6 @@
 """empty_row="uniform" after a forward kernel: rows with no visible key (lse = -inf) take the mean of v over all
 keys, in place, in one launch that costs almost nothing when no row is empty (the usual case); on the host, no
-torch op (launcher.launch: after the first call per layout, the compiled kernel is started directly).
+torch op (UniformFill: after the first call per layout, the compiled kernel is started directly).
 
 Same result as reference.uniform_fill (the torch reference) up to the order of the fp32 summation.
 Runs natively on CUDA and on CPU tensors under TRITON_INTERPRET=1.
@@ -52,17 +52,39 @@ def _uniform_fill(OUT, LSE, V, sob, soh, som, sod, slb, slh, slm, svb, svh, svn,
 BLOCK_M = 128       # lse rows checked per program
 
 
+class UniformFill:
+    """The fill for one layout of (out, lse, v) (shapes, strides, dtypes, alignment): grid, integer arguments and
+    tiles fixed once, so a call is one launch. Holds no tensors."""
+
+    def __init__(self, out: torch.Tensor, lse: torch.Tensor, v: torch.Tensor):
+        b, hq, sq, dv = out.shape
+        sk = v.shape[2]
+        block_d = triton.next_power_of_2(dv)
+        self.grid = (-(-sq // BLOCK_M), hq, b)
+        self.ints = (*out.stride(), *lse.stride(), *v.stride(), sq, sk, dv, hq // v.shape[1])
+        self.kwargs = dict(BLOCK_M=BLOCK_M, SUB_M=max(1, min(BLOCK_M, 2048 // block_d)),
+                           BLOCK_N=max(1, 4096 // block_d), BLOCK_D=block_d, num_warps=4)
+        empty = sk == 0 or out.numel() == 0     # Sk = 0 leaves out as it is
+        key = ("uniform_fill", out.device.index, launcher.call_key((out, lse, v)))
+        self.site = None if empty else launcher.Site(key)
+
+    def __call__(self, out: torch.Tensor, lse: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        if self.site is not None:
+            self.site(_uniform_fill, self.grid, (out, lse, v, *self.ints), self.kwargs)
+        return out
+
+
+_PLANS: dict = {}
+
+
 def uniform_fill(out: torch.Tensor, lse: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """out (B, Hq, Sq, Dv), lse (B, Hq, Sq) fp32, v (B, Hkv, Sk, Dv): rows with lse = -inf get the mean of
-    v[:, h // (Hq // Hkv)] over keys, written into out in place; returns out. Sk = 0 leaves out as it is."""
-    b, hq, sq, dv = out.shape
-    sk = v.shape[2]
-    if sk == 0 or out.numel() == 0:
-        return out
-    block_d = triton.next_power_of_2(dv)
-    launcher.launch(("uniform_fill", out.device.index, launcher.call_key((out, lse, v))), _uniform_fill,
-                    (triton.cdiv(sq, BLOCK_M), hq, b),
-                    (out, lse, v, *out.stride(), *lse.stride(), *v.stride(), sq, sk, dv, hq // v.shape[1]),
-                    dict(BLOCK_M=BLOCK_M, SUB_M=max(1, min(BLOCK_M, 2048 // block_d)), BLOCK_N=max(1, 4096 // block_d),
-                         BLOCK_D=block_d, num_warps=4))
-    return out
+    v[:, h // (Hq // Hkv)] over keys, written into out in place; returns out. Sk = 0 leaves out as it is.
+    A caller with its own plan keeps the UniformFill object instead of looking it up here."""
+    key = (out.device.index, launcher.call_key((out, lse, v)))
+    fill = _PLANS.get(key)
+    if fill is None:
+        if len(_PLANS) > 4096:
+            _PLANS.clear()
+        fill = _PLANS[key] = UniformFill(out, lse, v)
+    return fill(out, lse, v)

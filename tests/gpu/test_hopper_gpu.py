@@ -199,8 +199,47 @@ def test_dense_mask_tile_skipping(kind):
     idx, cls, cnt = tiles[:3]
     assert cnt.sum().item() < idx.numel() * 0.7, "no tiles skipped"
     assert (cls == 1).any(), "no neutral tiles"
-    # the finfo.min row's backward goes through reference.imprecise_rows (its lse lost log l)
+    # the finfo.min row's lse lost log l: its gradient is attn_bwd_imprecise's
     attend_and_check(q, k, v, [mask], prog, kernel=hopper)
+
+
+@pytest.mark.parametrize("d", [64, 128])
+def test_ws_backward_imprecise_rows_no_sync(d):
+    """The warp-specialized backward (no operand gradient, d = dv in 64/128) of a dense finfo.min mask with rows
+    masked everywhere: it reads the lse copy attn_bwd_pre writes (+inf there) and attn_bwd_imprecise adds those
+    rows; no host sync; equal to the portable backward up to its dQ reduction order; CUDA graph capture."""
+    gen = torch.Generator(device=DEV).manual_seed(12 + d)
+    b, h, s = 2, 8, 1000
+    q = randn(b, h, s, d, gen=gen)
+    k, v = (randn(b, 2, s, d, gen=gen) for _ in range(2))
+    vis = (torch.arange(s, device=DEV)[None, :] <= torch.arange(s, device=DEV)[:, None]).expand(b, 1, s, s).clone()
+    vis[1, :, :, :300] = False
+    vis[0, :, 700] = False
+    mask = torch.where(vis, 0.0, torch.finfo(torch.bfloat16).min).to(torch.bfloat16)
+    prog = ScoreProgram(("add", ("mul", S, C(d ** -0.5)), ("operand", 0)), n_operands=1)
+    assert hopper_bwd.supports(prog, q, k, v, [mask]) is None
+    attend_and_check(q, k, v, [mask], prog, kernel=hopper)
+    out, lse = hopper.forward(q, k, v, [mask], prog)
+    dout = torch.randn_like(out)
+    ws = hopper_bwd.backward(dout, q, k, v, [mask], out, lse, prog, **hopper_bwd.variant_of(hopper_bwd.CANDIDATES[0]))
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        again = hopper_bwd.backward(dout, q, k, v, [mask], out, lse, prog,
+                                    **hopper_bwd.variant_of(hopper_bwd.CANDIDATES[0]))
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    pt = triton_portable.backward(dout, q, k, v, [mask], out, lse, prog)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        captured = hopper_bwd.backward(dout, q, k, v, [mask], out, lse, prog,
+                                       **hopper_bwd.variant_of(hopper_bwd.CANDIDATES[0]))
+    g.replay()
+    torch.cuda.synchronize()
+    for a, b_, c, p in zip(ws[:3], again[:3], captured[:3], pt[:3]):
+        torch.testing.assert_close(b_.float(), a.float(), atol=2e-2, rtol=2e-2)
+        torch.testing.assert_close(c.float(), a.float(), atol=2e-2, rtol=2e-2)
+        torch.testing.assert_close(a.float(), p.float(), atol=2e-2, rtol=2e-2)
 
 
 def test_backward_ptx_is_warp_specialized_and_dispatched():

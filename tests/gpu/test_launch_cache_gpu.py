@@ -74,6 +74,34 @@ def test_portable_backward_repeated():
             check(name, a, e, r)
 
 
+@pytest.mark.parametrize("rule", ["zero", "uniform"])
+def test_padded_backward_plan_strided_dout(rule):
+    """BERT's padded batch as torch.compile runs it: a (B, 1, 1, Sk) key-padding mask, q / k / v and dout
+    transposed views of (B, S, H, D) buffers; repeated calls with fresh tensors go through the backward's plan
+    (direct launches), each checked by the 2x rule, and equal bit for bit to a fresh plan on a contiguous dout."""
+    gen = torch.Generator(device=DEV).manual_seed(14)
+    pad = torch.ones(4, 1, 1, 512, dtype=torch.bool, device=DEV)
+    pad[1, ..., 300:] = False
+    pad[3, ..., :] = rule == "zero"          # an all-padding row: uniform rows under "uniform"
+    pad[3, ..., 200:] = False
+    prog = ScoreProgram(("where", ("operand", 0), ("mul", S, ("const", 0.125)), ("const", float("-inf"))),
+                        n_operands=1, empty_row=rule)
+    for _ in range(3):
+        q, k, v = _fresh((4, 16, 512, 64), (4, 16, 512, 64), gen, "bshd")
+        out, lse = tp.forward(q, k, v, [pad], prog)
+        dout = randn(4, 512, 16, 64, gen=gen).transpose(1, 2)
+        grads = tp.backward(dout, q, k, v, [pad], out, lse, prog)
+        _, egr = run_eager(q, k, v, [pad], prog, dout, q.dtype)
+        _, g64 = run_eager(q, k, v, [pad], prog, dout, torch.float64)
+        for name, a, e, r in zip(("dq", "dk", "dv"), grads[:3], egr, g64):
+            check(name, a, e, r)
+    assert any(key[0] == "bwd" and key[1] == prog for key in tp._BWD_PLANS)
+    tp._BWD_PLANS.clear()
+    again = tp.backward(dout.contiguous(), q, k, v, [pad], out, lse, prog)
+    for a, b in zip(grads[:3], again[:3]):
+        assert torch.equal(a, b)
+
+
 def test_decode_repeated_and_graph_capture():
     gen = torch.Generator(device=DEV).manual_seed(13)
     prog = ScoreProgram(("mul", S, ("const", 128 ** -0.5)), causal="bottom_right", empty_row="nan")

@@ -153,6 +153,64 @@ def test_uniform_rows_backward_does_not_sync():
             torch.testing.assert_close(a.float(), r.float(), atol=3e-2, rtol=3e-2)
 
 
+def _dense_mask_case(dtype, d, gen, fully=True):
+    """The HF eager form s·c + mask with a dense (B, 1, S, S) finfo.min mask in the model's dtype: causal, random
+    holes, the left-padded rows of batch row 1 and a few more rows masked everywhere (imprecise: their fp32 lse
+    lost log l); GQA 8/2. fully=False: no such row."""
+    s = 700
+    q = randn(2, 8, s, d, dtype=dtype, gen=gen)
+    k, v = (randn(2, 2, s, d, dtype=dtype, gen=gen) for _ in range(2))
+    vis = (torch.arange(s, device=DEV)[None, :] <= torch.arange(s, device=DEV)[:, None]).expand(2, 1, s, s).clone()
+    vis &= torch.rand(2, 1, s, s, device=DEV, generator=gen) > 0.1
+    vis[:, :, :, 0] = True
+    if fully:
+        vis[1, :, :, :200] = False      # left padding: rows 0..199 of batch row 1 see nothing
+        vis[0, :, [63, 64, 500]] = False
+    mask = torch.where(vis, 0.0, torch.finfo(dtype).min).to(dtype)
+    prog = ScoreProgram(("add", ("mul", S, C(d ** -0.5)), ("operand", 0)), n_operands=1)
+    return q, k, v, [mask], prog
+
+
+@pytest.mark.parametrize("dtype,d", [(torch.bfloat16, 128), (torch.float16, 64)])
+def test_imprecise_rows_dense_mask(dtype, d):
+    """Rows a dense finfo.min mask covers entirely (attn_bwd_imprecise) beside partly masked ones: the 2x rule
+    against eager and fp64, and the reference's exact softmax of those rows."""
+    q, k, v, ops, prog = _dense_mask_case(dtype, d, torch.Generator(device=DEV).manual_seed(8))
+    out, lse = tp.forward(q, k, v, ops, prog)
+    assert ((lse.abs() > reference.IMPRECISE_LSE) & lse.isfinite()).any()
+    attend_and_check(q, k, v, ops, prog)
+    dout = torch.randn_like(out)
+    for a, r in zip(tp.backward(dout, q, k, v, ops, out, lse, prog)[:3], reference.backward(dout, q, k, v, ops, prog)):
+        torch.testing.assert_close(a.float(), r.float(), atol=3e-2, rtol=3e-2)
+
+
+def test_imprecise_rows_backward_does_not_sync_and_captures():
+    """A dense-mask program (imprecise rows possible): its backward finds them on the device (no host sync, with
+    such rows and without), and under CUDA graph capture gives bit for bit the eager-mode gradients."""
+    gen = torch.Generator(device=DEV).manual_seed(9)
+    for fully in (False, True):
+        q, k, v, ops, prog = _dense_mask_case(torch.bfloat16, 64, gen, fully)
+        out, lse = tp.forward(q, k, v, ops, prog)
+        dout = torch.randn_like(out)
+        grads = tp.backward(dout, q, k, v, ops, out, lse, prog)     # compiles outside the check
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            again = tp.backward(dout, q, k, v, ops, out, lse, prog)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            captured = tp.backward(dout, q, k, v, ops, out, lse, prog)
+        g.replay()
+        torch.cuda.synchronize()
+        for a, b, c in zip(grads[:3], again[:3], captured[:3]):
+            torch.testing.assert_close(b, a, atol=0, rtol=0)
+            torch.testing.assert_close(c, a, atol=0, rtol=0)
+        for a, r in zip(grads[:3], reference.backward(dout, q, k, v, ops, prog)[:3]):
+            torch.testing.assert_close(a.float(), r.float(), atol=3e-2, rtol=3e-2)
+
+
 def _variants(fn) -> int:
     caches = getattr(fn, "device_caches", {})
     return sum(len(c[0]) for c in caches.values())

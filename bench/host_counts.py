@@ -1,0 +1,186 @@
+"""Host work per call of fa3::attention and fa3::attention_backward on the H100's path, counted on a CPU.
+
+    python bench/host_counts.py [--shape B,H,S,D] [--calls 200] [--backward ws|portable] [--out DIR]
+
+The dispatch table is made to pick what it picks on sm_90 (the Hopper forward; the Hopper backward, whose tuner
+settles on its first warp-specialized candidate, or with --backward portable the portable backward, as for
+sites the warp-specialized one declines), the tuner to behave as once it has settled, and every kernel launch
+is recorded instead of run (Gluon cannot run on a CPU); the custom-op machinery, dispatch, plans, allocations
+and launch bookkeeping run for real on CPU tensors. Per call (warm, after the plans exist), for a padded
+batch's key-padding mask (bench/train.py's BERT sites: a (B, 1, 1, S) boolean operand, empty_row zero = its
+sdpa site, uniform = its eager site; the same padding as a float finfo.min operand, as an eager site whose mask
+is not proven passes it) and a dense additive float mask: torch ops the op body calls, allocations, torch ops
+that launch a device kernel, Triton launches (direct = the launcher's cached path, ordinary = kernel[grid]),
+Python function calls (all, and fa3_inductor's) and µs per call on this CPU with launches stubbed (a CPU's
+allocator and dispatcher, not the H100 host's).
+dout is a transposed view, as torch.compile passes it. Writes host_counts.json / .md under --out (with
+--backward portable: host_counts_portable_bwd.*).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import cProfile
+import math
+import os
+import pstats
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common  # noqa: E402
+import torch  # noqa: E402
+
+LAUNCHES: collections.Counter = collections.Counter()
+
+
+def stand_in_for_sm90(backward: str = "ws") -> None:
+    """Record launches instead of running them; select the sm_90 entries for CPU tensors; a settled tuner.
+    backward="portable": the warp-specialized backward declines every site."""
+    from triton.runtime.jit import KernelInterface
+
+    from fa3_inductor import dispatch
+    from fa3_inductor.kernels import hopper, hopper_bwd, launcher
+    from fa3_inductor.kernels import triton_portable as tp
+    seen = set()
+
+    def launch(key, kernel, grid, args, kwargs):
+        if key is not None and key in seen:
+            LAUNCHES["direct"] += 1
+            return
+        LAUNCHES["ordinary"] += 1
+        if key is not None:
+            seen.add(key)
+            launcher._COMPILED[key] = ("recorded", ())      # what a first real launch leaves behind
+
+    def run(hit, grid, args, kwargs):
+        LAUNCHES["direct"] += 1
+
+    def getitem(kernel, grid):
+        def counted(*args, **kwargs):
+            LAUNCHES["ordinary"] += 1
+        return counted
+
+    def settled(kind, key, d, dtype, device, launch_fn, configs=None, interpret_config=None):
+        cfg = (configs or tp._CONFIGS[kind](d, dtype))[0]
+        launch_fn(cfg)
+        return cfg
+
+    launcher.launch = launch
+    if hasattr(launcher, "_run"):
+        launcher._run = run
+    KernelInterface.__getitem__ = getitem
+    dispatch._runs_on = lambda entry, device: device in entry.devices or device == "cpu"
+    hopper._not_sm90 = lambda device: None
+    tp._launch_tuned = settled
+    if backward == "portable":
+        hopper_bwd._declines = lambda prog, q, v: "host_counts --backward portable"
+
+
+def cases(shape):
+    b, h, s, d = shape
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(b, s, h, d, generator=g).half().transpose(1, 2) for _ in range(3))
+    lengths = torch.randint(s // 4, s + 1, (b,), generator=g)
+    keep = torch.arange(s)[None, :] < lengths[:, None]
+    scaled = ("mul", ("score",), ("const", d ** -0.5))
+    from fa3_inductor.kernels.program import ScoreProgram
+    where = ("where", ("operand", 0), scaled, ("const", -math.inf))
+    dense = torch.where(torch.rand(b, 1, s, s, generator=g) > 0.2, 0.0, torch.finfo(torch.float16).min).half()
+    additive_keys = torch.where(keep, 0.0, torch.finfo(torch.float16).min).half()[:, None, None, :]
+    return {
+        "key padding, empty_row=zero (BERT sdpa)": (ScoreProgram(where, 1, empty_row="zero"),
+                                                    (q, k, v, [keep[:, None, None, :]])),
+        "key padding, empty_row=uniform (BERT eager)": (ScoreProgram(where, 1, empty_row="uniform"),
+                                                        (q, k, v, [keep[:, None, None, :]])),
+        "key padding as an additive finfo.min operand (BERT eager, mask not proven)": (
+            ScoreProgram(("add", scaled, ("operand", 0)), 1, empty_row="nan"), (q, k, v, [additive_keys])),
+        "dense additive finfo.min mask": (ScoreProgram(("add", scaled, ("operand", 0)), 1, empty_row="nan"),
+                                          (q, k, v, [dense])),
+    }
+
+
+def _aten_events(fn):
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    return [e for e in prof.events() if e.name.startswith("aten::")]
+
+
+_VIEWS = {"aten::expand", "aten::view", "aten::as_strided", "aten::slice", "aten::select", "aten::transpose",
+          "aten::unsqueeze", "aten::permute", "aten::_reshape_alias", "aten::alias", "aten::is_nonzero",
+          "aten::item", "aten::_local_scalar_dense", "aten::contiguous", "aten::empty", "aten::empty_strided"}
+
+
+def measure(fn, calls: int) -> dict:
+    import fa3_inductor
+    fn()
+    fn()
+    LAUNCHES.clear()
+    events = _aten_events(fn)
+    launches = dict(LAUNCHES)
+    top = collections.Counter(e.name for e in events
+                              if e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::"))
+    kernels = collections.Counter(e.name for e in events if e.name not in _VIEWS
+                                  and not any(c.name.startswith("aten::") for c in e.cpu_children))
+    pr = cProfile.Profile()
+    pr.enable()
+    fn()
+    pr.disable()
+    stats = pstats.Stats(pr).stats
+    roots = tuple(os.path.dirname(m.__file__) for m in (fa3_inductor, fa3_inductor.kernels))
+    t = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    return {"torch_ops": sum(top.values()), "torch_ops_by_name": dict(top),
+            "allocations": sum(1 for e in events if e.name in ("aten::empty", "aten::empty_strided")),
+            "torch_kernels": sum(kernels.values()), "torch_kernels_by_name": dict(kernels),
+            "triton_launches": launches, "python_calls": sum(v[1] for v in stats.values()),
+            "python_calls_fa3": sum(v[1] for k, v in stats.items() if k[0].startswith(roots)),
+            "cpu_us_per_call": (time.perf_counter() - t) / calls * 1e6}
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shape", default="2,4,64,64", help="B,H,S,D (counts do not depend on it)")
+    ap.add_argument("--calls", type=int, default=200)
+    ap.add_argument("--backward", choices=("ws", "portable"), default="ws",
+                    help="the Hopper backward's warp-specialized kernel, or the portable one (as where ws declines)")
+    ap.add_argument("--out", default=os.path.join(common.ROOT, "bench", "results"))
+    args = ap.parse_args(argv)
+    stand_in_for_sm90(args.backward)
+    from fa3_inductor import dispatch, op
+    shape = tuple(int(x) for x in args.shape.split(","))
+    head = common.header("Host work per fa3 call on the H100's path, counted on CPU (launches recorded), "
+                         f"{args.backward} backward", torch.device("cpu"))
+    rows = []
+    for name, (prog, (q, k, v, ops)) in cases(shape).items():
+        s = prog.dumps()
+        entry = dispatch.select(op.load_program(s), q, k, v, ops)[0].name
+        bwd_entry = dispatch.select_backward(op.load_program(s), q, k, v, ops)[0].name
+        out, lse = torch.ops.fa3.attention(q, k, v, ops, s, "auto", "")
+        out.normal_(), lse.zero_()      # launches are recorded, not run: a valid forward's (out, lse)
+        b, hq, sq, dv = out.shape
+        dout = torch.randn(b, sq, hq, dv).half().transpose(1, 2)
+        for what, fn in (("forward", lambda: torch.ops.fa3.attention(q, k, v, ops, s, "auto", "")),
+                         ("backward", lambda: torch.ops.fa3.attention_backward(dout, q, k, v, ops, out, lse, s,
+                                                                               "auto"))):
+            rows.append({"case": name, "pass": what, "entry": entry if what == "forward" else bwd_entry,
+                         **measure(fn, args.calls)})
+            print(rows[-1], flush=True)
+    md = head + ["", f"shape B,H,S,D = {shape}", "",
+                 "| case | pass | torch ops | allocations | torch kernels | Triton launches (direct/ordinary) "
+                 "| Python calls (fa3_inductor) | CPU µs/call |", "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        tl = r["triton_launches"]
+        md.append(f"| {r['case']} | {r['pass']} | {r['torch_ops']} {r['torch_ops_by_name']} | {r['allocations']} "
+                  f"| {r['torch_kernels']} | {tl.get('direct', 0)}/{tl.get('ordinary', 0)} "
+                  f"| {r['python_calls']} ({r['python_calls_fa3']}) | {r['cpu_us_per_call']:.1f} |")
+    common.write_results(args.out, "host_counts" if args.backward == "ws" else "host_counts_portable_bwd", head,
+                         rows, md)
+    print("\n".join(md))
+
+
+if __name__ == "__main__":
+    main()
