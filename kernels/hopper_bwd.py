@@ -19,10 +19,10 @@ BLOCK_N = 128         # keys per CTA: two consumer warpgroups x 64
 SMEM_LIMIT = hopper.SMEM_LIMIT
 
 
-def stages(d: int) -> int:
-    """Q / dO ring depth that fits beside K, V (BLOCK_N x d each), the two dS buffers and the consumers' fp32
-    dQ tiles (the TMA reductions' sources)."""
-    fixed = 2 * BLOCK_N * d * 2 + 2 * BLOCK_N * BLOCK_M * 2 + 2 * BLOCK_M * (d // 2) * 4
+def stages(d: int, dq_writer: bool = False) -> int:
+    """Q / dO ring depth that fits beside K, V (BLOCK_N x d each), the two dS buffers and the fp32 dQ tiles (the
+    TMA reductions' sources: one per consumer, or two whole tiles for the dQ writer)."""
+    fixed = 2 * BLOCK_N * d * 2 + 2 * BLOCK_N * BLOCK_M * 2 + (4 if dq_writer else 2) * BLOCK_M * (d // 2) * 4
     return max(0, min(3, (SMEM_LIMIT - fixed) // (2 * BLOCK_M * d * 2)))
 
 
@@ -48,9 +48,15 @@ def _spec_and_module(prog, q, k, v, operands):
 
 
 def launch_args(c: triton_portable.BackwardLaunches, operands, prog: ScoreProgram, dq_acc, n_stages=None,
-                dq_lag=False, dq_add=3):
+                dq_lag=False, dq_add=3, dq_writer=False, dq_early=False):
     """(kernel, grid, args, kwargs) of one attn_bwd_ws launch; also used by tests to compile and read the PTX.
-    dq_acc: zeroed fp32 (B, Hq, Sq rounded up to BLOCK_M, D)."""
+    dq_acc: zeroed fp32 (B, Hq, Sq rounded up to BLOCK_M, D). dq_writer: a separate warp issues the dQ
+    reductions from two shared buffers (needs dq_add=3); dq_early: the dQ product is issued between dV and dK
+    (FlashAttention-3's order; not with dq_lag)."""
+    if dq_writer and dq_add != 3:
+        raise ValueError("dq_writer hands dQ to TMA reductions: it needs dq_add=3")
+    if dq_early and dq_lag:
+        raise ValueError("dq_early and dq_lag are two placements of the same dQ product: pick one")
     q, k, v, dout = c.q, c.k, c.v, c.dout
     b, hq, sq, d = q.shape
     hk, sk = k.shape[1], k.shape[2]
@@ -60,8 +66,8 @@ def launch_args(c: triton_portable.BackwardLaunches, operands, prog: ScoreProgra
                                                   (c.grads[1], BLOCK_N), (c.grads[2], BLOCK_N))]
     dq_desc = hopper._desc(dq_acc, BLOCK_M, d // 2)
     args = (*descs, c.lse, c.delta, dq_acc, dq_desc, c.flag, *c.op_args, *c.lse.stride(), sq, sk, c.coff)
-    kwargs = dict(BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, STAGES=n_stages or stages(d), DQ_LAG=dq_lag,
-                  DQ_ADD=dq_add, num_warps=4)
+    kwargs = dict(BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, STAGES=n_stages or stages(d, dq_writer), DQ_LAG=dq_lag,
+                  DQ_ADD=dq_add, DQ_WRITER=dq_writer, DQ_EARLY=dq_early, num_warps=4)
     return mod.attn_bwd_ws, grid, args, kwargs
 
 

@@ -64,32 +64,66 @@ def _bwd_producer(q_desc, k_desc, v_desc, do_desc, q_smem, k_smem, v_smem, do_sm
 
 
 @gluon.jit
-def _dq_step(j, ds_smem, ds_bar, k_half, zero_dq, DQ, dq_desc, dq_buf, dq_buf4, dq_offs, n_m, m_lo,
-             off_hk, off_b, H, sq_pad, WG: gl.constexpr, BLOCK_M: gl.constexpr, HEAD_D: gl.constexpr,
-             DQ_ADD: gl.constexpr):
-    """dQ[tile j, this consumer's columns] += dS K over all BLOCK_N keys, once both dS halves of tile j are in
-    shared memory."""
+def _dq_add(dq, j, DQ, dq_desc, dq_buf, dq_buf4, dq_all, dq_full, dq_empty, dq_offs, n_m, m_lo, off_hk, off_b, H,
+            sq_pad, WG: gl.constexpr, BLOCK_M: gl.constexpr, HEAD_D: gl.constexpr, DQ_ADD: gl.constexpr,
+            DQ_WRITER: gl.constexpr):
+    """Adds this consumer's dQ product of tile j (its half of the head dim) into the fp32 dQ buffer."""
     start_m, off_h = _tile_of(j, n_m, m_lo, off_hk, BLOCK_M)
-    buf = ds_smem.index(j % 2)
-    mbarrier.wait(ds_bar.index(j % 2), (j // 2) & 1)
-    dq = warpgroup_mma(buf.permute((1, 0)), k_half, zero_dq, use_acc=False)
     # the fp32 dQ buffer has whole tiles of rows (Sq rounded up to BLOCK_M): no predicate on the atomics
     dq_base = DQ + ((off_b.to(gl.int64) * H + off_h) * sq_pad + start_m) * HEAD_D
     if DQ_ADD == 1:     # from the wgmma layout: two consecutive fp32 per atomic
         gl.atomic_add(dq_base + dq_offs, dq, sem="relaxed")
-    elif DQ_ADD == 3:   # one TMA bulk reduction per tile from shared memory (FlashAttention-3's dQ path)
-        tma.store_wait(0)   # the previous tile's reduction has read the buffer
-        dq_buf.store(dq)
-        fence_async_shared()
-        async_reduce_add_shared_to_global(dq_desc, [off_b, off_h, start_m, WG * (HEAD_D // 2)], dq_buf4)
+    elif DQ_ADD == 3:
+        if DQ_WRITER:   # hand the tile to the dQ-writer warp through buffer j % 2; wait only if it still reads it
+            b = j % 2
+            mbarrier.wait(dq_empty.index(b), ((j // 2) & 1) ^ 1)
+            dq_all.index(2 * b + WG).store(dq)
+            fence_async_shared()
+            mbarrier.arrive(dq_full.index(b))
+        else:           # one TMA bulk reduction per tile from shared memory, issued here
+            tma.store_wait(0)   # the previous tile's reduction has read the buffer
+            dq_buf.store(dq)
+            fence_async_shared()
+            async_reduce_add_shared_to_global(dq_desc, [off_b, off_h, start_m, WG * (HEAD_D // 2)], dq_buf4)
     # DQ_ADD == 0: no dQ (a diagnostic variant that measures what the atomics cost; bench/bwd_ws.py only)
 
 
 @gluon.jit
+def _dq_step(j, ds_smem, ds_bar, k_half, zero_dq, DQ, dq_desc, dq_buf, dq_buf4, dq_all, dq_full, dq_empty, dq_offs,
+             n_m, m_lo, off_hk, off_b, H, sq_pad, WG: gl.constexpr, BLOCK_M: gl.constexpr, HEAD_D: gl.constexpr,
+             DQ_ADD: gl.constexpr, DQ_WRITER: gl.constexpr):
+    """dQ[tile j, this consumer's columns] += dS K over all BLOCK_N keys, once both dS halves of tile j are in
+    shared memory."""
+    buf = ds_smem.index(j % 2)
+    mbarrier.wait(ds_bar.index(j % 2), (j // 2) & 1)
+    dq = warpgroup_mma(buf.permute((1, 0)), k_half, zero_dq, use_acc=False)
+    _dq_add(dq, j, DQ, dq_desc, dq_buf, dq_buf4, dq_all, dq_full, dq_empty, dq_offs, n_m, m_lo, off_hk, off_b, H,
+            sq_pad, WG, BLOCK_M, HEAD_D, DQ_ADD, DQ_WRITER)
+
+
+@gluon.jit
+def _bwd_dq_writer(dq_desc, dq_smem, dq_full, dq_empty, off_b, off_hk, m_lo, n_m, BLOCK_M: gl.constexpr,
+                   HEAD_D: gl.constexpr):
+    """The dQ-writer warp: for each tile, once both consumers' halves are in buffer j % 2, one TMA bulk
+    reduction per half into the fp32 dQ buffer; the buffer is released as soon as the reductions have read it."""
+    n_it = __G__ * n_m
+    for j in range(n_it):
+        start_m, off_h = _tile_of(j, n_m, m_lo, off_hk, BLOCK_M)
+        b = j % 2
+        mbarrier.wait(dq_full.index(b), (j // 2) & 1)
+        for w in gl.static_range(2):
+            async_reduce_add_shared_to_global(dq_desc, [off_b, off_h, start_m, w * (HEAD_D // 2)],
+                                              dq_smem.index(2 * b + w))
+        tma.store_wait(0)   # .read: shared memory read, the adds may still be in flight in L2
+        mbarrier.arrive(dq_empty.index(b))
+
+
+@gluon.jit
 def _bwd_consumer(q2, k2, v2, do2, ds_smem, k_smem, v_smem, kv_bar, full, empty, ds_bar, fin,
-                  dk_desc, dv_desc, LSE, DELTA, DQ, dq_desc, dq_smem, FLAG, slb, slh, slm, off_b, off_hk, n0, m_lo,
-                  n_m, Sq, Sk, coff, H, __OPS_PARAMS__WG: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
-                  HEAD_D: gl.constexpr, STAGES: gl.constexpr, DQ_LAG: gl.constexpr, DQ_ADD: gl.constexpr):
+                  dk_desc, dv_desc, LSE, DELTA, DQ, dq_desc, dq_smem, dq_full, dq_empty, FLAG, slb, slh, slm, off_b,
+                  off_hk, n0, m_lo, n_m, Sq, Sk, coff, H, __OPS_PARAMS__WG: gl.constexpr, BLOCK_M: gl.constexpr,
+                  BLOCK_N: gl.constexpr, HEAD_D: gl.constexpr, STAGES: gl.constexpr, DQ_LAG: gl.constexpr,
+                  DQ_ADD: gl.constexpr, DQ_WRITER: gl.constexpr, DQ_EARLY: gl.constexpr):
     dtype: gl.constexpr = q2.dtype
     KW: gl.constexpr = BLOCK_N // 2          # keys per consumer (wgmma M)
     HD2: gl.constexpr = HEAD_D // 2          # dQ columns per consumer
@@ -115,9 +149,11 @@ def _bwd_consumer(q2, k2, v2, do2, ds_smem, k_smem, v_smem, kv_bar, full, empty,
     dq_offs = (gl.expand_dims(gl.arange(0, BLOCK_M, dqr_l), 1) * HEAD_D
                + gl.expand_dims(WG * HD2 + gl.arange(0, HD2, dqc_l), 0))
     sq_pad = gl.cdiv(Sq, BLOCK_M) * BLOCK_M
+    dq_l: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, HD2], gl.float32)
     dq_buf4 = dq_smem.index(WG)
-    dq_buf = dq_buf4._reinterpret(gl.float32, [BLOCK_M, HD2],
-                                  gl.NVMMASharedLayout.get_default_for([BLOCK_M, HD2], gl.float32))
+    dq_buf = dq_buf4._reinterpret(gl.float32, [BLOCK_M, HD2], dq_l)
+    # the writer's buffers: [2 tiles x 2 halves] (index 2 * (tile % 2) + consumer)
+    dq_all = dq_smem._reinterpret(gl.float32, [dq_smem.shape[0], BLOCK_M, HD2], dq_l)
     mbarrier.wait(kv_bar, 0)
     n_it = __G__ * n_m
     for it in range(n_it):
@@ -131,8 +167,9 @@ __OPS_BASES__
         dp_tok = warpgroup_mma(v_w, do_t.permute((1, 0)), zero_s, use_acc=False, is_async=True)
         if DQ_LAG:      # the previous tile's dQ, queued behind S / dP on the tensor cores
             if it > 0:
-                _dq_step(it - 1, ds_smem, ds_bar, k_half, zero_dq, DQ, dq_desc, dq_buf, dq_buf4, dq_offs, n_m, m_lo,
-                         off_hk, off_b, H, sq_pad, WG, BLOCK_M, HEAD_D, DQ_ADD)
+                _dq_step(it - 1, ds_smem, ds_bar, k_half, zero_dq, DQ, dq_desc, dq_buf, dq_buf4, dq_all, dq_full,
+                         dq_empty, dq_offs, n_m, m_lo, off_hk, off_b, H, sq_pad, WG, BLOCK_M, HEAD_D, DQ_ADD,
+                         DQ_WRITER)
         offs_m = start_m + gl.arange(0, BLOCK_M, col_l)
         row_ok = offs_m < Sq
         lse = gl.load(LSE + off_b.to(gl.int64) * slb + off_h.to(gl.int64) * slh + offs_m * slm, mask=row_ok,
@@ -154,24 +191,41 @@ __OPS_BASES__
         p_op = gl.convert_layout(p.to(dtype), a_layout)
         dv_tok = warpgroup_mma(p_op, do_t, dv, is_async=True)
         ds_lo = ds.to(dtype)
-        ds_op = gl.convert_layout(ds_lo, a_layout)
-        dk_tok = warpgroup_mma(ds_op, q_t, dk, is_async=True)
         buf = ds_smem.index(it % 2)
-        buf.slice(WG * KW, KW, dim=0).store(ds_lo)
-        fence_async_shared()
-        mbarrier.arrive(ds_bar.index(it % 2))
-        # P and dS (register operands) die before the dQ accumulator is born: register pressure
-        dv, dk, p_op, ds_op = warpgroup_mma_wait(0, deps=(dv_tok, dk_tok, p_op, ds_op))
-        mbarrier.arrive(empty.index(st))
-        if not DQ_LAG:
-            _dq_step(it, ds_smem, ds_bar, k_half, zero_dq, DQ, dq_desc, dq_buf, dq_buf4, dq_offs, n_m, m_lo, off_hk,
-                     off_b, H, sq_pad, WG, BLOCK_M, HEAD_D, DQ_ADD)
+        if DQ_EARLY:
+            # FlashAttention-3's order: dQ = dS K goes to the tensor cores between dV and dK, so its hand-off
+            # (registers -> shared memory) runs while dK still computes
+            buf.slice(WG * KW, KW, dim=0).store(ds_lo)
+            fence_async_shared()
+            mbarrier.arrive(ds_bar.index(it % 2))
+            ds_op = gl.convert_layout(ds_lo, a_layout)
+            mbarrier.wait(ds_bar.index(it % 2), (it // 2) & 1)
+            dq_tok = warpgroup_mma(buf.permute((1, 0)), k_half, zero_dq, use_acc=False, is_async=True)
+            dk_tok = warpgroup_mma(ds_op, q_t, dk, is_async=True)
+            dv, dq, p_op = warpgroup_mma_wait(1, deps=(dv_tok, dq_tok, p_op))
+            _dq_add(dq, it, DQ, dq_desc, dq_buf, dq_buf4, dq_all, dq_full, dq_empty, dq_offs, n_m, m_lo, off_hk,
+                    off_b, H, sq_pad, WG, BLOCK_M, HEAD_D, DQ_ADD, DQ_WRITER)
+            dk, ds_op = warpgroup_mma_wait(0, deps=(dk_tok, ds_op))
+            mbarrier.arrive(empty.index(st))
+        else:
+            ds_op = gl.convert_layout(ds_lo, a_layout)
+            dk_tok = warpgroup_mma(ds_op, q_t, dk, is_async=True)
+            buf.slice(WG * KW, KW, dim=0).store(ds_lo)
+            fence_async_shared()
+            mbarrier.arrive(ds_bar.index(it % 2))
+            # P and dS (register operands) die before the dQ accumulator is born: register pressure
+            dv, dk, p_op, ds_op = warpgroup_mma_wait(0, deps=(dv_tok, dk_tok, p_op, ds_op))
+            mbarrier.arrive(empty.index(st))
+            if not DQ_LAG:
+                _dq_step(it, ds_smem, ds_bar, k_half, zero_dq, DQ, dq_desc, dq_buf, dq_buf4, dq_all, dq_full,
+                         dq_empty, dq_offs, n_m, m_lo, off_hk, off_b, H, sq_pad, WG, BLOCK_M, HEAD_D, DQ_ADD,
+                         DQ_WRITER)
     if DQ_LAG:
         if n_it > 0:
-            _dq_step(n_it - 1, ds_smem, ds_bar, k_half, zero_dq, DQ, dq_desc, dq_buf, dq_buf4, dq_offs, n_m, m_lo,
-                     off_hk, off_b, H, sq_pad, WG, BLOCK_M, HEAD_D, DQ_ADD)
+            _dq_step(n_it - 1, ds_smem, ds_bar, k_half, zero_dq, DQ, dq_desc, dq_buf, dq_buf4, dq_all, dq_full,
+                     dq_empty, dq_offs, n_m, m_lo, off_hk, off_b, H, sq_pad, WG, BLOCK_M, HEAD_D, DQ_ADD, DQ_WRITER)
 
-    if DQ_ADD == 3:
+    if DQ_ADD == 3 and not DQ_WRITER:
         tma.store_wait(0)
 __NAN_GROUP__
     # the other consumer may still read this one's K rows (dQ) until both arrive here (phase 0); both halves
@@ -192,7 +246,8 @@ __NAN_GROUP__
 @gluon.jit(do_not_specialize=["Sq", "Sk", "coff", "slb", "slh"])
 def attn_bwd_ws(q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, LSE, DELTA, DQ, dq_desc, FLAG,
                 __OPS_KPARAMS__slb, slh, slm, Sq, Sk, coff, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
-                STAGES: gl.constexpr, DQ_LAG: gl.constexpr, DQ_ADD: gl.constexpr):
+                STAGES: gl.constexpr, DQ_LAG: gl.constexpr, DQ_ADD: gl.constexpr, DQ_WRITER: gl.constexpr,
+                DQ_EARLY: gl.constexpr):
     HEAD_D: gl.constexpr = q_desc.block_type.shape[3]
     dtype: gl.constexpr = q_desc.dtype
     KW: gl.constexpr = BLOCK_N // 2
@@ -215,8 +270,9 @@ __Q_RANGE__
     k_smem = gl.allocate_shared_memory(dtype, [1, 1, BLOCK_N, HEAD_D], k_desc.layout)
     v_smem = gl.allocate_shared_memory(dtype, [1, 1, BLOCK_N, HEAD_D], v_desc.layout)
     ds_smem = gl.allocate_shared_memory(dtype, [2, BLOCK_N, BLOCK_M], ds_l)
-    if DQ_ADD == 3:     # one fp32 dQ tile per consumer, the source of its TMA reductions
-        dq_smem = gl.allocate_shared_memory(gl.float32, [2, 1, 1, BLOCK_M, HEAD_D // 2], dq_desc.layout)
+    if DQ_ADD == 3:     # one fp32 dQ half-tile per consumer (two tiles for the writer): TMA reduction sources
+        dq_smem = gl.allocate_shared_memory(gl.float32, [4 if DQ_WRITER else 2, 1, 1, BLOCK_M, HEAD_D // 2],
+                                            dq_desc.layout)
     else:
         dq_smem = gl.allocate_shared_memory(gl.float32, [2, 1, 1, 8, 8], dq_desc.layout)
     kv_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
@@ -224,6 +280,8 @@ __Q_RANGE__
     full = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     ds_bar = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    dq_full = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    dq_empty = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
     mbarrier.init(kv_bar, count=1)
     mbarrier.init(fin, count=2)
     for st in gl.static_range(STAGES):
@@ -231,6 +289,8 @@ __Q_RANGE__
         mbarrier.init(empty.index(st), count=2)     # both consumers release a Q / dO slot
     for b in gl.static_range(2):
         mbarrier.init(ds_bar.index(b), count=2)     # both halves of dS are in shared memory
+        mbarrier.init(dq_full.index(b), count=2)    # both dQ halves of a tile are in the writer's buffer
+        mbarrier.init(dq_empty.index(b), count=1)   # the writer's reductions have read that buffer
     fence_async_shared()
 
     q2 = q_smem._reinterpret(dtype, [STAGES, BLOCK_M, HEAD_D], q_l)
@@ -238,18 +298,33 @@ __Q_RANGE__
     # one [BLOCK_N, HEAD_D] tile each: a consumer's 64 keys are a row slice, its dQ columns a column slice
     k2 = k_smem._reinterpret(dtype, [BLOCK_N, HEAD_D], k_l)
     v2 = v_smem._reinterpret(dtype, [BLOCK_N, HEAD_D], k_l)
-    gl.warp_specialize([
-        (_bwd_consumer, (q2, k2, v2, do2, ds_smem, k_smem, v_smem, kv_bar, full, empty, ds_bar, fin,
-                         dk_desc, dv_desc, LSE, DELTA, DQ, dq_desc, dq_smem, FLAG, slb, slh, slm, off_b, off_hk, n0,
-                         m_lo, n_m, Sq, Sk, coff, H, __OPS_KARGS__0, BLOCK_M, BLOCK_N, HEAD_D, STAGES, DQ_LAG,
-                         DQ_ADD)),
-        (_bwd_consumer, (q2, k2, v2, do2, ds_smem, k_smem, v_smem, kv_bar, full, empty, ds_bar, fin,
-                         dk_desc, dv_desc, LSE, DELTA, DQ, dq_desc, dq_smem, FLAG, slb, slh, slm, off_b, off_hk, n0,
-                         m_lo, n_m, Sq, Sk, coff, H, __OPS_KARGS__1, BLOCK_M, BLOCK_N, HEAD_D, STAGES, DQ_LAG,
-                         DQ_ADD)),
-        (_bwd_producer, (q_desc, k_desc, v_desc, do_desc, q_smem, k_smem, v_smem, do_smem, kv_bar, full, empty,
-                         off_b, off_hk, n0, m_lo, n_m, BLOCK_M, BLOCK_N, STAGES)),
-    ], [4, 1], [240, 24])
+    if DQ_WRITER:   # a fourth partition, one warp: the dQ writer
+        gl.warp_specialize([
+            (_bwd_consumer, (q2, k2, v2, do2, ds_smem, k_smem, v_smem, kv_bar, full, empty, ds_bar, fin,
+                             dk_desc, dv_desc, LSE, DELTA, DQ, dq_desc, dq_smem, dq_full, dq_empty, FLAG, slb, slh, slm,
+                             off_b, off_hk, n0, m_lo, n_m, Sq, Sk, coff, H, __OPS_KARGS__0, BLOCK_M, BLOCK_N, HEAD_D,
+                             STAGES, DQ_LAG, DQ_ADD, DQ_WRITER, DQ_EARLY)),
+            (_bwd_consumer, (q2, k2, v2, do2, ds_smem, k_smem, v_smem, kv_bar, full, empty, ds_bar, fin,
+                             dk_desc, dv_desc, LSE, DELTA, DQ, dq_desc, dq_smem, dq_full, dq_empty, FLAG, slb, slh, slm,
+                             off_b, off_hk, n0, m_lo, n_m, Sq, Sk, coff, H, __OPS_KARGS__1, BLOCK_M, BLOCK_N, HEAD_D,
+                             STAGES, DQ_LAG, DQ_ADD, DQ_WRITER, DQ_EARLY)),
+            (_bwd_producer, (q_desc, k_desc, v_desc, do_desc, q_smem, k_smem, v_smem, do_smem, kv_bar, full, empty,
+                             off_b, off_hk, n0, m_lo, n_m, BLOCK_M, BLOCK_N, STAGES)),
+            (_bwd_dq_writer, (dq_desc, dq_smem, dq_full, dq_empty, off_b, off_hk, m_lo, n_m, BLOCK_M, HEAD_D)),
+        ], [4, 1, 1], [240, 24, 24])
+    else:
+        gl.warp_specialize([
+            (_bwd_consumer, (q2, k2, v2, do2, ds_smem, k_smem, v_smem, kv_bar, full, empty, ds_bar, fin,
+                             dk_desc, dv_desc, LSE, DELTA, DQ, dq_desc, dq_smem, dq_full, dq_empty, FLAG, slb, slh, slm,
+                             off_b, off_hk, n0, m_lo, n_m, Sq, Sk, coff, H, __OPS_KARGS__0, BLOCK_M, BLOCK_N, HEAD_D,
+                             STAGES, DQ_LAG, DQ_ADD, DQ_WRITER, DQ_EARLY)),
+            (_bwd_consumer, (q2, k2, v2, do2, ds_smem, k_smem, v_smem, kv_bar, full, empty, ds_bar, fin,
+                             dk_desc, dv_desc, LSE, DELTA, DQ, dq_desc, dq_smem, dq_full, dq_empty, FLAG, slb, slh, slm,
+                             off_b, off_hk, n0, m_lo, n_m, Sq, Sk, coff, H, __OPS_KARGS__1, BLOCK_M, BLOCK_N, HEAD_D,
+                             STAGES, DQ_LAG, DQ_ADD, DQ_WRITER, DQ_EARLY)),
+            (_bwd_producer, (q_desc, k_desc, v_desc, do_desc, q_smem, k_smem, v_smem, do_smem, kv_bar, full, empty,
+                             off_b, off_hk, n0, m_lo, n_m, BLOCK_M, BLOCK_N, STAGES)),
+        ], [4, 1], [240, 24])
 '''
 
 # the forward's prelude (imports, _tanh, _sigmoid) plus the TMA reduction the dQ path uses
