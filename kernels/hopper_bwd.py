@@ -48,11 +48,12 @@ def _spec_and_module(prog, q, k, v, operands):
 
 
 def launch_args(c: triton_portable.BackwardLaunches, operands, prog: ScoreProgram, dq_acc, n_stages=None,
-                dq_lag=False, dq_add=3, dq_writer=False, dq_early=False):
+                dq_lag=False, dq_add=3, dq_writer=False, dq_early=False, stats_smem=False):
     """(kernel, grid, args, kwargs) of one attn_bwd_ws launch; also used by tests to compile and read the PTX.
     dq_acc: zeroed fp32 (B, Hq, Sq rounded up to BLOCK_M, D). dq_writer: a separate warp issues the dQ
     reductions from two shared buffers (needs dq_add=3); dq_early: the dQ product is issued between dV and dK
-    (FlashAttention-3's order; not with dq_lag)."""
+    (FlashAttention-3's order; not with dq_lag); stats_smem: the producer loads each tile's lse / delta rows into
+    shared memory beside Q / dO, the consumers read them where used."""
     if dq_writer and dq_add != 3:
         raise ValueError("dq_writer hands dQ to TMA reductions: it needs dq_add=3")
     if dq_early and dq_lag:
@@ -67,7 +68,8 @@ def launch_args(c: triton_portable.BackwardLaunches, operands, prog: ScoreProgra
     dq_desc = hopper._desc(dq_acc, BLOCK_M, d // 2)
     args = (*descs, c.lse, c.delta, dq_acc, dq_desc, c.flag, *c.op_args, *c.lse.stride(), sq, sk, c.coff)
     kwargs = dict(BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, STAGES=n_stages or stages(d, dq_writer), DQ_LAG=dq_lag,
-                  DQ_ADD=dq_add, DQ_WRITER=dq_writer, DQ_EARLY=dq_early, num_warps=4)
+                  DQ_ADD=dq_add, DQ_WRITER=dq_writer, DQ_EARLY=dq_early,
+                  STATS_SMEM=stats_smem, num_warps=4)
     return mod.attn_bwd_ws, grid, args, kwargs
 
 

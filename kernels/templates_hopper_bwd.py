@@ -46,8 +46,9 @@ def _tile_of(it, n_m, m_lo, off_hk, BLOCK_M: gl.constexpr):
 
 @gluon.jit
 def _bwd_producer(q_desc, k_desc, v_desc, do_desc, q_smem, k_smem, v_smem, do_smem, kv_bar, full, empty,
-                  off_b, off_hk, n0, m_lo, n_m, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
-                  STAGES: gl.constexpr):
+                  LSE, DELTA, lse_smem, delta_smem, slb, slh, slm, Sq, H, off_b, off_hk, n0, m_lo, n_m,
+                  BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, STATS_SMEM: gl.constexpr):
+    st_l: gl.constexpr = gl.BlockedLayout([BLOCK_M // 32], [32], [1], [0])
     mbarrier.expect(kv_bar, k_desc.block_type.nbytes + v_desc.block_type.nbytes)
     tma.async_copy_global_to_shared(k_desc, [off_b, off_hk, n0, 0], kv_bar, k_smem)
     tma.async_copy_global_to_shared(v_desc, [off_b, off_hk, n0, 0], kv_bar, v_smem)
@@ -61,6 +62,15 @@ def _bwd_producer(q_desc, k_desc, v_desc, do_desc, q_smem, k_smem, v_smem, do_sm
         mbarrier.expect(full.index(st), q_desc.block_type.nbytes + do_desc.block_type.nbytes)
         tma.async_copy_global_to_shared(q_desc, [off_b, off_h, start_m, 0], full.index(st), q_smem.index(st))
         tma.async_copy_global_to_shared(do_desc, [off_b, off_h, start_m, 0], full.index(st), do_smem.index(st))
+        if STATS_SMEM:  # the tile's lse and delta rows, the second arrival on full[stage]
+            offs_m = start_m + gl.arange(0, BLOCK_M, st_l)
+            row_ok = offs_m < Sq
+            lse = gl.load(LSE + off_b.to(gl.int64) * slb + off_h.to(gl.int64) * slh + offs_m * slm, mask=row_ok,
+                          other=float("inf"))
+            lse_smem.index(st).store(gl.where(lse == float("-inf"), float("inf"), lse))
+            delta_smem.index(st).store(gl.load(DELTA + (off_b.to(gl.int64) * H + off_h) * Sq + offs_m, mask=row_ok,
+                                               other=0.0))
+            mbarrier.arrive(full.index(st))
 
 
 @gluon.jit
@@ -120,10 +130,11 @@ def _bwd_dq_writer(dq_desc, dq_smem, dq_full, dq_empty, off_b, off_hk, m_lo, n_m
 
 @gluon.jit
 def _bwd_consumer(q2, k2, v2, do2, ds_smem, k_smem, v_smem, kv_bar, full, empty, ds_bar, fin,
-                  dk_desc, dv_desc, LSE, DELTA, DQ, dq_desc, dq_smem, dq_full, dq_empty, FLAG, slb, slh, slm, off_b,
-                  off_hk, n0, m_lo, n_m, Sq, Sk, coff, H, __OPS_PARAMS__WG: gl.constexpr, BLOCK_M: gl.constexpr,
-                  BLOCK_N: gl.constexpr, HEAD_D: gl.constexpr, STAGES: gl.constexpr, DQ_LAG: gl.constexpr,
-                  DQ_ADD: gl.constexpr, DQ_WRITER: gl.constexpr, DQ_EARLY: gl.constexpr):
+                  dk_desc, dv_desc, LSE, DELTA, lse_smem, delta_smem, DQ, dq_desc, dq_smem, dq_full, dq_empty, FLAG,
+                  slb, slh, slm, off_b, off_hk, n0, m_lo, n_m, Sq, Sk, coff, H, __OPS_PARAMS__WG: gl.constexpr,
+                  BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_D: gl.constexpr, STAGES: gl.constexpr,
+                  DQ_LAG: gl.constexpr, DQ_ADD: gl.constexpr, DQ_WRITER: gl.constexpr, DQ_EARLY: gl.constexpr,
+                  STATS_SMEM: gl.constexpr):
     dtype: gl.constexpr = q2.dtype
     KW: gl.constexpr = BLOCK_N // 2          # keys per consumer (wgmma M)
     HD2: gl.constexpr = HEAD_D // 2          # dQ columns per consumer
@@ -171,11 +182,12 @@ __OPS_BASES__
                          dq_empty, dq_offs, n_m, m_lo, off_hk, off_b, H, sq_pad, WG, BLOCK_M, HEAD_D, DQ_ADD,
                          DQ_WRITER)
         offs_m = start_m + gl.arange(0, BLOCK_M, col_l)
-        row_ok = offs_m < Sq
-        lse = gl.load(LSE + off_b.to(gl.int64) * slb + off_h.to(gl.int64) * slh + offs_m * slm, mask=row_ok,
-                      other=float("inf"))
-        lse = gl.where(lse == float("-inf"), float("inf"), lse)   # empty rows (and rows past Sq): p = 0
-        delta = gl.load(DELTA + (off_b.to(gl.int64) * H + off_h) * Sq + offs_m, mask=row_ok, other=0.0)
+        if not STATS_SMEM:
+            row_ok = offs_m < Sq
+            lse = gl.load(LSE + off_b.to(gl.int64) * slb + off_h.to(gl.int64) * slh + offs_m * slm, mask=row_ok,
+                          other=float("inf"))
+            lse = gl.where(lse == float("-inf"), float("inf"), lse)   # empty rows (and rows past Sq): p = 0
+            delta = gl.load(DELTA + (off_b.to(gl.int64) * H + off_h) * Sq + offs_m, mask=row_ok, other=0.0)
         qi = gl.expand_dims(offs_m, 0)
         masked = _tile_masked(start_m, n0, Sq, Sk, coff, BLOCK_M, BLOCK_N)
         s = warpgroup_mma_wait(1, deps=(s_tok,))
@@ -184,8 +196,12 @@ __OPS_BASES__
             x = gl.where(__VISIBLE__, x, float("-inf"))
         else:
             x, dloc = _score_full(s, qi, kj, Sq, Sk, __OPS_ARGS__)
+        if STATS_SMEM:  # read where used: 16 + 16 registers live for a few instructions, not across the S wait
+            lse = lse_smem.index(st).load(col_l)
         p = __EXP_P__
         dp = warpgroup_mma_wait(0, deps=(dp_tok,))
+        if STATS_SMEM:
+            delta = delta_smem.index(st).load(col_l)
         ds = p * (dp - gl.expand_dims(delta, 0))
         ds = gl.where(p == 0.0, 0.0, ds) * dloc
         p_op = gl.convert_layout(p.to(dtype), a_layout)
@@ -247,7 +263,7 @@ __NAN_GROUP__
 def attn_bwd_ws(q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, LSE, DELTA, DQ, dq_desc, FLAG,
                 __OPS_KPARAMS__slb, slh, slm, Sq, Sk, coff, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
                 STAGES: gl.constexpr, DQ_LAG: gl.constexpr, DQ_ADD: gl.constexpr, DQ_WRITER: gl.constexpr,
-                DQ_EARLY: gl.constexpr):
+                DQ_EARLY: gl.constexpr, STATS_SMEM: gl.constexpr):
     HEAD_D: gl.constexpr = q_desc.block_type.shape[3]
     dtype: gl.constexpr = q_desc.dtype
     KW: gl.constexpr = BLOCK_N // 2
@@ -275,6 +291,10 @@ __Q_RANGE__
                                             dq_desc.layout)
     else:
         dq_smem = gl.allocate_shared_memory(gl.float32, [2, 1, 1, 8, 8], dq_desc.layout)
+    # lse / delta rows per Q / dO stage (STATS_SMEM: the producer loads them; else a placeholder)
+    st_sl: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, order=[0])
+    lse_smem = gl.allocate_shared_memory(gl.float32, [STAGES, BLOCK_M if STATS_SMEM else 1], st_sl)
+    delta_smem = gl.allocate_shared_memory(gl.float32, [STAGES, BLOCK_M if STATS_SMEM else 1], st_sl)
     kv_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
     fin = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
     full = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
@@ -285,7 +305,7 @@ __Q_RANGE__
     mbarrier.init(kv_bar, count=1)
     mbarrier.init(fin, count=2)
     for st in gl.static_range(STAGES):
-        mbarrier.init(full.index(st), count=1)
+        mbarrier.init(full.index(st), count=2 if STATS_SMEM else 1)   # TMA bytes (+ the producer's stats)
         mbarrier.init(empty.index(st), count=2)     # both consumers release a Q / dO slot
     for b in gl.static_range(2):
         mbarrier.init(ds_bar.index(b), count=2)     # both halves of dS are in shared memory
@@ -301,29 +321,31 @@ __Q_RANGE__
     if DQ_WRITER:   # a fourth partition, one warp: the dQ writer
         gl.warp_specialize([
             (_bwd_consumer, (q2, k2, v2, do2, ds_smem, k_smem, v_smem, kv_bar, full, empty, ds_bar, fin,
-                             dk_desc, dv_desc, LSE, DELTA, DQ, dq_desc, dq_smem, dq_full, dq_empty, FLAG, slb, slh, slm,
-                             off_b, off_hk, n0, m_lo, n_m, Sq, Sk, coff, H, __OPS_KARGS__0, BLOCK_M, BLOCK_N, HEAD_D,
-                             STAGES, DQ_LAG, DQ_ADD, DQ_WRITER, DQ_EARLY)),
+                             dk_desc, dv_desc, LSE, DELTA, lse_smem, delta_smem, DQ, dq_desc, dq_smem, dq_full,
+                             dq_empty, FLAG, slb, slh, slm, off_b, off_hk, n0, m_lo, n_m, Sq, Sk, coff, H, __OPS_KARGS__0, BLOCK_M, BLOCK_N, HEAD_D,
+                             STAGES, DQ_LAG, DQ_ADD, DQ_WRITER, DQ_EARLY, STATS_SMEM)),
             (_bwd_consumer, (q2, k2, v2, do2, ds_smem, k_smem, v_smem, kv_bar, full, empty, ds_bar, fin,
-                             dk_desc, dv_desc, LSE, DELTA, DQ, dq_desc, dq_smem, dq_full, dq_empty, FLAG, slb, slh, slm,
-                             off_b, off_hk, n0, m_lo, n_m, Sq, Sk, coff, H, __OPS_KARGS__1, BLOCK_M, BLOCK_N, HEAD_D,
-                             STAGES, DQ_LAG, DQ_ADD, DQ_WRITER, DQ_EARLY)),
+                             dk_desc, dv_desc, LSE, DELTA, lse_smem, delta_smem, DQ, dq_desc, dq_smem, dq_full,
+                             dq_empty, FLAG, slb, slh, slm, off_b, off_hk, n0, m_lo, n_m, Sq, Sk, coff, H, __OPS_KARGS__1, BLOCK_M, BLOCK_N, HEAD_D,
+                             STAGES, DQ_LAG, DQ_ADD, DQ_WRITER, DQ_EARLY, STATS_SMEM)),
             (_bwd_producer, (q_desc, k_desc, v_desc, do_desc, q_smem, k_smem, v_smem, do_smem, kv_bar, full, empty,
-                             off_b, off_hk, n0, m_lo, n_m, BLOCK_M, BLOCK_N, STAGES)),
+                             LSE, DELTA, lse_smem, delta_smem, slb, slh, slm, Sq, H, off_b, off_hk, n0, m_lo, n_m,
+                             BLOCK_M, BLOCK_N, STAGES, STATS_SMEM)),
             (_bwd_dq_writer, (dq_desc, dq_smem, dq_full, dq_empty, off_b, off_hk, m_lo, n_m, BLOCK_M, HEAD_D)),
         ], [4, 1, 1], [240, 24, 24])
     else:
         gl.warp_specialize([
             (_bwd_consumer, (q2, k2, v2, do2, ds_smem, k_smem, v_smem, kv_bar, full, empty, ds_bar, fin,
-                             dk_desc, dv_desc, LSE, DELTA, DQ, dq_desc, dq_smem, dq_full, dq_empty, FLAG, slb, slh, slm,
-                             off_b, off_hk, n0, m_lo, n_m, Sq, Sk, coff, H, __OPS_KARGS__0, BLOCK_M, BLOCK_N, HEAD_D,
-                             STAGES, DQ_LAG, DQ_ADD, DQ_WRITER, DQ_EARLY)),
+                             dk_desc, dv_desc, LSE, DELTA, lse_smem, delta_smem, DQ, dq_desc, dq_smem, dq_full,
+                             dq_empty, FLAG, slb, slh, slm, off_b, off_hk, n0, m_lo, n_m, Sq, Sk, coff, H, __OPS_KARGS__0, BLOCK_M, BLOCK_N, HEAD_D,
+                             STAGES, DQ_LAG, DQ_ADD, DQ_WRITER, DQ_EARLY, STATS_SMEM)),
             (_bwd_consumer, (q2, k2, v2, do2, ds_smem, k_smem, v_smem, kv_bar, full, empty, ds_bar, fin,
-                             dk_desc, dv_desc, LSE, DELTA, DQ, dq_desc, dq_smem, dq_full, dq_empty, FLAG, slb, slh, slm,
-                             off_b, off_hk, n0, m_lo, n_m, Sq, Sk, coff, H, __OPS_KARGS__1, BLOCK_M, BLOCK_N, HEAD_D,
-                             STAGES, DQ_LAG, DQ_ADD, DQ_WRITER, DQ_EARLY)),
+                             dk_desc, dv_desc, LSE, DELTA, lse_smem, delta_smem, DQ, dq_desc, dq_smem, dq_full,
+                             dq_empty, FLAG, slb, slh, slm, off_b, off_hk, n0, m_lo, n_m, Sq, Sk, coff, H, __OPS_KARGS__1, BLOCK_M, BLOCK_N, HEAD_D,
+                             STAGES, DQ_LAG, DQ_ADD, DQ_WRITER, DQ_EARLY, STATS_SMEM)),
             (_bwd_producer, (q_desc, k_desc, v_desc, do_desc, q_smem, k_smem, v_smem, do_smem, kv_bar, full, empty,
-                             off_b, off_hk, n0, m_lo, n_m, BLOCK_M, BLOCK_N, STAGES)),
+                             LSE, DELTA, lse_smem, delta_smem, slb, slh, slm, Sq, H, off_b, off_hk, n0, m_lo, n_m,
+                             BLOCK_M, BLOCK_N, STAGES, STATS_SMEM)),
         ], [4, 1], [240, 24])
 '''
 
