@@ -21,9 +21,10 @@ SMEM_LIMIT = hopper.SMEM_LIMIT
 
 def stages(d: int, dq_writer: bool = False) -> int:
     """Q / dO ring depth that fits beside K, V (BLOCK_N x d each), the two dS buffers and the fp32 dQ tiles (the
-    TMA reductions' sources: one per consumer, or two whole tiles for the dQ writer)."""
+    TMA reductions' sources: one per consumer, or two whole tiles for the dQ writer); a stage holds Q, dO and
+    the tile's lse / delta rows (stats_smem)."""
     fixed = 2 * BLOCK_N * d * 2 + 2 * BLOCK_N * BLOCK_M * 2 + (4 if dq_writer else 2) * BLOCK_M * (d // 2) * 4
-    return max(0, min(3, (SMEM_LIMIT - fixed) // (2 * BLOCK_M * d * 2)))
+    return max(0, min(3, (SMEM_LIMIT - fixed) // (2 * BLOCK_M * d * 2 + 2 * BLOCK_M * 4)))
 
 
 def _declines(prog: ScoreProgram, q, v) -> str | None:
@@ -74,16 +75,21 @@ def launch_args(c: triton_portable.BackwardLaunches, operands, prog: ScoreProgra
 
 
 # Candidates of the tuned gradient step, the default (no tuning possible, e.g. under CUDA-graph capture) first:
-# (kind, Q/dO stages, dq_lag, dq_add: 1 per-thread atomics, 3 TMA bulk reductions). The portable
-# dK/dV + dQ kernels stay a candidate, and the tuner keeps whichever is faster per (spec, length bucket), so
-# dispatch never pays for the warp-specialized kernel where it loses (bench/results/bwd_ws.md).
-CANDIDATES = (("ws", 2, False, 3), ("ws", 2, True, 3), ("ws", 2, False, 1), ("portable",))
+# ("ws", *values of WS_KNOBS) or ("portable",). The knobs, one each: Q/dO stages; dq_lag: the previous tile's dQ
+# queued behind S / dP; dq_add: 1 per-thread atomics, 3 TMA bulk reductions; dq_writer: a separate warp issues
+# those reductions from two shared buffers; dq_early: dQ issued between dV and dK (FlashAttention-3's order);
+# stats_smem: lse / delta rows through shared memory (the producer loads them). The portable dK/dV + dQ kernels
+# stay a candidate, and the tuner keeps whichever is faster per (spec, length bucket), so dispatch never pays
+# for the warp-specialized kernel where it loses (bench/results/bwd_ws.md).
+WS_KNOBS = ("n_stages", "dq_lag", "dq_add", "dq_writer", "dq_early", "stats_smem")
+CANDIDATES = (("ws", 2, False, 3, True, True, True), ("ws", 2, False, 3, False, False, True),
+              ("ws", 2, False, 3, False, False, False), ("ws", 2, True, 3, False, False, False),
+              ("ws", 2, False, 1, False, False, False), ("portable",))
 
 
 def variant_of(candidate: tuple) -> dict:
     """backward()'s variant keywords for a warp-specialized entry of CANDIDATES."""
-    _, n_stages, dq_lag, dq_add = candidate
-    return dict(n_stages=n_stages, dq_lag=dq_lag, dq_add=dq_add)
+    return dict(zip(WS_KNOBS, candidate[1:]))
 
 
 def ws_grads(operands, prog: ScoreProgram, **variant):
@@ -117,7 +123,7 @@ def ws_grads(operands, prog: ScoreProgram, **variant):
 def backward(dout, q, k, v, operands, out, lse, prog: ScoreProgram, **variant):
     """Returns (dq, dk, dv, [d operands]): the portable backward's frame around the warp-specialized gradient
     kernel, or the portable backward itself for a site this kernel declines (the Hopper forward already
-    checked the sm_90 / TMA conditions on q, k, v). `variant` (n_stages, dq_lag, dq_add) pins a
+    checked the sm_90 / TMA conditions on q, k, v). `variant` (WS_KNOBS keywords) pins a
     warp-specialized schedule (benchmarks, tests); otherwise the tuner picks among CANDIDATES."""
     if _declines(prog, q, v):
         return triton_portable.backward(dout, q, k, v, operands, out, lse, prog)

@@ -80,3 +80,38 @@ def test_declines_with_reasons():
         torch.use_deterministic_algorithms(False)
     assert hopper_bwd.supports(plain, q, q, q, []) is not None     # no sm_90 GPU here
     assert hopper_bwd.stages(128) >= 2 and hopper_bwd.stages(64) >= 2
+
+
+@pytest.mark.skipif(not _HAVE, reason="Triton without Gluon / NVIDIA backend")
+@pytest.mark.parametrize("name", list(VARIANTS))
+@pytest.mark.parametrize("knobs", [dict(stats_smem=True), dict(dq_writer=True, dq_early=True, stats_smem=True)],
+                         ids=["stats", "writer-early-stats"])
+def test_fa3_schedule_knobs_compile_without_spills(name, knobs):
+    """lse / delta through shared memory (and the dQ-writer warp with FlashAttention-3's dQ placement): the
+    claimed instructions, shared memory within the H100's, and no local memory at all for the programs without
+    a soft-cap chain (the plain kernel spills at D=128: ~100 local ops, ~50 per tile)."""
+    prog, d, g, ops = VARIANTS[name]
+    c, operands, acc = _call(prog, d, g, ops)
+    kernel, grid, args, kwargs = hopper_bwd.launch_args(c, operands, prog, acc, n_stages=2, **knobs)
+    compiled = compile_sm90(kernel, *args, **kwargs)
+    ptx = compiled.asm["ptx"]
+    for instr in ("wgmma.mma_async", "cp.async.bulk.tensor", "mbarrier.try_wait", "setmaxnreg",
+                  "cp.reduce.async.bulk.tensor"):
+        assert instr in ptx, f"{name}: {instr} missing"
+    facts = sass_facts(compiled)
+    assert facts["hgmma"] > 0 and facts["shared"] <= 232448, facts
+    if "softcap" not in name:
+        assert facts["local_ops"] == 0, f"{name} {knobs}: register spills {facts}"
+
+
+def test_knob_combinations_that_do_not_exist_raise():
+    prog, d, g, ops = VARIANTS["scale-d128"]
+    c, operands, acc = _call(prog, d, g, ops)
+    with pytest.raises(ValueError, match="dq_add=3"):
+        hopper_bwd.launch_args(c, operands, prog, acc, dq_writer=True, dq_add=1)
+    with pytest.raises(ValueError, match="pick one"):
+        hopper_bwd.launch_args(c, operands, prog, acc, dq_early=True, dq_lag=True)
+    assert hopper_bwd.stages(128, dq_writer=True) == 2 and hopper_bwd.stages(64, dq_writer=True) == 3
+    for cand in hopper_bwd.CANDIDATES:
+        if cand[0] == "ws":
+            assert set(hopper_bwd.variant_of(cand)) == set(hopper_bwd.WS_KNOBS)
