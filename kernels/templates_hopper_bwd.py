@@ -1,27 +1,35 @@
 """Text of the generated Hopper (sm_90a) warp-specialized backward kernel, in Gluon, for one KernelSpec.
 
 FlashAttention-3's backward schedule. One CTA owns BLOCK_N = 128 keys of one (batch, K/V head) and walks the
-query tiles that see them (BLOCK_M = 64 rows, every query head of the GQA group in turn), with three
-partitions (`gl.warp_specialize`):
+query tiles that see them (BLOCK_M = 64 or 128 rows, every query head of the GQA group in turn), with three
+partitions (`gl.warp_specialize`), four with the dQ writer:
 
-    producer   1 warp, 24 registers. TMA-loads the CTA's K and V tiles (barrier kv_bar), then for
-               each query tile waits empty[stage] (both consumers are done with that Q / dO slot) and TMA-loads
-               Q and dO into the slot (completes full[stage]).
+    producer   1 warp, 24 registers. TMA-loads the CTA's K and V tiles (barrier kv_bar), then for each query
+               tile waits empty[stage] (both consumers are done with that Q / dO slot) and TMA-loads Q and dO into
+               the slot (completes full[stage]); with STATS_SMEM it also loads the tile's lse and delta rows into
+               the slot's shared rows (a second arrival on full[stage]).
     consumer w (w = 0: the default partition; w = 1: a worker), one warpgroup each, 240 registers, owns keys
                [n0 + 64 w, n0 + 64 w + 64) and their dK, dV accumulators (fp32, in registers for the whole walk).
+    dQ writer  (DQ_WRITER) 1 warp, 24 registers: per tile waits dq_full[tile % 2] (both consumers' dQ blocks
+               are in that shared buffer), issues their TMA bulk reductions into the fp32 dQ buffer, waits until
+               they have read shared memory and frees the buffer (dq_empty), so a consumer waits only when both
+               buffers are still being read.
 
 Per query tile a consumer issues Sᵀ = K_w Qᵀ and dPᵀ = V_w dOᵀ back to back (async wgmma, K_w / V_w and
 Q / dO all from shared memory), recomputes Pᵀ from the score chain and the forward's log-sum-exp while dPᵀ
 still runs, forms dSᵀ = Pᵀ ∘ (dPᵀ − δ) · ∂x/∂s, then issues dV += Pᵀ dO and dK += dSᵀ Q with Pᵀ / dSᵀ as
 register operands. dQ needs dS over all 128 keys: each consumer stores its dSᵀ half into a shared buffer
 (two buffers, alternating by tile), arrives on ds_bar[tile % 2] (count 2) and waits for the other half; then
-it computes dQ[:, its half of the head dim] = dS K[:, half] (dS transposed from shared memory) and adds it
-to an fp32 dQ buffer (rows padded to whole query tiles) with one TMA bulk reduction from shared memory
-(DQ_ADD=3; DQ_ADD=1: per-thread vector atomics). Once dK / dV of the tile are done it releases the Q / dO slot
-(empty, count 2). Reuse of a dS buffer two tiles later is safe: a consumer arrives on ds_bar only after its
-previous dQ product completed. At the end both consumers meet on fin (count 2) — the other may still read
-this one's K rows for dQ — then write dK / dV over their own K / V rows in shared memory, meet again, and the
-first consumer TMA-stores both tiles.
+it computes its dQ block = dS K (dS transposed from shared memory) — all rows x half the head dim, or with a
+128-row step half the rows x the whole head dim (the dq descriptor's block shape says which) — and adds it
+to an fp32 dQ buffer (rows padded to whole query tiles): one TMA bulk reduction from shared memory issued by
+the consumer (DQ_ADD=3) or by the dQ writer (DQ_WRITER), or per-thread vector atomics (DQ_ADD=1). By default
+the dQ product follows dK / dV (whose completion releases the Q / dO slot: empty, count 2); DQ_EARLY issues
+it between dV and dK, as FlashAttention-3 does, so the dQ hand-off runs while dK computes; DQ_LAG queues it
+behind the next tile's S / dP. Reuse of a dS buffer two tiles later is safe: a consumer arrives on ds_bar
+only after its previous dQ product completed. At the end both consumers meet on fin (count 2) — the other
+may still read this one's K rows for dQ — then write dK / dV over their own K / V rows in shared memory, meet
+again, and the first consumer TMA-stores both tiles.
 
 dQ is therefore not deterministic (atomic order); dispatch sends deterministic runs to the portable backward.
 The score chain (scale, biases, masks, soft-capping) and its derivative are the ScoreProgram's, emitted by
@@ -74,10 +82,20 @@ def _bwd_producer(q_desc, k_desc, v_desc, do_desc, q_smem, k_smem, v_smem, do_sm
 
 
 @gluon.jit
+def _ds_rows(buf, DQ_R0: gl.constexpr, DQ_M: gl.constexpr, BLOCK_M: gl.constexpr):
+    """dS (queries x keys, from the transposed shared tile) for the dQ rows [DQ_R0, DQ_R0 + DQ_M) of a tile."""
+    if DQ_M == BLOCK_M:
+        return buf.permute((1, 0))
+    else:
+        return buf.slice(DQ_R0, DQ_M, dim=1).permute((1, 0))
+
+
+@gluon.jit
 def _dq_add(dq, j, DQ, dq_desc, dq_buf, dq_buf4, dq_all, dq_full, dq_empty, dq_offs, n_m, m_lo, off_hk, off_b, H,
-            sq_pad, WG: gl.constexpr, BLOCK_M: gl.constexpr, HEAD_D: gl.constexpr, DQ_ADD: gl.constexpr,
-            DQ_WRITER: gl.constexpr):
-    """Adds this consumer's dQ product of tile j (its half of the head dim) into the fp32 dQ buffer."""
+            sq_pad, WG: gl.constexpr, DQ_R0: gl.constexpr, DQ_C0: gl.constexpr, BLOCK_M: gl.constexpr,
+            HEAD_D: gl.constexpr, DQ_ADD: gl.constexpr, DQ_WRITER: gl.constexpr):
+    """Adds this consumer's dQ product of tile j (its block: rows from DQ_R0, columns from DQ_C0) into the fp32
+    dQ buffer."""
     start_m, off_h = _tile_of(j, n_m, m_lo, off_hk, BLOCK_M)
     # the fp32 dQ buffer has whole tiles of rows (Sq rounded up to BLOCK_M): no predicate on the atomics
     dq_base = DQ + ((off_b.to(gl.int64) * H + off_h) * sq_pad + start_m) * HEAD_D
@@ -94,21 +112,22 @@ def _dq_add(dq, j, DQ, dq_desc, dq_buf, dq_buf4, dq_all, dq_full, dq_empty, dq_o
             tma.store_wait(0)   # the previous tile's reduction has read the buffer
             dq_buf.store(dq)
             fence_async_shared()
-            async_reduce_add_shared_to_global(dq_desc, [off_b, off_h, start_m, WG * (HEAD_D // 2)], dq_buf4)
+            async_reduce_add_shared_to_global(dq_desc, [off_b, off_h, start_m + DQ_R0, DQ_C0], dq_buf4)
     # DQ_ADD == 0: no dQ (a diagnostic variant that measures what the atomics cost; bench/bwd_ws.py only)
 
 
 @gluon.jit
 def _dq_step(j, ds_smem, ds_bar, k_half, zero_dq, DQ, dq_desc, dq_buf, dq_buf4, dq_all, dq_full, dq_empty, dq_offs,
-             n_m, m_lo, off_hk, off_b, H, sq_pad, WG: gl.constexpr, BLOCK_M: gl.constexpr, HEAD_D: gl.constexpr,
-             DQ_ADD: gl.constexpr, DQ_WRITER: gl.constexpr):
+             n_m, m_lo, off_hk, off_b, H, sq_pad, WG: gl.constexpr, DQ_R0: gl.constexpr, DQ_C0: gl.constexpr,
+             DQ_M: gl.constexpr, BLOCK_M: gl.constexpr, HEAD_D: gl.constexpr, DQ_ADD: gl.constexpr,
+             DQ_WRITER: gl.constexpr):
     """dQ[tile j, this consumer's columns] += dS K over all BLOCK_N keys, once both dS halves of tile j are in
     shared memory."""
     buf = ds_smem.index(j % 2)
     mbarrier.wait(ds_bar.index(j % 2), (j // 2) & 1)
-    dq = warpgroup_mma(buf.permute((1, 0)), k_half, zero_dq, use_acc=False)
+    dq = warpgroup_mma(_ds_rows(buf, DQ_R0, DQ_M, BLOCK_M), k_half, zero_dq, use_acc=False)
     _dq_add(dq, j, DQ, dq_desc, dq_buf, dq_buf4, dq_all, dq_full, dq_empty, dq_offs, n_m, m_lo, off_hk, off_b, H,
-            sq_pad, WG, BLOCK_M, HEAD_D, DQ_ADD, DQ_WRITER)
+            sq_pad, WG, DQ_R0, DQ_C0, BLOCK_M, HEAD_D, DQ_ADD, DQ_WRITER)
 
 
 @gluon.jit
@@ -116,14 +135,18 @@ def _bwd_dq_writer(dq_desc, dq_smem, dq_full, dq_empty, off_b, off_hk, m_lo, n_m
                    HEAD_D: gl.constexpr):
     """The dQ-writer warp: for each tile, once both consumers' halves are in buffer j % 2, one TMA bulk
     reduction per half into the fp32 dQ buffer; the buffer is released as soon as the reductions have read it."""
+    DQ_M: gl.constexpr = dq_desc.block_type.shape[2]
+    DQ_N: gl.constexpr = dq_desc.block_type.shape[3]
     n_it = __G__ * n_m
     for j in range(n_it):
         start_m, off_h = _tile_of(j, n_m, m_lo, off_hk, BLOCK_M)
         b = j % 2
         mbarrier.wait(dq_full.index(b), (j // 2) & 1)
         for w in gl.static_range(2):
-            async_reduce_add_shared_to_global(dq_desc, [off_b, off_h, start_m, w * (HEAD_D // 2)],
-                                              dq_smem.index(2 * b + w))
+            # consumer w's block: half the rows (all columns) or all rows (half the columns)
+            r0 = w * DQ_M * (BLOCK_M // DQ_M - 1)
+            c0 = w * DQ_N * (HEAD_D // DQ_N - 1)
+            async_reduce_add_shared_to_global(dq_desc, [off_b, off_h, start_m + r0, c0], dq_smem.index(2 * b + w))
         tma.store_wait(0)   # .read: shared memory read, the adds may still be in flight in L2
         mbarrier.arrive(dq_empty.index(b))
 
@@ -137,7 +160,10 @@ def _bwd_consumer(q2, k2, v2, do2, ds_smem, k_smem, v_smem, kv_bar, full, empty,
                   STATS_SMEM: gl.constexpr):
     dtype: gl.constexpr = q2.dtype
     KW: gl.constexpr = BLOCK_N // 2          # keys per consumer (wgmma M)
-    HD2: gl.constexpr = HEAD_D // 2          # dQ columns per consumer
+    DQ_M: gl.constexpr = dq_desc.block_type.shape[2]     # dQ rows per consumer (BLOCK_M or half of it)
+    HD2: gl.constexpr = dq_desc.block_type.shape[3]      # dQ columns per consumer (half the head dim or all)
+    DQ_R0: gl.constexpr = WG * DQ_M * (BLOCK_M // DQ_M - 1)     # this consumer's dQ block origin
+    DQ_C0: gl.constexpr = WG * HD2 * (HEAD_D // HD2 - 1)
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                         instr_shape=[16, BLOCK_M, 16])
     kv_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
@@ -151,20 +177,20 @@ def _bwd_consumer(q2, k2, v2, do2, ds_smem, k_smem, v_smem, kv_bar, full, empty,
     dqc_l: gl.constexpr = gl.SliceLayout(0, dq_layout)
     k_w = k2.slice(WG * KW, KW, dim=0)
     v_w = v2.slice(WG * KW, KW, dim=0)
-    k_half = k2.slice(WG * HD2, HD2, dim=1)
+    k_half = k2.slice(DQ_C0, HD2, dim=1)
     kj = gl.expand_dims(n0 + WG * KW + gl.arange(0, KW, row_l), 1)
     zero_s = gl.zeros([KW, BLOCK_M], gl.float32, s_layout)
-    zero_dq = gl.zeros([BLOCK_M, HD2], gl.float32, dq_layout)
+    zero_dq = gl.zeros([DQ_M, HD2], gl.float32, dq_layout)
     dk = gl.zeros([KW, HEAD_D], gl.float32, kv_layout)
     dv = gl.zeros([KW, HEAD_D], gl.float32, kv_layout)
-    dq_offs = (gl.expand_dims(gl.arange(0, BLOCK_M, dqr_l), 1) * HEAD_D
-               + gl.expand_dims(WG * HD2 + gl.arange(0, HD2, dqc_l), 0))
+    dq_offs = (gl.expand_dims(DQ_R0 + gl.arange(0, DQ_M, dqr_l), 1) * HEAD_D
+               + gl.expand_dims(DQ_C0 + gl.arange(0, HD2, dqc_l), 0))
     sq_pad = gl.cdiv(Sq, BLOCK_M) * BLOCK_M
-    dq_l: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, HD2], gl.float32)
+    dq_l: gl.constexpr = gl.NVMMASharedLayout.get_default_for([DQ_M, HD2], gl.float32)
     dq_buf4 = dq_smem.index(WG)
-    dq_buf = dq_buf4._reinterpret(gl.float32, [BLOCK_M, HD2], dq_l)
+    dq_buf = dq_buf4._reinterpret(gl.float32, [DQ_M, HD2], dq_l)
     # the writer's buffers: [2 tiles x 2 halves] (index 2 * (tile % 2) + consumer)
-    dq_all = dq_smem._reinterpret(gl.float32, [dq_smem.shape[0], BLOCK_M, HD2], dq_l)
+    dq_all = dq_smem._reinterpret(gl.float32, [dq_smem.shape[0], DQ_M, HD2], dq_l)
     mbarrier.wait(kv_bar, 0)
     n_it = __G__ * n_m
     for it in range(n_it):
@@ -179,8 +205,8 @@ __OPS_BASES__
         if DQ_LAG:      # the previous tile's dQ, queued behind S / dP on the tensor cores
             if it > 0:
                 _dq_step(it - 1, ds_smem, ds_bar, k_half, zero_dq, DQ, dq_desc, dq_buf, dq_buf4, dq_all, dq_full,
-                         dq_empty, dq_offs, n_m, m_lo, off_hk, off_b, H, sq_pad, WG, BLOCK_M, HEAD_D, DQ_ADD,
-                         DQ_WRITER)
+                         dq_empty, dq_offs, n_m, m_lo, off_hk, off_b, H, sq_pad, WG, DQ_R0, DQ_C0, DQ_M, BLOCK_M,
+                         HEAD_D, DQ_ADD, DQ_WRITER)
         offs_m = start_m + gl.arange(0, BLOCK_M, col_l)
         if not STATS_SMEM:
             row_ok = offs_m < Sq
@@ -216,11 +242,12 @@ __OPS_BASES__
             mbarrier.arrive(ds_bar.index(it % 2))
             ds_op = gl.convert_layout(ds_lo, a_layout)
             mbarrier.wait(ds_bar.index(it % 2), (it // 2) & 1)
-            dq_tok = warpgroup_mma(buf.permute((1, 0)), k_half, zero_dq, use_acc=False, is_async=True)
+            dq_tok = warpgroup_mma(_ds_rows(buf, DQ_R0, DQ_M, BLOCK_M), k_half, zero_dq, use_acc=False,
+                                   is_async=True)
             dk_tok = warpgroup_mma(ds_op, q_t, dk, is_async=True)
             dv, dq, p_op = warpgroup_mma_wait(1, deps=(dv_tok, dq_tok, p_op))
             _dq_add(dq, it, DQ, dq_desc, dq_buf, dq_buf4, dq_all, dq_full, dq_empty, dq_offs, n_m, m_lo, off_hk,
-                    off_b, H, sq_pad, WG, BLOCK_M, HEAD_D, DQ_ADD, DQ_WRITER)
+                    off_b, H, sq_pad, WG, DQ_R0, DQ_C0, BLOCK_M, HEAD_D, DQ_ADD, DQ_WRITER)
             dk, ds_op = warpgroup_mma_wait(0, deps=(dk_tok, ds_op))
             mbarrier.arrive(empty.index(st))
         else:
@@ -234,12 +261,13 @@ __OPS_BASES__
             mbarrier.arrive(empty.index(st))
             if not DQ_LAG:
                 _dq_step(it, ds_smem, ds_bar, k_half, zero_dq, DQ, dq_desc, dq_buf, dq_buf4, dq_all, dq_full,
-                         dq_empty, dq_offs, n_m, m_lo, off_hk, off_b, H, sq_pad, WG, BLOCK_M, HEAD_D, DQ_ADD,
-                         DQ_WRITER)
+                         dq_empty, dq_offs, n_m, m_lo, off_hk, off_b, H, sq_pad, WG, DQ_R0, DQ_C0, DQ_M, BLOCK_M,
+                         HEAD_D, DQ_ADD, DQ_WRITER)
     if DQ_LAG:
         if n_it > 0:
             _dq_step(n_it - 1, ds_smem, ds_bar, k_half, zero_dq, DQ, dq_desc, dq_buf, dq_buf4, dq_all, dq_full,
-                     dq_empty, dq_offs, n_m, m_lo, off_hk, off_b, H, sq_pad, WG, BLOCK_M, HEAD_D, DQ_ADD, DQ_WRITER)
+                     dq_empty, dq_offs, n_m, m_lo, off_hk, off_b, H, sq_pad, WG, DQ_R0, DQ_C0, DQ_M, BLOCK_M, HEAD_D,
+                     DQ_ADD, DQ_WRITER)
 
     if DQ_ADD == 3 and not DQ_WRITER:
         tma.store_wait(0)
@@ -287,8 +315,8 @@ __Q_RANGE__
     v_smem = gl.allocate_shared_memory(dtype, [1, 1, BLOCK_N, HEAD_D], v_desc.layout)
     ds_smem = gl.allocate_shared_memory(dtype, [2, BLOCK_N, BLOCK_M], ds_l)
     if DQ_ADD == 3:     # one fp32 dQ half-tile per consumer (two tiles for the writer): TMA reduction sources
-        dq_smem = gl.allocate_shared_memory(gl.float32, [4 if DQ_WRITER else 2, 1, 1, BLOCK_M, HEAD_D // 2],
-                                            dq_desc.layout)
+        dq_smem = gl.allocate_shared_memory(gl.float32, [4 if DQ_WRITER else 2, 1, 1, dq_desc.block_type.shape[2],
+                                                         dq_desc.block_type.shape[3]], dq_desc.layout)
     else:
         dq_smem = gl.allocate_shared_memory(gl.float32, [2, 1, 1, 8, 8], dq_desc.layout)
     # lse / delta rows per Q / dO stage (STATS_SMEM: the producer loads them; else a placeholder)
@@ -322,12 +350,14 @@ __Q_RANGE__
         gl.warp_specialize([
             (_bwd_consumer, (q2, k2, v2, do2, ds_smem, k_smem, v_smem, kv_bar, full, empty, ds_bar, fin,
                              dk_desc, dv_desc, LSE, DELTA, lse_smem, delta_smem, DQ, dq_desc, dq_smem, dq_full,
-                             dq_empty, FLAG, slb, slh, slm, off_b, off_hk, n0, m_lo, n_m, Sq, Sk, coff, H, __OPS_KARGS__0, BLOCK_M, BLOCK_N, HEAD_D,
-                             STAGES, DQ_LAG, DQ_ADD, DQ_WRITER, DQ_EARLY, STATS_SMEM)),
+                             dq_empty, FLAG, slb, slh, slm, off_b, off_hk, n0, m_lo, n_m, Sq, Sk, coff, H,
+                             __OPS_KARGS__0, BLOCK_M, BLOCK_N, HEAD_D, STAGES, DQ_LAG, DQ_ADD, DQ_WRITER, DQ_EARLY,
+                             STATS_SMEM)),
             (_bwd_consumer, (q2, k2, v2, do2, ds_smem, k_smem, v_smem, kv_bar, full, empty, ds_bar, fin,
                              dk_desc, dv_desc, LSE, DELTA, lse_smem, delta_smem, DQ, dq_desc, dq_smem, dq_full,
-                             dq_empty, FLAG, slb, slh, slm, off_b, off_hk, n0, m_lo, n_m, Sq, Sk, coff, H, __OPS_KARGS__1, BLOCK_M, BLOCK_N, HEAD_D,
-                             STAGES, DQ_LAG, DQ_ADD, DQ_WRITER, DQ_EARLY, STATS_SMEM)),
+                             dq_empty, FLAG, slb, slh, slm, off_b, off_hk, n0, m_lo, n_m, Sq, Sk, coff, H,
+                             __OPS_KARGS__1, BLOCK_M, BLOCK_N, HEAD_D, STAGES, DQ_LAG, DQ_ADD, DQ_WRITER, DQ_EARLY,
+                             STATS_SMEM)),
             (_bwd_producer, (q_desc, k_desc, v_desc, do_desc, q_smem, k_smem, v_smem, do_smem, kv_bar, full, empty,
                              LSE, DELTA, lse_smem, delta_smem, slb, slh, slm, Sq, H, off_b, off_hk, n0, m_lo, n_m,
                              BLOCK_M, BLOCK_N, STAGES, STATS_SMEM)),
@@ -337,12 +367,14 @@ __Q_RANGE__
         gl.warp_specialize([
             (_bwd_consumer, (q2, k2, v2, do2, ds_smem, k_smem, v_smem, kv_bar, full, empty, ds_bar, fin,
                              dk_desc, dv_desc, LSE, DELTA, lse_smem, delta_smem, DQ, dq_desc, dq_smem, dq_full,
-                             dq_empty, FLAG, slb, slh, slm, off_b, off_hk, n0, m_lo, n_m, Sq, Sk, coff, H, __OPS_KARGS__0, BLOCK_M, BLOCK_N, HEAD_D,
-                             STAGES, DQ_LAG, DQ_ADD, DQ_WRITER, DQ_EARLY, STATS_SMEM)),
+                             dq_empty, FLAG, slb, slh, slm, off_b, off_hk, n0, m_lo, n_m, Sq, Sk, coff, H,
+                             __OPS_KARGS__0, BLOCK_M, BLOCK_N, HEAD_D, STAGES, DQ_LAG, DQ_ADD, DQ_WRITER, DQ_EARLY,
+                             STATS_SMEM)),
             (_bwd_consumer, (q2, k2, v2, do2, ds_smem, k_smem, v_smem, kv_bar, full, empty, ds_bar, fin,
                              dk_desc, dv_desc, LSE, DELTA, lse_smem, delta_smem, DQ, dq_desc, dq_smem, dq_full,
-                             dq_empty, FLAG, slb, slh, slm, off_b, off_hk, n0, m_lo, n_m, Sq, Sk, coff, H, __OPS_KARGS__1, BLOCK_M, BLOCK_N, HEAD_D,
-                             STAGES, DQ_LAG, DQ_ADD, DQ_WRITER, DQ_EARLY, STATS_SMEM)),
+                             dq_empty, FLAG, slb, slh, slm, off_b, off_hk, n0, m_lo, n_m, Sq, Sk, coff, H,
+                             __OPS_KARGS__1, BLOCK_M, BLOCK_N, HEAD_D, STAGES, DQ_LAG, DQ_ADD, DQ_WRITER, DQ_EARLY,
+                             STATS_SMEM)),
             (_bwd_producer, (q_desc, k_desc, v_desc, do_desc, q_smem, k_smem, v_smem, do_smem, kv_bar, full, empty,
                              LSE, DELTA, lse_smem, delta_smem, slb, slh, slm, Sq, H, off_b, off_hk, n0, m_lo, n_m,
                              BLOCK_M, BLOCK_N, STAGES, STATS_SMEM)),

@@ -15,7 +15,7 @@ from fa3_inductor.kernels.program import ScoreProgram
 from interpreter_sandbox import C, S
 
 try:
-    from sm90_cross_compile import compile_sm90, sass_facts
+    from sm90_cross_compile import compile_sm90, main_loop_mix, sass_facts, sass_text
     import triton.experimental.gluon  # noqa: F401
     _HAVE = True
 except Exception:   # pragma: no cover - depends on the Triton build
@@ -112,6 +112,29 @@ def test_knob_combinations_that_do_not_exist_raise():
     with pytest.raises(ValueError, match="pick one"):
         hopper_bwd.launch_args(c, operands, prog, acc, dq_early=True, dq_lag=True)
     assert hopper_bwd.stages(128, dq_writer=True) == 2 and hopper_bwd.stages(64, dq_writer=True) == 3
-    for cand in hopper_bwd.CANDIDATES:
+    assert hopper_bwd.stages(64, dq_writer=True, block_m=128) == 2
+    with pytest.raises(ValueError, match="block_m=128"):
+        hopper_bwd.launch_args(c, operands, prog, acc, dq_rows=True)
+    for cand in hopper_bwd.candidates(64):
         if cand[0] == "ws":
             assert set(hopper_bwd.variant_of(cand)) == set(hopper_bwd.WS_KNOBS)
+
+
+@pytest.mark.skipif(not _HAVE, reason="Triton without Gluon / NVIDIA backend")
+@pytest.mark.parametrize("name", ["window-d64", "bias-d64"])
+@pytest.mark.parametrize("writer", [False, True])
+def test_d64_128_row_step_with_dq_by_rows(name, writer):
+    """FlashAttention-3's D=64 step: 128 query rows, each consumer's dQ is 64 rows x the whole head dim (wgmma
+    N = 64, not 32); fits shared memory with the writer's two buffers at two stages, and the consumer's tile loop
+    touches no local memory (one reload per tile with the window's masks and the writer, Triton 3.6)."""
+    prog, d, g, ops = VARIANTS[name]
+    c, operands, acc = _call(prog, d, g, ops)
+    acc = torch.zeros(acc.shape[0], acc.shape[1], -(-acc.shape[2] // 128) * 128, d)
+    kernel, grid, args, kwargs = hopper_bwd.launch_args(c, operands, prog, acc, block_m=128, dq_rows=True,
+                                                        stats_smem=True, dq_writer=writer, dq_early=writer)
+    compiled = compile_sm90(kernel, *args, **kwargs)
+    assert "cp.reduce.async.bulk.tensor" in compiled.asm["ptx"]
+    facts = sass_facts(compiled)
+    mix = main_loop_mix(sass_text(compiled))
+    assert facts["shared"] <= 232448 and mix["HGMMA"] > 0, (facts, mix)
+    assert mix["local"] <= (1 if writer and name == "window-d64" else 0), (facts, mix)
