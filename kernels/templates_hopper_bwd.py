@@ -75,9 +75,11 @@ def _bwd_producer(q_desc, k_desc, v_desc, do_desc, q_smem, k_smem, v_smem, do_sm
             row_ok = offs_m < Sq
             lse = gl.load(LSE + off_b.to(gl.int64) * slb + off_h.to(gl.int64) * slh + offs_m * slm, mask=row_ok,
                           other=float("inf"))
-            lse_smem.index(st).store(gl.where(lse == float("-inf"), float("inf"), lse))
-            delta_smem.index(st).store(gl.load(DELTA + (off_b.to(gl.int64) * H + off_h) * Sq + offs_m, mask=row_ok,
-                                               other=0.0))
+            lse = gl.where(lse == float("-inf"), float("inf"), lse)   # empty rows (and rows past Sq): p = 0
+            delta = gl.load(DELTA + (off_b.to(gl.int64) * H + off_h) * Sq + offs_m, mask=row_ok, other=0.0)
+            # in the units the consumer uses them (a scale-only program: log2 units, delta times the scale)
+            lse_smem.index(st).store(__LSE_ROW__)
+            delta_smem.index(st).store(__DELTA_ROW__)
             mbarrier.arrive(full.index(st))
 
 
@@ -217,19 +219,29 @@ __OPS_BASES__
         qi = gl.expand_dims(offs_m, 0)
         masked = _tile_masked(start_m, n0, Sq, Sk, coff, BLOCK_M, BLOCK_N)
         s = warpgroup_mma_wait(1, deps=(s_tok,))
-        if masked:
-            x, dloc = _score_masked(s, qi, kj, Sq, Sk, __OPS_ARGS__)
-            x = gl.where(__VISIBLE__, x, float("-inf"))
+        if STATS_SMEM:      # (the score functions whose x suits the pre-scaled lse)
+            if masked:
+                x, dloc = _score_masked_st(s, qi, kj, Sq, Sk, __OPS_ARGS__)
+                x = gl.where(__VISIBLE__, x, float("-inf"))
+            else:
+                x, dloc = _score_full_st(s, qi, kj, Sq, Sk, __OPS_ARGS__)
         else:
-            x, dloc = _score_full(s, qi, kj, Sq, Sk, __OPS_ARGS__)
+            if masked:
+                x, dloc = _score_masked(s, qi, kj, Sq, Sk, __OPS_ARGS__)
+                x = gl.where(__VISIBLE__, x, float("-inf"))
+            else:
+                x, dloc = _score_full(s, qi, kj, Sq, Sk, __OPS_ARGS__)
         if STATS_SMEM:  # read where used: 16 + 16 registers live for a few instructions, not across the S wait
             lse = lse_smem.index(st).load(col_l)
-        p = __EXP_P__
-        dp = warpgroup_mma_wait(0, deps=(dp_tok,))
-        if STATS_SMEM:
+            p = __EXP_P_ST__
+            dp = warpgroup_mma_wait(0, deps=(dp_tok,))
             delta = delta_smem.index(st).load(col_l)
-        ds = p * (dp - gl.expand_dims(delta, 0))
-        ds = gl.where(p == 0.0, 0.0, ds) * dloc
+            ds = __DS_ST__
+        else:
+            p = __EXP_P__
+            dp = warpgroup_mma_wait(0, deps=(dp_tok,))
+            ds = p * (dp - gl.expand_dims(delta, 0))
+            ds = gl.where(p == 0.0, 0.0, ds) * dloc
         p_op = gl.convert_layout(p.to(dtype), a_layout)
         dv_tok = warpgroup_mma(p_op, do_t, dv, is_async=True)
         ds_lo = ds.to(dtype)
@@ -395,10 +407,18 @@ class _HopperBwdGen:
         self.causal = self.prog.causal != "none"
         self.window = self.prog.window
 
-    def score_fn(self, name: str, masked: bool) -> list[str]:
-        """(x, ∂x/∂s) on a transposed tile: x in log2 units for a scale-only program, else natural units."""
+    def raw_scale(self) -> bool:
+        """With stats in shared memory, a positive scale-only program keeps x as the raw score: the exponent
+        scales it and subtracts the (log2-unit) lse in one FMA (a masked x = -inf stays -inf)."""
+        return self.scale is not None and self.scale > 0
+
+    def score_fn(self, name: str, masked: bool, raw: bool = False) -> list[str]:
+        """(x, ∂x/∂s) on a transposed tile: x in log2 units for a scale-only program (raw: the score itself),
+        else natural units."""
         em = Emitter(self.spec, "s", "qi", "kj", "(qi < Sq)", "(kj < Sk)" if masked else None, ns="gl")
-        if self.scale is not None:
+        if raw:
+            body = ["x = s", f"d = {float(self.scale)!r}"]
+        elif self.scale is not None:
             body = [f"x = s * {self.scale * LOG2E!r}", f"d = {float(self.scale)!r}"]
         else:
             root = em.emit(self.prog.expr)
@@ -445,17 +465,27 @@ class _HopperBwdGen:
                          "    dk = gl.where(flag != 0, float('nan'), dk)\n"
                          "    dv = gl.where(flag != 0, float('nan'), dv)")
         if self.scale is not None:
+            c2 = repr(self.scale * LOG2E) if self.raw_scale() else "1.0"     # x raw or in log2 units
             exp_p = f"gl.exp2(x - gl.expand_dims(lse * {LOG2E!r}, 0))"
+            # stats from shared memory come pre-scaled (lse in log2 units, delta times the scale): one FFMA per
+            # element for p's exponent and one for dP's
+            stats = [("__LSE_ROW__", f"lse * {LOG2E!r}"), ("__DELTA_ROW__", f"delta * {float(self.scale)!r}"),
+                     ("__EXP_P_ST__", f"gl.exp2(gl.fma(x, {c2}, -gl.expand_dims(lse, 0)))"),
+                     ("__DS_ST__", "gl.where(p == 0.0, 0.0, p * (dp * dloc - gl.expand_dims(delta, 0)))")]
         else:
             exp_p = f"gl.exp2((x - gl.expand_dims(lse, 0)) * {LOG2E!r})"
+            stats = [("__LSE_ROW__", "lse"), ("__DELTA_ROW__", "delta"), ("__EXP_P_ST__", exp_p),
+                     ("__DS_ST__", "gl.where(p == 0.0, 0.0, p * (dp - gl.expand_dims(delta, 0))) * dloc")]
         text = _KERNEL
         for token, value in [("__OPS_KPARAMS__", ops_params), ("__OPS_PARAMS__", ops_params),
                              ("__OPS_KARGS__", ops_params), ("__OPS_ARGS__", ops_args),
                              ("__OPS_BASES__", "\n".join(bases)), ("__VISIBLE__", self.visible()),
                              ("__Q_RANGE__", self.q_range()), ("__NAN_GROUP__", nan_group),
-                             ("__EXP_P__", exp_p), ("__G__", str(spec.G))]:
+                             ("__EXP_P__", exp_p), ("__G__", str(spec.G))] + stats:
             text = text.replace(token, value)
         fns = self.score_fn("_score_masked", True) + self.score_fn("_score_full", False) + self.tile_masked()
+        fns += (self.score_fn("_score_masked_st", True, self.raw_scale())
+                + self.score_fn("_score_full_st", False, self.raw_scale()))
         return _HEAD + "\n".join(fns) + text
 
 
