@@ -37,7 +37,8 @@ VARIANTS = [("ws_st2_tma", {}, (64, 128)), ("ws_st2_lag_tma", dict(dq_lag=True),
             ("ws_st3_writer_early_stats", dict(_FA3, n_stages=3), (64,)),
             ("ws_bm128_rows_stats", dict(block_m=128, dq_rows=True, stats_smem=True), (64,)),
             ("ws_bm128_rows_early_stats", dict(block_m=128, dq_rows=True, dq_early=True, stats_smem=True), (64,)),
-            ("ws_bm128_rows_writer_early_stats", dict(_FA3, block_m=128, dq_rows=True), (64,))]
+            ("ws_bm128_rows_writer_early_stats", dict(_FA3, block_m=128, dq_rows=True), (64,)),
+            ("ws_st2_alt_writer_early_stats", dict(_FA3, dq_alt=True), (64,))]
 
 
 def main(argv=None):
@@ -102,7 +103,7 @@ def main(argv=None):
                     "diagnostic, its error is expected); tma: dQ added by TMA bulk reductions, atomics: per-thread "
                     "vector atomics; stats: lse / delta through shared memory; early: dQ issued between dV and dK; "
                     "writer: a dQ-writer warp issues the reductions; bm128_rows: 128 query rows per step, dQ split "
-                    "by rows; -: not run at that head dim; tuned: "
+                    "by rows; alt: whole dQ tiles by the consumers in turn; -: not run at that head dim; tuned: "
                     "hopper_bwd.backward as dispatch runs it (its tuner's pick among CANDIDATES)",
              "", "| D | S | causal | " + " | ".join(names) + " | worst err |", "|---" * (4 + len(names)) + "|"]
     for r in rows:

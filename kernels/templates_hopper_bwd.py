@@ -53,16 +53,27 @@ def _tile_of(it, n_m, m_lo, off_hk, BLOCK_M: gl.constexpr):
 
 
 @gluon.jit
+def _n_steps(n_it, DQ_ALT: gl.constexpr):
+    """Tiles a partition walks: n_it, or with DQ_ALT an even count (the consumers take dQ tiles in turn, in
+    pairs); the padding tile repeats the last one with lse = +inf, so p = dS = 0 and it adds zeros."""
+    if DQ_ALT:
+        return (n_it + 1) // 2 * 2
+    else:
+        return n_it
+
+
+@gluon.jit
 def _bwd_producer(q_desc, k_desc, v_desc, do_desc, q_smem, k_smem, v_smem, do_smem, kv_bar, full, empty,
                   LSE, DELTA, lse_smem, delta_smem, slb, slh, slm, Sq, H, off_b, off_hk, n0, m_lo, n_m,
-                  BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, STATS_SMEM: gl.constexpr):
+                  BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, STATS_SMEM: gl.constexpr,
+                  DQ_ALT: gl.constexpr):
     st_l: gl.constexpr = gl.BlockedLayout([BLOCK_M // 32], [32], [1], [0])
     mbarrier.expect(kv_bar, k_desc.block_type.nbytes + v_desc.block_type.nbytes)
     tma.async_copy_global_to_shared(k_desc, [off_b, off_hk, n0, 0], kv_bar, k_smem)
     tma.async_copy_global_to_shared(v_desc, [off_b, off_hk, n0, 0], kv_bar, v_smem)
     n_it = __G__ * n_m
-    for it in range(n_it):
-        start_m, off_h = _tile_of(it, n_m, m_lo, off_hk, BLOCK_M)
+    for it in range(_n_steps(n_it, DQ_ALT)):
+        start_m, off_h = _tile_of(gl.minimum(it, n_it - 1), n_m, m_lo, off_hk, BLOCK_M)
         st = it % STAGES
         ph = (it // STAGES) & 1
         # a fresh barrier passes a wait on parity 1, so the first STAGES loads do not wait
@@ -76,6 +87,7 @@ def _bwd_producer(q_desc, k_desc, v_desc, do_desc, q_smem, k_smem, v_smem, do_sm
             lse = gl.load(LSE + off_b.to(gl.int64) * slb + off_h.to(gl.int64) * slh + offs_m * slm, mask=row_ok,
                           other=float("inf"))
             lse = gl.where(lse == float("-inf"), float("inf"), lse)   # empty rows (and rows past Sq): p = 0
+            lse = gl.where(it < n_it, lse, float("inf"))     # DQ_ALT's padding tile: p = 0, it adds nothing
             delta = gl.load(DELTA + (off_b.to(gl.int64) * H + off_h) * Sq + offs_m, mask=row_ok, other=0.0)
             # in the units the consumer uses them (a scale-only program: log2 units, delta times the scale)
             lse_smem.index(st).store(__LSE_ROW__)
@@ -95,10 +107,10 @@ def _ds_rows(buf, DQ_R0: gl.constexpr, DQ_M: gl.constexpr, BLOCK_M: gl.constexpr
 @gluon.jit
 def _dq_add(dq, j, DQ, dq_desc, dq_buf, dq_buf4, dq_all, dq_full, dq_empty, dq_offs, n_m, m_lo, off_hk, off_b, H,
             sq_pad, WG: gl.constexpr, DQ_R0: gl.constexpr, DQ_C0: gl.constexpr, BLOCK_M: gl.constexpr,
-            HEAD_D: gl.constexpr, DQ_ADD: gl.constexpr, DQ_WRITER: gl.constexpr):
+            HEAD_D: gl.constexpr, DQ_ADD: gl.constexpr, DQ_WRITER: gl.constexpr, DQ_ALT: gl.constexpr = False):
     """Adds this consumer's dQ product of tile j (its block: rows from DQ_R0, columns from DQ_C0) into the fp32
     dQ buffer."""
-    start_m, off_h = _tile_of(j, n_m, m_lo, off_hk, BLOCK_M)
+    start_m, off_h = _tile_of(gl.minimum(j, __G__ * n_m - 1), n_m, m_lo, off_hk, BLOCK_M)   # (DQ_ALT padding)
     # the fp32 dQ buffer has whole tiles of rows (Sq rounded up to BLOCK_M): no predicate on the atomics
     dq_base = DQ + ((off_b.to(gl.int64) * H + off_h) * sq_pad + start_m) * HEAD_D
     if DQ_ADD == 1:     # from the wgmma layout: two consecutive fp32 per atomic
@@ -107,7 +119,10 @@ def _dq_add(dq, j, DQ, dq_desc, dq_buf, dq_buf4, dq_all, dq_full, dq_empty, dq_o
         if DQ_WRITER:   # hand the tile to the dQ-writer warp through buffer j % 2; wait only if it still reads it
             b = j % 2
             mbarrier.wait(dq_empty.index(b), ((j // 2) & 1) ^ 1)
-            dq_all.index(2 * b + WG).store(dq)
+            if DQ_ALT:  # one whole tile per buffer
+                dq_all.index(b).store(dq)
+            else:
+                dq_all.index(2 * b + WG).store(dq)
             fence_async_shared()
             mbarrier.arrive(dq_full.index(b))
         else:           # one TMA bulk reduction per tile from shared memory, issued here
@@ -134,32 +149,36 @@ def _dq_step(j, ds_smem, ds_bar, k_half, zero_dq, DQ, dq_desc, dq_buf, dq_buf4, 
 
 @gluon.jit
 def _bwd_dq_writer(dq_desc, dq_smem, dq_full, dq_empty, off_b, off_hk, m_lo, n_m, BLOCK_M: gl.constexpr,
-                   HEAD_D: gl.constexpr):
+                   HEAD_D: gl.constexpr, DQ_ALT: gl.constexpr):
     """The dQ-writer warp: for each tile, once both consumers' halves are in buffer j % 2, one TMA bulk
     reduction per half into the fp32 dQ buffer; the buffer is released as soon as the reductions have read it."""
     DQ_M: gl.constexpr = dq_desc.block_type.shape[2]
     DQ_N: gl.constexpr = dq_desc.block_type.shape[3]
     n_it = __G__ * n_m
-    for j in range(n_it):
-        start_m, off_h = _tile_of(j, n_m, m_lo, off_hk, BLOCK_M)
+    for j in range(_n_steps(n_it, DQ_ALT)):
+        start_m, off_h = _tile_of(gl.minimum(j, n_it - 1), n_m, m_lo, off_hk, BLOCK_M)
         b = j % 2
         mbarrier.wait(dq_full.index(b), (j // 2) & 1)
-        for w in gl.static_range(2):
-            # consumer w's block: half the rows (all columns) or all rows (half the columns)
-            r0 = w * DQ_M * (BLOCK_M // DQ_M - 1)
-            c0 = w * DQ_N * (HEAD_D // DQ_N - 1)
-            async_reduce_add_shared_to_global(dq_desc, [off_b, off_h, start_m + r0, c0], dq_smem.index(2 * b + w))
+        if DQ_ALT:      # one consumer's whole tile
+            async_reduce_add_shared_to_global(dq_desc, [off_b, off_h, start_m, 0], dq_smem.index(b))
+        else:
+            for w in gl.static_range(2):
+                # consumer w's block: half the rows (all columns) or all rows (half the columns)
+                r0 = w * DQ_M * (BLOCK_M // DQ_M - 1)
+                c0 = w * DQ_N * (HEAD_D // DQ_N - 1)
+                async_reduce_add_shared_to_global(dq_desc, [off_b, off_h, start_m + r0, c0],
+                                                  dq_smem.index(2 * b + w))
         tma.store_wait(0)   # .read: shared memory read, the adds may still be in flight in L2
         mbarrier.arrive(dq_empty.index(b))
 
 
 @gluon.jit
-def _bwd_consumer(q2, k2, v2, do2, ds_smem, k_smem, v_smem, kv_bar, full, empty, ds_bar, fin,
+def _bwd_consumer(q2, k2, v2, do2, ds_smem, k_smem, v_smem, kv_bar, full, empty, ds_bar, ds_free, fin,
                   dk_desc, dv_desc, LSE, DELTA, lse_smem, delta_smem, DQ, dq_desc, dq_smem, dq_full, dq_empty, FLAG,
                   slb, slh, slm, off_b, off_hk, n0, m_lo, n_m, Sq, Sk, coff, H, __OPS_PARAMS__WG: gl.constexpr,
                   BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_D: gl.constexpr, STAGES: gl.constexpr,
                   DQ_LAG: gl.constexpr, DQ_ADD: gl.constexpr, DQ_WRITER: gl.constexpr, DQ_EARLY: gl.constexpr,
-                  STATS_SMEM: gl.constexpr):
+                  STATS_SMEM: gl.constexpr, DQ_ALT: gl.constexpr):
     dtype: gl.constexpr = q2.dtype
     KW: gl.constexpr = BLOCK_N // 2          # keys per consumer (wgmma M)
     DQ_M: gl.constexpr = dq_desc.block_type.shape[2]     # dQ rows per consumer (BLOCK_M or half of it)
@@ -195,86 +214,112 @@ def _bwd_consumer(q2, k2, v2, do2, ds_smem, k_smem, v_smem, kv_bar, full, empty,
     dq_all = dq_smem._reinterpret(gl.float32, [dq_smem.shape[0], DQ_M, HD2], dq_l)
     mbarrier.wait(kv_bar, 0)
     n_it = __G__ * n_m
-    for it in range(n_it):
-        start_m, off_h = _tile_of(it, n_m, m_lo, off_hk, BLOCK_M)
+    STEP: gl.constexpr = 2 if DQ_ALT else 1
+    for it0 in range(0, _n_steps(n_it, DQ_ALT), STEP):
+        # DQ_ALT: consumer `half` reads dS for the whole dQ tile, a compile-time fact (no branch per tile)
+        for half in gl.static_range(STEP):
+            it = it0 + half
+            start_m, off_h = _tile_of(gl.minimum(it, n_it - 1), n_m, m_lo, off_hk, BLOCK_M)
 __OPS_BASES__
-        st = it % STAGES
-        mbarrier.wait(full.index(st), (it // STAGES) & 1)
-        q_t = q2.index(st)
-        do_t = do2.index(st)
-        s_tok = warpgroup_mma(k_w, q_t.permute((1, 0)), zero_s, use_acc=False, is_async=True)
-        dp_tok = warpgroup_mma(v_w, do_t.permute((1, 0)), zero_s, use_acc=False, is_async=True)
-        if DQ_LAG:      # the previous tile's dQ, queued behind S / dP on the tensor cores
-            if it > 0:
-                _dq_step(it - 1, ds_smem, ds_bar, k_half, zero_dq, DQ, dq_desc, dq_buf, dq_buf4, dq_all, dq_full,
-                         dq_empty, dq_offs, n_m, m_lo, off_hk, off_b, H, sq_pad, WG, DQ_R0, DQ_C0, DQ_M, BLOCK_M,
-                         HEAD_D, DQ_ADD, DQ_WRITER)
-        offs_m = start_m + gl.arange(0, BLOCK_M, col_l)
-        if not STATS_SMEM:
-            row_ok = offs_m < Sq
-            lse = gl.load(LSE + off_b.to(gl.int64) * slb + off_h.to(gl.int64) * slh + offs_m * slm, mask=row_ok,
-                          other=float("inf"))
-            lse = gl.where(lse == float("-inf"), float("inf"), lse)   # empty rows (and rows past Sq): p = 0
-            delta = gl.load(DELTA + (off_b.to(gl.int64) * H + off_h) * Sq + offs_m, mask=row_ok, other=0.0)
-        qi = gl.expand_dims(offs_m, 0)
-        masked = _tile_masked(start_m, n0, Sq, Sk, coff, BLOCK_M, BLOCK_N)
-        s = warpgroup_mma_wait(1, deps=(s_tok,))
-        if STATS_SMEM:      # (the score functions whose x suits the pre-scaled lse)
-            if masked:
-                x, dloc = _score_masked_st(s, qi, kj, Sq, Sk, __OPS_ARGS__)
-                x = gl.where(__VISIBLE__, x, float("-inf"))
+            st = it % STAGES
+            mbarrier.wait(full.index(st), (it // STAGES) & 1)
+            q_t = q2.index(st)
+            do_t = do2.index(st)
+            s_tok = warpgroup_mma(k_w, q_t.permute((1, 0)), zero_s, use_acc=False, is_async=True)
+            dp_tok = warpgroup_mma(v_w, do_t.permute((1, 0)), zero_s, use_acc=False, is_async=True)
+            if DQ_LAG:      # the previous tile's dQ, queued behind S / dP on the tensor cores
+                if it > 0:
+                    _dq_step(it - 1, ds_smem, ds_bar, k_half, zero_dq, DQ, dq_desc, dq_buf, dq_buf4, dq_all, dq_full,
+                             dq_empty, dq_offs, n_m, m_lo, off_hk, off_b, H, sq_pad, WG, DQ_R0, DQ_C0, DQ_M, BLOCK_M,
+                             HEAD_D, DQ_ADD, DQ_WRITER)
+            offs_m = start_m + gl.arange(0, BLOCK_M, col_l)
+            if not STATS_SMEM:
+                row_ok = offs_m < Sq
+                lse = gl.load(LSE + off_b.to(gl.int64) * slb + off_h.to(gl.int64) * slh + offs_m * slm, mask=row_ok,
+                              other=float("inf"))
+                lse = gl.where(lse == float("-inf"), float("inf"), lse)   # empty rows (and rows past Sq): p = 0
+                delta = gl.load(DELTA + (off_b.to(gl.int64) * H + off_h) * Sq + offs_m, mask=row_ok, other=0.0)
+            qi = gl.expand_dims(offs_m, 0)
+            masked = _tile_masked(start_m, n0, Sq, Sk, coff, BLOCK_M, BLOCK_N)
+            s = warpgroup_mma_wait(1, deps=(s_tok,))
+            if STATS_SMEM:      # (the score functions whose x suits the pre-scaled lse)
+                if masked:
+                    x, dloc = _score_masked_st(s, qi, kj, Sq, Sk, __OPS_ARGS__)
+                    x = gl.where(__VISIBLE__, x, float("-inf"))
+                else:
+                    x, dloc = _score_full_st(s, qi, kj, Sq, Sk, __OPS_ARGS__)
             else:
-                x, dloc = _score_full_st(s, qi, kj, Sq, Sk, __OPS_ARGS__)
-        else:
-            if masked:
-                x, dloc = _score_masked(s, qi, kj, Sq, Sk, __OPS_ARGS__)
-                x = gl.where(__VISIBLE__, x, float("-inf"))
+                if masked:
+                    x, dloc = _score_masked(s, qi, kj, Sq, Sk, __OPS_ARGS__)
+                    x = gl.where(__VISIBLE__, x, float("-inf"))
+                else:
+                    x, dloc = _score_full(s, qi, kj, Sq, Sk, __OPS_ARGS__)
+            if STATS_SMEM:  # read where used: 16 + 16 registers live for a few instructions, not across the S wait
+                lse = lse_smem.index(st).load(col_l)
+                p = __EXP_P_ST__
+                dp = warpgroup_mma_wait(0, deps=(dp_tok,))
+                delta = delta_smem.index(st).load(col_l)
+                ds = __DS_ST__
             else:
-                x, dloc = _score_full(s, qi, kj, Sq, Sk, __OPS_ARGS__)
-        if STATS_SMEM:  # read where used: 16 + 16 registers live for a few instructions, not across the S wait
-            lse = lse_smem.index(st).load(col_l)
-            p = __EXP_P_ST__
-            dp = warpgroup_mma_wait(0, deps=(dp_tok,))
-            delta = delta_smem.index(st).load(col_l)
-            ds = __DS_ST__
-        else:
-            p = __EXP_P__
-            dp = warpgroup_mma_wait(0, deps=(dp_tok,))
-            ds = p * (dp - gl.expand_dims(delta, 0))
-            ds = gl.where(p == 0.0, 0.0, ds) * dloc
-        p_op = gl.convert_layout(p.to(dtype), a_layout)
-        dv_tok = warpgroup_mma(p_op, do_t, dv, is_async=True)
-        ds_lo = ds.to(dtype)
-        buf = ds_smem.index(it % 2)
-        if DQ_EARLY:
-            # FlashAttention-3's order: dQ = dS K goes to the tensor cores between dV and dK, so its hand-off
-            # (registers -> shared memory) runs while dK still computes
-            buf.slice(WG * KW, KW, dim=0).store(ds_lo)
-            fence_async_shared()
-            mbarrier.arrive(ds_bar.index(it % 2))
-            ds_op = gl.convert_layout(ds_lo, a_layout)
-            mbarrier.wait(ds_bar.index(it % 2), (it // 2) & 1)
-            dq_tok = warpgroup_mma(_ds_rows(buf, DQ_R0, DQ_M, BLOCK_M), k_half, zero_dq, use_acc=False,
-                                   is_async=True)
-            dk_tok = warpgroup_mma(ds_op, q_t, dk, is_async=True)
-            dv, dq, p_op = warpgroup_mma_wait(1, deps=(dv_tok, dq_tok, p_op))
-            _dq_add(dq, it, DQ, dq_desc, dq_buf, dq_buf4, dq_all, dq_full, dq_empty, dq_offs, n_m, m_lo, off_hk,
-                    off_b, H, sq_pad, WG, DQ_R0, DQ_C0, BLOCK_M, HEAD_D, DQ_ADD, DQ_WRITER)
-            dk, ds_op = warpgroup_mma_wait(0, deps=(dk_tok, ds_op))
-            mbarrier.arrive(empty.index(st))
-        else:
-            ds_op = gl.convert_layout(ds_lo, a_layout)
-            dk_tok = warpgroup_mma(ds_op, q_t, dk, is_async=True)
-            buf.slice(WG * KW, KW, dim=0).store(ds_lo)
-            fence_async_shared()
-            mbarrier.arrive(ds_bar.index(it % 2))
-            # P and dS (register operands) die before the dQ accumulator is born: register pressure
-            dv, dk, p_op, ds_op = warpgroup_mma_wait(0, deps=(dv_tok, dk_tok, p_op, ds_op))
-            mbarrier.arrive(empty.index(st))
-            if not DQ_LAG:
-                _dq_step(it, ds_smem, ds_bar, k_half, zero_dq, DQ, dq_desc, dq_buf, dq_buf4, dq_all, dq_full,
-                         dq_empty, dq_offs, n_m, m_lo, off_hk, off_b, H, sq_pad, WG, DQ_R0, DQ_C0, DQ_M, BLOCK_M,
-                         HEAD_D, DQ_ADD, DQ_WRITER)
+                p = __EXP_P__
+                dp = warpgroup_mma_wait(0, deps=(dp_tok,))
+                ds = p * (dp - gl.expand_dims(delta, 0))
+                ds = gl.where(p == 0.0, 0.0, ds) * dloc
+            p_op = gl.convert_layout(p.to(dtype), a_layout)
+            dv_tok = warpgroup_mma(p_op, do_t, dv, is_async=True)
+            ds_lo = ds.to(dtype)
+            buf = ds_smem.index(it % 2)
+            if DQ_ALT:
+                # the whole dQ tile by one consumer, alternating (tile % 2): the other only hands over its dS half
+                # (once the reader's previous product from this buffer is done) and goes on, so the two drift apart
+                if half != WG:
+                    mbarrier.wait(ds_free.index(it % 2), ((it // 2) & 1) ^ 1)
+                buf.slice(WG * KW, KW, dim=0).store(ds_lo)
+                fence_async_shared()
+                mbarrier.arrive(ds_bar.index(it % 2))
+                ds_op = gl.convert_layout(ds_lo, a_layout)
+                if half == WG:
+                    mbarrier.wait(ds_bar.index(it % 2), (it // 2) & 1)
+                    dq_tok = warpgroup_mma(buf.permute((1, 0)), k2, zero_dq, use_acc=False, is_async=True)
+                    dk_tok = warpgroup_mma(ds_op, q_t, dk, is_async=True)
+                    dv, dq, p_op = warpgroup_mma_wait(1, deps=(dv_tok, dq_tok, p_op))
+                    mbarrier.arrive(ds_free.index(it % 2))
+                    _dq_add(dq, it, DQ, dq_desc, dq_buf, dq_buf4, dq_all, dq_full, dq_empty, dq_offs, n_m, m_lo,
+                            off_hk, off_b, H, sq_pad, WG, DQ_R0, DQ_C0, BLOCK_M, HEAD_D, DQ_ADD, DQ_WRITER, DQ_ALT)
+                    dk, ds_op = warpgroup_mma_wait(0, deps=(dk_tok, ds_op))
+                else:
+                    dk_tok = warpgroup_mma(ds_op, q_t, dk, is_async=True)
+                    dv, dk, p_op, ds_op = warpgroup_mma_wait(0, deps=(dv_tok, dk_tok, p_op, ds_op))
+                mbarrier.arrive(empty.index(st))
+            elif DQ_EARLY:
+                # FlashAttention-3's order: dQ = dS K goes to the tensor cores between dV and dK, so its hand-off
+                # (registers -> shared memory) runs while dK still computes
+                buf.slice(WG * KW, KW, dim=0).store(ds_lo)
+                fence_async_shared()
+                mbarrier.arrive(ds_bar.index(it % 2))
+                ds_op = gl.convert_layout(ds_lo, a_layout)
+                mbarrier.wait(ds_bar.index(it % 2), (it // 2) & 1)
+                dq_tok = warpgroup_mma(_ds_rows(buf, DQ_R0, DQ_M, BLOCK_M), k_half, zero_dq, use_acc=False,
+                                       is_async=True)
+                dk_tok = warpgroup_mma(ds_op, q_t, dk, is_async=True)
+                dv, dq, p_op = warpgroup_mma_wait(1, deps=(dv_tok, dq_tok, p_op))
+                _dq_add(dq, it, DQ, dq_desc, dq_buf, dq_buf4, dq_all, dq_full, dq_empty, dq_offs, n_m, m_lo, off_hk,
+                        off_b, H, sq_pad, WG, DQ_R0, DQ_C0, BLOCK_M, HEAD_D, DQ_ADD, DQ_WRITER)
+                dk, ds_op = warpgroup_mma_wait(0, deps=(dk_tok, ds_op))
+                mbarrier.arrive(empty.index(st))
+            else:
+                ds_op = gl.convert_layout(ds_lo, a_layout)
+                dk_tok = warpgroup_mma(ds_op, q_t, dk, is_async=True)
+                buf.slice(WG * KW, KW, dim=0).store(ds_lo)
+                fence_async_shared()
+                mbarrier.arrive(ds_bar.index(it % 2))
+                # P and dS (register operands) die before the dQ accumulator is born: register pressure
+                dv, dk, p_op, ds_op = warpgroup_mma_wait(0, deps=(dv_tok, dk_tok, p_op, ds_op))
+                mbarrier.arrive(empty.index(st))
+                if not DQ_LAG:
+                    _dq_step(it, ds_smem, ds_bar, k_half, zero_dq, DQ, dq_desc, dq_buf, dq_buf4, dq_all, dq_full,
+                             dq_empty, dq_offs, n_m, m_lo, off_hk, off_b, H, sq_pad, WG, DQ_R0, DQ_C0, DQ_M, BLOCK_M,
+                             HEAD_D, DQ_ADD, DQ_WRITER)
     if DQ_LAG:
         if n_it > 0:
             _dq_step(n_it - 1, ds_smem, ds_bar, k_half, zero_dq, DQ, dq_desc, dq_buf, dq_buf4, dq_all, dq_full,
@@ -303,7 +348,7 @@ __NAN_GROUP__
 def attn_bwd_ws(q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, LSE, DELTA, DQ, dq_desc, FLAG,
                 __OPS_KPARAMS__slb, slh, slm, Sq, Sk, coff, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
                 STAGES: gl.constexpr, DQ_LAG: gl.constexpr, DQ_ADD: gl.constexpr, DQ_WRITER: gl.constexpr,
-                DQ_EARLY: gl.constexpr, STATS_SMEM: gl.constexpr):
+                DQ_EARLY: gl.constexpr, STATS_SMEM: gl.constexpr, DQ_ALT: gl.constexpr):
     HEAD_D: gl.constexpr = q_desc.block_type.shape[3]
     dtype: gl.constexpr = q_desc.dtype
     KW: gl.constexpr = BLOCK_N // 2
@@ -327,7 +372,8 @@ __Q_RANGE__
     v_smem = gl.allocate_shared_memory(dtype, [1, 1, BLOCK_N, HEAD_D], v_desc.layout)
     ds_smem = gl.allocate_shared_memory(dtype, [2, BLOCK_N, BLOCK_M], ds_l)
     if DQ_ADD == 3:     # one fp32 dQ half-tile per consumer (two tiles for the writer): TMA reduction sources
-        dq_smem = gl.allocate_shared_memory(gl.float32, [4 if DQ_WRITER else 2, 1, 1, dq_desc.block_type.shape[2],
+        dq_smem = gl.allocate_shared_memory(gl.float32, [4 if DQ_WRITER and not DQ_ALT else 2, 1, 1,
+                                                         dq_desc.block_type.shape[2],
                                                          dq_desc.block_type.shape[3]], dq_desc.layout)
     else:
         dq_smem = gl.allocate_shared_memory(gl.float32, [2, 1, 1, 8, 8], dq_desc.layout)
@@ -341,6 +387,7 @@ __Q_RANGE__
     empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     ds_bar = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
     dq_full = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    ds_free = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
     dq_empty = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
     mbarrier.init(kv_bar, count=1)
     mbarrier.init(fin, count=2)
@@ -349,7 +396,8 @@ __Q_RANGE__
         mbarrier.init(empty.index(st), count=2)     # both consumers release a Q / dO slot
     for b in gl.static_range(2):
         mbarrier.init(ds_bar.index(b), count=2)     # both halves of dS are in shared memory
-        mbarrier.init(dq_full.index(b), count=2)    # both dQ halves of a tile are in the writer's buffer
+        mbarrier.init(dq_full.index(b), count=1 if DQ_ALT else 2)   # the tile's dQ block(s) are in the buffer
+        mbarrier.init(ds_free.index(b), count=1)    # (DQ_ALT) the dQ reader is done with that dS buffer
         mbarrier.init(dq_empty.index(b), count=1)   # the writer's reductions have read that buffer
     fence_async_shared()
 
@@ -360,36 +408,37 @@ __Q_RANGE__
     v2 = v_smem._reinterpret(dtype, [BLOCK_N, HEAD_D], k_l)
     if DQ_WRITER:   # a fourth partition, one warp: the dQ writer
         gl.warp_specialize([
-            (_bwd_consumer, (q2, k2, v2, do2, ds_smem, k_smem, v_smem, kv_bar, full, empty, ds_bar, fin,
+            (_bwd_consumer, (q2, k2, v2, do2, ds_smem, k_smem, v_smem, kv_bar, full, empty, ds_bar, ds_free, fin,
                              dk_desc, dv_desc, LSE, DELTA, lse_smem, delta_smem, DQ, dq_desc, dq_smem, dq_full,
                              dq_empty, FLAG, slb, slh, slm, off_b, off_hk, n0, m_lo, n_m, Sq, Sk, coff, H,
                              __OPS_KARGS__0, BLOCK_M, BLOCK_N, HEAD_D, STAGES, DQ_LAG, DQ_ADD, DQ_WRITER, DQ_EARLY,
-                             STATS_SMEM)),
-            (_bwd_consumer, (q2, k2, v2, do2, ds_smem, k_smem, v_smem, kv_bar, full, empty, ds_bar, fin,
+                             STATS_SMEM, DQ_ALT)),
+            (_bwd_consumer, (q2, k2, v2, do2, ds_smem, k_smem, v_smem, kv_bar, full, empty, ds_bar, ds_free, fin,
                              dk_desc, dv_desc, LSE, DELTA, lse_smem, delta_smem, DQ, dq_desc, dq_smem, dq_full,
                              dq_empty, FLAG, slb, slh, slm, off_b, off_hk, n0, m_lo, n_m, Sq, Sk, coff, H,
                              __OPS_KARGS__1, BLOCK_M, BLOCK_N, HEAD_D, STAGES, DQ_LAG, DQ_ADD, DQ_WRITER, DQ_EARLY,
-                             STATS_SMEM)),
+                             STATS_SMEM, DQ_ALT)),
             (_bwd_producer, (q_desc, k_desc, v_desc, do_desc, q_smem, k_smem, v_smem, do_smem, kv_bar, full, empty,
                              LSE, DELTA, lse_smem, delta_smem, slb, slh, slm, Sq, H, off_b, off_hk, n0, m_lo, n_m,
-                             BLOCK_M, BLOCK_N, STAGES, STATS_SMEM)),
-            (_bwd_dq_writer, (dq_desc, dq_smem, dq_full, dq_empty, off_b, off_hk, m_lo, n_m, BLOCK_M, HEAD_D)),
+                             BLOCK_M, BLOCK_N, STAGES, STATS_SMEM, DQ_ALT)),
+            (_bwd_dq_writer, (dq_desc, dq_smem, dq_full, dq_empty, off_b, off_hk, m_lo, n_m, BLOCK_M, HEAD_D,
+                              DQ_ALT)),
         ], [4, 1, 1], [240, 24, 24])
     else:
         gl.warp_specialize([
-            (_bwd_consumer, (q2, k2, v2, do2, ds_smem, k_smem, v_smem, kv_bar, full, empty, ds_bar, fin,
+            (_bwd_consumer, (q2, k2, v2, do2, ds_smem, k_smem, v_smem, kv_bar, full, empty, ds_bar, ds_free, fin,
                              dk_desc, dv_desc, LSE, DELTA, lse_smem, delta_smem, DQ, dq_desc, dq_smem, dq_full,
                              dq_empty, FLAG, slb, slh, slm, off_b, off_hk, n0, m_lo, n_m, Sq, Sk, coff, H,
                              __OPS_KARGS__0, BLOCK_M, BLOCK_N, HEAD_D, STAGES, DQ_LAG, DQ_ADD, DQ_WRITER, DQ_EARLY,
-                             STATS_SMEM)),
-            (_bwd_consumer, (q2, k2, v2, do2, ds_smem, k_smem, v_smem, kv_bar, full, empty, ds_bar, fin,
+                             STATS_SMEM, DQ_ALT)),
+            (_bwd_consumer, (q2, k2, v2, do2, ds_smem, k_smem, v_smem, kv_bar, full, empty, ds_bar, ds_free, fin,
                              dk_desc, dv_desc, LSE, DELTA, lse_smem, delta_smem, DQ, dq_desc, dq_smem, dq_full,
                              dq_empty, FLAG, slb, slh, slm, off_b, off_hk, n0, m_lo, n_m, Sq, Sk, coff, H,
                              __OPS_KARGS__1, BLOCK_M, BLOCK_N, HEAD_D, STAGES, DQ_LAG, DQ_ADD, DQ_WRITER, DQ_EARLY,
-                             STATS_SMEM)),
+                             STATS_SMEM, DQ_ALT)),
             (_bwd_producer, (q_desc, k_desc, v_desc, do_desc, q_smem, k_smem, v_smem, do_smem, kv_bar, full, empty,
                              LSE, DELTA, lse_smem, delta_smem, slb, slh, slm, Sq, H, off_b, off_hk, n0, m_lo, n_m,
-                             BLOCK_M, BLOCK_N, STAGES, STATS_SMEM)),
+                             BLOCK_M, BLOCK_N, STAGES, STATS_SMEM, DQ_ALT)),
         ], [4, 1], [240, 24])
 '''
 
@@ -458,7 +507,7 @@ class _HopperBwdGen:
 
     def module(self) -> str:
         spec = self.spec
-        ops_params, ops_args, bases = operand_text(spec, "        ")   # per query head: inside the walk
+        ops_params, ops_args, bases = operand_text(spec, "            ")   # per query head: inside the walk
         nan_group = ""
         if self.prog.empty_row == "nan":    # eager: a (batch, K/V head) with an empty row has NaN dK / dV
             nan_group = ("    flag = gl.load(FLAG + off_b * (H // __G__) + off_hk)\n"

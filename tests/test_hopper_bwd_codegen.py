@@ -102,6 +102,9 @@ def test_fa3_schedule_knobs_compile_without_spills(name, knobs):
     assert facts["hgmma"] > 0 and facts["shared"] <= 232448, facts
     if "softcap" not in name:
         assert facts["local_ops"] == 0, f"{name} {knobs}: register spills {facts}"
+        mix = main_loop_mix(sass_text(compiled))
+        # ptxas did not serialise the wgmmas (a WARPGROUP.ARRIVE / DEPBAR pair around every HGMMA)
+        assert mix["WARPGROUP"] < mix["HGMMA"] / 2, mix
 
 
 def test_knob_combinations_that_do_not_exist_raise():
@@ -118,6 +121,24 @@ def test_knob_combinations_that_do_not_exist_raise():
     for cand in hopper_bwd.candidates(64):
         if cand[0] == "ws":
             assert set(hopper_bwd.variant_of(cand)) == set(hopper_bwd.WS_KNOBS)
+
+
+@pytest.mark.skipif(not _HAVE, reason="Triton without Gluon / NVIDIA backend")
+@pytest.mark.parametrize("name", ["window-d64", "bias-d64"])
+def test_d64_alternating_whole_dq_tiles(name):
+    """dq_alt at D=64: the consumers take whole dQ tiles in turn (the loop walks tiles in pairs, so which consumer
+    reads dS is known at compile time); no spills in the tile loop and ptxas keeps the wgmmas pipelined (at D=128
+    the 64-register dQ tile does not fit: spills, and ptxas serialises every wgmma)."""
+    prog, d, g, ops = VARIANTS[name]
+    c, operands, acc = _call(prog, d, g, ops)
+    kernel, grid, args, kwargs = hopper_bwd.launch_args(c, operands, prog, acc, dq_alt=True, dq_early=True,
+                                                        stats_smem=True, dq_writer=True)
+    compiled = compile_sm90(kernel, *args, **kwargs)
+    assert "cp.reduce.async.bulk.tensor" in compiled.asm["ptx"]
+    mix = main_loop_mix(sass_text(compiled))
+    assert mix["WARPGROUP"] < mix["HGMMA"] / 2 and mix["local"] == 0, mix
+    with pytest.raises(ValueError, match="dq_alt"):
+        hopper_bwd.launch_args(c, operands, prog, acc, dq_alt=True)
 
 
 @pytest.mark.skipif(not _HAVE, reason="Triton without Gluon / NVIDIA backend")
