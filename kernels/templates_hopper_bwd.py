@@ -130,7 +130,8 @@ def _dq_add(dq, j, DQ, dq_desc, dq_buf, dq_buf4, dq_all, dq_full, dq_empty, dq_o
             dq_buf.store(dq)
             fence_async_shared()
             async_reduce_add_shared_to_global(dq_desc, [off_b, off_h, start_m + DQ_R0, DQ_C0], dq_buf4)
-    # DQ_ADD == 0: no dQ (a diagnostic variant that measures what the atomics cost; bench/bwd_ws.py only)
+    # DQ_ADD == 0: no dQ (a diagnostic, bench/bwd_ws.py only; the dQ product is then dead and the compiler drops
+    # its wgmma too: it measures 4 of the 5 GEMMs)
 
 
 @gluon.jit
