@@ -24,6 +24,23 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
 
 
+# (column, backward() keywords over the base n_stages=2, dq_lag=False, dq_add=3, head dims it runs at): one knob at
+# a time, then the FlashAttention-3 combination (stats in shared memory + early dQ + dQ-writer warp), and at D=64
+# FlashAttention-3's 128-query step with dQ split by rows (3 stages / 128 rows do not fit shared memory at D=128)
+_FA3 = dict(dq_writer=True, dq_early=True, stats_smem=True)
+VARIANTS = [("ws_st2_tma", {}, (64, 128)), ("ws_st2_lag_tma", dict(dq_lag=True), (64, 128)),
+            ("ws_st2_atomics", dict(dq_add=1), (64, 128)), ("ws_st2_nodq(diag)", dict(dq_add=0), (64, 128)),
+            ("ws_st2_stats", dict(stats_smem=True), (64, 128)),
+            ("ws_st2_early_stats", dict(dq_early=True, stats_smem=True), (64, 128)),
+            ("ws_st2_writer_stats", dict(dq_writer=True, stats_smem=True), (64, 128)),
+            ("ws_st2_writer_early_stats", _FA3, (64, 128)),
+            ("ws_st3_writer_early_stats", dict(_FA3, n_stages=3), (64,)),
+            ("ws_bm128_rows_stats", dict(block_m=128, dq_rows=True, stats_smem=True), (64,)),
+            ("ws_bm128_rows_early_stats", dict(block_m=128, dq_rows=True, dq_early=True, stats_smem=True), (64,)),
+            ("ws_bm128_rows_writer_early_stats", dict(_FA3, block_m=128, dq_rows=True), (64,)),
+            ("ws_st2_alt_writer_early_stats", dict(_FA3, dq_alt=True), (64,))]
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dims", default="64,128")
@@ -53,10 +70,10 @@ def main(argv=None):
         row["tuned"] = None
         hopper_bwd.backward(dout, q, k, v, [], out, lse, prog)      # tunes, then pinned
         row["tuned"] = do_bench(lambda: hopper_bwd.backward(dout, q, k, v, [], out, lse, prog))
-        variants = [(2, False, 3), (3, False, 3), (2, True, 3), (2, False, 1), (2, True, 1), (2, False, 0)]
-        for st, lag, add in variants:
-            name = f"ws_st{st}{'_lag' if lag else ''}" + {0: "_nodq(diag)", 1: "_atomics", 3: "_tma"}[add]
-            kw = dict(n_stages=st, dq_lag=lag, dq_add=add)
+        for name, kw, dims in VARIANTS:
+            if d not in dims:
+                continue
+            kw = dict(dict(n_stages=2, dq_lag=False, dq_add=3), **kw)
             try:
                 got = hopper_bwd.backward(dout, q, k, v, [], out, lse, prog, **kw)
                 err = max(((a.float() - r.float()).abs().max() / r.float().abs().max().clamp_min(1e-6)).item()
@@ -78,14 +95,20 @@ def main(argv=None):
     head = common.header("Backward only: warp-specialized variants vs portable vs cuDNN", dev)
     with open(os.path.join(args.out, args.stem + ".json"), "w") as f:
         json.dump({"header": head, "rows": rows, "elapsed_s": time.time() - t0}, f, indent=1)
-    names = [n for n in rows[0] if n not in ("D", "S", "causal", "tflops") and not n.endswith("_err")]
+    names = []
+    for r in rows:      # columns in first-seen order (some variants run at one head dim)
+        names += [n for n in r if n not in names and n not in ("D", "S", "causal", "tflops") and not n.endswith("_err")]
     lines = head + ["", "TFLOPS (ms); FLOPs = 2.5 x forward; err = max |ws - portable| / max |portable| over dq, dk, dv (the",
-                    "nodq variant skips adding dQ: a diagnostic of what that costs, its error is expected); tma: dQ "
-                    "added by TMA bulk reductions, atomics: per-thread vector atomics; tuned: "
+                    "nodq variant skips adding dQ, and the compiler then drops the dQ product too: 4 of the 5 GEMMs, a "
+                    "diagnostic, its error is expected); tma: dQ added by TMA bulk reductions, atomics: per-thread "
+                    "vector atomics; stats: lse / delta through shared memory; early: dQ issued between dV and dK; "
+                    "writer: a dQ-writer warp issues the reductions; bm128_rows: 128 query rows per step, dQ split "
+                    "by rows; alt: whole dQ tiles by the consumers in turn; -: not run at that head dim; tuned: "
                     "hopper_bwd.backward as dispatch runs it (its tuner's pick among CANDIDATES)",
              "", "| D | S | causal | " + " | ".join(names) + " | worst err |", "|---" * (4 + len(names)) + "|"]
     for r in rows:
-        cells = [f"{r['tflops'][n]:.0f} ({r[n]:.2f})" if isinstance(r.get(n), float) else "err" for n in names]
+        cells = [f"{r['tflops'][n]:.0f} ({r[n]:.2f})" if isinstance(r.get(n), float) else "err" if n in r else "-"
+                 for n in names]
         errs = [r[n] for n in r if n.endswith("_err") and isinstance(r[n], float) and "nodq" not in n]
         lines.append(f"| {r['D']} | {r['S']} | {r['causal']} | " + " | ".join(cells)
                      + f" | {max(errs) if errs else float('nan'):.2g} |")

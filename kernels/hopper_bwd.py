@@ -19,11 +19,12 @@ BLOCK_N = 128         # keys per CTA: two consumer warpgroups x 64
 SMEM_LIMIT = hopper.SMEM_LIMIT
 
 
-def stages(d: int) -> int:
-    """Q / dO ring depth that fits beside K, V (BLOCK_N x d each), the two dS buffers and the consumers' fp32
-    dQ tiles (the TMA reductions' sources)."""
-    fixed = 2 * BLOCK_N * d * 2 + 2 * BLOCK_N * BLOCK_M * 2 + 2 * BLOCK_M * (d // 2) * 4
-    return max(0, min(3, (SMEM_LIMIT - fixed) // (2 * BLOCK_M * d * 2)))
+def stages(d: int, dq_writer: bool = False, block_m: int = BLOCK_M) -> int:
+    """Q / dO ring depth that fits beside K, V (BLOCK_N x d each), the two dS buffers and the fp32 dQ tiles (the
+    TMA reductions' sources: one per consumer, or two whole tiles for the dQ writer); a stage holds Q, dO and
+    the tile's lse / delta rows (stats_smem)."""
+    fixed = 2 * BLOCK_N * d * 2 + 2 * BLOCK_N * block_m * 2 + (4 if dq_writer else 2) * block_m * (d // 2) * 4
+    return max(0, min(3, (SMEM_LIMIT - fixed) // (2 * block_m * d * 2 + 2 * block_m * 4)))
 
 
 def _declines(prog: ScoreProgram, q, v) -> str | None:
@@ -48,34 +49,75 @@ def _spec_and_module(prog, q, k, v, operands):
 
 
 def launch_args(c: triton_portable.BackwardLaunches, operands, prog: ScoreProgram, dq_acc, n_stages=None,
-                dq_lag=False, dq_add=3):
+                dq_lag=False, dq_add=3, dq_writer=False, dq_early=False, stats_smem=False, block_m=BLOCK_M,
+                dq_rows=False, dq_alt=False):
     """(kernel, grid, args, kwargs) of one attn_bwd_ws launch; also used by tests to compile and read the PTX.
-    dq_acc: zeroed fp32 (B, Hq, Sq rounded up to BLOCK_M, D)."""
+    dq_acc: zeroed fp32 (B, Hq, Sq rounded up to BLOCK_M, D). dq_writer: a separate warp issues the dQ
+    reductions from two shared buffers (needs dq_add=3); dq_early: the dQ product is issued between dV and dK
+    (FlashAttention-3's order; not with dq_lag); stats_smem: the producer loads each tile's lse / delta rows into
+    shared memory beside Q / dO, the consumers read them where used; block_m: query rows per step (64 or 128;
+    dq_acc's rows rounded up to it); dq_rows: each consumer computes dQ for half the rows over the whole head dim
+    (FlashAttention-3's split at D=64) instead of all rows over half of it (needs block_m=128: 64-row wgmma);
+    dq_alt: the consumers take whole dQ tiles in turn (tile % 2), so only one of them waits for the other's dS
+    half per tile."""
+    if block_m not in (64, 128):
+        raise ValueError(f"block_m={block_m}: the warp-specialized backward steps 64 or 128 query rows")
+    if dq_rows and block_m != 128:
+        raise ValueError("dq_rows splits dQ by query rows between the consumers: it needs block_m=128")
+    if dq_alt and (not dq_early or not stats_smem or dq_rows):
+        raise ValueError("dq_alt (whole dQ tiles, consumers alternating) runs in the dq_early order with stats_smem "
+                         "(its padding tile has lse = +inf), not with dq_rows")
+    if dq_writer and dq_add != 3:
+        raise ValueError("dq_writer hands dQ to TMA reductions: it needs dq_add=3")
+    if dq_early and dq_lag:
+        raise ValueError("dq_early and dq_lag are two placements of the same dQ product: pick one")
     q, k, v, dout = c.q, c.k, c.v, c.dout
     b, hq, sq, d = q.shape
     hk, sk = k.shape[1], k.shape[2]
     mod = _spec_and_module(prog, q, k, v, operands)
     grid = (triton_portable.triton_cdiv(sk, BLOCK_N), hk, b)
-    descs = [hopper._desc(t, rows) for t, rows in ((q, BLOCK_M), (k, BLOCK_N), (v, BLOCK_N), (dout, BLOCK_M),
+    descs = [hopper._desc(t, rows) for t, rows in ((q, block_m), (k, BLOCK_N), (v, BLOCK_N), (dout, block_m),
                                                   (c.grads[1], BLOCK_N), (c.grads[2], BLOCK_N))]
-    dq_desc = hopper._desc(dq_acc, BLOCK_M, d // 2)
+    # one consumer's dQ block: the kernel reads the split (rows or head-dim columns) from its shape
+    dq_desc = hopper._desc(dq_acc, block_m // 2 if dq_rows else block_m, d if dq_rows or dq_alt else d // 2)
     args = (*descs, c.lse, c.delta, dq_acc, dq_desc, c.flag, *c.op_args, *c.lse.stride(), sq, sk, c.coff)
-    kwargs = dict(BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, STAGES=n_stages or stages(d), DQ_LAG=dq_lag,
-                  DQ_ADD=dq_add, num_warps=4)
+    kwargs = dict(BLOCK_M=block_m, BLOCK_N=BLOCK_N, STAGES=n_stages or stages(d, dq_writer, block_m), DQ_LAG=dq_lag,
+                  DQ_ADD=dq_add, DQ_WRITER=dq_writer, DQ_EARLY=dq_early,
+                  STATS_SMEM=stats_smem, DQ_ALT=dq_alt, num_warps=4)
     return mod.attn_bwd_ws, grid, args, kwargs
 
 
 # Candidates of the tuned gradient step, the default (no tuning possible, e.g. under CUDA-graph capture) first:
-# (kind, Q/dO stages, dq_lag, dq_add: 1 per-thread atomics, 3 TMA bulk reductions). The portable
-# dK/dV + dQ kernels stay a candidate, and the tuner keeps whichever is faster per (spec, length bucket), so
-# dispatch never pays for the warp-specialized kernel where it loses (bench/results/bwd_ws.md).
-CANDIDATES = (("ws", 2, False, 3), ("ws", 2, True, 3), ("ws", 2, False, 1), ("portable",))
+# ("ws", *values of WS_KNOBS) or ("portable",). The knobs, one each: Q/dO stages; dq_lag: the previous tile's dQ
+# queued behind S / dP; dq_add: 1 per-thread atomics, 3 TMA bulk reductions; dq_writer: a separate warp issues
+# those reductions from two shared buffers; dq_early: dQ issued between dV and dK (FlashAttention-3's order);
+# stats_smem: lse / delta rows through shared memory (the producer loads them); block_m: query rows per step;
+# dq_rows: dQ split between the consumers by rows, not head-dim columns; dq_alt: whole dQ tiles, the consumers
+# taking them in turn (D=64 only: at D=128 the 64-register dQ tile beside dK / dV spills and ptxas serialises the
+# wgmmas). The portable dK/dV + dQ kernels stay a
+# candidate, and the tuner keeps whichever is faster per (spec, length bucket), so dispatch never pays for the
+# warp-specialized kernel where it loses (bench/results/bwd_ws.md).
+WS_KNOBS = ("n_stages", "dq_lag", "dq_add", "dq_writer", "dq_early", "stats_smem", "block_m", "dq_rows", "dq_alt")
+CANDIDATES = (("ws", 2, False, 3, True, True, True, 64, False, False),
+              ("ws", 2, False, 3, False, False, True, 64, False, False),
+              ("ws", 2, False, 3, False, False, False, 64, False, False),
+              ("ws", 2, True, 3, False, False, False, 64, False, False),
+              ("ws", 2, False, 1, False, False, False, 64, False, False), ("portable",))
+# D=64 only (at D=128, 128-row S / dP tiles beside the dK / dV accumulators exceed the registers): FlashAttention-3's
+# 128 x 128 step, dQ by rows; whole dQ tiles by alternating consumers
+CANDIDATES_D64 = (("ws", 2, False, 3, True, True, True, 128, True, False),
+                  ("ws", 2, False, 3, False, True, True, 128, True, False),
+                  ("ws", 2, False, 3, True, True, True, 64, False, True))
+
+
+def candidates(d: int) -> tuple:
+    """The tuner's list at head dim d (CANDIDATES, plus the 128-row step at D=64 before the portable entry)."""
+    return CANDIDATES[:-1] + (CANDIDATES_D64 if d == 64 else ()) + CANDIDATES[-1:]
 
 
 def variant_of(candidate: tuple) -> dict:
     """backward()'s variant keywords for a warp-specialized entry of CANDIDATES."""
-    _, n_stages, dq_lag, dq_add = candidate
-    return dict(n_stages=n_stages, dq_lag=dq_lag, dq_add=dq_add)
+    return dict(zip(WS_KNOBS, candidate[1:]))
 
 
 def ws_grads(operands, prog: ScoreProgram, **variant):
@@ -84,7 +126,8 @@ def ws_grads(operands, prog: ScoreProgram, **variant):
     into dq (dq_cast.py, NaN rows likewise). Without `variant`, tuned among CANDIDATES."""
     def run_ws(c: triton_portable.BackwardLaunches, kw: dict) -> None:
         b, hq, sq, d = c.q.shape
-        dq_acc = torch.zeros((b, hq, triton_portable.triton_cdiv(sq, BLOCK_M) * BLOCK_M, d), dtype=torch.float32,
+        bm = kw.get("block_m", BLOCK_M)
+        dq_acc = torch.zeros((b, hq, triton_portable.triton_cdiv(sq, bm) * bm, d), dtype=torch.float32,
                              device=c.q.device)
         kernel, grid, args, kwargs = launch_args(c, operands, prog, dq_acc, **kw)
         # the descriptors are rebuilt per call (cheap objects); the launch key pins shapes, strides, dtypes
@@ -102,14 +145,14 @@ def ws_grads(operands, prog: ScoreProgram, **variant):
             else:
                 run_ws(c, variant_of(cfg))
         triton_portable._launch_tuned("ws_bwd", c.tune_key, c.q.shape[-1], c.q.dtype, c.q.device, launch,
-                                      list(CANDIDATES))
+                                      list(candidates(c.q.shape[-1])))
     return grads
 
 
 def backward(dout, q, k, v, operands, out, lse, prog: ScoreProgram, **variant):
     """Returns (dq, dk, dv, [d operands]): the portable backward's frame around the warp-specialized gradient
     kernel, or the portable backward itself for a site this kernel declines (the Hopper forward already
-    checked the sm_90 / TMA conditions on q, k, v). `variant` (n_stages, dq_lag, dq_add) pins a
+    checked the sm_90 / TMA conditions on q, k, v). `variant` (WS_KNOBS keywords) pins a
     warp-specialized schedule (benchmarks, tests); otherwise the tuner picks among CANDIDATES."""
     if _declines(prog, q, v):
         return triton_portable.backward(dout, q, k, v, operands, out, lse, prog)

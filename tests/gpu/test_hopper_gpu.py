@@ -276,7 +276,7 @@ def test_ws_backward_against_portable(d, causal, g, sq, sk):
     out, lse = hopper.forward(q, k, v, [], prog)
     dout = torch.randn_like(out)
     pt = triton_portable.backward(dout, q, k, v, [], out, lse, prog)
-    for cand in hopper_bwd.CANDIDATES:
+    for cand in hopper_bwd.candidates(d):
         if cand[0] != "ws":
             continue
         ws = hopper_bwd.backward(dout, q, k, v, [], out, lse, prog, **hopper_bwd.variant_of(cand))
