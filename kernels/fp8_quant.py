@@ -49,8 +49,12 @@ def _tile_warps(block: int, bd: int) -> int:
 def _tile_pipeline(bd: int, rotate: bool, transposed: bool) -> tuple[int, int]:
     """(TILES, STAGES) of quantize_tile_kernel: tiles per program and the depth of its software pipeline (the
     next tile's loads as cp.async into shared memory while one is rotated and stored). (1, 1) is one tile per
-    program, the measured default; bench/fp8_variants.py times (4, 2) and (8, 2): sm_90a, 8 warps, D=128, no
-    spills, Q/K 116 registers and 112 KiB shared (2 programs per SM), V 128 registers (from 64)."""
+    program; bench/fp8_variants.py times (4, 2) and (8, 2): sm_90a, 8 warps, D=128, no spills, Q/K 116 registers
+    and 112 KiB shared (2 programs per SM), V 128 registers (from 64). Measured on the H100 (D=128, S=4k and 16k,
+    bench/results/fp8_variants.md): rotated Q / K at (8, 2) 2170-2180 GB/s vs 1690-1710 at (1, 1); the transposed
+    V is fastest at (1, 1) (2480-2580 GB/s vs 1690 at (8, 2)). D=256 keeps (1, 1): 4 tiles of it need 208 KiB."""
+    if rotate and not transposed and bd <= 128:
+        return 8, 2
     return 1, 1
 
 

@@ -7,8 +7,9 @@ A caller of `launch` passes a key that already pins all of that — the shapes, 
 the tensors every argument is derived from, and the constexprs — so after the first launch under a key the
 compiled kernel is started directly (CompiledKernel's own launch path, which JITFunction.run ends in).
 
-Only for kernels whose call passes every parameter (positional, then keywords in signature order); anything
-else, the interpreter, and the first call per key take the ordinary launch.
+Only for kernels whose call passes every parameter positionally or by keyword, except trailing parameters
+with defaults (their defaults are what the compiled kernel was specialised on, so they are passed as such);
+anything else, the interpreter, and the first call per key take the ordinary launch.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ _COMPILED: dict = {}
 _OPTIONS = ("num_warps", "num_stages", "num_ctas", "maxnreg", "warp_size")
 
 
-def _direct(ck, tail: tuple[str, ...]) -> tuple | None:
+def _direct(ck, tail: tuple) -> tuple | None:
     try:
         ck.run                  # loads the module (raises if it cannot run here)
         ck.function, ck.packed_metadata
@@ -34,7 +35,7 @@ def _run(hit, grid: tuple, args: tuple, kwargs: dict) -> None:
     ck, tail = hit
     drv = driver.active
     stream = drv.get_current_stream(drv.get_current_device())
-    values = args + tuple(kwargs[n] for n in tail) if tail else args
+    values = args + tuple(kwargs[n] if n in kwargs else d for n, d in tail) if tail else args
     enter = knobs.runtime.launch_enter_hook
     meta = ck.launch_metadata(grid, stream, *values) if enter is not None else None
     g1 = grid[1] if len(grid) > 1 else 1
@@ -54,10 +55,13 @@ def launch(key, kernel, grid: tuple, args: tuple, kwargs: dict) -> None:
     names = getattr(kernel, "arg_names", None)
     if key is None or names is None or not hasattr(ck, "packed_metadata"):
         return
-    tail = tuple(names[len(args):])
     given = set(kwargs) - set(_OPTIONS)
-    if set(tail) != given or len(tail) != len(given):
-        return                  # defaults or unknown keywords: keep the ordinary launch
+    params = getattr(kernel, "params", None)
+    defaults = {p.name: p.default for p in params if p.has_default} if params is not None else {}
+    tail = tuple(names[len(args):])
+    if not given <= set(tail) or any(n not in given and n not in defaults for n in tail):
+        return                  # unknown keywords or an unpassed parameter without a default: ordinary launch
+    tail = tuple((n, defaults.get(n)) for n in tail)
     direct = _direct(ck, tail)
     if direct is not None:
         if len(_COMPILED) > 4096:

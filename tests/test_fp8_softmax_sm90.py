@@ -76,8 +76,9 @@ def test_knobs_other_shapes_do_not_spill(d, causal, kw):
 
 
 def test_tuner_candidates_compile_without_spills():
-    cands = hopper.fp8_schedules(128, 128)[4:]
-    assert len(cands) == 3 and all(c.lsum for c in cands)
+    cands = [c for c in hopper.fp8_schedules(128, 128) if c.tree]
+    # lsum measured wrong on the H100 (RMSE 18x the default's): the tuner picks by speed, so never a candidate
+    assert cands and not any(c.lsum for c in hopper.fp8_schedules(128, 128))
     for cand in cands:
         facts, mix, _ = _compile(128, **cand._asdict())
         assert facts["loop_local_ops"] == 0 and mix["local"] == 0, (cand, facts)
