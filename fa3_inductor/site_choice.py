@@ -27,6 +27,7 @@ never fails the compile: the site is rewritten as without measuring, and the not
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -48,6 +49,8 @@ MEASURE_DEVICES = ("cuda",)     # tests add "cpu"
 WARMUP, REPEATS, TARGET_S = 3, 5, 0.02      # per repeat: enough back-to-back calls to fill ~TARGET_S
 
 _MEMORY: dict = {}
+# per process: sites measured now / taken from the cache / whose measurement failed, and the seconds spent measuring
+STATS: collections.Counter = collections.Counter()
 
 
 @dataclasses.dataclass
@@ -202,7 +205,9 @@ def _measure(sub, device: torch.device, inductor_options: dict) -> Measured:
 
     def run():
         args = real_inputs(sub.inputs, sub.roles, device=device)
-        with torch.enable_grad() if grad else torch.no_grad():
+        # the current CUDA device is per thread: this one starts on cuda:0
+        with torch.enable_grad() if grad else torch.no_grad(), \
+                torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
             times = {}
             for name, gm in (("inductor", sub.original), ("fa3", sub.rewritten)):
                 times[name] = TIMER(_runner(COMPILE(gm, args, inductor_options), args, grad), sync, name)
@@ -246,11 +251,15 @@ def choose(gm, spec: AttentionSpec, kernel: str, fp8: str, cuda_graphs: bool, en
     else:
         m = _load(key)
         if m is None:
+            t0 = time.perf_counter()
             try:
                 m = _measure(sub, device, options)
             except Exception as exc:       # noqa: BLE001
-                m = Measured(error=f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+                m = Measured(error=f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}",
+                             cost_s=time.perf_counter() - t0)
             _store(key, m)
+            STATS["seconds"] += m.cost_s
             log.info("fa3 measured site [%s] %s", spec.site, m.describe(spec, dtype))
+    STATS["failed" if m.error else ("cached" if m.cached else "measured")] += 1
     text = m.describe(spec, dtype)
     return (text, "") if m.keep_inductor else (None, text)

@@ -6,7 +6,7 @@ uses, never crossing the values the op reads (q, k, v, operands and the graph va
 from) and never taking a node with a side effect (rewrite.finish keeps those). Values the region reads from
 outside become placeholders. A value shared with the rest of the graph (a mask built once for all layers, a
 position bias computed in the first layer) stays outside: the site costs only what its rewrite would save.
-Node names are canonical (n0, n1, ... in graph order), so sites of one model that differ only in their names
+Node names are canonical (n0, n1, ... in order of use), so sites of one model that differ only in their names
 give the same code, which names the measurement in site_choice's cache.
 """
 
@@ -68,11 +68,13 @@ def extract(gm: GraphModule, spec: AttentionSpec, kernel: str, fp8: str = "") ->
         roles.setdefault(ref.node, "operand")
     region = _region(gm.graph, spec.output, keep)
     ordered = [n for n in gm.graph.nodes if n in region]
+    # placeholders in the order the site first reads them (not graph order, which differs between layers that
+    # compute a shared value first), then the op's inputs the site as written does not read itself
     outside = {n: None for r in ordered for n in r.all_input_nodes if n not in region}
-    for n in gm.graph.nodes:            # the op's inputs, also those the original site does not read itself
+    for n in gm.graph.nodes:
         if n in keep:
             outside.setdefault(n, None)
-    placeholders = [n for n in gm.graph.nodes if n in outside]
+    placeholders = list(outside)
 
     def build(rewrite: bool) -> GraphModule:
         graph = Graph()
