@@ -84,6 +84,8 @@ def run_mode(model, inputs, mode, device, ref, valid) -> dict:
         fn = torch.compile(model, backend=counter, **({"mode": "reduce-overhead"} if mode.endswith("-ro") else {}))
     rec: dict = {"mode": mode}
     before = common.dispatch_snapshot()
+    from fa3_inductor import site_choice
+    choice_before = dict(site_choice.STATS)
     with torch.no_grad(), common.SiteLog() as sites:
         t0 = time.time()
         out = fn(**inputs)[0]
@@ -100,6 +102,8 @@ def run_mode(model, inputs, mode, device, ref, valid) -> dict:
             rec["recompiles"] = counter.frame_count - rec["graphs"]
     if mode.startswith("fa3"):
         rec["kernels"] = common.dispatch_delta(before)
+        rec["site_choice"] = {k: v - choice_before.get(k, 0) for k, v in site_choice.STATS.items()
+                              if v - choice_before.get(k, 0)}
     return rec
 
 
@@ -141,7 +145,16 @@ def line(r: dict) -> str:
         extra = f" graphs {r['graphs']} recompiles {r['recompiles']} first call {r['first_call_s']:.1f}s"
     if r["mode"].startswith("fa3"):
         extra += f" sites {r['sites_rewritten']}/{r['attention_calls']} kernels {r.get('kernels')}"
+        extra += f" site choice {measure_note(r.get('site_choice'))}"
     return f"{tag} {r['ms']:9.3f} ms  err {r['err']:.2e}{extra}"
+
+
+def measure_note(stats: dict | None) -> str:
+    """The measured site choice's work during the compile (fa3_inductor/site_choice.py STATS delta)."""
+    if not stats:
+        return "not measured"
+    return (f"{stats.get('measured', 0)} measured in {stats.get('seconds', 0.0):.1f} s, {stats.get('cached', 0)} "
+            f"cached" + (f", {stats['failed']} failed" if stats.get("failed") else ""))
 
 
 def summarize(results: list[dict]) -> list[dict]:
@@ -172,8 +185,11 @@ def summarize(results: list[dict]) -> list[dict]:
                 row["fa3_recompiles"] = fa3.get("recompiles")
                 row["fa3_kernels"] = fa3.get("kernels")
                 row["fa3_skipped"] = fa3.get("sites_skipped")
+                row["fa3_site_choice"] = fa3.get("site_choice")
             row["notes"] = "; ".join(f"{k}: {v.get('error') or v.get('skipped')}" for k, v in m.items()
                                      if "error" in v or "skipped" in v)
+            if "ms" in fa3:
+                row["notes"] += ("; " if row["notes"] else "") + "site choice: " + measure_note(fa3.get("site_choice"))
             rows.append(row)
     return rows
 

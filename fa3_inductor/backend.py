@@ -11,30 +11,37 @@ from .patterns.matcher import find_sites
 from .report import Report
 from .rewrite import apply_spec, finish
 from .patterns.spec import Skip
+from .site_choice import choose
 from .site_kernel import note
 from .site_size import spec_too_small
 
 
-def decide(gm, cfg: _config.Config, cuda_graphs: bool = False):
+def decide(gm, cfg: _config.Config, cuda_graphs: bool = False, inductor_options: dict | None = None):
     """(specs to rewrite, skips, per-spec notes) for gm's attention sites. cuda_graphs: the graph will run under
-    CUDA graphs, where host cost does not count (site_size.py)."""
+    CUDA graphs, where host cost does not count (site_size.py, site_choice.py). inductor_options: what the graph
+    is compiled with, for the measured choice's compiles of the site as written."""
     found, skips = find_sites(gm)
-    specs = []
+    specs, measured = [], []
     for spec in found:
         why = spec_too_small(spec, cuda_graphs, cfg.min_flops)
+        timing = ""
+        if not why:
+            why, timing = choose(gm, spec, cfg.kernel, cfg.fp8_arg(), cuda_graphs, cfg.measure_sites,
+                                 inductor_options)
         if why:
             skips.append(Skip(spec.site, spec.spelling, why))
         else:
             specs.append(spec)
-    return specs, skips, [note(spec, cfg) for spec in specs]
+            measured.append(timing)
+    return specs, skips, ["; ".join(x for x in (note(spec, cfg), t) if x) for spec, t in zip(specs, measured)]
 
 
-def rewrite_graph(gm, cfg: _config.Config, cuda_graphs: bool = False) -> Report:
+def rewrite_graph(gm, cfg: _config.Config, cuda_graphs: bool = False, inductor_options: dict | None = None) -> Report:
     """Find and rewrite the attention sites of gm in place; return what was decided."""
     report = Report()
     if not cfg.enabled:
         return report
-    specs, skips, notes = decide(gm, cfg, cuda_graphs)
+    specs, skips, notes = decide(gm, cfg, cuda_graphs, inductor_options)
     replaced = [apply_spec(gm, spec, cfg.kernel, cfg.fp8_arg()) for spec in specs]
     if specs:
         finish(gm, replaced)
@@ -50,7 +57,7 @@ def fa3_backend(gm, example_inputs, mode=None, options=None):
     cfg, inductor_options = _config.from_env().with_options(options)
     patches = dict(list_mode_options(mode)) if mode else {}
     patches.update(inductor_options)
-    rewrite_graph(gm, cfg, cuda_graphs=bool(patches.get("triton.cudagraphs")))
+    rewrite_graph(gm, cfg, cuda_graphs=bool(patches.get("triton.cudagraphs")), inductor_options=patches)
     return compile_fx(gm, example_inputs, config_patches=patches or None)
 
 

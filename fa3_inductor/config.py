@@ -47,12 +47,14 @@ class Config:
     fp8_seed: int = 0               # FA3_FP8_SEED: seed of the Hadamard matrix's random signs
     min_flops: int = 10 ** 10       # FA3_MIN_FLOPS: without CUDA graphs, static CUDA prefill sites below this stay
     #                                 Inductor's (host cost; see site_size.py); 0 rewrites every site
+    measure_sites: bool = True      # FA3_MEASURE_SITES=0: off. CUDA, static sizes, no CUDA graphs: time each site
+    #                                 both ways at compile time, keep it Inductor's where that is faster (site_choice.py)
 
     def validate(self) -> "Config":
         if self.kernel not in KERNELS:
             raise ValueError(f"fa3 option kernel={self.kernel!r}: expected one of {KERNELS}")
-        if not isinstance(self.enabled, bool) or not isinstance(self.log_sites, bool):
-            raise ValueError("fa3 options enabled / log_sites must be booleans")
+        if not all(isinstance(x, bool) for x in (self.enabled, self.log_sites, self.measure_sites)):
+            raise ValueError("fa3 options enabled / log_sites / measure_sites must be booleans")
         if not isinstance(self.fp8, bool) or not isinstance(self.fp8_hadamard, (bool, type(None))):
             raise ValueError("fa3 options fp8 / fp8_hadamard must be booleans")
         if self.fp8_scaling not in SCALINGS:
@@ -90,4 +92,5 @@ def from_env() -> Config:
         fp8_scaling=os.environ.get("FA3_FP8_SCALING", "block") or "block",
         fp8_seed=_env_int("FA3_FP8_SEED", 0),
         min_flops=_env_int("FA3_MIN_FLOPS", 10 ** 10),
+        measure_sites=_env_bool("FA3_MEASURE_SITES", True),
     ).validate()

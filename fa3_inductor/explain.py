@@ -1,8 +1,9 @@
 """fa3_inductor.explain: trace a model or function with Dynamo and report every attention site's decision.
 
-The capture backend runs the matcher on each graph Dynamo produces and then runs the graph eagerly, so
-nothing is compiled; the report says what `backend="fa3"` (default mode, no CUDA graphs) would do with the
-same inputs.
+The capture backend runs the matcher on each graph Dynamo produces and then runs the graph eagerly; the report
+says what `backend="fa3"` (default mode, no CUDA graphs) would do with the same inputs. The model's graph is
+not compiled; on CUDA the measured site choice (site_choice.py) compiles and times each static site's cut-out
+graphs, as the backend would (or takes the decision from its cache).
 """
 
 from __future__ import annotations

@@ -8,6 +8,7 @@ time on Dynamo's fake values: a prefill site on CUDA whose sizes are all static 
 than `min_flops` (FA3 convention: 4·B·Hq·Sq·Sk·D, halved when causal) is left as the model wrote it, unless the
 graph runs under CUDA graphs (mode="reduce-overhead"), where host cost vanishes. Decode sites (a few queries
 against a cache) are always rewritten: the split-KV kernel is their point. Dynamic sizes are always rewritten.
+Static sites that pass this cheap rule are then measured (site_choice.py) unless measure_sites is off.
 """
 
 from __future__ import annotations
