@@ -88,3 +88,27 @@ def call_key(tensors) -> tuple:
     """What a launch derived from these (real, concrete) tensors is specialised on: shape, strides, dtype and
     16-byte alignment of each (data pointers excluded)."""
     return tuple([(t.shape, t.stride(), t.dtype, t.data_ptr() % 16 == 0) for t in tensors])
+
+
+_I32 = (-2 ** 31, 2 ** 31)
+
+
+def int_classes(xs: list) -> tuple:
+    """How Triton specialises each of these integer arguments: a value of 1 becomes a constant, a multiple of 16
+    is marked divisible, and the type is i32, i64 or u64 by range. Two argument lists with the same classes (and
+    the same constexprs, pointer dtypes and alignments) run the same compiled kernel, whatever the values."""
+    if not xs:
+        return ()
+    if _I32[0] <= min(xs) and max(xs) < _I32[1]:
+        return tuple([2 if x == 1 else x % 16 == 0 for x in xs])
+    return tuple([(2 if x == 1 else x % 16 == 0, 32 if _I32[0] <= x < _I32[1] else 64 if x < 2 ** 63 else 65)
+                  for x in xs])
+
+
+def aligned(tensors: list):
+    """Triton's pointer specialisation of these tensors: True when all are 16-byte aligned, else which are."""
+    ptrs = [t.data_ptr() for t in tensors]
+    acc = 0
+    for p in ptrs:
+        acc |= p
+    return True if acc % 16 == 0 else tuple([p % 16 == 0 for p in ptrs])
