@@ -60,16 +60,24 @@ def _bool_arith(e, n_operands, operand_kinds) -> str | None:
     return walk(e)
 
 
+_INT = {int}
+
+
 def _ints(*xs) -> bool:
     """All plain ints (not symbolic sizes): checks on symbolic sizes would add compile-time guards."""
-    return all(type(x) is int for x in xs)
+    return not xs or set(map(type, xs)) == _INT
 
 
 def _span(t) -> int:
     """Largest element offset inside one (batch, head) slice of t (0 when sizes are symbolic)."""
-    if t.dim() < 4 or not _ints(*t.shape, *t.stride()):
+    shape, stride = t.shape, t.stride()
+    if len(shape) < 4 or set(map(type, shape)) != _INT or set(map(type, stride)) != _INT:
         return 0
-    return sum((s - 1) * abs(st) for s, st in zip(t.shape[2:], t.stride()[2:]) if s > 0)
+    span = 0
+    for s, st in zip(shape[2:], stride[2:]):
+        if s > 0:
+            span += (s - 1) * abs(st)
+    return span
 
 
 def supports(prog: ScoreProgram, q, k, v, operands, fp8: bool = False) -> str | None:
