@@ -105,6 +105,14 @@ def int_classes(xs: list) -> tuple:
                   for x in xs])
 
 
+def int_types(xs: list):
+    """Triton's specialisation of integer arguments it is told not to specialise on (do_not_specialize): only
+    their type, i32 / i64 / u64 by range. True when all are i32."""
+    if _I32[0] <= min(xs) and max(xs) < _I32[1]:
+        return True
+    return tuple([32 if _I32[0] <= x < _I32[1] else 64 if x < 2 ** 63 else 65 for x in xs])
+
+
 def aligned(tensors: list):
     """Triton's pointer specialisation of these tensors: True when all are 16-byte aligned, else which are."""
     ptrs = [t.data_ptr() for t in tensors]

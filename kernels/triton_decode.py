@@ -102,7 +102,7 @@ class _Plan:
     them. Holds no tensors (a plan outlives its calls; CUDA graph pools check for leaked tensors)."""
 
     __slots__ = ("key", "mod", "g", "block_m", "cap", "quantum", "interpret_cfg", "tune_key", "configs", "cfgs",
-                 "sites")
+                 "sites", "combine_kwargs", "last", "loose_lengths")
 
     def __init__(self, key, q, k, v, operands, prog, splits):
         spec, self.mod, skey, _ = tp._spec_and_module(prog, q, k, v, operands, key[-1] is not None, "decode")
@@ -114,7 +114,12 @@ class _Plan:
         self.quantum = QUANTUM if cuda else INTERPRET_CONFIG[0]
         self.interpret_cfg = None if cuda else INTERPRET_CONFIG
         self.tune_key = skey
+        unspecialised = {p.name for p in self.mod.attn_decode.params if p.do_not_specialize}
+        self.loose_lengths = {"Sk", "coff", "chunk"} <= unspecialised
         self.configs = _configs(d, q.dtype, self.block_m)
+        # sized by the cap, not this length's split count: a growing cache keeps one variant
+        self.combine_kwargs = dict(BLOCK_S=max(2, _next_pow2(self.cap)))
+        self.last = None
         self.cfgs = {}      # (length bucket, split count) -> settled config
         self.sites = {}     # (config, split count, integer classes, alignments) -> (decode Site, combine Site)
 
@@ -138,17 +143,22 @@ def _plan_key(q, k, v, operands, prog, splits):
     return (prog, dev, splits, q.dtype, v.dtype, q.shape, k.shape[1], v.shape[3], ops, interpret)
 
 
-def _site(plan: _Plan, cfg, n_split: int, ints: list, ptrs: list):
-    """The (decode, combine) sites for this specialisation: a key that pins everything the compiled kernels
-    depend on — the plan, the config, the split count (FINAL, the partial buffers' strides) and how Triton
-    classifies every integer argument and pointer of the launches (the rest follows from the plan)."""
-    skey = (cfg, n_split, launcher.int_classes(ints), launcher.aligned(ptrs))
+def _site(plan: _Plan, cfg, n_split: int, ints: list, al):
+    """(decode Site, combine Site, decode kwargs, al) for this specialisation: a key that pins everything the
+    compiled kernels depend on — the plan, the config, the split count (FINAL, the partial buffers' strides) and
+    how Triton classifies every integer argument (ints) and pointer (al: launcher.aligned) of the launches (the
+    rest follows from the plan)."""
+    if plan.loose_lengths:  # Sk, coff, chunk (the last three): Triton does not specialise on their values
+        classes = launcher.int_classes(ints[:-3]) + (launcher.int_types(ints[-3:]),)
+    else:
+        classes = launcher.int_classes(ints)
+    skey = (cfg, n_split, classes, al)
     hit = plan.sites.get(skey)
     if hit is None:
         base = ("decode", plan.key) + skey
         bn, warps, stages = cfg
         kwargs = dict(BLOCK_M=plan.block_m, BLOCK_N=bn, FINAL=n_split == 1, num_warps=warps, num_stages=stages)
-        hit = plan.sites[skey] = (launcher.Site(base), launcher.Site(base + ("combine",)), kwargs)
+        hit = plan.sites[skey] = (launcher.Site(base), launcher.Site(base + ("combine",)), kwargs, al)
     return hit
 
 
@@ -195,13 +205,22 @@ def forward(q, k, v, operands, prog: ScoreProgram, splits: int | None = None):
     ints = [*op_args[1::5], *op_args[2::5], *op_args[3::5], *op_args[4::5], *qs, *ks, *vs, sk, coff, chunk]
     ptrs = [q, k, v, out, lse, lpart, *operands]
 
-    cfg = plan.interpret_cfg or plan.cfgs.get((tp._bucket(sk), n_split))
-    if cfg is not None:
-        site, combine, kwargs = _site(plan, cfg, n_split, ints, ptrs)
+    al = launcher.aligned(ptrs)
+    last = plan.last    # the previous call's integer arguments, config and sites (other layers, same step)
+    if last is not None and last[0] == ints and last[2][3] == al:
+        cfg, hit = last[1], last[2]
+    else:
+        cfg = plan.interpret_cfg or plan.cfgs.get((tp._bucket(sk), n_split))
+        hit = None
+        if cfg is not None:
+            hit = _site(plan, cfg, n_split, ints, al)
+            plan.last = (ints, cfg, hit)
+    if hit is not None:
+        site, combine, kwargs, _ = hit
         site(plan.mod.attn_decode, (n_split, hk, b), args, kwargs)
     else:       # not settled for this bucket yet: the tuner runs (or picks) the config
         def launch(cfg):
-            site, _, kwargs = _site(plan, cfg, n_split, ints, ptrs)
+            site, _, kwargs, _ = _site(plan, cfg, n_split, ints, al)
             site(plan.mod.attn_decode, (n_split, hk, b), args, kwargs)
 
         tkey = (plan.tune_key, plan.block_m, tp._bucket(sk), n_split)
@@ -209,12 +228,11 @@ def forward(q, k, v, operands, prog: ScoreProgram, splits: int | None = None):
                                interpret_config=INTERPRET_CONFIG)
         if cfg is not None:
             plan.cfgs[(tp._bucket(sk), n_split)] = cfg
-        combine = None if final else _site(plan, cfg or plan.configs[0], n_split, ints, ptrs)[1]
+        combine = None if final else _site(plan, cfg or plan.configs[0], n_split, ints, al)[1]
     if not final:
         combine(plan.mod.attn_decode_combine, (sq, hq, b),
                 (part, lpart, out, lse, *pstrides, *lstrides, *out.stride(), *lse.stride(), n_split),
-                # sized by the cap, not this length's split count: a growing cache keeps one variant
-                dict(BLOCK_S=max(2, _next_pow2(plan.cap))))
+                plan.combine_kwargs)
     return out, lse
 
 
