@@ -114,8 +114,9 @@ class _Plan:
         self.quantum = QUANTUM if cuda else INTERPRET_CONFIG[0]
         self.interpret_cfg = None if cuda else INTERPRET_CONFIG
         self.tune_key = skey
-        unspecialised = {p.name for p in self.mod.attn_decode.params if p.do_not_specialize}
-        self.loose_lengths = {"Sk", "coff", "chunk"} <= unspecialised
+        # (the interpreter's kernels have no parameters to read; nothing is compiled or cached there)
+        params = getattr(self.mod.attn_decode, "params", ())
+        self.loose_lengths = {"Sk", "coff", "chunk"} <= {p.name for p in params if p.do_not_specialize}
         self.configs = _configs(d, q.dtype, self.block_m)
         # sized by the cap, not this length's split count: a growing cache keeps one variant
         self.combine_kwargs = dict(BLOCK_S=max(2, _next_pow2(self.cap)))
