@@ -9,7 +9,8 @@ Per call (warm, after the plans exist), for a padded batch's key-padding mask (b
 (B, 1, 1, S) boolean operand, empty_row zero = its sdpa site, uniform = its eager site) and a dense additive
 float mask: torch ops the op body calls, allocations, torch ops that launch a device kernel, Triton launches
 (direct = the launcher's cached path, ordinary = kernel[grid]), Python function calls (all, and fa3_inductor's)
-and µs per call on this CPU with launches stubbed (a CPU's allocator and dispatcher, not the H100 host's).
+and µs per call on this CPU with launches stubbed (a CPU's allocator and dispatcher, not the H100 host's; CPU time
+of the process, best of five rounds).
 dout is a transposed view, as torch.compile passes it. Decode (the split-KV decode entry, one generated token
 against a Llama-like GQA cache, forward only): StaticCache (fixed shapes, a (B, 1, 1, Smax) boolean mask) and
 DynamicCache (no operand, bottom-right causal, K/V one key longer on every call, as torch.cat leaves them:
@@ -168,12 +169,12 @@ def measure(fn, calls: int) -> dict:
     stats = pstats.Stats(pr).stats
     roots = tuple(os.path.dirname(m.__file__) for m in (fa3_inductor, fa3_inductor.kernels))
     before = cache_sizes()
-    rounds = []         # the best of five rounds: the CPU is shared, other loads only ever add time
+    rounds = []         # this process's CPU time, best of five rounds: the CPU is shared
     for _ in range(5):
-        t = time.perf_counter()
+        t = time.process_time()
         for _ in range(calls // 5):
             fn()
-        rounds.append(time.perf_counter() - t)
+        rounds.append(time.process_time() - t)
     elapsed = min(rounds) * 5
     return {"cache_entries_per_call": (cache_sizes() - before) / (calls // 5 * 5), "torch_ops": sum(top.values()),
             "torch_ops_by_name": dict(top),
