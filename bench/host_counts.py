@@ -14,7 +14,8 @@ of the process, best of five rounds).
 dout is a transposed view, as torch.compile passes it. Decode (the split-KV decode entry, one generated token
 against a Llama-like GQA cache, forward only): StaticCache (fixed shapes, a (B, 1, 1, Smax) boolean mask) and
 DynamicCache (no operand, bottom-right causal, K/V one key longer on every call, as torch.cat leaves them:
-contiguous, outer strides growing), counted on a later call; "cache entries / call" is how many entries the
+contiguous, outer strides growing), counted on a later call, and the same with each length called 32 times in
+a row, as the layers of one generated token call it; "cache entries / call" is how many entries the
 module-level caches (launcher, dispatch, tuner, plans) gain per call over the timed calls. Writes
 host_counts.json / .md under --out.
 """
@@ -97,6 +98,9 @@ def cases(shape):
     }
 
 
+LAYERS = 32
+
+
 def decode_cases(calls: int):
     """(name, program, call factory): each factory returns the next call's (q, k, v, operands)."""
     from fa3_inductor.kernels.program import ScoreProgram
@@ -121,9 +125,21 @@ def decode_cases(calls: int):
         kv = views.pop()
         return q, kv, kv, []
 
+    # fresh lengths (past the ones above), each taken by LAYERS calls in a row
+    steps = -(-calls // LAYERS)
+    flat2 = torch.empty(b * hk * (start + calls + 16 + steps) * d, dtype=torch.float16)
+    layered = [flat2.as_strided((b, hk, s, d), (hk * s * d, s * d, d, 1))
+               for s in range(start + calls + 16 + steps, start + calls + 16, -1) for _ in range(LAYERS)]
+
+    def dynamic_layers():
+        kv = layered.pop()
+        return q, kv, kv, []
+
     return [("decode StaticCache: (B,1,1,Smax) bool mask", ScoreProgram(("where", ("operand", 0), scaled,
                                                                         ("const", -math.inf)), 1), static),
-            ("decode DynamicCache: K/V one longer per call", ScoreProgram(scaled, causal="bottom_right"), dynamic)]
+            ("decode DynamicCache: K/V one longer per call", ScoreProgram(scaled, causal="bottom_right"), dynamic),
+            (f"decode DynamicCache: one longer every {LAYERS} calls (layers of a step)",
+             ScoreProgram(scaled, causal="bottom_right"), dynamic_layers)]
 
 
 def cache_sizes() -> int:
