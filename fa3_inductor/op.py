@@ -100,10 +100,9 @@ def _attention_fake(q, k, v, operands, program, kernel, fp8=""):
     return out, lse
 
 
-@torch.library.custom_op("fa3::attention_backward", mutates_args=())
-def attention_backward_op(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                          operands: list[torch.Tensor], out: torch.Tensor, lse: torch.Tensor,
-                          program: str, kernel: str) -> list[torch.Tensor]:
+def _backward_op(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                 operands: list[torch.Tensor], out: torch.Tensor, lse: torch.Tensor,
+                 program: str, kernel: str) -> list[torch.Tensor]:
     """Returns [dq, dk, dv, d operand for each operand whose program.operand_grad flag is set]."""
     prog = load_program(program)
     entry, passed = dispatch.select_backward(prog, q, k, v, operands, kernel)
@@ -112,6 +111,9 @@ def attention_backward_op(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, 
     # backward reads it through its strides, so no copy
     dq, dk, dv, dops = entry.backward(dout, q, k, v, operands, out, lse, prog)
     return [g.contiguous() for g in (dq, dk, dv, *dops)]   # the fake promises contiguous gradients
+
+
+attention_backward_op = torch.library.custom_op("fa3::attention_backward", mutates_args=())(_backward_op)
 
 
 @attention_backward_op.register_fake
@@ -153,34 +155,36 @@ _VIEW_TRACKING = torch._C.DispatchKeySet(torch._C.DispatchKey.ADInplaceOrView)  
 _BACKENDS = (torch._C.DispatchKey.CUDA, torch._C.DispatchKey.CPU)
 
 
-def _direct_autograd_kernel():
-    """The op's autograd kernel for CUDA and CPU tensors (registered on AutogradCUDA / AutogradCPU, which take
-    precedence over the custom op's own kernel on the Autograd alias). A call that needs no gradient, and for
-    which nothing but the backend lies below autograd (no fake, functional or subclass tensors, no dispatch
-    mode: the call's dispatch key set says so), runs `_forward` at once — what the dispatcher would reach after
-    two more crossings between C++ and Python (the custom op's redispatch, then its backend wrapper); every
-    other call goes to the custom op's autograd kernel unchanged. A generated token's attention calls are all
-    of the first kind. None (and no registration) where this torch lacks the pieces."""
+def _direct_autograd_kernel(name: str, opdef, body: str):
+    """The autograd kernel of op fa3::`name` for CUDA and CPU tensors (registered on AutogradCUDA / AutogradCPU,
+    which take precedence over the custom op's own kernel on the Autograd alias). A call that needs no gradient,
+    and for which nothing but the backend lies below autograd (no fake, functional or subclass tensors, no
+    dispatch mode: the call's dispatch key set says so), runs this module's function `body` at once — what the
+    dispatcher would reach after two more crossings between C++ and Python (the custom op's redispatch, then its
+    backend wrapper); every other call goes to the custom op's autograd kernel unchanged. A generated token's
+    attention calls, and the backward op called by autograd's backward pass, are of the first kind. None (and no
+    registration) where this torch lacks the pieces."""
     try:
         from torch._library.autograd import make_autograd_impl
-        general = make_autograd_impl(torch.ops.fa3.attention.default, attention_op)
+        general = make_autograd_impl(getattr(torch.ops.fa3, name).default, opdef)
         lib = torch.library.Library("fa3", "IMPL")
     except Exception:   # pragma: no cover - depends on torch internals
         return None
-    requires_grad, grad_enabled = torch._C._any_requires_grad, torch.is_grad_enabled
+    requires_grad, grad_enabled, module = torch._C._any_requires_grad, torch.is_grad_enabled, globals()
 
     def kernel(keyset, *args, **kwargs):
         if (not (grad_enabled() and requires_grad(*args))
                 and ((keyset & _AFTER_AUTOGRAD) - _VIEW_TRACKING).highestPriorityTypeId() in _BACKENDS):
-            return _forward(*args, **kwargs)
+            return module[body](*args, **kwargs)
         return general(keyset, *args, **kwargs)
 
     for key in ("AutogradCUDA", "AutogradCPU"):
-        lib.impl("attention", kernel, key, with_keyset=True)
+        lib.impl(name, kernel, key, with_keyset=True)
     return lib
 
 
-_DIRECT = _direct_autograd_kernel()
+_DIRECT = _direct_autograd_kernel("attention", attention_op, "_forward")
+_DIRECT_BACKWARD = _direct_autograd_kernel("attention_backward", attention_backward_op, "_backward_op")
 
 
 def _fp8_arg(fp8) -> str:

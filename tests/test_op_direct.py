@@ -1,5 +1,5 @@
-"""The op's direct autograd kernel (fa3_inductor/op.py `_direct_autograd_kernel`): a call that needs no gradient
-on plain CPU / CUDA tensors runs the forward at once; a call that needs a gradient, fake tensors, a dispatch mode
+"""The ops' direct autograd kernels (fa3_inductor/op.py `_direct_autograd_kernel`): a call that needs no gradient
+on plain CPU / CUDA tensors runs the forward (or the backward op) at once; a call that needs a gradient, fake tensors, a dispatch mode
 or inference mode go the custom op's way and give what they gave before. On CPU the op runs the reference kernel
 (no TRITON_INTERPRET), so these run anywhere."""
 
@@ -14,23 +14,27 @@ from fa3_inductor import op
 from fa3_inductor.kernels import reference
 from fa3_inductor.kernels.program import ScoreProgram
 
-pytestmark = pytest.mark.skipif(op._DIRECT is None, reason="this torch lacks make_autograd_impl")
+pytestmark = pytest.mark.skipif(op._DIRECT is None or op._DIRECT_BACKWARD is None,
+                                reason="this torch lacks make_autograd_impl")
 
 PROG = ScoreProgram(("add", ("mul", ("score",), ("const", 0.25)), ("operand", 0)), 1, operand_grad=(True,))
 
 
-@pytest.fixture
-def direct_calls(monkeypatch):
-    calls = []
-    forward = op._forward
+def _count(monkeypatch, name):
+    calls, fn = [], getattr(op, name)
 
     def counted(*args, **kwargs):
         calls.append(args)
-        return forward(*args, **kwargs)
+        return fn(*args, **kwargs)
 
-    monkeypatch.setattr(op, "_forward", counted)
-    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setattr(op, name, counted)
     return calls
+
+
+@pytest.fixture
+def direct_calls(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    return _count(monkeypatch, "_forward")
 
 
 def _inputs(requires_grad=False):
@@ -58,11 +62,13 @@ def test_no_grad_call_runs_the_forward_directly(direct_calls):
     assert len(direct_calls) == 2
 
 
-def test_grad_call_takes_the_custom_ops_autograd(direct_calls):
+def test_grad_call_takes_the_custom_ops_autograd(direct_calls, monkeypatch):
+    backward_calls = _count(monkeypatch, "_backward_op")
     q, k, v, ops = _inputs(requires_grad=True)
     out, _ = _call(q, k, v, ops)
     assert not direct_calls and out.grad_fn is not None
     out.sum().backward()
+    assert len(backward_calls) == 1     # the backward op, called with grad mode off, runs directly
     q2, k2, v2, ops2 = (t.detach().requires_grad_() for t in (q, k, v, ops[0]))
     (torch.softmax(q2 @ k2.transpose(-1, -2) * 0.25 + ops2, -1) @ v2).sum().backward()
     for a, b in ((q, q2), (k, k2), (v, v2), (ops[0], ops2)):
