@@ -35,12 +35,15 @@ def _run(hit, grid: tuple, args: tuple, kwargs: dict) -> None:
     drv = driver.active
     stream = drv.get_current_stream(drv.get_current_device())
     values = args + tuple(kwargs[n] for n in tail) if tail else args
-    enter = knobs.runtime.launch_enter_hook
-    meta = ck.launch_metadata(grid, stream, *values) if enter is not None else None
+    enter, leave = knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook
+    if not getattr(enter, "calls", True) and not getattr(leave, "calls", True):
+        # empty hook chains (Triton 3.6 keeps them as objects, never None): calling them does nothing, so the
+        # launch metadata they would receive is not built and the C launcher is told there are no hooks
+        enter = leave = None
+    meta = ck.launch_metadata(grid, stream, *values) if enter is not None or leave is not None else None
     g1 = grid[1] if len(grid) > 1 else 1
     g2 = grid[2] if len(grid) > 2 else 1
-    ck.run(grid[0], g1, g2, stream, ck.function, ck.packed_metadata, meta, enter,
-           knobs.runtime.launch_exit_hook, *values)
+    ck.run(grid[0], g1, g2, stream, ck.function, ck.packed_metadata, meta, enter, leave, *values)
 
 
 def launch(key, kernel, grid: tuple, args: tuple, kwargs: dict) -> None:
