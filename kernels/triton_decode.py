@@ -102,7 +102,7 @@ class _Plan:
     them. Holds no tensors (a plan outlives its calls; CUDA graph pools check for leaked tensors)."""
 
     __slots__ = ("key", "mod", "g", "block_m", "cap", "quantum", "interpret_cfg", "tune_key", "configs", "cfgs",
-                 "sites", "combine_kwargs", "last", "loose_lengths")
+                 "sites", "combine_kwargs", "last", "loose_lengths", "out_strides")
 
     def __init__(self, key, q, k, v, operands, prog, splits):
         spec, self.mod, skey, _ = tp._spec_and_module(prog, q, k, v, operands, key[-1] is not None, "decode")
@@ -120,7 +120,7 @@ class _Plan:
         self.configs = _configs(d, q.dtype, self.block_m)
         # sized by the cap, not this length's split count: a growing cache keeps one variant
         self.combine_kwargs = dict(BLOCK_S=max(2, _next_pow2(self.cap)))
-        self.last = None
+        self.last = self.out_strides = None
         self.cfgs = {}      # (length bucket, split count) -> settled config
         self.sites = {}     # (config, split count, integer classes, alignments) -> (decode Site, combine Site)
 
@@ -180,6 +180,9 @@ def forward(q, k, v, operands, prog: ScoreProgram, splits: int | None = None):
     n_split, chunk = plan.split(sk)
     out = tp._empty((b, hq, sq, dv), v.dtype, dev)
     lse = tp._empty((b, hq, sq), torch.float32, dev)
+    if plan.out_strides is None:        # the plan's first call: the buffers _empty gives, once
+        assert out.is_contiguous() and lse.is_contiguous()
+        plan.out_strides = (out.stride(), lse.stride())
     final = n_split == 1
     if final:   # written straight into out / lse: no partial buffers
         part, lpart = out, lse
@@ -200,11 +203,14 @@ def forward(q, k, v, operands, prog: ScoreProgram, splits: int | None = None):
         op_args += [st if n == f else 0 for n, st, f in zip(t.shape, t.stride(), full)]
     coff = sk - sq if prog.causal == "bottom_right" else 0
     qs, ks, vs = q.stride(), k.stride(), v.stride()
-    args = (q, k, v, out, lse, part, lpart, *op_args, *qs, *ks, *vs, *out.stride(), *lse.stride(), *pstrides,
-            *lstrides, sq, sk, coff, chunk)
-    # what the plan and the split count do not fix (out / lse: contiguous from _empty; the partials: above)
+    os_, ls_ = plan.out_strides
+    args = (q, k, v, out, lse, part, lpart, *op_args, *qs, *ks, *vs, *os_, *ls_, *pstrides, *lstrides, sq, sk,
+            coff, chunk)
+    # what the plan and the split count do not fix: the inputs' strides and pointers, the lengths (out, lse and
+    # the partials are fresh contiguous allocations, aligned by the allocator; the partial outputs start 16 bytes
+    # into theirs times a whole number)
     ints = [*op_args[1::5], *op_args[2::5], *op_args[3::5], *op_args[4::5], *qs, *ks, *vs, sk, coff, chunk]
-    ptrs = [q, k, v, out, lse, lpart, *operands]
+    ptrs = [q, k, v, *operands]
 
     al = launcher.aligned(ptrs)
     last = plan.last    # the previous call's integer arguments, config and sites (other layers, same step)
@@ -232,7 +238,7 @@ def forward(q, k, v, operands, prog: ScoreProgram, splits: int | None = None):
         combine = None if final else _site(plan, cfg or plan.configs[0], n_split, ints, al)[1]
     if not final:
         combine(plan.mod.attn_decode_combine, (sq, hq, b),
-                (part, lpart, out, lse, *pstrides, *lstrides, *out.stride(), *lse.stride(), n_split),
+                (part, lpart, out, lse, *pstrides, *lstrides, *os_, *ls_, n_split),
                 plan.combine_kwargs)
     return out, lse
 
