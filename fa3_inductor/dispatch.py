@@ -112,7 +112,7 @@ def _select_key(prog, q, k, v, operands, preference, fp8):
 
 
 _SELECTED: dict = {}
-_RECENT = 4     # exact keys remembered per query shape class
+_RECENT = 8     # exact keys remembered per query layout (self- and cross-attention, local and global layers)
 
 
 def select(prog: ScoreProgram, q, k, v, operands, preference: str = "auto",
