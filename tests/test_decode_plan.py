@@ -251,3 +251,29 @@ def test_no_cache_grows_over_300_tokens_of_a_dynamic_cache(monkeypatch):
     assert dispatch.STATS[("forward", "triton-decode")] >= 2 * 360
     assert counts[-1] == counts[59], counts[59:]
     assert len(compiled) <= 6, len(compiled)       # decode and combine sites of the split counts 1 to 3
+
+
+def test_select_memo_keeps_a_fixed_key_while_another_grows(monkeypatch):
+    """dispatch.select's memo per query layout: a DynamicCache's self-attention (a new K / V length every token)
+    and a cross-attention (fixed K / V) of the same queries; the fixed one is never selected again, the growing
+    one once per length, and the memo stays at its bound."""
+    from fa3_inductor import dispatch
+    runs = []
+    real = dispatch._select
+
+    def counted(*args):
+        runs.append(args[2].shape[2])
+        return real(*args)
+
+    monkeypatch.setattr(dispatch, "_select", counted)
+    dispatch._SELECTED.clear()
+    prog = _causal(32)
+    q = torch.randn(1, 4, 1, 32).half()
+    cross = torch.randn(1, 2, 77, 32).half()
+    for sk in range(100, 140):
+        k = torch.randn(1, 2, sk, 32).half()
+        for _ in range(3):
+            assert dispatch.select(prog, q, k, k, []) == real(prog, q, k, k, [])
+            assert dispatch.select(prog, q, cross, cross, []) == real(prog, q, cross, cross, [])
+    assert runs == [100, 77] + list(range(101, 140))
+    assert sum(len(x) for x in dispatch._SELECTED.values()) <= dispatch._RECENT
