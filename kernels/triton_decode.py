@@ -101,13 +101,13 @@ class _Plan:
     launcher.aligned) and picks the sites compiled for exactly that; a growing cache reuses a handful of
     them. Holds no tensors (a plan outlives its calls; CUDA graph pools check for leaked tensors)."""
 
-    __slots__ = ("key", "mod", "g", "block_m", "cap", "quantum", "interpret_cfg", "tune_key", "configs", "cfgs",
+    __slots__ = ("key", "mod", "block_m", "cap", "quantum", "interpret_cfg", "tune_key", "configs", "cfgs",
                  "sites", "combine_kwargs", "last", "loose_lengths", "out_strides")
 
     def __init__(self, key, q, k, v, operands, prog, splits):
         spec, self.mod, skey, _ = tp._spec_and_module(prog, q, k, v, operands, key[-1] is not None, "decode")
         b, hq, sq, d = q.shape
-        self.key, self.g = key, spec.G
+        self.key = key
         self.block_m = max(16, _next_pow2(spec.G * sq))
         self.cap = split_cap(b, k.shape[1], q.device, splits)
         cuda = q.device.type == "cuda"
@@ -122,7 +122,7 @@ class _Plan:
         self.combine_kwargs = dict(BLOCK_S=max(2, _next_pow2(self.cap)))
         self.last = self.out_strides = None
         self.cfgs = {}      # (length bucket, split count) -> settled config
-        self.sites = {}     # (config, split count, integer classes, alignments) -> (decode Site, combine Site)
+        self.sites = {}     # (config, split count, integer classes, alignments) -> _site's tuple
 
     def split(self, sk: int) -> tuple[int, int]:
         """split_plan(b, hk, sk, device, splits) for this plan's cap."""
@@ -207,8 +207,8 @@ def forward(q, k, v, operands, prog: ScoreProgram, splits: int | None = None):
     args = (q, k, v, out, lse, part, lpart, *op_args, *qs, *ks, *vs, *os_, *ls_, *pstrides, *lstrides, sq, sk,
             coff, chunk)
     # what the plan and the split count do not fix: the inputs' strides and pointers, the lengths (out, lse and
-    # the partials are fresh contiguous allocations, aligned by the allocator; the partial outputs start 16 bytes
-    # into theirs times a whole number)
+    # the partials are fresh contiguous allocations, aligned by the allocator; the partial outputs start a
+    # multiple of 16 bytes into theirs)
     ints = [*op_args[1::5], *op_args[2::5], *op_args[3::5], *op_args[4::5], *qs, *ks, *vs, sk, coff, chunk]
     ptrs = [q, k, v, *operands]
 
