@@ -102,7 +102,7 @@ def _select_key(prog, q, k, v, operands, preference, fp8):
     """What every entry's `supports` looks at (shapes, strides, dtypes, device, 16-byte alignment; on CPU also
     TRITON_INTERPRET), or None for fake tensors and the meta device (compile time: symbolic sizes, no storage;
     not memoised)."""
-    if isinstance(q, FakeTensor) or any(isinstance(t, FakeTensor) for t in operands):
+    if isinstance(q, FakeTensor) or (operands and any([isinstance(t, FakeTensor) for t in operands])):
         return None
     device = q.device
     if device.type == "meta":
