@@ -14,8 +14,8 @@ of the process, best of five rounds).
 dout is a transposed view, as torch.compile passes it. Decode (the split-KV decode entry, one generated token
 against a Llama-like GQA cache, forward only): StaticCache (fixed shapes, a (B, 1, 1, Smax) boolean mask) and
 DynamicCache (no operand, bottom-right causal, K/V one key longer on every call, as torch.cat leaves them:
-contiguous, outer strides growing), counted on a later call, and the same with each length called 32 times in
-a row, as the layers of one generated token call it; "cache entries / call" is how many entries the
+contiguous, outer strides growing), counted on a later call, and the same with each length called 4 times in
+a row, as the 4 layers of bench/generate.py's Llama call it; "cache entries / call" is how many entries the
 module-level caches (launcher, dispatch, tuner, plans) gain per call over the timed calls. Writes
 host_counts.json / .md under --out.
 """
@@ -98,7 +98,7 @@ def cases(shape):
     }
 
 
-LAYERS = 32
+LAYERS = 4       # bench/generate.py's Llama (shared/ANCHORS.md): 4 layers call each length
 
 
 def decode_cases(calls: int):
