@@ -1,6 +1,7 @@
 """Host work per call of fa3::attention and fa3::attention_backward on the H100's path, counted on a CPU.
 
-    python bench/host_counts.py [--shape B,H,S,D] [--calls 200] [--backward ws|portable] [--out DIR]
+    python bench/host_counts.py [--shape B,H,S,D] [--calls 200] [--backward ws|portable] [--only prefill|decode]
+                                [--out DIR]
 
 The dispatch table is made to pick what it picks on sm_90 (the Hopper forward; the Hopper backward, whose tuner
 settles on its first warp-specialized candidate, or with --backward portable the portable backward, as for
@@ -12,9 +13,15 @@ sdpa site, uniform = its eager site; the same padding as a float finfo.min opera
 is not proven passes it) and a dense additive float mask: torch ops the op body calls, allocations, torch ops
 that launch a device kernel, Triton launches (direct = the launcher's cached path, ordinary = kernel[grid]),
 Python function calls (all, and fa3_inductor's) and µs per call on this CPU with launches stubbed (a CPU's
-allocator and dispatcher, not the H100 host's).
-dout is a transposed view, as torch.compile passes it. Writes host_counts.json / .md under --out (with
---backward portable: host_counts_portable_bwd.*).
+allocator and dispatcher, not the H100 host's; CPU time of the process, best of five rounds).
+dout is a transposed view, as torch.compile passes it. Decode (the split-KV decode entry, one generated token
+against a Llama-like GQA cache, forward only): StaticCache (fixed shapes, a (B, 1, 1, Smax) boolean mask) and
+DynamicCache (no operand, bottom-right causal, K/V one key longer on every call, as torch.cat leaves them:
+contiguous, outer strides growing), counted on a later call; and the same with each length called 4 times in
+a row, as the 4 layers of bench/generate.py's Llama call it (torch ops and launches counted on a length's first
+call, Python calls on its second, time over all). "cache entries / call": how many entries the module-level
+caches (launcher, dispatch, tuner, plans) gain per call over the timed calls. Writes host_counts.json / .md
+under --out (with --backward portable: host_counts_portable_bwd.*).
 """
 
 from __future__ import annotations
@@ -101,6 +108,63 @@ def cases(shape):
     }
 
 
+LAYERS = 4       # bench/generate.py's Llama (shared/ANCHORS.md): 4 layers call each length
+
+
+def decode_cases(calls: int):
+    """(name, program, call factory): each factory returns the next call's (q, k, v, operands)."""
+    from fa3_inductor.kernels.program import ScoreProgram
+    b, hq, hk, d, smax = 1, 32, 8, 128, 1024
+    g = torch.Generator().manual_seed(0)
+    scaled = ("mul", ("score",), ("const", d ** -0.5))
+    q = torch.randn(b, 1, hq, d, generator=g).half().transpose(1, 2)     # (B, Hq, 1, D) view of the projection
+    k, v = (torch.randn(b, hk, smax, d, generator=g).half() for _ in range(2))
+    keep = torch.zeros(b, 1, 1, smax, dtype=torch.bool)
+    keep[..., :300] = True
+
+    def static():
+        return q, k, v, [keep]
+
+    # a DynamicCache's K/V after torch.cat: contiguous (B, Hk, S, D), S one longer per call (views of one flat
+    # buffer: launches are recorded, so only shapes, strides and alignment matter)
+    start = 200
+    flat = torch.empty(b * hk * (start + calls + 16) * d, dtype=torch.float16)
+    views = [flat.as_strided((b, hk, s, d), (hk * s * d, s * d, d, 1)) for s in range(start + calls, start, -1)]
+
+    def dynamic():
+        kv = views.pop()
+        return q, kv, kv, []
+
+    # fresh lengths (past the ones above), each taken by LAYERS calls in a row
+    steps = -(-calls // LAYERS)
+    flat2 = torch.empty(b * hk * (start + calls + 16 + steps) * d, dtype=torch.float16)
+    layered = [flat2.as_strided((b, hk, s, d), (hk * s * d, s * d, d, 1))
+               for s in range(start + calls + 16 + steps, start + calls + 16, -1) for _ in range(LAYERS)]
+
+    def dynamic_layers():
+        kv = layered.pop()
+        return q, kv, kv, []
+
+    return [("decode StaticCache: (B,1,1,Smax) bool mask", ScoreProgram(("where", ("operand", 0), scaled,
+                                                                        ("const", -math.inf)), 1), static),
+            ("decode DynamicCache: K/V one longer per call", ScoreProgram(scaled, causal="bottom_right"), dynamic),
+            (f"decode DynamicCache: one longer every {LAYERS} calls (layers of a step)",
+             ScoreProgram(scaled, causal="bottom_right"), dynamic_layers)]
+
+
+def cache_sizes() -> int:
+    """Entries of the module-level caches a call may add to (launcher, dispatch, tuner, specs, decode plans)."""
+    from fa3_inductor import dispatch
+    from fa3_inductor.kernels import launcher
+    from fa3_inductor.kernels import triton_decode as td
+    from fa3_inductor.kernels import triton_portable as tp
+    n = len(launcher._COMPILED) + len(tp._TUNED) + len(tp._SPECS) + len(dispatch._SELECTED_BWD)
+    n += sum(len(x) if isinstance(x, list) else 1 for x in dispatch._SELECTED.values())
+    for plan in getattr(td, "_PLANS", {}).values():
+        n += 1 + len(plan.sites) + len(plan.cfgs)
+    return n
+
+
 def _aten_events(fn):
     from torch.profiler import ProfilerActivity, profile
     with profile(activities=[ProfilerActivity.CPU]) as prof:
@@ -115,8 +179,8 @@ _VIEWS = {"aten::expand", "aten::view", "aten::as_strided", "aten::slice", "aten
 
 def measure(fn, calls: int) -> dict:
     import fa3_inductor
-    fn()
-    fn()
+    for _ in range(3):      # warm; in the layered DynamicCache case the counted calls are then a later layer's
+        fn()
     LAUNCHES.clear()
     events = _aten_events(fn)
     launches = dict(LAUNCHES)
@@ -130,15 +194,21 @@ def measure(fn, calls: int) -> dict:
     pr.disable()
     stats = pstats.Stats(pr).stats
     roots = tuple(os.path.dirname(m.__file__) for m in (fa3_inductor, fa3_inductor.kernels))
-    t = time.perf_counter()
-    for _ in range(calls):
-        fn()
-    return {"torch_ops": sum(top.values()), "torch_ops_by_name": dict(top),
+    before = cache_sizes()
+    rounds = []         # this process's CPU time, best of five rounds: the CPU is shared
+    for _ in range(5):
+        t = time.process_time()
+        for _ in range(calls // 5):
+            fn()
+        rounds.append(time.process_time() - t)
+    elapsed = min(rounds) * 5
+    return {"cache_entries_per_call": (cache_sizes() - before) / (calls // 5 * 5), "torch_ops": sum(top.values()),
+            "torch_ops_by_name": dict(top),
             "allocations": sum(1 for e in events if e.name in ("aten::empty", "aten::empty_strided")),
             "torch_kernels": sum(kernels.values()), "torch_kernels_by_name": dict(kernels),
             "triton_launches": launches, "python_calls": sum(v[1] for v in stats.values()),
             "python_calls_fa3": sum(v[1] for k, v in stats.items() if k[0].startswith(roots)),
-            "cpu_us_per_call": (time.perf_counter() - t) / calls * 1e6}
+            "cpu_us_per_call": elapsed / calls * 1e6}
 
 
 def main(argv=None):
@@ -147,6 +217,7 @@ def main(argv=None):
     ap.add_argument("--calls", type=int, default=200)
     ap.add_argument("--backward", choices=("ws", "portable"), default="ws",
                     help="the Hopper backward's warp-specialized kernel, or the portable one (as where ws declines)")
+    ap.add_argument("--only", choices=("prefill", "decode"), help="only these cases")
     ap.add_argument("--out", default=os.path.join(common.ROOT, "bench", "results"))
     args = ap.parse_args(argv)
     stand_in_for_sm90(args.backward)
@@ -155,7 +226,17 @@ def main(argv=None):
     head = common.header("Host work per fa3 call on the H100's path, counted on CPU (launches recorded), "
                          f"{args.backward} backward", torch.device("cpu"))
     rows = []
-    for name, (prog, (q, k, v, ops)) in cases(shape).items():
+    for name, prog, factory in decode_cases(8 + args.calls) if args.only != "prefill" else []:
+        s = prog.dumps()
+        q, k, v, ops = factory()
+        entry = dispatch.select(op.load_program(s), q, k, v, ops)[0].name
+
+        def fn(s=s, factory=factory):
+            q, k, v, ops = factory()
+            return torch.ops.fa3.attention(q, k, v, ops, s, "auto", "")
+        rows.append({"case": name, "pass": "forward", "entry": entry, **measure(fn, args.calls)})
+        print(rows[-1], flush=True)
+    for name, (prog, (q, k, v, ops)) in (cases(shape).items() if args.only != "decode" else ()):
         s = prog.dumps()
         entry = dispatch.select(op.load_program(s), q, k, v, ops)[0].name
         bwd_entry = dispatch.select_backward(op.load_program(s), q, k, v, ops)[0].name
@@ -171,12 +252,13 @@ def main(argv=None):
             print(rows[-1], flush=True)
     md = head + ["", f"shape B,H,S,D = {shape}", "",
                  "| case | pass | torch ops | allocations | torch kernels | Triton launches (direct/ordinary) "
-                 "| Python calls (fa3_inductor) | CPU µs/call |", "|---|---|---|---|---|---|---|---|"]
+                 "| Python calls (fa3_inductor) | CPU µs/call | cache entries / call |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         tl = r["triton_launches"]
         md.append(f"| {r['case']} | {r['pass']} | {r['torch_ops']} {r['torch_ops_by_name']} | {r['allocations']} "
                   f"| {r['torch_kernels']} | {tl.get('direct', 0)}/{tl.get('ordinary', 0)} "
-                  f"| {r['python_calls']} ({r['python_calls_fa3']}) | {r['cpu_us_per_call']:.1f} |")
+                  f"| {r['python_calls']} ({r['python_calls_fa3']}) | {r['cpu_us_per_call']:.1f} "
+                  f"| {r['cache_entries_per_call']:.2f} |")
     common.write_results(args.out, "host_counts" if args.backward == "ws" else "host_counts_portable_bwd", head,
                          rows, md)
     print("\n".join(md))

@@ -102,7 +102,7 @@ def _select_key(prog, q, k, v, operands, preference, fp8):
     """What every entry's `supports` looks at (shapes, strides, dtypes, device, 16-byte alignment; on CPU also
     TRITON_INTERPRET), or None for fake tensors and the meta device (compile time: symbolic sizes, no storage;
     not memoised)."""
-    if isinstance(q, FakeTensor) or any(isinstance(t, FakeTensor) for t in operands):
+    if isinstance(q, FakeTensor) or (operands and any([isinstance(t, FakeTensor) for t in operands])):
         return None
     device = q.device
     if device.type == "meta":
@@ -112,20 +112,33 @@ def _select_key(prog, q, k, v, operands, preference, fp8):
 
 
 _SELECTED: dict = {}
+_RECENT = 8     # exact keys remembered per query layout (self- and cross-attention, local and global layers)
 
 
 def select(prog: ScoreProgram, q, k, v, operands, preference: str = "auto",
            fp8: Fp8Recipe | None = None) -> tuple[KernelEntry, list[str]]:
     """Memoised _select: a launch must not pay Python support checks on every call (S=512 prefill was
-    CPU-bound on them)."""
+    CPU-bound on them). The memo holds, per (program, preference, recipe, device, q's layout), the last few exact
+    keys, most recent first: a cache that grows by a key per generated token (DynamicCache) replaces its own
+    older entries and leaves the others' (a cross-attention's fixed keys) in place, so nothing grows per token."""
     key = _select_key(prog, q, k, v, operands, preference, fp8)
     if key is None:
         return _select(prog, q, k, v, operands, preference, fp8)
-    hit = _SELECTED.get(key)
-    if hit is None:
+    shape_class = key[:5] + (key[5][0],)
+    recent = _SELECTED.get(shape_class)
+    if recent is not None:
+        for i, (seen, hit) in enumerate(recent):
+            if seen == key:
+                if i:
+                    recent.insert(0, recent.pop(i))
+                return hit
+    else:
         if len(_SELECTED) > 4096:
             _SELECTED.clear()
-        hit = _SELECTED[key] = _select(prog, q, k, v, operands, preference, fp8)
+        recent = _SELECTED[shape_class] = []
+    hit = _select(prog, q, k, v, operands, preference, fp8)
+    recent.insert(0, (key, hit))
+    del recent[_RECENT:]
     return hit
 
 

@@ -77,9 +77,8 @@ def check_inputs(q, k, v, operands, prog: ScoreProgram) -> None:
             raise ValueError(f"fa3 attention: operand {n} is boolean and cannot take a gradient")
 
 
-@torch.library.custom_op("fa3::attention", mutates_args=())
-def attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, operands: list[torch.Tensor],
-                 program: str, kernel: str, fp8: str = "") -> tuple[torch.Tensor, torch.Tensor]:
+def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, operands: list[torch.Tensor],
+             program: str, kernel: str, fp8: str = "") -> tuple[torch.Tensor, torch.Tensor]:
     prog = load_program(program)
     recipe = load_recipe(fp8)
     entry, passed_over = dispatch.select(prog, q, k, v, operands, kernel, recipe)
@@ -90,6 +89,9 @@ def attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, operands: li
     return out.contiguous(), lse.contiguous()   # the fake promises contiguous outputs
 
 
+attention_op = torch.library.custom_op("fa3::attention", mutates_args=())(_forward)
+
+
 @attention_op.register_fake
 def _attention_fake(q, k, v, operands, program, kernel, fp8=""):
     b, hq, sq, _ = q.shape
@@ -98,10 +100,9 @@ def _attention_fake(q, k, v, operands, program, kernel, fp8=""):
     return out, lse
 
 
-@torch.library.custom_op("fa3::attention_backward", mutates_args=())
-def attention_backward_op(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                          operands: list[torch.Tensor], out: torch.Tensor, lse: torch.Tensor,
-                          program: str, kernel: str) -> list[torch.Tensor]:
+def _backward_op(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                 operands: list[torch.Tensor], out: torch.Tensor, lse: torch.Tensor,
+                 program: str, kernel: str) -> list[torch.Tensor]:
     """Returns [dq, dk, dv, d operand for each operand whose program.operand_grad flag is set]."""
     prog = load_program(program)
     entry, passed = dispatch.select_backward(prog, q, k, v, operands, kernel)
@@ -110,6 +111,9 @@ def attention_backward_op(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, 
     # backward reads it through its strides, so no copy
     dq, dk, dv, dops = entry.backward(dout, q, k, v, operands, out, lse, prog)
     return [g.contiguous() for g in (dq, dk, dv, *dops)]   # the fake promises contiguous gradients
+
+
+attention_backward_op = torch.library.custom_op("fa3::attention_backward", mutates_args=())(_backward_op)
 
 
 @attention_backward_op.register_fake
@@ -145,6 +149,42 @@ def _backward(ctx, dout, dlse):
 
 
 attention_op.register_autograd(_backward, setup_context=_setup_context)
+
+_AFTER_AUTOGRAD = torch._C._after_autograd_keyset
+_VIEW_TRACKING = torch._C.DispatchKeySet(torch._C.DispatchKey.ADInplaceOrView)   # a fallthrough for this op
+_BACKENDS = (torch._C.DispatchKey.CUDA, torch._C.DispatchKey.CPU)
+
+
+def _direct_autograd_kernel(name: str, opdef, body: str):
+    """The autograd kernel of op fa3::`name` for CUDA and CPU tensors (registered on AutogradCUDA / AutogradCPU,
+    which take precedence over the custom op's own kernel on the Autograd alias). A call that needs no gradient,
+    and for which nothing but the backend lies below autograd (no fake, functional or subclass tensors, no
+    dispatch mode: the call's dispatch key set says so), runs this module's function `body` at once — what the
+    dispatcher would reach after two more crossings between C++ and Python (the custom op's redispatch, then its
+    backend wrapper); every other call goes to the custom op's autograd kernel unchanged. A generated token's
+    attention calls, and the backward op called by autograd's backward pass, are of the first kind. None (and no
+    registration) where this torch lacks the pieces."""
+    try:
+        from torch._library.autograd import make_autograd_impl
+        general = make_autograd_impl(getattr(torch.ops.fa3, name).default, opdef)
+        lib = torch.library.Library("fa3", "IMPL")
+    except Exception:   # pragma: no cover - depends on torch internals
+        return None
+    requires_grad, grad_enabled, module = torch._C._any_requires_grad, torch.is_grad_enabled, globals()
+
+    def kernel(keyset, *args, **kwargs):
+        if (not (grad_enabled() and requires_grad(*args))
+                and ((keyset & _AFTER_AUTOGRAD) - _VIEW_TRACKING).highestPriorityTypeId() in _BACKENDS):
+            return module[body](*args, **kwargs)
+        return general(keyset, *args, **kwargs)
+
+    for key in ("AutogradCUDA", "AutogradCPU"):
+        lib.impl(name, kernel, key, with_keyset=True)
+    return lib
+
+
+_DIRECT = _direct_autograd_kernel("attention", attention_op, "_forward")
+_DIRECT_BACKWARD = _direct_autograd_kernel("attention_backward", attention_backward_op, "_backward_op")
 
 
 def _fp8_arg(fp8) -> str:

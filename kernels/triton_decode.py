@@ -92,42 +92,158 @@ def split_plan(b: int, hk: int, sk: int, device, splits: int | None = None) -> t
     return max(1, -(-sk // chunk)), chunk
 
 
+class _Plan:
+    """What a decode call's shape class pins (program, dtypes, batch, heads, query length, head dims, operand
+    dtypes and broadcast pattern, device, split override): the generated module, BLOCK_M, the split cap, the
+    settled config per (length bucket, split count), and the launch sites per Triton specialisation of the
+    call's arguments. Lengths, strides and alignments vary from call to call (a DynamicCache grows every
+    token), so each call classifies its integer arguments and pointers as Triton does (launcher.int_classes /
+    launcher.aligned) and picks the sites compiled for exactly that; a growing cache reuses a handful of
+    them. Holds no tensors (a plan outlives its calls; CUDA graph pools check for leaked tensors)."""
+
+    __slots__ = ("key", "mod", "block_m", "cap", "quantum", "interpret_cfg", "tune_key", "configs", "cfgs",
+                 "sites", "combine_kwargs", "last", "loose_lengths", "out_strides")
+
+    def __init__(self, key, q, k, v, operands, prog, splits):
+        spec, self.mod, skey, _ = tp._spec_and_module(prog, q, k, v, operands, key[-1] is not None, "decode")
+        b, hq, sq, d = q.shape
+        self.key = key
+        self.block_m = max(16, _next_pow2(spec.G * sq))
+        self.cap = split_cap(b, k.shape[1], q.device, splits)
+        cuda = q.device.type == "cuda"
+        self.quantum = QUANTUM if cuda else INTERPRET_CONFIG[0]
+        self.interpret_cfg = None if cuda else INTERPRET_CONFIG
+        self.tune_key = skey
+        # (the interpreter's kernels have no parameters to read; nothing is compiled or cached there)
+        params = getattr(self.mod.attn_decode, "params", ())
+        self.loose_lengths = {"Sk", "coff", "chunk"} <= {p.name for p in params if p.do_not_specialize}
+        self.configs = _configs(d, q.dtype, self.block_m)
+        # sized by the cap, not this length's split count: a growing cache keeps one variant
+        self.combine_kwargs = dict(BLOCK_S=max(2, _next_pow2(self.cap)))
+        self.last = self.out_strides = None
+        self.cfgs = {}      # (length bucket, split count) -> settled config
+        self.sites = {}     # (config, split count, integer classes, alignments) -> _site's tuple
+
+    def split(self, sk: int) -> tuple[int, int]:
+        """split_plan(b, hk, sk, device, splits) for this plan's cap."""
+        quantum = self.quantum
+        blocks = max(1, -(-sk // quantum))
+        n = min(self.cap, blocks)
+        chunk = -(-blocks // n) * quantum
+        return max(1, -(-sk // chunk)), chunk
+
+
+_PLANS: dict = {}
+
+
+def _plan_key(q, k, v, operands, prog, splits):
+    dev = q.device
+    interpret = (INTERPRET_CONFIG, INTERPRET_SPLITS) if dev.type == "cpu" and tp.interpreting() else None
+    # an operand's batch, head and query sizes are fixed with q's; its key axis counts only as broadcast or not
+    ops = tuple([(t.dtype, *t.shape[:3], t.shape[3] == 1) for t in operands]) if operands else ()
+    return (prog, dev, splits, q.dtype, v.dtype, q.shape, k.shape[1], v.shape[3], ops, interpret)
+
+
+def _site(plan: _Plan, cfg, n_split: int, ints: list, al):
+    """(decode Site, combine Site, decode kwargs, al) for this specialisation: a key that pins everything the
+    compiled kernels depend on — the plan, the config, the split count (FINAL, the partial buffers' strides) and
+    how Triton classifies every integer argument (ints) and pointer (al: launcher.aligned) of the launches (the
+    rest follows from the plan)."""
+    if plan.loose_lengths:  # Sk, coff, chunk (the last three): Triton does not specialise on their values
+        classes = launcher.int_classes(ints[:-3]) + (launcher.int_types(ints[-3:]),)
+    else:
+        classes = launcher.int_classes(ints)
+    skey = (cfg, n_split, classes, al)
+    hit = plan.sites.get(skey)
+    if hit is None:
+        base = ("decode", plan.key) + skey
+        bn, warps, stages = cfg
+        kwargs = dict(BLOCK_M=plan.block_m, BLOCK_N=bn, FINAL=n_split == 1, num_warps=warps, num_stages=stages)
+        hit = plan.sites[skey] = (launcher.Site(base), launcher.Site(base + ("combine",)), kwargs, al)
+    return hit
+
+
 def forward(q, k, v, operands, prog: ScoreProgram, splits: int | None = None):
     """Returns (out (B, Hq, Sq, Dv) in v.dtype, lse fp32 (B, Hq, Sq)); splits overrides the split count."""
+    key = _plan_key(q, k, v, operands, prog, splits)
+    plan = _PLANS.get(key)
     b, hq, sq, d = q.shape
-    hk, sk, dv = k.shape[1], k.shape[2], v.shape[-1]
-    out = tp._empty((b, hq, sq, dv), v.dtype, q.device)
-    lse = tp._empty((b, hq, sq), torch.float32, q.device)
-    if out.numel() == 0 and lse.numel() == 0:
-        return out, lse
-    spec, mod, op_args, coff, skey, _ = tp._prepare(q, k, v, operands, prog, "decode")
-    block_m = max(16, _next_pow2(spec.G * sq))
-    cap = split_cap(b, hk, q.device, splits)
-    n_split, chunk = split_plan(b, hk, sk, q.device, cap)
+    dv = v.shape[3]
+    dev = q.device
+    if plan is None:
+        if b * hq * sq == 0:
+            return tp._empty((b, hq, sq, dv), v.dtype, dev), tp._empty((b, hq, sq), torch.float32, dev)
+        if len(_PLANS) > 4096:
+            _PLANS.clear()
+        plan = _PLANS[key] = _Plan(key, q, k, v, operands, prog, splits)
+    hk, sk = k.shape[1], k.shape[2]
+    n_split, chunk = plan.split(sk)
+    out = tp._empty((b, hq, sq, dv), v.dtype, dev)
+    lse = tp._empty((b, hq, sq), torch.float32, dev)
+    if plan.out_strides is None:        # the plan's first call: the buffers _empty gives, once
+        assert out.is_contiguous() and lse.is_contiguous()
+        plan.out_strides = (out.stride(), lse.stride())
     final = n_split == 1
-    if final:   # written straight into out / lse: the partial buffers are not touched
+    if final:   # written straight into out / lse: no partial buffers
         part, lpart = out, lse
+        pstrides, lstrides = _NO_PART
     else:
-        part = tp._empty((b, hq, sq, n_split, dv), torch.float32, q.device)
-        lpart = tp._empty((b, hq, sq, n_split), torch.float32, q.device)
+        # one allocation for both partial buffers, (B, Hq, Sq, splits) lse partials first, then the 16-byte
+        # aligned (B, Hq, Sq, splits, Dv) out partials; the kernels read them only through these strides
+        rows = b * hq * sq * n_split
+        at = -(-rows // 4) * 4
+        lpart = tp._empty((at + rows * dv,), torch.float32, dev)
+        part = lpart[at:]
+        lstrides = (hq * sq * n_split, sq * n_split, n_split, 1)
+        pstrides = (hq * sq * n_split * dv, sq * n_split * dv, n_split * dv, dv, 1)
+    full = (b, hq, sq, sk)
+    op_args = []
+    for t in operands:      # each operand read through its strides expanded to (B, Hq, Sq, Sk)
+        op_args.append(t)
+        op_args += [st if n == f else 0 for n, st, f in zip(t.shape, t.stride(), full)]
+    coff = sk - sq if prog.causal == "bottom_right" else 0
+    qs, ks, vs = q.stride(), k.stride(), v.stride()
+    os_, ls_ = plan.out_strides
+    args = (q, k, v, out, lse, part, lpart, *op_args, *qs, *ks, *vs, *os_, *ls_, *pstrides, *lstrides, sq, sk,
+            coff, chunk)
+    # what the plan and the split count do not fix: the inputs' strides and pointers, the lengths (out, lse and
+    # the partials are fresh contiguous allocations, aligned by the allocator; the partial outputs start a
+    # multiple of 16 bytes into theirs)
+    ints = [*op_args[1::5], *op_args[2::5], *op_args[3::5], *op_args[4::5], *qs, *ks, *vs, sk, coff, chunk]
+    ptrs = [q, k, v, *operands]
 
-    # everything the launches are specialised on follows from q, k, v, the operands and the split
-    base = ("decode", prog, q.device.index, launcher.call_key((q, k, v, *operands)), n_split, chunk)
+    al = launcher.aligned(ptrs)
+    last = plan.last    # the previous call's integer arguments, config and sites (other layers, same step)
+    if last is not None and last[0] == ints and last[2][3] == al:
+        cfg, hit = last[1], last[2]
+    else:
+        cfg = plan.interpret_cfg or plan.cfgs.get((tp._bucket(sk), n_split))
+        hit = None
+        if cfg is not None:
+            hit = _site(plan, cfg, n_split, ints, al)
+            plan.last = (ints, cfg, hit)
+    if hit is not None:
+        site, combine, kwargs, _ = hit
+        site(plan.mod.attn_decode, (n_split, hk, b), args, kwargs)
+    else:       # not settled for this bucket yet: the tuner runs (or picks) the config
+        def launch(cfg):
+            site, _, kwargs, _ = _site(plan, cfg, n_split, ints, al)
+            site(plan.mod.attn_decode, (n_split, hk, b), args, kwargs)
 
-    def launch(cfg):
-        kernel, grid, args, kwargs = launch_args(q, k, v, operands, prog, out, lse, part, lpart, n_split, chunk,
-                                                 cfg, prepared=(spec, mod, op_args, coff))
-        launcher.launch(base + (cfg,), kernel, grid, args, kwargs)
-
-    key = (skey, block_m, tp._bucket(sk), n_split)
-    tp._launch_tuned("decode", key, d, q.dtype, q.device, launch, configs=_configs(d, q.dtype, block_m),
-                     interpret_config=INTERPRET_CONFIG)
+        tkey = (plan.tune_key, plan.block_m, tp._bucket(sk), n_split)
+        cfg = tp._launch_tuned("decode", tkey, d, q.dtype, dev, launch, configs=plan.configs,
+                               interpret_config=INTERPRET_CONFIG)
+        if cfg is not None:
+            plan.cfgs[(tp._bucket(sk), n_split)] = cfg
+        combine = None if final else _site(plan, cfg or plan.configs[0], n_split, ints, al)[1]
     if not final:
-        launcher.launch(base + ("combine",), mod.attn_decode_combine, (sq, hq, b),
-                        (part, lpart, out, lse, *part.stride(), *lpart.stride(), *out.stride(), *lse.stride(), n_split),
-                        # sized by the cap, not this length's split count: a growing cache keeps one variant
-                        dict(BLOCK_S=max(2, _next_pow2(cap))))
+        combine(plan.mod.attn_decode_combine, (sq, hq, b),
+                (part, lpart, out, lse, *pstrides, *lstrides, *os_, *ls_, n_split),
+                plan.combine_kwargs)
     return out, lse
+
+
+_NO_PART = ((0,) * 5, (0,) * 4)
 
 
 def launch_args(q, k, v, operands, prog, out, lse, part, lpart, n_split: int, chunk: int, cfg, prepared=None):

@@ -7,6 +7,7 @@ autotuner on CUDA (never while a CUDA graph is being captured) and fixed small t
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 
@@ -31,7 +32,8 @@ def interpreting() -> bool:
 
 # --- what the kernels can run ---------------------------------------------------------------------------
 
-def _bool_arith(e, n_operands, operand_kinds) -> str | None:
+@functools.lru_cache(maxsize=1024)
+def _bool_arith(e, n_operands, operand_kinds: tuple) -> str | None:
     """Reason if the expression does arithmetic on two boolean values (torch keeps those boolean)."""
     def kind(x):
         op = x[0]
@@ -60,16 +62,30 @@ def _bool_arith(e, n_operands, operand_kinds) -> str | None:
     return walk(e)
 
 
+_INT = {int}
+
+
 def _ints(*xs) -> bool:
     """All plain ints (not symbolic sizes): checks on symbolic sizes would add compile-time guards."""
-    return all(type(x) is int for x in xs)
+    return not xs or set(map(type, xs)) == _INT
 
 
 def _span(t) -> int:
     """Largest element offset inside one (batch, head) slice of t (0 when sizes are symbolic)."""
-    if t.dim() < 4 or not _ints(*t.shape, *t.stride()):
+    shape, stride = t.shape, t.stride()
+    if len(shape) == 4:     # the common case, without building sets
+        b, h, s, d = shape
+        sb, sh, ss, sd = stride
+        if not (type(b) is type(h) is type(s) is type(d) is type(sb) is type(sh) is type(ss) is type(sd) is int):
+            return 0
+        return (s - 1) * abs(ss) * (s > 0) + (d - 1) * abs(sd) * (d > 0)
+    if len(shape) < 4 or set(map(type, shape)) != _INT or set(map(type, stride)) != _INT:
         return 0
-    return sum((s - 1) * abs(st) for s, st in zip(t.shape[2:], t.stride()[2:]) if s > 0)
+    span = 0
+    for s, st in zip(shape[2:], stride[2:]):
+        if s > 0:
+            span += (s - 1) * abs(st)
+    return span
 
 
 def supports(prog: ScoreProgram, q, k, v, operands, fp8: bool = False) -> str | None:
@@ -97,7 +113,7 @@ def supports(prog: ScoreProgram, q, k, v, operands, fp8: bool = False) -> str | 
         if t.dtype.is_complex:
             return f"operand {n} is complex"
         kinds.append("bool" if t.dtype == torch.bool else "float")
-    reason = _bool_arith(prog.expr, prog.n_operands, kinds)
+    reason = _bool_arith(prog.expr, prog.n_operands, tuple(kinds))
     if reason:
         return reason
     for name, t in [("q", q), ("k", k), ("v", v)] + [(f"operand {n}", t) for n, t in enumerate(operands)]:

@@ -126,3 +126,31 @@ def test_decode_repeated_and_graph_capture():
         g.replay()
         rout, _ = reference.forward(q, k, v, [], prog)
         torch.testing.assert_close(out.float(), rout.float(), atol=2e-2, rtol=2e-2)
+
+
+def test_decode_growing_cache_keeps_its_sites():
+    """A DynamicCache's K / V (contiguous, one key longer per call, fresh buffers): the decode plan's sites start
+    the compiled kernels directly, and a cache entry is added only with a split count not seen before (at most
+    the cap's), never per token; nothing is compiled after the first call."""
+    gen = torch.Generator(device=DEV).manual_seed(14)
+    prog = ScoreProgram(("mul", S, ("const", 128 ** -0.5)), causal="bottom_right")
+    q = randn(1, 32, 1, 128, gen=gen)
+    k, v = randn(1, 8, 3000, 128, gen=gen), randn(1, 8, 3000, 128, gen=gen)
+    sizes, splits, variants = [], set(), []
+    for step in range(300):
+        k = torch.cat([k, randn(1, 8, 1, 128, gen=gen)], dim=2)
+        v = torch.cat([v, randn(1, 8, 1, 128, gen=gen)], dim=2)
+        out, _ = td.forward(q, k, v, [], prog)
+        if step % 60 == 0:
+            rout, _ = reference.forward(q, k, v, [], prog)
+            torch.testing.assert_close(out.float(), rout.float(), atol=2e-2, rtol=2e-2)
+        plan = next(p for key, p in td._PLANS.items() if key[0] == prog)
+        n_split = plan.split(k.shape[2])[0]
+        size = (len(launcher._COMPILED), len(plan.sites), len(plan.cfgs))
+        assert not sizes or size == sizes[-1] or n_split not in splits, (step, n_split, size, sizes[-1])
+        splits.add(n_split)
+        sizes.append(size)
+        variants.append(tuple(len(c[0]) for n in ("attn_decode", "attn_decode_combine")
+                              for c in getattr(getattr(plan.mod, n), "device_caches", {}).values()))
+    assert all(x == variants[0] for x in variants), "a growing cache compiled a new variant"
+    assert all(site.hit is not None for site, combine, _, _ in plan.sites.values()), "a site never went direct"
