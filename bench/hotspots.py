@@ -36,20 +36,6 @@ SCENARIOS = ("prefill512", "decode", "decode-ro", "decode-dynamic", "train-bert"
 SYNC_EVENTS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaMemcpyAsync", "cudaEventSynchronize")
 
 
-def prefill512(mode, device, cpu):
-    import models
-    dtype = torch.float32 if cpu else torch.bfloat16
-    model, inputs, _ = models.build("llama-s512", "sdpa", "tiny" if cpu else "bench", device)
-    model, inputs = model.to(dtype), models.cast(inputs, dtype)
-    common.reset_dynamo()
-    fn = torch.compile(model, backend="inductor" if mode == "inductor" else "fa3")
-
-    def step():
-        with torch.no_grad():
-            fn(**inputs)
-    return step
-
-
 def decode(mode, device, cpu, compile_mode=None, cache="static"):
     import generate
     dtype = torch.float32 if cpu else torch.bfloat16
@@ -102,6 +88,10 @@ def zoo_prefill(case, impl):
                 fn(**inputs)
         return step
     return build
+
+
+def prefill512(mode, device, cpu):
+    return zoo_prefill("llama-s512", "sdpa")(mode, device, cpu)
 
 
 BUILDERS = {"prefill512": prefill512, "decode": decode, "decode-ro": decode_ro, "decode-dynamic": decode_dynamic,

@@ -44,6 +44,23 @@ from .templates_bwd import _and, _ind
 from .templates_hopper import _HEAD as _FWD_HEAD
 from .templates_hopper import operand_text
 
+# the two consumers and the producer: the same in both partition lists of attn_bwd_ws (with and without the
+# dQ writer), spelled once
+_PARTITIONS = '''            (_bwd_consumer, (q2, k2, v2, do2, ds_smem, k_smem, v_smem, kv_bar, full, empty, ds_bar, ds_free, fin,
+                             dk_desc, dv_desc, LSE, DELTA, lse_smem, delta_smem, DQ, dq_desc, dq_smem, dq_full,
+                             dq_empty, FLAG, slb, slh, slm, off_b, off_hk, n0, m_lo, n_m, Sq, Sk, coff, H,
+                             __OPS_KARGS__0, BLOCK_M, BLOCK_N, HEAD_D, STAGES, DQ_LAG, DQ_ADD, DQ_WRITER, DQ_EARLY,
+                             STATS_SMEM, DQ_ALT)),
+            (_bwd_consumer, (q2, k2, v2, do2, ds_smem, k_smem, v_smem, kv_bar, full, empty, ds_bar, ds_free, fin,
+                             dk_desc, dv_desc, LSE, DELTA, lse_smem, delta_smem, DQ, dq_desc, dq_smem, dq_full,
+                             dq_empty, FLAG, slb, slh, slm, off_b, off_hk, n0, m_lo, n_m, Sq, Sk, coff, H,
+                             __OPS_KARGS__1, BLOCK_M, BLOCK_N, HEAD_D, STAGES, DQ_LAG, DQ_ADD, DQ_WRITER, DQ_EARLY,
+                             STATS_SMEM, DQ_ALT)),
+            (_bwd_producer, (q_desc, k_desc, v_desc, do_desc, q_smem, k_smem, v_smem, do_smem, kv_bar, full, empty,
+                             LSE, DELTA, lse_smem, delta_smem, slb, slh, slm, Sq, H, off_b, off_hk, n0, m_lo, n_m,
+                             BLOCK_M, BLOCK_N, STAGES, STATS_SMEM, DQ_ALT)),
+'''
+
 _KERNEL = '''
 @gluon.jit
 def _tile_of(it, n_m, m_lo, off_hk, BLOCK_M: gl.constexpr):
@@ -409,39 +426,14 @@ __Q_RANGE__
     v2 = v_smem._reinterpret(dtype, [BLOCK_N, HEAD_D], k_l)
     if DQ_WRITER:   # a fourth partition, one warp: the dQ writer
         gl.warp_specialize([
-            (_bwd_consumer, (q2, k2, v2, do2, ds_smem, k_smem, v_smem, kv_bar, full, empty, ds_bar, ds_free, fin,
-                             dk_desc, dv_desc, LSE, DELTA, lse_smem, delta_smem, DQ, dq_desc, dq_smem, dq_full,
-                             dq_empty, FLAG, slb, slh, slm, off_b, off_hk, n0, m_lo, n_m, Sq, Sk, coff, H,
-                             __OPS_KARGS__0, BLOCK_M, BLOCK_N, HEAD_D, STAGES, DQ_LAG, DQ_ADD, DQ_WRITER, DQ_EARLY,
-                             STATS_SMEM, DQ_ALT)),
-            (_bwd_consumer, (q2, k2, v2, do2, ds_smem, k_smem, v_smem, kv_bar, full, empty, ds_bar, ds_free, fin,
-                             dk_desc, dv_desc, LSE, DELTA, lse_smem, delta_smem, DQ, dq_desc, dq_smem, dq_full,
-                             dq_empty, FLAG, slb, slh, slm, off_b, off_hk, n0, m_lo, n_m, Sq, Sk, coff, H,
-                             __OPS_KARGS__1, BLOCK_M, BLOCK_N, HEAD_D, STAGES, DQ_LAG, DQ_ADD, DQ_WRITER, DQ_EARLY,
-                             STATS_SMEM, DQ_ALT)),
-            (_bwd_producer, (q_desc, k_desc, v_desc, do_desc, q_smem, k_smem, v_smem, do_smem, kv_bar, full, empty,
-                             LSE, DELTA, lse_smem, delta_smem, slb, slh, slm, Sq, H, off_b, off_hk, n0, m_lo, n_m,
-                             BLOCK_M, BLOCK_N, STAGES, STATS_SMEM, DQ_ALT)),
-            (_bwd_dq_writer, (dq_desc, dq_smem, dq_full, dq_empty, off_b, off_hk, m_lo, n_m, BLOCK_M, HEAD_D,
+__PARTITIONS__            (_bwd_dq_writer, (dq_desc, dq_smem, dq_full, dq_empty, off_b, off_hk, m_lo, n_m, BLOCK_M, HEAD_D,
                               DQ_ALT)),
         ], [4, 1, 1], [240, 24, 24])
     else:
         gl.warp_specialize([
-            (_bwd_consumer, (q2, k2, v2, do2, ds_smem, k_smem, v_smem, kv_bar, full, empty, ds_bar, ds_free, fin,
-                             dk_desc, dv_desc, LSE, DELTA, lse_smem, delta_smem, DQ, dq_desc, dq_smem, dq_full,
-                             dq_empty, FLAG, slb, slh, slm, off_b, off_hk, n0, m_lo, n_m, Sq, Sk, coff, H,
-                             __OPS_KARGS__0, BLOCK_M, BLOCK_N, HEAD_D, STAGES, DQ_LAG, DQ_ADD, DQ_WRITER, DQ_EARLY,
-                             STATS_SMEM, DQ_ALT)),
-            (_bwd_consumer, (q2, k2, v2, do2, ds_smem, k_smem, v_smem, kv_bar, full, empty, ds_bar, ds_free, fin,
-                             dk_desc, dv_desc, LSE, DELTA, lse_smem, delta_smem, DQ, dq_desc, dq_smem, dq_full,
-                             dq_empty, FLAG, slb, slh, slm, off_b, off_hk, n0, m_lo, n_m, Sq, Sk, coff, H,
-                             __OPS_KARGS__1, BLOCK_M, BLOCK_N, HEAD_D, STAGES, DQ_LAG, DQ_ADD, DQ_WRITER, DQ_EARLY,
-                             STATS_SMEM, DQ_ALT)),
-            (_bwd_producer, (q_desc, k_desc, v_desc, do_desc, q_smem, k_smem, v_smem, do_smem, kv_bar, full, empty,
-                             LSE, DELTA, lse_smem, delta_smem, slb, slh, slm, Sq, H, off_b, off_hk, n0, m_lo, n_m,
-                             BLOCK_M, BLOCK_N, STAGES, STATS_SMEM, DQ_ALT)),
-        ], [4, 1], [240, 24])
+__PARTITIONS__        ], [4, 1], [240, 24])
 '''
+_KERNEL = _KERNEL.replace("__PARTITIONS__", _PARTITIONS)
 
 # the forward's prelude (imports, _tanh, _sigmoid) plus the TMA reduction the dQ path uses
 _HEAD = _FWD_HEAD.replace("warpgroup_mma_wait)\n", "warpgroup_mma_wait)\n"

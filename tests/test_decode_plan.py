@@ -26,6 +26,8 @@ from fa3_inductor.kernels import triton_decode as td
 from fa3_inductor.kernels import triton_portable as tp
 from fa3_inductor.kernels.program import ScoreProgram
 
+import plan_checks
+
 S = ("score",)
 
 
@@ -201,21 +203,8 @@ def test_plan_holds_no_tensors(recorded):
     mask = torch.ones(b, 1, 1, 40, dtype=torch.bool)
     k, v = (torch.randn(b, hk, 40, d).half() for _ in range(2))
     td.forward(q, k, v, [mask], _where(d))
-    stack, found, seen = list(td._PLANS.values()), [], set()
-    while stack:
-        x = stack.pop()
-        if id(x) in seen or isinstance(x, KernelInterface) or type(x).__name__ == "module":
-            continue
-        seen.add(id(x))
-        if isinstance(x, torch.Tensor):
-            found.append(x.shape)
-        elif isinstance(x, (tuple, list)):
-            stack += list(x)
-        elif isinstance(x, dict):
-            stack += list(x.values())
-        elif hasattr(x, "__dict__") or hasattr(x, "__slots__"):
-            stack += [getattr(x, a, None) for a in (*getattr(x, "__dict__", {}), *getattr(x, "__slots__", ()))]
-    assert not found, found
+    held = plan_checks.tensors_held(list(td._PLANS.values()))
+    assert not held, held
 
 
 def test_no_cache_grows_over_300_tokens_of_a_dynamic_cache(monkeypatch):

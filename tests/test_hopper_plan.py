@@ -20,6 +20,8 @@ from fa3_inductor.kernels import triton_portable as tp
 from fa3_inductor.kernels import uniform_fill as uf
 from fa3_inductor.kernels.program import ScoreProgram
 
+import plan_checks
+
 try:
     import triton.experimental.gluon  # noqa: F401
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
@@ -139,18 +141,5 @@ def test_plan_holds_no_tensors(recorded):
     q, k, v = (_fresh(s, layout) for s in (qshape, kshape, kshape))
     hopper.forward(q, k, v, make_ops(), prog)
     plan = next(iter(hopper._PLANS.values()))
-    stack, found, seen = [plan], [], set()
-    while stack:
-        x = stack.pop()
-        if id(x) in seen or isinstance(x, KernelInterface):     # the generated kernel is module-level code
-            continue
-        seen.add(id(x))
-        if isinstance(x, torch.Tensor):
-            found.append(x.shape)
-        elif isinstance(x, (tuple, list)):
-            stack += list(x)
-        elif isinstance(x, dict):
-            stack += list(x.values())
-        elif hasattr(x, "__dict__") or hasattr(x, "__slots__"):
-            stack += [getattr(x, a, None) for a in (*getattr(x, "__dict__", {}), *getattr(x, "__slots__", ()))]
-    assert not found, found
+    held = plan_checks.tensors_held([plan])
+    assert not held, held
