@@ -1,7 +1,7 @@
 """Launch side of the Hopper warp-specialized backward (templates_hopper_bwd.py) for the dispatch table.
 
 sm_90 only. It replaces the portable dK/dV and dQ kernels inside triton_portable.backward (which still runs
-attn_bwd_pre, the uniform-row correction and the exact band of imprecise rows around it), so every program
+attn_bwd_pre and the uniform-row and imprecise-row kernels around it, all on the device), so every program
 semantics stays the portable backward's. dQ is accumulated in fp32 by TMA bulk reductions (or atomics), then
 cast: not deterministic, so under torch.use_deterministic_algorithms(True) dispatch takes the portable backward.
 """
