@@ -177,3 +177,18 @@ def free(device) -> None:
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
+
+
+def python_calls(fn) -> tuple[int, int]:
+    """(Python function calls of one fn(), those of them in fa3_inductor), counted by cProfile."""
+    import cProfile
+    import pstats
+
+    import fa3_inductor
+    pr = cProfile.Profile()
+    pr.enable()
+    fn()
+    pr.disable()
+    stats = pstats.Stats(pr).stats
+    roots = tuple(os.path.dirname(m.__file__) for m in (fa3_inductor, fa3_inductor.kernels))
+    return sum(v[1] for v in stats.values()), sum(v[1] for k, v in stats.items() if k[0].startswith(roots))

@@ -28,10 +28,8 @@ from __future__ import annotations
 
 import argparse
 import collections
-import cProfile
 import math
 import os
-import pstats
 import sys
 import time
 
@@ -178,7 +176,6 @@ _VIEWS = {"aten::expand", "aten::view", "aten::as_strided", "aten::slice", "aten
 
 
 def measure(fn, calls: int) -> dict:
-    import fa3_inductor
     for _ in range(3):      # warm; in the layered DynamicCache case the counted calls are then a later layer's
         fn()
     LAUNCHES.clear()
@@ -188,12 +185,7 @@ def measure(fn, calls: int) -> dict:
                               if e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::"))
     kernels = collections.Counter(e.name for e in events if e.name not in _VIEWS
                                   and not any(c.name.startswith("aten::") for c in e.cpu_children))
-    pr = cProfile.Profile()
-    pr.enable()
-    fn()
-    pr.disable()
-    stats = pstats.Stats(pr).stats
-    roots = tuple(os.path.dirname(m.__file__) for m in (fa3_inductor, fa3_inductor.kernels))
+    calls, calls_fa3 = common.python_calls(fn)
     before = cache_sizes()
     rounds = []         # this process's CPU time, best of five rounds: the CPU is shared
     for _ in range(5):
@@ -206,8 +198,8 @@ def measure(fn, calls: int) -> dict:
             "torch_ops_by_name": dict(top),
             "allocations": sum(1 for e in events if e.name in ("aten::empty", "aten::empty_strided")),
             "torch_kernels": sum(kernels.values()), "torch_kernels_by_name": dict(kernels),
-            "triton_launches": launches, "python_calls": sum(v[1] for v in stats.values()),
-            "python_calls_fa3": sum(v[1] for k, v in stats.items() if k[0].startswith(roots)),
+            "triton_launches": launches, "python_calls": calls,
+            "python_calls_fa3": calls_fa3,
             "cpu_us_per_call": elapsed / calls * 1e6}
 
 

@@ -210,7 +210,6 @@ def host_counts(fn, device) -> dict:
     and those of fa3_inductor)."""
     from torch.profiler import ProfilerActivity, profile
 
-    import fa3_inductor
     fn()
     common.sync(device)
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
@@ -226,16 +225,11 @@ def host_counts(fn, device) -> dict:
         if e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::"):
             top[e.name] += 1
         allocs += e.name in _ALLOC
-    pr = cProfile.Profile()
-    pr.enable()
-    fn()
-    pr.disable()
-    stats = pstats.Stats(pr).stats
-    roots = tuple(os.path.dirname(m.__file__) for m in (fa3_inductor, fa3_inductor.kernels))
+    calls, calls_fa3 = common.python_calls(fn)
     return {"torch_ops": sum(top.values()), "torch_ops_by_name": dict(top), "allocations": allocs,
             "device_launches": dev if device.type == "cuda" else None,
-            "triton_launches": dict(launches.counts), "python_calls": sum(v[1] for v in stats.values()),
-            "python_calls_fa3": sum(v[1] for k, v in stats.items() if k[0].startswith(roots))}
+            "triton_launches": dict(launches.counts), "python_calls": calls,
+            "python_calls_fa3": calls_fa3}
 
 
 def _sdpa_peer(q, k, v, mask, device):

@@ -174,7 +174,7 @@ def select_backward(prog: ScoreProgram, q, k, v, operands, preference: str = "au
     site; then the next entry down the table that runs on the device and supports it (whatever the preference:
     the forward already honoured it, and its (out, lse) are every entry's)."""
     # one key and one lookup per call once memoised (the forward's select is not asked again)
-    key = _select_key(prog, q, k, v, operands, preference, None) if q.device.type != "meta" else None
+    key = _select_key(prog, q, k, v, operands, preference, None)
     if key is not None:
         key = key + (torch.are_deterministic_algorithms_enabled(),)
         hit = _SELECTED_BWD.get(key)

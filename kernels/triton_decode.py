@@ -86,9 +86,13 @@ def split_cap(b: int, hk: int, device, splits: int | None = None) -> int:
 def split_plan(b: int, hk: int, sk: int, device, splits: int | None = None) -> tuple[int, int]:
     """(number of splits, keys per split). splits=None picks: on CUDA enough programs to fill the device."""
     quantum = INTERPRET_CONFIG[0] if device.type != "cuda" else QUANTUM
+    return _split(sk, split_cap(b, hk, device, splits), quantum)
+
+
+def _split(sk: int, cap: int, quantum: int) -> tuple[int, int]:
+    """(number of splits, keys per split) of sk keys into at most cap splits of a multiple of quantum keys."""
     blocks = max(1, -(-sk // quantum))
-    splits = min(split_cap(b, hk, device, splits), blocks)
-    chunk = -(-blocks // splits) * quantum
+    chunk = -(-blocks // min(cap, blocks)) * quantum
     return max(1, -(-sk // chunk)), chunk
 
 
@@ -126,11 +130,7 @@ class _Plan:
 
     def split(self, sk: int) -> tuple[int, int]:
         """split_plan(b, hk, sk, device, splits) for this plan's cap."""
-        quantum = self.quantum
-        blocks = max(1, -(-sk // quantum))
-        n = min(self.cap, blocks)
-        chunk = -(-blocks // n) * quantum
-        return max(1, -(-sk // chunk)), chunk
+        return _split(sk, self.cap, self.quantum)
 
 
 _PLANS: dict = {}

@@ -344,21 +344,6 @@ def test_padded_backward_strided_dout_and_repeated_calls(rule, extra):
         torch.testing.assert_close(a, r, atol=1e-4, rtol=1e-4, equal_nan=True)
 
 
-def test_uniform_rows_independent_of_program_count(monkeypatch):
-    """attn_bwd_uniform's programs stride over the work list; each output has one owner item, so the result
-    is the same (bit for bit) with one program or several."""
-    q, k, v, ops, prog = _uniform_bias_case(torch.float32, (1, 4, 37, 29), seed=45)
-    out, lse = tp.forward(q, k, v, ops, prog)
-    dout = torch.randn(out.shape, generator=torch.Generator().manual_seed(46))
-    runs = []
-    for n in (1, 4):
-        monkeypatch.setattr(tp, "_UNIFORM_PROGRAMS_INTERPRET", n)
-        dq, dk, dv, dops = tp.backward(dout, q, k, v, ops, out, lse, prog)
-        runs.append([dq, dk, dv, *dops])
-    for a, b in zip(*runs):
-        assert torch.equal(a, b)
-
-
 # rows a dense additive mask covers entirely: fp32 lse = max + log l loses log l (attn_bwd_imprecise)
 IMPRECISE = [
     # dtype, fill, hq, hk, sq, sk, causal, mask heads (1: HF's (B, 1, Sq, Sk); hq: one mask per head)
@@ -475,12 +460,16 @@ def test_imprecise_rows_backward_makes_no_host_sync(monkeypatch):
             torch.testing.assert_close(a, r, atol=1e-4, rtol=1e-4)
 
 
-def test_imprecise_rows_independent_of_program_count(monkeypatch):
-    """attn_bwd_imprecise's programs stride over the work lists; each output has one owner item, so the result
-    is the same (bit for bit) with one program or several."""
-    q, k, v, ops, prog = _imprecise_case(torch.float32, "finfo.min", 4, 2, 35, 29, "none", 1, seed=76, bias=True)
+@pytest.mark.parametrize("rows", ["uniform", "imprecise"])
+def test_special_rows_independent_of_program_count(monkeypatch, rows):
+    """attn_bwd_uniform's / attn_bwd_imprecise's programs stride over the work lists; each output has one owner
+    item, so the result is the same (bit for bit) with one program or several."""
+    if rows == "uniform":
+        q, k, v, ops, prog = _uniform_bias_case(torch.float32, (1, 4, 37, 29), seed=45)
+    else:
+        q, k, v, ops, prog = _imprecise_case(torch.float32, "finfo.min", 4, 2, 35, 29, "none", 1, seed=76, bias=True)
     out, lse = tp.forward(q, k, v, ops, prog)
-    dout = torch.randn(out.shape, generator=torch.Generator().manual_seed(77))
+    dout = torch.randn(out.shape, generator=torch.Generator().manual_seed(46 if rows == "uniform" else 77))
     runs = []
     for n in (1, 4):
         monkeypatch.setattr(tp, "_UNIFORM_PROGRAMS_INTERPRET", n)
