@@ -112,11 +112,16 @@ def _softmax_step(s, m_i, qk, qi, kj, Sq, Sk, coff, __OPS_ARGS__MASKED: gl.const
 def _halve(x, MAX: gl.constexpr):
     """Column c and c + N/2 of each row combined: the top column bit of the wgmma accumulator is a register
     index, so this is one independent instruction per pair (a reduction tree, not a dependent chain)."""
-    y = gl.reshape(x, [x.shape[0], 2, x.shape[1] // 2])
+    return _reduce(gl.reshape(x, [x.shape[0], 2, x.shape[1] // 2]), MAX)
+
+
+@gluon.jit
+def _reduce(x, MAX: gl.constexpr):
+    """Max or sum over axis 1."""
     if MAX:
-        r = gl.max(y, 1)
+        r = gl.max(x, 1)
     else:
-        r = gl.sum(y, 1)
+        r = gl.sum(x, 1)
     return r
 
 
@@ -134,11 +139,7 @@ def _tree_reduce(x, MAX: gl.constexpr):
         x = _halve(x, MAX)
     if x.shape[1] > 8:
         x = _halve(x, MAX)
-    if MAX:
-        r = gl.max(x, 1)
-    else:
-        r = gl.sum(x, 1)
-    return r
+    return _reduce(x, MAX)
 
 
 @gluon.jit
