@@ -35,11 +35,15 @@ def _dq_cast(ACC, LSE, DQ, sq, sq_pad, slb, slh, slm, sdb, sdh, sdm, D: tl.const
              mask=ok[:, None])
 
 
+def cast_fixed(dq: torch.Tensor, acc: torch.Tensor, lse: torch.Tensor, nan_rows: bool) -> tuple:
+    """(grid, integer arguments after (acc, lse, dq), kwargs) of the cast: what the layouts alone decide."""
+    b, h, sq, d = dq.shape
+    return ((triton.cdiv(sq, BLOCK), h, b), (sq, acc.shape[2], *lse.stride(), *dq.stride()[:3]),
+            dict(D=d, BLOCK=BLOCK, NAN_ROWS=nan_rows))
+
+
 def cast_into(dq: torch.Tensor, acc: torch.Tensor, lse: torch.Tensor, nan_rows: bool, key: tuple) -> None:
     """dq (B, H, Sq, D) with a unit last stride <- acc (B, H, Sq padded, D) contiguous fp32; key: the caller's
     launch key (it pins every shape, stride and dtype here)."""
-    b, h, sq, d = dq.shape
-    grid = (triton.cdiv(sq, BLOCK), h, b)
-    launcher.launch(key + ("dq_cast", nan_rows), _dq_cast, grid,
-                    (acc, lse, dq, sq, acc.shape[2], *lse.stride(), *dq.stride()[:3]),
-                    dict(D=d, BLOCK=BLOCK, NAN_ROWS=nan_rows))
+    grid, ints, kwargs = cast_fixed(dq, acc, lse, nan_rows)
+    launcher.launch(key + ("dq_cast", nan_rows), _dq_cast, grid, (acc, lse, dq, *ints), kwargs)

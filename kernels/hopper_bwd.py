@@ -8,6 +8,8 @@ cast: not deterministic, so under torch.use_deterministic_algorithms(True) dispa
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from . import dq_cast, hopper, launcher, triton_portable
@@ -120,43 +122,117 @@ def variant_of(candidate: tuple) -> dict:
     return dict(zip(WS_KNOBS, candidate[1:]))
 
 
+def _run_ws(c: triton_portable.BackwardLaunches, operands, prog: ScoreProgram, kw: dict) -> None:
+    """One unplanned warp-specialized step: a zeroed dQ accumulator, the kernel, the cast into dq."""
+    b, hq, sq, d = c.q.shape
+    bm = kw.get("block_m", BLOCK_M)
+    dq_acc = torch.zeros((b, hq, triton_portable.triton_cdiv(sq, bm) * bm, d), dtype=torch.float32,
+                         device=c.q.device)
+    kernel, grid, args, kwargs = launch_args(c, operands, prog, dq_acc, **kw)
+    launcher.launch(c.base + ("ws", tuple(sorted(kw.items()))), kernel, grid, args, kwargs)
+    dq_cast.cast_into(c.grads[0], dq_acc, c.lse, prog.empty_row == "nan", c.base)
+
+
+def _rebased(templates: tuple, tensors: tuple) -> list:
+    """The descriptors of templates on these tensors, which the call key guarantees have the templates' shapes,
+    strides, dtypes and alignment (all a descriptor holds besides its base; the launch encodes the TMA map from
+    the base's address, the one thing that must be per call)."""
+    out = []
+    for desc, t in zip(templates, tensors):
+        new = object.__new__(type(desc))
+        new.__dict__.update(desc.__dict__)
+        new.base = t
+        out.append(new)
+    return out
+
+
+class _WsPlan:
+    """What a backward call key (triton_portable._Backward, which pins the shapes, strides, dtypes and alignments
+    of dout, q, k, v, operands, out and lse) fixes of the tuned warp-specialized step: the kernel, its grid,
+    constexprs and integer arguments, the seven descriptors' geometry (on no tensor), the dQ accumulator's shape
+    and the cast's launch; a call allocates the accumulator, rebases the descriptors and starts both kernels
+    through their launcher.Site. The accumulator is zeroed per call: CTAs of different key blocks add into the
+    same dQ rows in no fixed order, and rows no CTA visits (masked, padding rows) must read 0, so no reduction
+    can be a plain store. Holds no tensors (a plan outlives its calls; CUDA graph pools check for leaks)."""
+
+    __slots__ = ("site", "kernel", "grid", "kwargs", "acc_shape", "descs", "tail", "cast")
+
+    def __init__(self, c: triton_portable.BackwardLaunches, operands, prog: ScoreProgram, kw: dict):
+        b, hq, sq, d = c.q.shape
+        bm = kw.get("block_m", BLOCK_M)
+        self.acc_shape = (b, hq, triton_portable.triton_cdiv(sq, bm) * bm, d)
+        acc = torch.empty(self.acc_shape, dtype=torch.float32, device=c.q.device)
+        self.kernel, self.grid, args, self.kwargs = launch_args(c, operands, prog, acc, **kw)
+        self.site = launcher.Site(c.base + ("ws", tuple(sorted(kw.items()))))
+        self.descs = tuple(_rebased(args[:6] + args[9:10], (None,) * 7))
+        self.tail = args[-6:]           # lse strides, Sq, Sk, causal offset
+        nan_rows = prog.empty_row == "nan"
+        self.cast = (launcher.Site(c.base + ("dq_cast", nan_rows)),
+                     *dq_cast.cast_fixed(c.grads[0], acc, c.lse, nan_rows))
+
+    def __call__(self, c: triton_portable.BackwardLaunches) -> None:
+        acc = torch.zeros(self.acc_shape, dtype=torch.float32, device=c.q.device)
+        dq, dk, dv = c.grads
+        qd, kd, vd, dod, dkd, dvd, accd = _rebased(self.descs, (c.q, c.k, c.v, c.dout, dk, dv, acc))
+        self.site(self.kernel, self.grid, (qd, kd, vd, dod, dkd, dvd, c.lse, c.delta, acc, accd, c.flag,
+                                           *c.op_args, *self.tail), self.kwargs)
+        site, grid, ints, kwargs = self.cast
+        site(dq_cast._dq_cast, grid, (acc, c.lse, dq, *ints), kwargs)
+
+
+_STEP = "hopper_ws"     # this step's entry in a call key's plan (triton_portable._Backward.steps)
+
+
+def _grads(operands, prog: ScoreProgram, variant: dict, c: triton_portable.BackwardLaunches) -> None:
+    if variant:
+        _run_ws(c, operands, prog, variant)
+        return
+    step = c.plan.steps.get(_STEP)
+    if step is not None:        # the tuner has settled for this call key: its schedule's plan
+        step(c)
+        return
+
+    def launch(cfg):
+        if cfg[0] == "portable":
+            triton_portable.portable_grads(c)
+        else:
+            _run_ws(c, operands, prog, variant_of(cfg))
+    cfg = triton_portable._launch_tuned("ws_bwd", c.tune_key, c.q.shape[-1], c.q.dtype, c.q.device, launch,
+                                        list(candidates(c.q.shape[-1])))
+    if cfg is not None:
+        c.plan.steps[_STEP] = (triton_portable.portable_grads if cfg[0] == "portable"
+                               else _WsPlan(c, operands, prog, variant_of(cfg)))
+
+
 def ws_grads(operands, prog: ScoreProgram, **variant):
     """The grads step of triton_portable.backward for this kernel: dK, dV written by the kernel (NaN for a
     group with an empty row in "nan" programs, from attn_bwd_pre's flag), dQ through a zeroed fp32 buffer cast
-    into dq (dq_cast.py, NaN rows likewise). Without `variant`, tuned among CANDIDATES."""
-    def run_ws(c: triton_portable.BackwardLaunches, kw: dict) -> None:
-        b, hq, sq, d = c.q.shape
-        bm = kw.get("block_m", BLOCK_M)
-        dq_acc = torch.zeros((b, hq, triton_portable.triton_cdiv(sq, bm) * bm, d), dtype=torch.float32,
-                             device=c.q.device)
-        kernel, grid, args, kwargs = launch_args(c, operands, prog, dq_acc, **kw)
-        # the descriptors are rebuilt per call (cheap objects); the launch key pins shapes, strides, dtypes
-        launcher.launch(c.base + ("ws", tuple(sorted(kw.items()))), kernel, grid, args, kwargs)
-        dq_cast.cast_into(c.grads[0], dq_acc, c.lse, prog.empty_row == "nan", c.base)
+    into dq (dq_cast.py, NaN rows likewise). Without `variant`, tuned among CANDIDATES; once the tuner has
+    settled for a call key, later calls under it run that schedule's plan (_WsPlan)."""
+    return functools.partial(_grads, operands, prog, variant)
 
-    def grads(c: triton_portable.BackwardLaunches) -> None:
-        if variant:
-            run_ws(c, variant)
-            return
 
-        def launch(cfg):
-            if cfg[0] == "portable":
-                triton_portable.portable_grads(c)
-            else:
-                run_ws(c, variant_of(cfg))
-        triton_portable._launch_tuned("ws_bwd", c.tune_key, c.q.shape[-1], c.q.dtype, c.q.device, launch,
-                                      list(candidates(c.q.shape[-1])))
-    return grads
+def tma_ready(t) -> bool:
+    """Whether TMA reads t (B, H, S, D) in place: a unit last stride, each dimension longer than 1 at a positive
+    stride of a 16-byte multiple (TensorDescriptor's rules; hopper._desc gives size-1 dimensions a legal
+    stride), a 16-byte aligned start. torch.compile's dout, a transposed (B, S, H, D) gradient, passes; an
+    expanded one (stride 0, e.g. the gradient of out.sum()) does not."""
+    b, h, s, _ = t.shape
+    sb, sh, ss, sd = t.stride()
+    e = t.element_size()
+    return (sd == 1 and (b == 1 or (sb > 0 and sb * e % 16 == 0)) and (h == 1 or (sh > 0 and sh * e % 16 == 0))
+            and (s == 1 or (ss > 0 and ss * e % 16 == 0)) and t.data_ptr() % 16 == 0)
 
 
 def backward(dout, q, k, v, operands, out, lse, prog: ScoreProgram, **variant):
     """Returns (dq, dk, dv, [d operands]): the portable backward's frame around the warp-specialized gradient
     kernel, or the portable backward itself for a site this kernel declines (the Hopper forward already
     checked the sm_90 / TMA conditions on q, k, v). `variant` (WS_KNOBS keywords) pins a
-    warp-specialized schedule (benchmarks, tests); otherwise the tuner picks among CANDIDATES."""
+    warp-specialized schedule (benchmarks, tests); otherwise the tuner picks among CANDIDATES. dout is copied
+    only where TMA cannot read it in place (tma_ready)."""
     if _declines(prog, q, v):
         return triton_portable.backward(dout, q, k, v, operands, out, lse, prog)
-    if not dout.is_contiguous():
+    if not tma_ready(dout):
         dout = dout.contiguous()
     return triton_portable.backward(dout, q, k, v, operands, out, lse, prog,
-                                    grads=ws_grads(operands, prog, **variant))
+                                    grads=functools.partial(_grads, operands, prog, variant))

@@ -467,6 +467,8 @@ class _Backward:
         self.dkdv_ints = (*qkv, *grads[1], *grads[2], sq, sk, self.coff)
         self.dq_ints = (*qkv, *grads[0], sq, sk, hq, self.coff)
         self.launches: dict = {}        # ("dkdv" | "dq", config) -> (Site, grid, kwargs)
+        # another grads step's own plan under this call key (hopper_bwd's: the tuned schedule's launches)
+        self.steps: dict = {}
         self.uniform = None
         if self.mode == "uniform":
             self.uniform = (launcher.Site(base + ("uniform",)), *_uniform_fixed(q, k, v, dout, klse, grads, dev))

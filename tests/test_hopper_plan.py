@@ -1,7 +1,8 @@
-"""The Hopper forward's call plan without a GPU: a call through the plan (kernels/hopper.py `_Plan`, the tile-list
-pre-pass and the empty-row fill it pins) launches exactly what the unplanned first call launched — the same
-kernels, grids, constexprs and integer arguments, with every tensor argument in the same role (this call's
-q / k / v / operands, or the same buffer the call allocated, of the same shape, strides and dtype).
+"""The Hopper call plans without a GPU: a call through the forward's plan (kernels/hopper.py `_Plan`, the tile-list
+pre-pass and the empty-row fill it pins) or the warp-specialized backward's (kernels/hopper_bwd.py `_WsPlan` inside
+triton_portable's backward plan) launches exactly what the unplanned first call launched — the same kernels,
+grids, constexprs and integer arguments, with every tensor argument in the same role (this call's inputs, its
+returned gradients, or the same buffer the call allocated, of the same shape, strides and dtype).
 
 Launches are recorded, not run (`kernel[grid](...)` is replaced; Gluon does not run in the interpreter), and the
 tuner is stood in for by one that has settled on its first schedule, as on the GPU after tuning. Whether the
@@ -11,11 +12,12 @@ kernels compute the right numbers is tests/gpu's job.
 from __future__ import annotations
 
 import math
+import types
 
 import pytest
 import torch
 
-from fa3_inductor.kernels import hopper, mask_tiles
+from fa3_inductor.kernels import hopper, hopper_bwd, mask_tiles
 from fa3_inductor.kernels import triton_portable as tp
 from fa3_inductor.kernels import uniform_fill as uf
 from fa3_inductor.kernels.program import ScoreProgram
@@ -141,5 +143,139 @@ def test_plan_holds_no_tensors(recorded):
     q, k, v = (_fresh(s, layout) for s in (qshape, kshape, kshape))
     hopper.forward(q, k, v, make_ops(), prog)
     plan = next(iter(hopper._PLANS.values()))
+    held = plan_checks.tensors_held([plan])
+    assert not held, held
+
+
+# --- the warp-specialized backward's plan ----------------------------------------------------------------------
+
+def _scaled(d, causal="none", empty_row="nan"):
+    return ScoreProgram(("mul", S, ("const", d ** -0.5)), causal=causal, empty_row=empty_row)
+
+
+BWD_CASES = {
+    # (q shape, k shape, layout of q / k / v and dout, operands, program)
+    "causal-d64": ((1, 4, 200, 64), (1, 4, 200, 64), "bhsd", lambda: [], _scaled(64, "top_left")),
+    "causal-gqa-d128": ((2, 8, 200, 128), (2, 2, 333, 128), "bshd", lambda: [], _scaled(128, "bottom_right")),
+    "key-padding-zero-d64": ((2, 4, 300, 64), (2, 4, 300, 64), "bshd", lambda: [_pad(2, 300)], _where(0, "zero")),
+    "key-padding-uniform-d128": ((2, 4, 150, 128), (2, 4, 150, 128), "bshd", lambda: [_pad(2, 150)],
+                                 ScoreProgram(("where", ("operand", 0), ("mul", S, ("const", 0.125)),
+                                               ("const", -math.inf)), 1, empty_row="uniform")),
+    # a float operand: rows whose lse may lose log l (attn_bwd_imprecise's two launches around the step)
+    "dense-additive-gqa-d64": ((1, 4, 256, 64), (1, 2, 256, 64), "bhsd",
+                               lambda: [torch.zeros(1, 1, 256, 256, dtype=torch.float16)],
+                               ScoreProgram(("add", ("mul", S, ("const", 0.125)), ("operand", 0)), 1)),
+}
+
+
+@pytest.fixture
+def recorded_bwd(recorded, monkeypatch):
+    """`recorded`, with the tuner settled on `choice[0]` (an index into its candidates) for the backward's step."""
+    choice = [0]
+
+    def settled(kind, key, d, dtype, device, launch, configs=None, interpret_config=None):
+        configs = configs or tp._CONFIGS[kind](d, dtype)
+        cfg = configs[choice[0] if kind == "ws_bwd" else 0]
+        launch(cfg)
+        return cfg
+
+    monkeypatch.setattr(tp, "_launch_tuned", settled)
+    tp._BWD_PLANS.clear()
+    yield recorded, choice
+    tp._BWD_PLANS.clear()
+
+
+def _bwd_call(qshape, kshape, layout, make_ops, seed, dout_of=None):
+    q, k, v = _fresh(qshape, layout, seed=4 * seed), _fresh(kshape, layout, seed=4 * seed + 1), \
+        _fresh(kshape, layout, seed=4 * seed + 2)
+    ops = make_ops()
+    out = _fresh(qshape, layout, seed=4 * seed + 3)
+    lse = torch.randn(qshape[:3])
+    dout = (dout_of or (lambda o: _fresh(o.shape, layout, seed=99 + seed)))(out)
+    return dout, q, k, v, ops, out, lse
+
+
+@pytest.mark.parametrize("name", list(BWD_CASES))
+def test_planned_backward_launches_what_the_first_call_did(recorded_bwd, name):
+    """For each candidate the tuner may settle on (every warp-specialized schedule, the D=64 ones, the portable
+    kernels): calls 2 and 3 (through the plan, on new tensors) launch what call 1 (unplanned) did; dout, a
+    transposed view in the "bshd" cases as torch.compile passes it, is read in place, not copied."""
+    calls, choice = recorded_bwd
+    qshape, kshape, layout, make_ops, prog = BWD_CASES[name]
+    cands = hopper_bwd.candidates(qshape[-1])
+    assert len(cands) == len(hopper_bwd.CANDIDATES) + (3 if qshape[-1] == 64 else 0)
+    for i, cand in enumerate(cands):
+        choice[0] = i
+        tp._BWD_PLANS.clear()
+        runs = []
+        for seed in range(3):
+            keep = [torch.empty(7) for _ in range(seed)]   # new data pointers from call to call
+            inputs = _bwd_call(qshape, kshape, layout, make_ops, seed)
+            calls.clear()
+            dq, dk, dv, extra = hopper_bwd.backward(*inputs, prog)
+            runs.append(_roles(list(calls), inputs, (dq, dk, dv, *extra)))
+            del keep
+        plan = next(iter(tp._BWD_PLANS.values()))
+        step = plan.steps.get(hopper_bwd._STEP)
+        if cand[0] == "ws":
+            assert isinstance(step, hopper_bwd._WsPlan), cand
+            ws = [r for r in runs[0] if any(type(a) is tuple and a[0] == "desc" for a in r[2])]
+            assert len(ws) == 1, runs[0]
+            assert ws[0][2][3][:2] == ("desc", ("in", 0)), "dout was copied"
+            assert ws[0][3] == sorted(_ws_kwargs(cand, qshape[-1]).items()), cand
+        else:
+            assert step is tp.portable_grads, cand
+        n = 1 + 2 + (prog.empty_row == "uniform") + 2 * (name.startswith("dense"))   # pre, step (2), specials
+        assert len(runs[0]) == n, (cand, runs[0])
+        assert runs[1] == runs[0], cand
+        assert runs[2] == runs[0], cand
+
+
+def _ws_kwargs(cand, d):
+    kw = hopper_bwd.variant_of(cand)
+    return dict(BLOCK_M=kw["block_m"], BLOCK_N=hopper_bwd.BLOCK_N,
+                STAGES=kw["n_stages"] or hopper_bwd.stages(d, kw["dq_writer"], kw["block_m"]), DQ_LAG=kw["dq_lag"],
+                DQ_ADD=kw["dq_add"], DQ_WRITER=kw["dq_writer"], DQ_EARLY=kw["dq_early"],
+                STATS_SMEM=kw["stats_smem"], DQ_ALT=kw["dq_alt"], num_warps=4)
+
+
+def _padded_head(o):
+    """dout as a slice of wider rows: unit last stride, but 136-byte row strides (not TMA's 16-byte multiples)."""
+    return torch.randn(*o.shape[:3], o.shape[3] + 4).half()[..., :o.shape[3]]
+
+
+@pytest.mark.parametrize("dout_of,in_place", [
+    (lambda o: torch.randn(o.shape).half(), True),
+    (lambda o: torch.randn(o.shape[0], o.shape[2], o.shape[1], o.shape[3]).half().transpose(1, 2), True),
+    (lambda o: torch.ones((), dtype=torch.float16).expand(o.shape), False),     # the gradient of out.sum()
+    (lambda o: torch.randn(o.shape).half().transpose(2, 3).contiguous().transpose(2, 3), False),
+    (_padded_head, False),
+], ids=["contiguous", "transposed", "expanded", "head-dim-major", "padded-rows"])
+def test_dout_copied_only_where_tma_cannot_read_it(recorded_bwd, dout_of, in_place):
+    """The kernel's dout descriptor is on dout itself where TMA can read it, else on a contiguous copy; either
+    way the planned calls launch what the first did."""
+    calls, _ = recorded_bwd
+    qshape, kshape, layout, make_ops, prog = BWD_CASES["causal-d64"]
+    runs = []
+    for seed in range(3):
+        inputs = _bwd_call(qshape, kshape, layout, make_ops, seed, dout_of)
+        assert hopper_bwd.tma_ready(inputs[0]) == in_place
+        calls.clear()
+        dq, dk, dv, extra = hopper_bwd.backward(*inputs, prog)
+        runs.append(_roles(list(calls), inputs, (dq, dk, dv, *extra)))
+        descs = [a for a in next(c for c in calls if any(isinstance(x, TensorDescriptor) for x in c[2]))[2]
+                 if isinstance(a, TensorDescriptor)]
+        do = descs[3].base
+        assert (do is inputs[0]) == in_place
+        assert do.stride(-1) == 1 and torch.equal(do, inputs[0])
+    assert runs[1] == runs[0]
+    assert runs[2] == runs[0]
+
+
+def test_backward_plan_holds_no_tensors(recorded_bwd):
+    qshape, kshape, layout, make_ops, prog = BWD_CASES["key-padding-uniform-d128"]
+    hopper_bwd.backward(*_bwd_call(qshape, kshape, layout, make_ops, 0), prog)
+    plan = next(iter(tp._BWD_PLANS.values()))
+    assert isinstance(plan.steps[hopper_bwd._STEP], hopper_bwd._WsPlan)
     held = plan_checks.tensors_held([plan])
     assert not held, held

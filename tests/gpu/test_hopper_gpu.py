@@ -263,6 +263,55 @@ def test_backward_ptx_is_warp_specialized_and_dispatched():
     assert entry is dispatch.TRITON and any("deterministic" in p for p in passed), passed
 
 
+@pytest.mark.parametrize("d", [64, 128])
+def test_ws_backward_plan_and_dout_layouts(d):
+    """The tuned warp-specialized backward through its call-key plan (hopper_bwd._WsPlan: the settled schedule,
+    descriptors rebased on each call's tensors) on new tensors gives what its first, unplanned call gave, also
+    under CUDA-graph capture; dout read in place as a transposed (B, S, H, D) view (torch.compile's layout) or
+    copied where TMA cannot read it (expanded, the gradient of out.sum()) gives the gradients of the same dout
+    made contiguous. dK / dV come from one CTA per key block in a fixed order: equal bit for bit; dQ is added by
+    TMA reductions in no fixed order: close. And all of it matches the portable backward."""
+    gen = torch.Generator(device=DEV).manual_seed(40 + d)
+    b, hq, hk, sq, sk = 2, 8, 2, 700, 900
+    q = randn(b, sq, hq, d, gen=gen).transpose(1, 2)
+    k, v = (randn(b, sk, hk, d, gen=gen).transpose(1, 2) for _ in range(2))
+    prog = ScoreProgram(("mul", S, C(d ** -0.5)), causal="bottom_right")
+    out, lse = hopper.forward(q, k, v, [], prog)
+    douts = {"transposed": randn(b, sq, hq, d, gen=gen).transpose(1, 2),
+             "expanded": torch.full((), 0.5, dtype=out.dtype, device=DEV).expand(out.shape)}
+    assert hopper_bwd.tma_ready(douts["transposed"]) and not hopper_bwd.tma_ready(douts["expanded"])
+
+    def same(got, want, what):
+        for name, a, w in zip(("dq", "dk", "dv"), got[:3], want[:3]):
+            if name == "dq":
+                torch.testing.assert_close(a.float(), w.float(), atol=1e-2, rtol=1e-2, msg=f"{what} {name}")
+            else:
+                assert torch.equal(a, w), f"{what} {name}"
+
+    for kind, dout in douts.items():
+        triton_portable._BWD_PLANS.clear()
+        first = hopper_bwd.backward(dout, q, k, v, [], out, lse, prog)    # _AUTOTUNE off: settles at once
+        assert any(hopper_bwd._STEP in p.steps for p in triton_portable._BWD_PLANS.values()), "no plan"
+        args = [t.clone() for t in (dout if kind == "transposed" else dout.contiguous(), q, k, v, out, lse)]
+        if kind == "expanded":
+            args[0] = dout
+        planned = hopper_bwd.backward(args[0], *args[1:4], [], *args[4:], prog)
+        same(planned, first, f"{kind}: planned vs first call")
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            captured = hopper_bwd.backward(args[0], *args[1:4], [], *args[4:], prog)
+        g.replay()
+        torch.cuda.synchronize()
+        same(captured, first, f"{kind}: captured plan vs first call")
+        same(hopper_bwd.backward(dout.contiguous(), q, k, v, [], out, lse, prog), first,
+             f"{kind}: contiguous dout vs {kind}")
+        pt = triton_portable.backward(dout, q, k, v, [], out, lse, prog)
+        for name, a, p in zip(("dq", "dk", "dv"), first[:3], pt[:3]):
+            err = (a.float() - p.float()).abs().max().item()
+            scale = p.float().abs().max().item()
+            assert err <= 2e-2 * scale + 1e-3, f"{kind} {name}: ws vs portable max err {err:.3g} (scale {scale:.3g})"
+
+
 @pytest.mark.parametrize("d,causal,g,sq,sk", [(128, "none", 1, 2048, 2048), (128, "bottom_right", 4, 1500, 2100),
                                               (64, "top_left", 2, 2100, 1500), (64, "none", 1, 77, 1000)])
 def test_ws_backward_against_portable(d, causal, g, sq, sk):
