@@ -391,6 +391,16 @@ __N_TILES__
         o_smem = q_smem      # Q is dead once a consumer's last S is computed
     else:
         o_smem = gl.allocate_shared_memory(out_dtype, [2, 1, 1, BLOCK_M, HEAD_DV], o_desc.layout)
+    # LSUM's ones tile is allocated before the barriers: the allocator may place a buffer in the bytes of one
+    # already dead (turn, without ping-pong, dies at its init), and thread 0's mbarrier.init is not ordered with
+    # the other threads' stores, so a later buffer there had ones overwritten by barrier words (l 25x too large)
+    if LSUM:
+        ones_reg: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [2, 2], [1, 0])
+        ones_l: gl.constexpr = gl.NVMMASharedLayout.get_default_for([8, BLOCK_N], dtype)
+        ones_smem = gl.allocate_shared_memory(dtype, [8, BLOCK_N], ones_l,
+                                              gl.full([8, BLOCK_N], 1.0, gl.float16, ones_reg).to(dtype))
+    else:
+        ones_smem = q_smem
     q_bar = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
     k_full = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     v_full = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
@@ -399,19 +409,13 @@ __N_TILES__
     turn = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
     for w in gl.static_range(2):
         mbarrier.init(q_bar.index(w), count=1)
-        mbarrier.init(turn.index(w), count=1)
+        if PINGPONG:
+            mbarrier.init(turn.index(w), count=1)
     for st in gl.static_range(STAGES):
         mbarrier.init(k_full.index(st), count=1)
         mbarrier.init(v_full.index(st), count=1)
         mbarrier.init(k_empty.index(st), count=2)    # both consumers release a slot
         mbarrier.init(v_empty.index(st), count=2)
-    if LSUM:
-        ones_reg: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [2, 2], [1, 0])
-        ones_l: gl.constexpr = gl.NVMMASharedLayout.get_default_for([8, BLOCK_N], dtype)
-        ones_smem = gl.allocate_shared_memory(dtype, [8, BLOCK_N], ones_l,
-                                              gl.full([8, BLOCK_N], 1.0, gl.float16, ones_reg).to(dtype))
-    else:
-        ones_smem = q_smem
     fence_async_shared()
 
     q2 = q_smem._reinterpret(dtype, [2, BLOCK_M, HEAD_D], q_l)
