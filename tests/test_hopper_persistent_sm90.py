@@ -168,3 +168,25 @@ def test_tuner_candidates_only_behind_the_switch(monkeypatch):
     monkeypatch.setattr(hopper, "TUNE_PERSISTENT", True)
     cands = hopper.schedules(128, 128)
     assert [c[:2] for c in cands if c.persistent] == [c[:2] for c in cands if not c.persistent]
+
+
+from test_hopper_plan import _fresh, _roles, recorded  # noqa: E402,F401  (the recording fixture)
+
+
+@pytest.mark.parametrize("causal,mask", [("bottom_right", False), ("none", True)])
+def test_persistent_plan_launches_what_the_first_call_did(recorded, monkeypatch, causal, mask):  # noqa: F811
+    """A tuner settled on a persistent candidate: its plan (kernels/hopper.py _Plan, args[-8:] as its tail) launches
+    what the first call launched, on the persistent grid."""
+    monkeypatch.setattr(hopper, "schedules", lambda d, dv, persistent=None: [hopper.Schedule(True, 2, True)])
+    prog = _masked(64, causal) if mask else _scaled(64, causal)
+    runs = []
+    for seed in range(3):
+        q, k, v = (_fresh((2, 4, 300, 64), "bshd", seed=3 * seed + n) for n in range(3))
+        ops = [torch.rand(2, 1, 1, 300, generator=torch.Generator().manual_seed(seed)) > 0.2] if mask else []
+        recorded.clear()
+        out, lse = hopper.forward(q, k, v, ops, prog)
+        runs.append(_roles(list(recorded), (q, k, v, *ops), (out, lse)))
+    fwd = [r for r in runs[0] if r[3] and dict(r[3]).get("PERSISTENT")]
+    assert len(fwd) == 1 and fwd[0][1] == (2 * 4 * 3, 1, 1), runs[0]
+    assert fwd[0][2][-2:] == (2, 4)       # B, Hq
+    assert runs[1] == runs[0] and runs[2] == runs[0]
