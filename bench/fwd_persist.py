@@ -107,8 +107,8 @@ def write(out_dir, cells, skipped, elapsed, triton_version):
              f"torch {torch.__version__}, triton {triton_version}; bf16, 16k tokens, H·D = 2048; FA3 FLOP convention; "
              f"TFLOPS (ms), median of triton.testing.do_bench; best pinned (ping-pong, stages) of each schedule; "
              f"elapsed {elapsed:.0f} s", "",
-             "| D | S | causal | work tiles / SMs | default | persistent | persistent / default | "
-             "max |diff| | errors / NaN |", "|---|---|---|---|---|---|---|---|---|"]
+             "| D | S | causal | work tiles / SMs | default | persistent | speedup (default ms / persistent ms) | "
+             "max abs diff vs default | errors / NaN |", "|---|---|---|---|---|---|---|---|---|"]
     for c in cells:
         fl = c["flops"]
         dft, per = _best(c, False), _best(c, True)
