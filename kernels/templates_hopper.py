@@ -20,6 +20,16 @@ its turn, issues, then hands the turn over), so one warpgroup's softmax runs und
 epilogue writes O through shared memory (the Q buffer, when the head dims match) with a TMA store, and the
 log-sum-exp with plain stores.
 
+PERSISTENT (a constexpr, off by default; hopper.launch_args(persistent=True)): a grid of min(#SMs, work tiles)
+CTAs, each walking work tiles (2 x BLOCK_M query rows of one (batch, head)) p, p + grid, ... of a static order
+(_work: query blocks fastest, then heads, then batches; causal: the heaviest query blocks of every (batch, head)
+first, LPT). All three partitions walk the same list and compute each tile's key range (_tile_range, tile lists
+included) themselves; the K / V ring's slot count and phases, the q_bar phase and the ping-pong turns run on
+across tiles, so the producer loads the next tile's first K while the consumers finish the current one, and its
+Q as soon as q_empty[w] says consumer w is done with its Q buffer: after its last S when O has a buffer of its
+own (SEP_O, where shared memory allows: hopper.separate_o; the next tile's epilogue waits for the previous O
+store to have read it), after its O store has read the buffer when O goes out through Q's.
+
 The score chain (scale, biases, masks, soft-capping) is the same ScoreProgram the portable kernel compiles,
 emitted by codegen.Emitter in Gluon spelling. A positive pure scale is folded into the exponent: the row max is
 taken on the raw scores and scaled once per row (m in log2 units), and p = exp2(s·qk - m) is one FFMA and
