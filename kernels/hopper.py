@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 from typing import NamedTuple
 
 import torch
@@ -42,6 +43,36 @@ def config(d: int, dv: int, dtype_bytes: int = 2, block_n: int | None = None) ->
     per_stage = block_n * (d + dv) * dtype_bytes
     stages = min(4, (SMEM_LIMIT - fixed) // per_stage)
     return block_n, stages
+
+
+def separate_o(d: int, dv: int, block_n: int, stages: int) -> bool:
+    """Whether a 16-bit persistent CTA gets an O buffer of its own (its next tile's Q then loads while this tile's O
+    is stored) rather than storing O through Q's buffer: where Q, O and the K/V ring fit the shared memory (head
+    dims 64 at 4 stages, 128 at 2; not 256)."""
+    d, dv = _tile_dim(d), _tile_dim(dv)
+    if d != dv:
+        return True         # no aliasing possible: O has its own buffer anyway
+    return 2 * BLOCK_M * (d + dv) * 2 + stages * block_n * (d + dv) * 2 <= SMEM_LIMIT
+
+
+_SMS: dict = {}
+_SMS_OFF_GPU = 132      # the H100's count, for launch arguments built off the GPU (cross-compile tests)
+
+
+def sm_count(device) -> int:
+    """Multiprocessors of `device` (cached: the persistent grid is computed on every launch)."""
+    if device.type != "cuda":
+        return _SMS_OFF_GPU
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    n = _SMS.get(idx)
+    if n is None:
+        n = _SMS[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+    return n
+
+
+def persistent_grid(device, b: int, hq: int, sq: int) -> tuple[int, int, int]:
+    """One CTA per SM, or per work tile (2 x BLOCK_M query rows of one (batch, head)) where there are fewer."""
+    return (max(1, min(sm_count(device), triton_portable.triton_cdiv(sq, 2 * BLOCK_M) * hq * b)), 1, 1)
 
 
 def _capability(device) -> tuple[int, int] | None:
@@ -162,9 +193,10 @@ def tile_args(q, k, operands, prog: ScoreProgram, block_n: int) -> list:
 
 
 def launch_args(q, k, v, operands, prog: ScoreProgram, out, lse, pingpong: bool = True, block_n=None,
-                stages=None, tiles=None):
+                stages=None, tiles=None, persistent: bool = False):
     """(kernel, grid, args, kwargs) of one launch; also used by tests to compile and read the PTX.
-    tiles: tile_args(...) computed once per call (recomputed when None)."""
+    tiles: tile_args(...) computed once per call (recomputed when None). persistent: one CTA per SM walking the
+    (query block, head, batch) work tiles (templates_hopper's PERSISTENT), with its own O buffer where it fits."""
     b, hq, sq, d = q.shape
     sk, dv = k.shape[2], v.shape[-1]
     bn, st = config(d, dv)
@@ -177,20 +209,44 @@ def launch_args(q, k, v, operands, prog: ScoreProgram, out, lse, pingpong: bool 
         tiles = tile_args(q, k, operands, prog, bn)
     coff = 0 if prog.causal != "bottom_right" else sk - sq
     mod = _spec_and_module(prog, q, k, v, operands)[1]
-    grid = (triton_portable.triton_cdiv(sq, 2 * BLOCK_M), hq, b)
+    if persistent:
+        grid = persistent_grid(q.device, b, hq, sq)
+    else:
+        grid = (triton_portable.triton_cdiv(sq, 2 * BLOCK_M), hq, b)
     args = (_desc(q, BLOCK_M), _desc(k, bn), _desc(v, bn), _desc(out, BLOCK_M), lse, *op_args, *tiles,
-            *lse.stride(), sq, sk, coff)
+            *lse.stride(), sq, sk, coff, b, hq)
     kwargs = dict(BLOCK_M=BLOCK_M, BLOCK_N=bn, STAGES=st, PINGPONG=pingpong, num_warps=4)
+    if persistent:      # (absent otherwise: the default kernel's compile key stays what it was)
+        kwargs.update(PERSISTENT=True, SEP_O=separate_o(d, dv, bn, st))
     return mod.attn_fwd_ws, grid, args, kwargs
 
 
-def schedules(d: int, dv: int) -> list[tuple[bool, int]]:
-    """(PINGPONG, STAGES) candidates, the measured default first (bench/NOTES.md): at head dim 256 only two
-    stages fit and ping-pong costs more than it hides; below, both help depending on length and causality."""
+class Schedule(NamedTuple):
+    """One tuner candidate of the 16-bit forward: launch_args's schedule keywords."""
+    pingpong: bool
+    stages: int
+    persistent: bool = False
+
+
+# The persistent schedule (templates_hopper PERSISTENT) joins the tuner's candidates only with this switch:
+# FA3_HOPPER_PERSISTENT=1 in the environment, read once (or set it here) once tests/gpu/test_hopper_gpu.py's
+# persistent tests pass on an H100 (bench/fwd_persist.py times it against the default schedule).
+TUNE_PERSISTENT = os.environ.get("FA3_HOPPER_PERSISTENT", "0") == "1"
+
+
+def schedules(d: int, dv: int, persistent: bool | None = None) -> list[Schedule]:
+    """Candidates, the measured default first (bench/NOTES.md): at head dim 256 only two stages fit and ping-pong
+    costs more than it hides; below, both help depending on length and causality. persistent (default
+    TUNE_PERSISTENT): the same schedules on persistent CTAs follow."""
     _, most = config(d, dv)
     if max(d, dv) > 128:
-        return [(False, 2), (True, 2)]
-    return [(True, 2), (True, min(3, most)), (False, 2)]
+        base = [(False, 2), (True, 2)]
+    else:
+        base = [(True, 2), (True, min(3, most)), (False, 2)]
+    cands = [Schedule(pp, st) for pp, st in base]
+    if TUNE_PERSISTENT if persistent is None else persistent:
+        cands += [Schedule(pp, st, True) for pp, st in base]
+    return cands
 
 
 @dataclasses.dataclass(frozen=True)
@@ -207,7 +263,7 @@ class _Plan:
     op_strides: tuple     # per operand: its strides expanded to (B, Hq, Sq, Sk)
     tiles: tuple | None   # (mask operand index, mask_tiles.TileLists, the lists' integer arguments)
     fill: object          # uniform_fill.UniformFill for empty_row="uniform", else None
-    tail: tuple           # lse strides, Sq, Sk, causal offset
+    tail: tuple           # lse strides, Sq, Sk, causal offset, B, Hq
 
 
 _PLANS: dict = {}
@@ -222,9 +278,7 @@ def _rebase(desc, t):
 
 
 def _make_plan(key, q, k, v, operands, prog, out, lse, cfg, tiles) -> _Plan:
-    pingpong, stages = cfg
-    kernel, grid, args, kwargs = launch_args(q, k, v, operands, prog, out, lse, pingpong=pingpong, stages=stages,
-                                             tiles=tiles)
+    kernel, grid, args, kwargs = launch_args(q, k, v, operands, prog, out, lse, tiles=tiles, **cfg._asdict())
     full = (q.shape[0], q.shape[1], q.shape[2], k.shape[2])
     op_strides = tuple(tuple(int(x) for x in t.expand(*full).stride()) for t in operands)
     # the templates must not keep this call's tensors alive (memory; CUDA graph pools check for such leaks)
@@ -233,7 +287,7 @@ def _make_plan(key, q, k, v, operands, prog, out, lse, cfg, tiles) -> _Plan:
     pre = None if found is None else (found[0], found[1], _tile_ints(found[1]))
     fill = uniform_fill.UniformFill(out, lse, v) if prog.empty_row == "uniform" else None
     return _Plan(launcher.Site(key), kernel, tuple(out.shape), grid, kwargs, descs, op_strides, pre, fill,
-                 args[-6:])
+                 args[-8:])
 
 
 def _launch_planned(plan: _Plan, q, k, v, operands):
@@ -256,8 +310,8 @@ def _launch_planned(plan: _Plan, q, k, v, operands):
 
 
 def forward(q, k, v, operands, prog: ScoreProgram, **variant):
-    """Returns (out (B, Hq, Sq, Dv) in v.dtype, lse fp32 (B, Hq, Sq)). `variant` (pingpong, block_n, stages)
-    pins a schedule (benchmarks, tests); otherwise the tuner picks one per (spec, length bucket), and once it
+    """Returns (out (B, Hq, Sq, Dv) in v.dtype, lse fp32 (B, Hq, Sq)). `variant` (pingpong, block_n, stages,
+    persistent) pins a schedule (benchmarks, tests); otherwise the tuner picks one per (spec, length bucket), and once it
     has, the call's plan (keyed by its shapes, strides, dtypes, alignments) makes later calls cheap on the host."""
     if not variant:     # a plan exists only for shapes that passed the checks below
         key = ("hopper", prog, q.device.index, launcher.call_key((q, k, v, *operands)))
@@ -280,9 +334,7 @@ def forward(q, k, v, operands, prog: ScoreProgram, **variant):
     tiles = tile_args(q, k, operands, prog, config(d, dv)[0])
 
     def launch(cfg):
-        pingpong, stages = cfg
-        kernel, grid, args, kwargs = launch_args(q, k, v, operands, prog, out, lse, pingpong=pingpong,
-                                                 stages=stages, tiles=tiles)
+        kernel, grid, args, kwargs = launch_args(q, k, v, operands, prog, out, lse, tiles=tiles, **cfg._asdict())
         kernel[grid](*args, **kwargs)
 
     tkey = (_spec_and_module(prog, q, k, v, operands)[0], triton_portable._bucket(sq),
@@ -384,7 +436,7 @@ def quantize_fp8(q, k, v, recipe, block_n: int | None = None, n_operands: int = 
 
 def fp8_launch_args(q8, k8, v8, operands, prog: ScoreProgram, out, lse, pingpong=None, stages=None, block_n=None,
                     overlap=True, tiles=None, emu=0, tree=False, late=False,
-                    lsum=False, mid=False, join=False):
+                    lsum=False, mid=False, join=False, persistent=False):
     """Launch of the FP8 kernel on quantized operands (kernels/fp8_quant.Fp8Operand, as quantize_fp8 makes
     them: V transposed with its keys in wgmma_key_order, the order in which the kernel's P operand holds them).
     pingpong / stages default to the first of fp8_schedules; tiles: tile_args(...) (computed when None).
@@ -393,7 +445,7 @@ def fp8_launch_args(q8, k8, v8, operands, prog: ScoreProgram, out, lse, pingpong
     row sum of e4m3 P on the tensor core (P times a ones tile) instead of 64 FADDs per thread and tile; mid, PV
     waited right after the row max, so O's rescale (unless late) issues among the exps; join, the exp2 after the
     masked / unmasked branches join (one copy, where ptxas interleaves it with the row sum and may hoist the PV
-    wait above it)."""
+    wait above it); persistent, one CTA per SM walking the work tiles (as launch_args; O has its own buffer)."""
     from .templates_hopper import fp8_quant_blocks
     qd, kd, vt = q8.data, k8.data, v8.data
     b, hq, sq, d = qd.shape
@@ -415,15 +467,17 @@ def fp8_launch_args(q8, k8, v8, operands, prog: ScoreProgram, out, lse, pingpong
         tiles = tile_args(qd, kd, operands, prog, bn)
     coff = 0 if prog.causal != "bottom_right" else sk - sq
     mod = _spec_and_module(prog, qd, kd, vt.transpose(-1, -2), operands)[1]
-    grid = (triton_portable.triton_cdiv(sq, 2 * BLOCK_M), hq, b)
+    grid = persistent_grid(qd.device, b, hq, sq) if persistent else (triton_portable.triton_cdiv(sq, 2 * BLOCK_M), hq, b)
     scales = []
     for s in (q8.scale, k8.scale, v8.scale):
         scales += [s.stride(0) if s.shape[0] > 1 else 0, s.stride(1) if s.shape[1] > 1 else 0]
     args = (_desc(qd, BLOCK_M), _desc(kd, bn), _desc(vt, dv, bn), _desc(out, BLOCK_M), lse, q8.scale, k8.scale,
-            v8.scale, *scales, *op_args, *tiles, *lse.stride(), sq, sk, coff)
-    return mod.attn_fwd_ws, grid, args, dict(BLOCK_M=BLOCK_M, BLOCK_N=bn, STAGES=st, PINGPONG=pingpong,
-                                             OVERLAP=overlap, EMU=emu, TREE=tree, LATE=late,
-                                             LSUM=lsum, MID=mid, JOIN=join, num_warps=4)
+            v8.scale, *scales, *op_args, *tiles, *lse.stride(), sq, sk, coff, b, hq)
+    kwargs = dict(BLOCK_M=BLOCK_M, BLOCK_N=bn, STAGES=st, PINGPONG=pingpong, OVERLAP=overlap, EMU=emu, TREE=tree,
+                  LATE=late, LSUM=lsum, MID=mid, JOIN=join, num_warps=4)
+    if persistent:
+        kwargs["PERSISTENT"] = True
+    return mod.attn_fwd_ws, grid, args, kwargs
 
 
 def forward_fp8(q, k, v, operands, prog: ScoreProgram, recipe, **variant):

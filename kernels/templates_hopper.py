@@ -20,6 +20,16 @@ its turn, issues, then hands the turn over), so one warpgroup's softmax runs und
 epilogue writes O through shared memory (the Q buffer, when the head dims match) with a TMA store, and the
 log-sum-exp with plain stores.
 
+PERSISTENT (a constexpr, off by default; hopper.launch_args(persistent=True)): a grid of min(#SMs, work tiles)
+CTAs, each walking work tiles (2 x BLOCK_M query rows of one (batch, head)) p, p + grid, ... of a static order
+(_work: query blocks fastest, then heads, then batches; causal: the heaviest query blocks of every (batch, head)
+first, LPT). All three partitions walk the same list and compute each tile's key range (_tile_range, tile lists
+included) themselves; the K / V ring's slot count and phases, the q_bar phase and the ping-pong turns run on
+across tiles, so the producer loads the next tile's first K while the consumers finish the current one, and its
+Q as soon as q_empty[w] says consumer w is done with its Q buffer: after its last S when O has a buffer of its
+own (SEP_O, where shared memory allows: hopper.separate_o; the next tile's epilogue waits for the previous O
+store to have read it), after its O store has read the buffer when O goes out through Q's.
+
 The score chain (scale, biases, masks, soft-capping) is the same ScoreProgram the portable kernel compiles,
 emitted by codegen.Emitter in Gluon spelling. A positive pure scale is folded into the exponent: the row max is
 taken on the raw scores and scaled once per row (m in log2 units), and p = exp2(s·qk - m) is one FFMA and
@@ -62,24 +72,79 @@ from .templates_bwd import _and, _ind
 
 _KERNEL = '''
 @gluon.jit
-def _producer(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_full, v_full, k_empty, v_empty,
-              off_b, off_h, off_hk, m0, lo, n_tiles, __TLA__
-              BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
-    for w in gl.static_range(2):
-        mbarrier.expect(q_bar.index(w), q_desc.block_type.nbytes)
-        tma.async_copy_global_to_shared(q_desc, [off_b, off_h, m0 + w * BLOCK_M, 0], q_bar.index(w),
-                                        q_smem.index(w))
+def _producer_tile(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, q_empty, k_full, v_full, k_empty, v_empty,
+                   off_b, off_h, off_hk, m0, lo, n_tiles, kv, t, __TLA__
+                   BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, PERSISTENT: gl.constexpr):
+    """The loads of one work tile: its two Q tiles and its n_tiles key blocks through the ring, from the CTA's
+    kv-th key block on (slot kv % STAGES; the ring's phases run on across a persistent CTA's tiles); t: the
+    CTA's earlier work tiles (q_bar / q_empty phases)."""
+    if not PERSISTENT:
+        for w in gl.static_range(2):
+            mbarrier.expect(q_bar.index(w), q_desc.block_type.nbytes)
+            tma.async_copy_global_to_shared(q_desc, [off_b, off_h, m0 + w * BLOCK_M, 0], q_bar.index(w),
+                                            q_smem.index(w))
     for i in range(n_tiles):
         start_n = _tile_start(i, lo, __TLA__BLOCK_N)
-        st = i % STAGES
-        ph = (i // STAGES) & 1
+        st = (kv + i) % STAGES
+        ph = ((kv + i) // STAGES) & 1
         # a fresh barrier passes a wait on parity 1, so the first STAGES loads do not wait
         mbarrier.wait(k_empty.index(st), ph ^ 1)
         mbarrier.expect(k_full.index(st), k_desc.block_type.nbytes)
         tma.async_copy_global_to_shared(k_desc, [off_b, off_hk, start_n, 0], k_full.index(st), k_smem.index(st))
+        if PERSISTENT:
+            if i == 0:
+                # Q after the first K: that slot frees while the consumers still run the previous tile, Q only
+                # once a consumer's last S (or, when O aliases Q, its O store) is done
+                for w in gl.static_range(2):
+                    mbarrier.wait(q_empty.index(w), (t & 1) ^ 1)
+                    mbarrier.expect(q_bar.index(w), q_desc.block_type.nbytes)
+                    tma.async_copy_global_to_shared(q_desc, [off_b, off_h, m0 + w * BLOCK_M, 0], q_bar.index(w),
+                                                    q_smem.index(w))
         mbarrier.wait(v_empty.index(st), ph ^ 1)
         mbarrier.expect(v_full.index(st), v_desc.block_type.nbytes)
         tma.async_copy_global_to_shared(v_desc, __V_COORD__, v_full.index(st), v_smem.index(st))
+
+
+@gluon.jit
+def _producer(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, q_empty, k_full, v_full, k_empty, v_empty,
+              off_b, off_h, off_hk, m0, lo, n_tiles, __TLX__n_b, n_h, Sq, Sk, coff,
+              BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, PERSISTENT: gl.constexpr):
+    if PERSISTENT:
+        n_m = gl.cdiv(Sq, 2 * BLOCK_M)
+        kv = 0
+        t = 0
+        for tile in range(gl.program_id(0), n_m * n_h * n_b, gl.num_programs(0)):
+            w_m, w_h, w_b = _work(tile, n_m, n_h, n_b)
+            w_hk, w_m0, w_lo, w_n__TLW_RET__ = _tile_range(w_m, w_h, w_b, Sk, coff, __TLP__BLOCK_M, BLOCK_N)
+            _producer_tile(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, q_empty, k_full, v_full, k_empty,
+                           v_empty, w_b, w_h, w_hk, w_m0, w_lo, w_n, kv, t, __TLAW__BLOCK_M, BLOCK_N, STAGES, True)
+            kv += w_n
+            t += 1
+    else:
+        _producer_tile(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, q_empty, k_full, v_full, k_empty,
+                       v_empty, off_b, off_h, off_hk, m0, lo, n_tiles, 0, 0, __TLA__BLOCK_M, BLOCK_N, STAGES, False)
+
+
+@gluon.jit
+def _work(tile, n_m, n_h, n_b):
+    """(query block, head, batch) of work tile `tile` of the persistent schedule (static: CTA p takes tiles p,
+    p + grid, ...)."""
+__WORK_ORDER__
+    return pid_m, bh % n_h, bh // n_h
+
+
+@gluon.jit
+def _tile_range(pid_m, off_h, off_b, Sk, coff, __TLP__BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr):
+    """(KV head, first query row, first key, key blocks[, tile-list offset]) of query block pid_m of (off_b, off_h)."""
+    off_hk = off_h // __G__
+    m0 = pid_m * (2 * BLOCK_M)
+    lo = 0
+    hi = Sk
+__KV_RANGE__
+    # every consumer runs at least one (masked) tile, so the barrier schedule has one shape
+    hi = gl.maximum(hi, lo + 1)
+__N_TILES__
+    return off_hk, m0, lo, n_tiles__TL_RET__
 
 
 @gluon.jit
@@ -186,12 +251,14 @@ __TILE_MASKED__    return masked
 
 
 @gluon.jit
-def _consumer(q_smem, k_smem, v_smem, o_smem, o4, ones_smem, q_bar, k_full, v_full, k_empty, v_empty, turn, o_desc, LSE,
-              slb, slh, slm, off_b, off_h, m0, lo, n_tiles, __TLA__Sq, Sk, coff, __FP8P____OPS_PARAMS__
-              WG: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DV: gl.constexpr,
-              STAGES: gl.constexpr, PINGPONG: gl.constexpr, OVERLAP: gl.constexpr, EMU: gl.constexpr,
-              TREE: gl.constexpr, LATE: gl.constexpr, LSUM: gl.constexpr, MID: gl.constexpr,
-              JOIN: gl.constexpr):
+def _consumer_tile(q_smem, k_smem, v_smem, o_smem, o4, ones_smem, q_bar, q_empty, k_full, v_full, k_empty, v_empty,
+                   turn, o_desc, LSE, slb, slh, slm, off_b, off_h, m0, lo, n_tiles, kv, t, turn_ph, __TLA__Sq, Sk,
+                   coff, __FP8P____OPS_PARAMS__WG: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+                   HEAD_DV: gl.constexpr, STAGES: gl.constexpr, PINGPONG: gl.constexpr, OVERLAP: gl.constexpr,
+                   EMU: gl.constexpr, TREE: gl.constexpr, LATE: gl.constexpr, LSUM: gl.constexpr, MID: gl.constexpr,
+                   JOIN: gl.constexpr, PERSISTENT: gl.constexpr, O_ALIAS: gl.constexpr):
+    """One work tile of consumer WG: its rows of query block m0, key blocks from the CTA's kv-th on (the ring's
+    phases run on across a persistent CTA's tiles, as do the ping-pong turns: turn_ph in, the next one out)."""
     SPLIT: gl.constexpr = MID or JOIN
     dtype: gl.constexpr = q_smem.dtype
     out_dtype: gl.constexpr = o_smem.dtype
@@ -215,7 +282,7 @@ __OPS_BASES__
     row0 = m0 + WG * BLOCK_M
     qi = gl.expand_dims(row0 + gl.arange(0, BLOCK_M, row_l), 1)
     q = q_smem.index(WG)
-    mbarrier.wait(q_bar.index(WG), 0)
+    mbarrier.wait(q_bar.index(WG), t & 1)
 __FP8_Q__
     zero_s = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout)
     acc = gl.zeros([BLOCK_M, HEAD_DV], gl.float32, o_layout)
@@ -225,18 +292,18 @@ __FP8_Q__
     zero_l = gl.zeros([BLOCK_M, 8], gl.float32, l_layout)
     l_acc = zero_l
     m_i = gl.full([BLOCK_M], float("-inf"), gl.float32, row_l)
-__QK0__    turn_ph = 1 - WG   # consumer 0 takes the first turn
+__QK0__    i = kv
 
     # prologue: S_0 and its softmax
-__FP8_LOAD0__    mbarrier.wait(k_full.index(0), 0)
+__FP8_LOAD0__    mbarrier.wait(k_full.index(i % STAGES), (i // STAGES) & 1)
     if PINGPONG:
         mbarrier.wait(turn.index(WG), turn_ph)
         turn_ph ^= 1
-    s_tok = warpgroup_mma(q, k_smem.index(0).permute((1, 0)), zero_s, use_acc=False, is_async=True)
+    s_tok = warpgroup_mma(q, k_smem.index(i % STAGES).permute((1, 0)), zero_s, use_acc=False, is_async=True)
     if PINGPONG:
         mbarrier.arrive(turn.index(1 - WG))
     s = warpgroup_mma_wait(0, deps=(s_tok,))
-    mbarrier.arrive(k_empty.index(0))
+    mbarrier.arrive(k_empty.index(i % STAGES))
 __FP8_S0__    kj = gl.expand_dims(_tile_start(0, lo, __TLA__BLOCK_N) + gl.arange(0, BLOCK_N, col_l), 0)
 __STEP0__
     if SPLIT:
@@ -248,7 +315,6 @@ __STEP0__
     alpha_o = gl.full([BLOCK_M], 1.0, gl.float32, orow_l)    # LATE: O's pending rescale
     alpha_l = gl.full([BLOCK_M], 1.0, gl.float32, lrow_l)
 __P_OP_PRO__
-    i = 0
     for j in range(1, n_tiles):
         start_n = _tile_start(j, lo, __TLA__BLOCK_N)
         cur = i % STAGES
@@ -317,12 +383,16 @@ __STEPJ__
         m_i = m_new
 __P_OP_END__        i += 1
 
+    if PERSISTENT and not O_ALIAS:
+        mbarrier.arrive(q_empty.index(WG))     # Q is read by S only: the next tile's Q may load
+
     # the last PV product
     cur = i % STAGES
     cur_ph = (i // STAGES) & 1
 __P_OP_LAST__    mbarrier.wait(v_full.index(cur), cur_ph)
     if PINGPONG:
         mbarrier.wait(turn.index(WG), turn_ph)
+        turn_ph ^= 1
     if LATE:
         acc = acc * gl.expand_dims(alpha_o, 1)
         if LSUM:
@@ -348,36 +418,76 @@ __P_OP_LAST__    mbarrier.wait(v_full.index(cur), cur_ph)
     out = acc * gl.expand_dims(gl.convert_layout(__OUT_SCALE__ / l_safe, orow_l), 1)
 __EMPTY_ROWS__
     o_buf = o_smem.index(WG)
+    if PERSISTENT and not O_ALIAS:
+        tma.store_wait(0)       # the previous tile's O store has read the buffer
     o_buf.store(out.to(out_dtype))
     fence_async_shared()
     tma.async_copy_shared_to_global(o_desc, [off_b, off_h, row0, 0], o4.index(WG))
     rows = row0 + gl.arange(0, BLOCK_M, row_l)
     gl.store(LSE + off_b.to(gl.int64) * slb + off_h.to(gl.int64) * slh + rows * slm, lse, mask=rows < Sq)
-    tma.store_wait(0)
+    if not PERSISTENT:
+        tma.store_wait(0)
+    elif O_ALIAS:
+        tma.store_wait(0)       # O went out through Q's buffer: only now may the next tile's Q load into it
+        mbarrier.arrive(q_empty.index(WG))
+    return turn_ph
 
 
-@gluon.jit(do_not_specialize=["Sq", "Sk", "coff", "slb", "slh"])
-def attn_fwd_ws(q_desc, k_desc, v_desc, o_desc, LSE, __FP8P____OPS_KPARAMS____TLP__slb, slh, slm, Sq, Sk, coff,
+@gluon.jit
+def _consumer(q_smem, k_smem, v_smem, o_smem, o4, ones_smem, q_bar, q_empty, k_full, v_full, k_empty, v_empty, turn,
+              o_desc, LSE, slb, slh, slm, off_b, off_h, m0, lo, n_tiles, __TLX__n_b, n_h, Sq, Sk, coff,
+              __FP8P____OPS_PARAMS__WG: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+              HEAD_DV: gl.constexpr, STAGES: gl.constexpr, PINGPONG: gl.constexpr, OVERLAP: gl.constexpr,
+              EMU: gl.constexpr, TREE: gl.constexpr, LATE: gl.constexpr, LSUM: gl.constexpr, MID: gl.constexpr,
+              JOIN: gl.constexpr, PERSISTENT: gl.constexpr, O_ALIAS: gl.constexpr):
+    # consumer 0 takes the first turn
+    if PERSISTENT:
+        n_m = gl.cdiv(Sq, 2 * BLOCK_M)
+        kv = 0
+        t = 0
+        turn_ph = 1 - WG
+        for tile in range(gl.program_id(0), n_m * n_h * n_b, gl.num_programs(0)):
+            w_m, w_h, w_b = _work(tile, n_m, n_h, n_b)
+            w_hk, w_m0, w_lo, w_n__TLW_RET__ = _tile_range(w_m, w_h, w_b, Sk, coff, __TLP__BLOCK_M, BLOCK_N)
+            turn_ph = _consumer_tile(q_smem, k_smem, v_smem, o_smem, o4, ones_smem, q_bar, q_empty, k_full, v_full,
+                                     k_empty, v_empty, turn, o_desc, LSE, slb, slh, slm, w_b, w_h, w_m0, w_lo, w_n,
+                                     kv, t, turn_ph, __TLAW__Sq, Sk, coff, __FP8P____OPS_PARAMS__WG, BLOCK_M, BLOCK_N,
+                                     HEAD_DV, STAGES, PINGPONG, OVERLAP, EMU, TREE, LATE, LSUM, MID, JOIN, True,
+                                     O_ALIAS)
+            kv += w_n
+            t += 1
+        if not O_ALIAS:
+            tma.store_wait(0)
+    else:
+        _consumer_tile(q_smem, k_smem, v_smem, o_smem, o4, ones_smem, q_bar, q_empty, k_full, v_full, k_empty,
+                       v_empty, turn, o_desc, LSE, slb, slh, slm, off_b, off_h, m0, lo, n_tiles, 0, 0, 1 - WG,
+                       __TLA__Sq, Sk, coff, __FP8P____OPS_PARAMS__WG, BLOCK_M, BLOCK_N, HEAD_DV, STAGES, PINGPONG,
+                       OVERLAP, EMU, TREE, LATE, LSUM, MID, JOIN, False, O_ALIAS)
+
+
+@gluon.jit(do_not_specialize=["Sq", "Sk", "coff", "slb", "slh", "n_b", "n_h"])
+def attn_fwd_ws(q_desc, k_desc, v_desc, o_desc, LSE, __FP8P____OPS_KPARAMS____TLP__slb, slh, slm, Sq, Sk, coff, n_b, n_h,
                 BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, PINGPONG: gl.constexpr,
                 OVERLAP: gl.constexpr = True, EMU: gl.constexpr = 0, TREE: gl.constexpr = False,
                 LATE: gl.constexpr = False, LSUM: gl.constexpr = False, MID: gl.constexpr = False,
-                JOIN: gl.constexpr = False):
+                JOIN: gl.constexpr = False, PERSISTENT: gl.constexpr = False, SEP_O: gl.constexpr = False):
     HEAD_D: gl.constexpr = q_desc.block_type.shape[3]
     HEAD_DV: gl.constexpr = o_desc.block_type.shape[3]
     dtype: gl.constexpr = q_desc.dtype
     out_dtype: gl.constexpr = o_desc.dtype
-    pid_m = gl.program_id(0)
-    off_h = gl.program_id(1)
-    off_b = gl.program_id(2)
+    if PERSISTENT:      # each partition walks its CTA's work tiles (_work); no tile of the CTA's own
+        off_b = 0
+        off_h = 0
+        off_hk = 0
+        m0 = 0
+        lo = 0
+        n_tiles = 0
+__TL_ZERO__    else:
+        pid_m = gl.program_id(0)
+        off_h = gl.program_id(1)
+        off_b = gl.program_id(2)
 __CAUSAL_ORDER__
-    off_hk = off_h // __G__
-    m0 = pid_m * (2 * BLOCK_M)
-    lo = 0
-    hi = Sk
-__KV_RANGE__
-    # every consumer runs at least one (masked) tile, so the barrier schedule has one shape
-    hi = gl.maximum(hi, lo + 1)
-__N_TILES__
+        off_hk, m0, lo, n_tiles__TL_RET__ = _tile_range(pid_m, off_h, off_b, Sk, coff, __TLP__BLOCK_M, BLOCK_N)
 
     q_l: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, HEAD_D], dtype)
     k_l: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, HEAD_D], dtype)
@@ -387,7 +497,10 @@ __N_TILES__
     q_smem = gl.allocate_shared_memory(dtype, [2, 1, 1, BLOCK_M, HEAD_D], q_desc.layout)
     k_smem = gl.allocate_shared_memory(dtype, [STAGES, 1, 1, BLOCK_N, HEAD_D], k_desc.layout)
     v_smem = gl.allocate_shared_memory(dtype, [STAGES, 1, 1] + __V_TILE__, v_desc.layout)
-    if HEAD_D == HEAD_DV and dtype == out_dtype:
+    # SEP_O: a buffer of its own even where O could go out through Q's, so that a persistent CTA's next Q
+    # loads while this tile's O is still being stored
+    O_ALIAS: gl.constexpr = HEAD_D == HEAD_DV and dtype == out_dtype and not SEP_O
+    if O_ALIAS:
         o_smem = q_smem      # Q is dead once a consumer's last S is computed
     else:
         o_smem = gl.allocate_shared_memory(out_dtype, [2, 1, 1, BLOCK_M, HEAD_DV], o_desc.layout)
@@ -407,6 +520,12 @@ __N_TILES__
     k_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     v_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     turn = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    if PERSISTENT:      # consumer w is done with its Q buffer
+        q_empty = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+        for w in gl.static_range(2):
+            mbarrier.init(q_empty.index(w), count=1)
+    else:
+        q_empty = q_bar
     for w in gl.static_range(2):
         mbarrier.init(q_bar.index(w), count=1)
         if PINGPONG:
@@ -423,14 +542,17 @@ __N_TILES__
     v2 = v_smem._reinterpret(dtype, [STAGES] + __V_TILE__, v_l)
     o2 = o_smem._reinterpret(out_dtype, [2, BLOCK_M, HEAD_DV], o_l)
     gl.warp_specialize([
-        (_consumer, (q2, k2, v2, o2, o_smem, ones_smem, q_bar, k_full, v_full, k_empty, v_empty, turn, o_desc, LSE, slb, slh, slm,
-                     off_b, off_h, m0, lo, n_tiles, __TLA__Sq, Sk, coff, __FP8P____OPS_KARGS__0, BLOCK_M, BLOCK_N, HEAD_DV, STAGES,
-                     PINGPONG, OVERLAP, EMU, TREE, LATE, LSUM, MID, JOIN)),
-        (_consumer, (q2, k2, v2, o2, o_smem, ones_smem, q_bar, k_full, v_full, k_empty, v_empty, turn, o_desc, LSE, slb, slh, slm,
-                     off_b, off_h, m0, lo, n_tiles, __TLA__Sq, Sk, coff, __FP8P____OPS_KARGS__1, BLOCK_M, BLOCK_N, HEAD_DV, STAGES,
-                     PINGPONG, OVERLAP, EMU, TREE, LATE, LSUM, MID, JOIN)),
-        (_producer, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_full, v_full, k_empty, v_empty,
-                     off_b, off_h, off_hk, m0, lo, n_tiles, __TLA__BLOCK_M, BLOCK_N, STAGES)),
+        (_consumer, (q2, k2, v2, o2, o_smem, ones_smem, q_bar, q_empty, k_full, v_full, k_empty, v_empty, turn, o_desc,
+                     LSE, slb, slh, slm, off_b, off_h, m0, lo, n_tiles, __TLX__n_b, n_h, Sq, Sk, coff,
+                     __FP8P____OPS_KARGS__0, BLOCK_M, BLOCK_N, HEAD_DV, STAGES, PINGPONG, OVERLAP, EMU, TREE, LATE, LSUM,
+                     MID, JOIN, PERSISTENT, O_ALIAS)),
+        (_consumer, (q2, k2, v2, o2, o_smem, ones_smem, q_bar, q_empty, k_full, v_full, k_empty, v_empty, turn, o_desc,
+                     LSE, slb, slh, slm, off_b, off_h, m0, lo, n_tiles, __TLX__n_b, n_h, Sq, Sk, coff,
+                     __FP8P____OPS_KARGS__1, BLOCK_M, BLOCK_N, HEAD_DV, STAGES, PINGPONG, OVERLAP, EMU, TREE, LATE, LSUM,
+                     MID, JOIN, PERSISTENT, O_ALIAS)),
+        (_producer, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, q_empty, k_full, v_full, k_empty, v_empty,
+                     off_b, off_h, off_hk, m0, lo, n_tiles, __TLX__n_b, n_h, Sq, Sk, coff, BLOCK_M, BLOCK_N, STAGES,
+                     PERSISTENT)),
     ], [4, 1], [240, 24])
 '''
 
@@ -586,13 +708,20 @@ class _HopperGen:
             empty = "    out = gl.where(gl.expand_dims(gl.convert_layout(empty, orow_l), 1), float('nan'), out)"
         else:
             empty = ""
-        causal_order = "    pid_m = gl.num_programs(0) - 1 - pid_m   # heavy tiles first" if self.causal else ""
+        causal_order = "        pid_m = gl.num_programs(0) - 1 - pid_m   # heavy tiles first" if self.causal else ""
+        if self.causal:     # LPT: the heaviest query blocks of every (batch, head) first, then the next lighter
+            work = ["    n_bh = n_h * n_b", "    pid_m = n_m - 1 - tile // n_bh", "    bh = tile % n_bh"]
+        else:               # query blocks fastest, then heads: concurrent tiles share K / V in L2
+            work = ["    pid_m = tile % n_m", "    bh = tile // n_m"]
         if self.tiles is None:
-            tla, tlp = "", ""
+            tla, tlp, tl_ret, tl_zero = "", "", "", ""
+            tlaw, tlw_ret = "", ""
             n_tiles = "    n_tiles = gl.cdiv(hi - lo, BLOCK_N)"
         else:
             tla = "TL_IDX, TL_CLS, tl_off, "
             tlp = "TL_IDX, TL_CLS, TL_CNT, tl_sb, tl_sh, tl_sm, tl_cb, tl_ch, "
+            tl_ret, tl_zero = ", tl_off", "        tl_off = 0\n"
+            tlaw, tlw_ret = "TL_IDX, TL_CLS, w_tl, ", ", w_tl"
             n_tiles = ("    tl_off = off_b.to(gl.int64) * tl_sb + off_h.to(gl.int64) * tl_sh + pid_m.to(gl.int64) * tl_sm\n"
                        "    n_tiles = gl.load(TL_CNT + off_b.to(gl.int64) * tl_cb + off_h.to(gl.int64) * tl_ch + pid_m)")
         ln2 = "0.6931471805599453"
@@ -660,6 +789,8 @@ class _HopperGen:
                 .replace("__FP8P__", fp8p))
         for token, value in [("__ROWMAX__", rowmax), ("__ROWSCALE__", " * qk" if self.fold else ""),
                              ("__EXP2_MIX__", exp2_mix()), ("__P_EXP__", p_exp), ("__ALPHA_EXP__", alpha_exp), ("__LSE__", lse), ("__TLA__", tla), ("__TLP__", tlp), ("__N_TILES__", n_tiles),
+            ("__TLX__", tlp + ("tl_off, " if tla else "")), ("__TLAW__", tlaw), ("__TLW_RET__", tlw_ret),
+            ("__TL_RET__", tl_ret), ("__TL_ZERO__", tl_zero), ("__WORK_ORDER__", "\n".join(work)),
             ("__OPS_KPARAMS__", ops_params), ("__OPS_PARAMS__", ops_params), ("__OPS_KARGS__", ops_params),
             ("__OPS_ARGS__", ops_args), ("__OPS_BASES__", "\n".join(bases)), ("__VISIBLE__", self.visible()),
             ("__TILE_MASKED__", self.tile_masked()), ("__KV_RANGE__", self.kv_range()),

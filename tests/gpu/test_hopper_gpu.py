@@ -333,3 +333,117 @@ def test_ws_backward_against_portable(d, causal, g, sq, sk):
             err = (a.float() - b.float()).abs().max().item()
             scale = b.float().abs().max().item()
             assert err <= 2e-2 * scale + 1e-3, f"{cand} {name}: ws vs portable max err {err:.3g} (scale {scale:.3g})"
+
+
+# --- the persistent schedule (templates_hopper PERSISTENT; a tuner candidate only with hopper.TUNE_PERSISTENT) ---
+
+@pytest.fixture
+def _poisoned_outputs(monkeypatch):
+    """Every output buffer starts as NaN: a work tile the persistent schedule skips shows up as a NaN row."""
+    def poisoned(shape, dtype, device):
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+    monkeypatch.setattr(triton_portable, "_empty", poisoned)
+
+
+def _persistent(**pin):
+    """hopper as attend_and_check takes it, with the forward pinned to the persistent schedule."""
+    import functools
+    import types
+    fwd = functools.partial(hopper.forward, persistent=True, **pin)
+    return types.SimpleNamespace(supports=hopper.supports, forward=fwd, backward=hopper.backward)
+
+
+def _sms() -> int:
+    return hopper.sm_count(torch.device(DEV))
+
+
+PERSISTENT_CASES = [
+    # d, causal, (B, Hq, Hk), (Sq, Sk), mask ("pad": (B, 1, 1, Sk) key padding), pinned (pingpong, stages)
+    (64, "none", (2, 4, 4), (1031, 1031), None, (True, 2)),             # 72 work tiles: fewer than the SMs
+    (64, "top_left", (4, 16, 4), (2000, 2000), None, (True, 4)),        # 1024 tiles, GQA 4
+    (64, "bottom_right", (2, 8, 2), (777, 1500), "pad", (False, 2)),
+    (128, "none", (2, 8, 8), (1100, 900), None, (True, 3)),             # O through Q's buffer
+    (128, "none", (3, 16, 4), (2049, 2049), None, (True, 2)),           # own O buffer; 816 tiles
+    (128, "top_left", (2, 16, 2), (3000, 3000), None, (True, 2)),       # 768 tiles, LPT order
+    (128, "bottom_right", (1, 8, 8), (300, 4100), None, (True, 3)),
+    (128, "none", (2, 8, 2), (1000, 1000), "pad", (True, 2)),           # tile lists (mask pre-pass)
+    (256, "none", (2, 4, 4), (1031, 1031), None, (False, 2)),
+    (256, "top_left", (2, 16, 8), (2500, 2500), None, (False, 2)),      # 640 tiles
+    (256, "bottom_right", (1, 4, 2), (900, 1300), "pad", (True, 2)),
+]
+
+
+@pytest.mark.parametrize("d,causal,heads,lengths,mask,pin", PERSISTENT_CASES,
+                         ids=[f"d{c[0]}-{c[1]}-{'x'.join(map(str, c[2]))}-{c[3][0]}x{c[3][1]}-{c[4] or 'nomask'}"
+                              f"-{'pp' if c[5][0] else 'nopp'}{c[5][1]}" for c in PERSISTENT_CASES])
+def test_persistent_accuracy(_poisoned_outputs, d, causal, heads, lengths, mask, pin):
+    """The persistent schedule by the 2x rule on NaN-poisoned outputs, with work tiles below and well above the
+    SM count, ragged lengths, Sq != Sk, GQA and a key-padding mask; and within a bf16 rounding of the default
+    schedule with the same tiles (each work tile runs the default's code)."""
+    b, hq, hk = heads
+    sq, sk = lengths
+    n_tiles = b * hq * -(-sq // (2 * hopper.BLOCK_M))
+    gen = torch.Generator(device=DEV).manual_seed(d + sq + hq)
+    q = randn(b, hq, sq, d, gen=gen)
+    k, v = (randn(b, hk, sk, d, gen=gen) for _ in range(2))
+    ops, expr = [], ("mul", S, C(d ** -0.5))
+    if mask == "pad":
+        keys = torch.ones(b, 1, 1, sk, dtype=torch.bool, device=DEV)
+        keys[-1, ..., sk // 3:] = False
+        ops, expr = [keys], ("where", ("operand", 0), expr, C(-math.inf))
+    prog = ScoreProgram(expr, n_operands=len(ops), causal=causal, empty_row="zero")
+    pingpong, stages = pin
+    kernel, grid, args, kwargs = hopper.launch_args(q, k, v, ops, prog, torch.empty(b, hq, sq, d, device=DEV,
+                                                    dtype=q.dtype), torch.empty(b, hq, sq, device=DEV),
+                                                    pingpong=pingpong, stages=stages, persistent=True)
+    assert grid == (min(_sms(), n_tiles), 1, 1) and kwargs["PERSISTENT"]
+    attend_and_check(q, k, v, ops, prog, backward=False, kernel=_persistent(pingpong=pingpong, stages=stages))
+    out_p, lse_p = hopper.forward(q, k, v, ops, prog, persistent=True, pingpong=pingpong, stages=stages)
+    out_d, lse_d = hopper.forward(q, k, v, ops, prog, pingpong=pingpong, stages=stages)
+    torch.testing.assert_close(out_p.float(), out_d.float(), atol=2e-2, rtol=0)
+    torch.testing.assert_close(lse_p, lse_d, atol=1e-4, rtol=0)
+
+
+def test_persistent_repeated_launches_and_graph_capture(_poisoned_outputs):
+    """Many work tiles per CTA (B*H*m-blocks = 32x the SMs) across several launches and a CUDA-graph replay: the
+    barrier phases that run on across tiles never let a tile read a stale Q, K or V: every launch gives the same
+    bits, within a bf16 rounding of the default schedule."""
+    b, h, s, d = 4, 32, 4096, 128
+    n_tiles = b * h * s // 128
+    assert n_tiles >= 8 * _sms()
+    gen = torch.Generator(device=DEV).manual_seed(77)
+    q, k, v = (randn(b, h, s, d, gen=gen) for _ in range(3))
+    prog = ScoreProgram(("mul", S, C(d ** -0.5)), causal="top_left")
+    want, _ = hopper.forward(q, k, v, [], prog, pingpong=True, stages=2)
+    assert not want.isnan().any()
+    for stages in (2, 3):
+        first, _ = hopper.forward(q, k, v, [], prog, persistent=True, pingpong=True, stages=stages)
+        torch.testing.assert_close(first.float(), want.float(), atol=2e-2, rtol=0)
+        for _ in range(3):
+            got, _ = hopper.forward(q, k, v, [], prog, persistent=True, pingpong=True, stages=stages)
+            assert torch.equal(got, first), f"stages={stages}: launches differ"
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        cap, _ = hopper.forward(q, k, v, [], prog, persistent=True, pingpong=True, stages=2)
+    g.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(cap, hopper.forward(q, k, v, [], prog, persistent=True, pingpong=True, stages=2)[0])
+
+
+def test_persistent_through_the_tuner(monkeypatch):
+    """With the switch on, the tuner times the persistent candidates beside the default ones, and whatever it
+    settles on (and the plan it pins) gives the default schedule's numbers."""
+    monkeypatch.setattr(triton_portable, "_AUTOTUNE", True)
+    monkeypatch.setattr(hopper, "TUNE_PERSISTENT", True)
+    hopper._PLANS.clear()
+    gen = torch.Generator(device=DEV).manual_seed(78)
+    q = randn(2, 16, 1500, 64, gen=gen)
+    k, v = (randn(2, 4, 1500, 64, gen=gen) for _ in range(2))
+    prog = ScoreProgram(("mul", S, C(0.125)), causal="bottom_right")
+    assert any(c.persistent for c in hopper.schedules(64, 64))
+    first, _ = hopper.forward(q, k, v, [], prog)
+    planned, _ = hopper.forward(q, k, v, [], prog)
+    want, _ = hopper.forward(q, k, v, [], prog, pingpong=True, stages=2)
+    torch.testing.assert_close(first.float(), want.float(), atol=2e-2, rtol=0)
+    torch.testing.assert_close(planned, first, atol=0, rtol=0)
+    hopper._PLANS.clear()
