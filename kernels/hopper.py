@@ -228,23 +228,25 @@ class Schedule(NamedTuple):
     persistent: bool = False
 
 
-# The persistent schedule (templates_hopper PERSISTENT) joins the tuner's candidates only with this switch:
-# FA3_HOPPER_PERSISTENT=1 in the environment, read once (or set it here) once tests/gpu/test_hopper_gpu.py's
-# persistent tests pass on an H100 (bench/fwd_persist.py times it against the default schedule).
-TUNE_PERSISTENT = os.environ.get("FA3_HOPPER_PERSISTENT", "0") == "1"
+# The persistent schedule (templates_hopper PERSISTENT) joins the tuner's candidates for non-causal programs
+# (FA3_HOPPER_PERSISTENT=0 turns it off). H100, bench/results/fwd_persist.md: non-causal it wins where per-CTA
+# prologue / epilogue and the last wave matter (D=64 S=1k 1.16x, D=128 S=1k 1.11x, D=256 S=16k 1.07x) and ties
+# elsewhere (0.93-1.04); causal it loses at every point (0.64-0.99x: the static heavy-first order balances worse
+# than the hardware's block scheduler), so causal programs do not spend tuning time on it.
+TUNE_PERSISTENT = os.environ.get("FA3_HOPPER_PERSISTENT", "1") == "1"
 
 
-def schedules(d: int, dv: int, persistent: bool | None = None) -> list[Schedule]:
+def schedules(d: int, dv: int, persistent: bool | None = None, causal: bool = False) -> list[Schedule]:
     """Candidates, the measured default first (bench/NOTES.md): at head dim 256 only two stages fit and ping-pong
     costs more than it hides; below, both help depending on length and causality. persistent (default
-    TUNE_PERSISTENT): the same schedules on persistent CTAs follow."""
+    TUNE_PERSISTENT and not causal): the same schedules on persistent CTAs follow."""
     _, most = config(d, dv)
     if max(d, dv) > 128:
         base = [(False, 2), (True, 2)]
     else:
         base = [(True, 2), (True, min(3, most)), (False, 2)]
     cands = [Schedule(pp, st) for pp, st in base]
-    if TUNE_PERSISTENT if persistent is None else persistent:
+    if (TUNE_PERSISTENT and not causal) if persistent is None else persistent:
         cands += [Schedule(pp, st, True) for pp, st in base]
     return cands
 
@@ -339,7 +341,8 @@ def forward(q, k, v, operands, prog: ScoreProgram, **variant):
 
     tkey = (_spec_and_module(prog, q, k, v, operands)[0], triton_portable._bucket(sq),
             triton_portable._bucket(k.shape[2]))
-    cfg = triton_portable._launch_tuned("hopper_fwd", tkey, d, q.dtype, q.device, launch, schedules(d, dv))
+    cfg = triton_portable._launch_tuned("hopper_fwd", tkey, d, q.dtype, q.device, launch,
+                                         schedules(d, dv, causal=prog.causal != "none"))
     if cfg is not None:
         if len(_PLANS) > 4096:
             _PLANS.clear()

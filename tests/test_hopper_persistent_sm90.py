@@ -168,6 +168,8 @@ def test_tuner_candidates_only_behind_the_switch(monkeypatch):
     monkeypatch.setattr(hopper, "TUNE_PERSISTENT", True)
     cands = hopper.schedules(128, 128)
     assert [c[:2] for c in cands if c.persistent] == [c[:2] for c in cands if not c.persistent]
+    # causal programs: measured slower at every grid point, not a candidate
+    assert not any(c.persistent for c in hopper.schedules(128, 128, causal=True))
 
 
 from test_hopper_plan import _fresh, _roles, recorded  # noqa: E402,F401  (the recording fixture)
