@@ -41,8 +41,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # D=128, waits free; bench/results/fp8_sass.md): nopp default 2005, tree 1926, join 1735, tree lsum 1795,
 # tree lsum join 1663, tree emu2 1845, tree lsum emu2 1723, LIGHT 1697, JOINED 1617, tree lsum join emu3 1628,
 # tree lsum mid emu1 1632; pp LIGHT 1718, pp JOINED 1639 (the 877 TFLOPS measured nopp default ~ 2200 cycles).
-LIGHT = ("tree", "lsum", "late", "emu2")           # (was the tuner's _FP8_LIGHT; lsum is wrong on the H100)
-JOINED = ("tree", "lsum", "join", "emu1")          # (was the tuner's _FP8_JOINED)
+LIGHT = ("tree", "lsum", "late", "emu2")
+JOINED = ("tree", "lsum", "join", "emu1")
 VARIANTS = {
     128: [(128, True, None, True, ()), (128, False, None, True, ()),
           (128, False, None, True, ("tree",)), (128, False, None, True, ("join",)),

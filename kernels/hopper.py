@@ -388,25 +388,34 @@ class Fp8Schedule(NamedTuple):
     lsum: bool = False      # row sum of e4m3 P on the tensor core
     mid: bool = False       # PV waited after the row max (O's rescale among the exps)
     join: bool = False      # exp2 after the masked / unmasked branches join
+    persistent: bool = False    # one CTA per SM walking the work tiles
 
 
 # Head dims <= 128: the softmax, not the GEMMs, bounds a key tile (64 exp2 per thread against a 512-cycle GEMM).
 # Of the lighter softmaxes bench/fp8_variants.py times (Fp8Schedule's knobs), the H100 measured (D=128 S=16k,
-# bench/results/fp8_variants.md): tree 878 TFLOPS vs 864 without; emu / join / late slower; every lsum variant
-# (up to 968) is WRONG (RMSE 1.2e-2 vs 6.9e-4: tests/gpu/test_fp8_gpu.py::test_hopper_fp8_softmax_knobs fails),
-# so no lsum schedule is a candidate: the tuner picks by speed alone and must only see correct kernels.
+# bench/results/fp8_variants.md, 128-key tiles): tree lsum join 965 TFLOPS, tree lsum 939, tree 853, the
+# default 812; emu / late / mid slower. lsum was wrong until its ones tile was written as bytes (templates_hopper);
+# its RMSE now equals the default's. Persistent CTAs add ~4% at D=128 non-causal (971 vs 932 in one run) and lose
+# at D=256 (1190 vs 1255); D=256 S=16k: tree lsum join 1255 vs 1175 without the knobs.
 _FP8_TREE = dict(tree=True)
+_FP8_LIGHT = dict(tree=True, lsum=True, join=True)
 
 
-def fp8_schedules(d: int, dv: int, block_n: int | None = None, n_operands: int = 0) -> list[Fp8Schedule]:
-    """Candidates of the FP8 tuner, the expected best first: the deepest ring that fits; ping-pong below head
-    dim 256 (at 256 the 16-bit kernel measured it ~5% slower, and with 128-key FP8 tiles it spills); below 256
-    the measured best (no ping-pong, row max as a tree) first."""
-    _, most = fp8_config(d, dv, block_n, n_operands)
+def fp8_schedules(d: int, dv: int, block_n: int | None = None, n_operands: int = 0,
+                  causal: bool = False) -> list[Fp8Schedule]:
+    """Candidates of the FP8 tuner, the expected best first: the deepest ring that fits; with 128-key tiles the
+    measured best (no ping-pong, row max as a tree, row sum on the tensor core, exp2 after the join), on
+    persistent CTAs too below head dim 256 for non-causal programs; ping-pong below head dim 256 (at 256 the
+    16-bit kernel measured it ~5% slower, and with 128-key FP8 tiles it spills)."""
+    bn, most = fp8_config(d, dv, block_n, n_operands)
     first = [(False, most), (True, most)] if max(d, dv) > 128 else [(True, most), (True, 2), (False, most)]
     cands = [Fp8Schedule(pp, st) for pp, st in first + [(False, 2)]]
     if max(d, dv) <= 128:
         cands = [Fp8Schedule(False, most, **_FP8_TREE)] + cands
+    if bn == 128:       # lsum's ones tile is measured at 128 keys (the 64-key tiles of masked D=256 are not)
+        light = Fp8Schedule(False, most, **_FP8_LIGHT)
+        pers = [light._replace(persistent=True)] if max(d, dv) <= 128 and not causal else []
+        cands = [light] + pers + cands
     return list(dict.fromkeys(cands))
 
 
@@ -508,5 +517,5 @@ def forward_fp8(q, k, v, operands, prog: ScoreProgram, recipe, **variant):
     tkey = (_spec_and_module(prog, q8.data, k8.data, v8.data.transpose(-1, -2), operands)[0],
             triton_portable._bucket(sq), triton_portable._bucket(k.shape[2]))
     triton_portable._launch_tuned("hopper_fp8", tkey, d, q.dtype, q.device, launch,
-                                  fp8_schedules(d, dv, n_operands=len(operands)))
+                                  fp8_schedules(d, dv, n_operands=len(operands), causal=prog.causal != "none"))
     return _filled(out, lse, v, prog)

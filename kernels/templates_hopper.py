@@ -510,8 +510,11 @@ __CAUSAL_ORDER__
     if LSUM:
         ones_reg: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [2, 2], [1, 0])
         ones_l: gl.constexpr = gl.NVMMASharedLayout.get_default_for([8, BLOCK_N], dtype)
+        # e4m3 1.0 written as its byte (0x38): the fp16 -> e4m3 conversion of a constant tile came out wrong on
+        # the H100 (bench/lsum_repro.py: P·ones read B as ~-87 or 0.5 depending on context; a TMA-loaded or
+        # byte-built tile is right) — the l 25x too large that kept LSUM off
         ones_smem = gl.allocate_shared_memory(dtype, [8, BLOCK_N], ones_l,
-                                              gl.full([8, BLOCK_N], 1.0, gl.float16, ones_reg).to(dtype))
+                                              gl.full([8, BLOCK_N], 0x38, gl.int8, ones_reg).to(dtype, bitcast=True))
     else:
         ones_smem = q_smem
     q_bar = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())

@@ -179,7 +179,7 @@ from test_hopper_plan import _fresh, _roles, recorded  # noqa: E402,F401  (the r
 def test_persistent_plan_launches_what_the_first_call_did(recorded, monkeypatch, causal, mask):  # noqa: F811
     """A tuner settled on a persistent candidate: its plan (kernels/hopper.py _Plan, args[-8:] as its tail) launches
     what the first call launched, on the persistent grid."""
-    monkeypatch.setattr(hopper, "schedules", lambda d, dv, persistent=None: [hopper.Schedule(True, 2, True)])
+    monkeypatch.setattr(hopper, "schedules", lambda d, dv, persistent=None, causal=False: [hopper.Schedule(True, 2, True)])
     prog = _masked(64, causal) if mask else _scaled(64, causal)
     runs = []
     for seed in range(3):

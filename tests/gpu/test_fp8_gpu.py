@@ -226,25 +226,26 @@ def test_hopper_fp8_tile_variants(d, block_n, pingpong, overlap, causal):
     check(q, k, v, [], prog, BLOCK_HADAMARD, kernel=(hopper.supports_fp8, fwd), blocks=fp8_quant_blocks(block_n))
 
 
-# The lsum knob (row sum of e4m3 P on the tensor core) measured wrong on the H100 (RMSE 1.2e-2 vs 6.9e-4 at D=128
-# S=16k, bench/results/fp8_variants.md); it is no tuner candidate. strict: fixing it must turn these into passes.
-LSUM_WRONG = pytest.mark.xfail(strict=True, reason="lsum row sums measured wrong on the H100 (not a tuner candidate)")
-
-
 @HOPPER
 @pytest.mark.parametrize("d,pingpong,knobs,causal,masked", [
-    pytest.param(128, False, dict(emu=2, tree=True, late=True, lsum=True), "none", False, marks=LSUM_WRONG),
-    pytest.param(128, True, dict(emu=2, tree=True, late=True, lsum=True), "top_left", False, marks=LSUM_WRONG),
-    pytest.param(128, False, dict(emu=3, tree=True, lsum=True), "bottom_right", False, marks=LSUM_WRONG),
+    (128, False, dict(emu=2, tree=True, late=True, lsum=True), "none", False),
+    (128, True, dict(emu=2, tree=True, late=True, lsum=True), "top_left", False),
+    (128, False, dict(emu=3, tree=True, lsum=True), "bottom_right", False),
     (128, False, dict(emu=8, tree=True), "top_left", False),          # every exp2 on the FMA pipe, -inf included
     (128, True, dict(tree=True, late=True), "none", False),
-    pytest.param(64, True, dict(emu=2, tree=True, late=True, lsum=True), "none", False, marks=LSUM_WRONG),
+    (64, True, dict(emu=2, tree=True, late=True, lsum=True), "none", False),
     (256, False, dict(tree=True), "none", False),
-    pytest.param(128, False, dict(emu=2, tree=True, late=True, lsum=True), "none", True, marks=LSUM_WRONG),
-    pytest.param(128, False, dict(emu=1, tree=True, lsum=True, join=True), "bottom_right", False, marks=LSUM_WRONG),
-    pytest.param(128, True, dict(emu=1, tree=True, lsum=True, join=True), "none", True, marks=LSUM_WRONG),
-    pytest.param(128, False, dict(emu=1, tree=True, lsum=True, mid=True), "top_left", False, marks=LSUM_WRONG),
-    (128, False, dict(join=True), "none", False)])
+    (128, False, dict(emu=2, tree=True, late=True, lsum=True), "none", True),
+    (128, False, dict(emu=1, tree=True, lsum=True, join=True), "bottom_right", False),
+    (128, True, dict(emu=1, tree=True, lsum=True, join=True), "none", True),
+    (128, False, dict(emu=1, tree=True, lsum=True, mid=True), "top_left", False),
+    (128, False, dict(join=True), "none", False),
+    # the tuner's first candidates (hopper.fp8_schedules): row sum on the tensor core after the join, also on
+    # persistent CTAs, and at head dim 256
+    (128, False, dict(tree=True, lsum=True, join=True), "none", True),
+    (128, False, dict(tree=True, lsum=True, join=True, persistent=True), "none", False),
+    (64, False, dict(tree=True, lsum=True, join=True, persistent=True), "none", True),
+    (256, False, dict(tree=True, lsum=True, join=True), "bottom_right", False)])
 def test_hopper_fp8_softmax_knobs(d, pingpong, knobs, causal, masked):
     """The softmax knobs bench/fp8_variants.py times and the tuner may pick (hopper.Fp8Schedule), by the same
     rule; with a boolean-like additive mask, whose hidden scores reach the emulated exp2 as -inf."""
