@@ -98,17 +98,60 @@ def fp8_fallback_reason(passed_over: list[str]) -> str:
     return "; ".join(r for r in passed_over if r.split(":")[0] in fp8_names) or "no FP8 kernel"
 
 
+_BOUND = 2 ** 31 - 1    # tp.supports: spans and the operand-gradient buffer must stay below this
+
+
+def _kv_key(t, axis: int):
+    """What `supports` sees of k, v (axis 2) or an operand (axis 3: its key axis). A contiguous tensor by its shape
+    with the key length by class — values up to 16 exact, larger ones by bit length and by how many of the low
+    four bits are zero (TMA's 16-byte stride rule at any element size, Triton's divisibility by 16) — its dtype
+    and 16-byte alignment: its strides follow from the shape, and every `supports` looks at strides only where a
+    size exceeds 1, where contiguity fixes them. None where a tensor of that class might reach _BOUND. Anything
+    else exactly."""
+    shape = t.shape
+    if not t.is_contiguous():
+        return shape, t.stride(), t.dtype, t.data_ptr() % 16 == 0
+    n = shape[axis]
+    if n <= 16:
+        return shape, t.dtype, t.data_ptr() % 16 == 0
+    bits = n.bit_length()
+    if t.numel() // n << bits >= _BOUND:
+        return None
+    return shape[:axis], bits, min((n & -n).bit_length() - 1, 4), shape[axis + 1:], t.dtype, t.data_ptr() % 16 == 0
+
+
 def _select_key(prog, q, k, v, operands, preference, fp8):
-    """What every entry's `supports` looks at (shapes, strides, dtypes, device, 16-byte alignment; on CPU also
-    TRITON_INTERPRET), or None for fake tensors and the meta device (compile time: symbolic sizes, no storage;
-    not memoised)."""
-    if isinstance(q, FakeTensor) or (operands and any([isinstance(t, FakeTensor) for t in operands])):
+    """What every entry's `supports` looks at, or None for fake tensors and the meta device (compile time:
+    symbolic sizes, no storage; not memoised): q exactly (shape, strides, dtype, 16-byte alignment); k, v and
+    the operands by _kv_key, so that a contiguous cache growing by a key per call (DynamicCache) keeps hitting
+    one key per class, every `supports` answering alike across a class (tests/test_select_class.py). Where a
+    tensor of the class could reach the 2^31 bounds of the portable kernels, every tensor is exact (key[6]).
+    On CPU also TRITON_INTERPRET."""
+    if isinstance(q, FakeTensor):
         return None
     device = q.device
     if device.type == "meta":
         return None
+    rest = []
+    for t in operands:
+        if isinstance(t, FakeTensor):
+            return None
+        rest.append(_kv_key(t, 3))
     interpret = os.environ.get("TRITON_INTERPRET", "0") if device.type == "cpu" else None
-    return (prog, preference, fp8, device, interpret, launcher.call_key((q, k, v, *operands)))
+    head = (prog, preference, fp8, device, interpret, (q.shape, q.stride(), q.dtype, q.data_ptr() % 16 == 0))
+    kk, vk = _kv_key(k, 2), _kv_key(v, 2)
+    qs = q.shape
+    if kk is None or vk is None or None in rest or qs[0] * qs[1] * qs[2] << k.shape[2].bit_length() >= _BOUND:
+        return head + (True, launcher.call_key((k, v, *operands)))
+    return head + (False, kk, vk, *rest)
+
+
+def _exact_key(prog, q, k, v, operands, preference, fp8):
+    """_select_key with every tensor exact (shapes, strides, dtypes, 16-byte alignment)."""
+    key = _select_key(prog, q, k, v, operands, preference, fp8)
+    if key is None or key[6]:
+        return key
+    return key[:6] + (True, launcher.call_key((k, v, *operands)))
 
 
 _SELECTED: dict = {}
@@ -118,13 +161,14 @@ _RECENT = 8     # exact keys remembered per query layout (self- and cross-attent
 def select(prog: ScoreProgram, q, k, v, operands, preference: str = "auto",
            fp8: Fp8Recipe | None = None) -> tuple[KernelEntry, list[str]]:
     """Memoised _select: a launch must not pay Python support checks on every call (S=512 prefill was
-    CPU-bound on them). The memo holds, per (program, preference, recipe, device, q's layout), the last few exact
-    keys, most recent first: a cache that grows by a key per generated token (DynamicCache) replaces its own
-    older entries and leaves the others' (a cross-attention's fixed keys) in place, so nothing grows per token."""
+    CPU-bound on them). The memo holds, per (program, preference, recipe, device, q's layout), the last few
+    keys (_select_key: k / v lengths by class), most recent first: a cache that grows by a key per generated
+    token (DynamicCache) hits its class, or where its key must be exact replaces its own older entries and
+    leaves the others' (a cross-attention's fixed keys) in place, so nothing grows per token."""
     key = _select_key(prog, q, k, v, operands, preference, fp8)
     if key is None:
         return _select(prog, q, k, v, operands, preference, fp8)
-    shape_class = key[:5] + (key[5][0],)
+    shape_class = key[:6]
     recent = _SELECTED.get(shape_class)
     if recent is not None:
         for i, (seen, hit) in enumerate(recent):
@@ -174,7 +218,7 @@ def select_backward(prog: ScoreProgram, q, k, v, operands, preference: str = "au
     site; then the next entry down the table that runs on the device and supports it (whatever the preference:
     the forward already honoured it, and its (out, lse) are every entry's)."""
     # one key and one lookup per call once memoised (the forward's select is not asked again)
-    key = _select_key(prog, q, k, v, operands, preference, None)
+    key = _exact_key(prog, q, k, v, operands, preference, None)   # backward_supports: not class-proven
     if key is not None:
         key = key + (torch.are_deterministic_algorithms_enabled(),)
         hit = _SELECTED_BWD.get(key)
