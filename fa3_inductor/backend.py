@@ -9,7 +9,7 @@ from __future__ import annotations
 from . import config as _config
 from .patterns.matcher import find_sites
 from .report import Report
-from .rewrite import apply_spec, finish
+from .rewrite import apply_spec, finish, inference_only
 from .patterns.spec import Skip
 from .site_choice import choose
 from .site_kernel import note
@@ -42,7 +42,8 @@ def rewrite_graph(gm, cfg: _config.Config, cuda_graphs: bool = False, inductor_o
     if not cfg.enabled:
         return report
     specs, skips, notes = decide(gm, cfg, cuda_graphs, inductor_options)
-    replaced = [apply_spec(gm, spec, cfg.kernel, cfg.fp8_arg()) for spec in specs]
+    infer = inference_only(gm)
+    replaced = [apply_spec(gm, spec, cfg.kernel, cfg.fp8_arg(), infer) for spec in specs]
     if specs:
         finish(gm, replaced)
     report.add(specs, skips, notes)

@@ -187,6 +187,25 @@ _DIRECT = _direct_autograd_kernel("attention", attention_op, "_forward")
 _DIRECT_BACKWARD = _direct_autograd_kernel("attention_backward", attention_backward_op, "_backward_op")
 
 
+def _inference_op():
+    """`fa3::attention_infer`: the same op without autograd, for graphs that run with grad mode off (the rewrite
+    picks it where the whole graph is inference: rewrite.inference_only). Its CPU / CUDA kernel is this module's
+    `_forward`, reached through the dispatcher's C++ autograd fallback and one crossing into Python, where
+    fa3::attention's calls pass a Python autograd kernel first (~4 µs per call on CPU; bench/host_counts.py).
+    Same schema, fake and semantics as fa3::attention; no backward (a call that needs a gradient gets none:
+    the fallback warns when one is asked for)."""
+    lib = torch.library.Library("fa3", "FRAGMENT")
+    lib.define("attention_infer(Tensor q, Tensor k, Tensor v, Tensor[] operands, str program, str kernel, "
+               "str fp8=\"\") -> (Tensor, Tensor)")
+    for key in ("CPU", "CUDA"):
+        lib.impl("attention_infer", _forward, key)
+    torch.library.register_fake("fa3::attention_infer", _attention_fake, lib=lib)
+    return lib
+
+
+_INFER = _inference_op()
+
+
 def _fp8_arg(fp8) -> str:
     if fp8 is None or fp8 is False:
         return ""

@@ -54,9 +54,22 @@ def _materialize(graph, ref: TensorRef, memo: dict):
     return cur
 
 
-def apply_spec(gm: GraphModule, spec: AttentionSpec, kernel: str, fp8: str = ""):
+_GRAD_MODE_SETTERS = {torch._C._set_grad_enabled, torch.set_grad_enabled, torch.enable_grad, torch.no_grad,
+                      torch.inference_mode, torch.autograd.grad_mode.set_grad_enabled}
+
+
+def inference_only(gm: GraphModule) -> bool:
+    """Whether every call in gm runs with grad mode off: it is compiled with grad mode off (Dynamo guards grad
+    mode, so it only runs so) and sets no grad mode inside."""
+    if torch.is_grad_enabled():
+        return False
+    return not any(n.op == "call_function" and n.target in _GRAD_MODE_SETTERS for n in gm.graph.nodes)
+
+
+def apply_spec(gm: GraphModule, spec: AttentionSpec, kernel: str, fp8: str = "", infer: bool = False):
     """Replace the site's output with the op's; return the old output node (now unused).
-    fp8: serialised FP8 recipe ("" = off); passed to the op only when set, so 16-bit graphs are unchanged."""
+    fp8: serialised FP8 recipe ("" = off); passed to the op only when set, so 16-bit graphs are unchanged.
+    infer: call fa3::attention_infer (the op without autograd: op.py `_inference_op`), for inference_only graphs."""
     graph = gm.graph
     memo: dict = {}
     with graph.inserting_before(spec.output):
@@ -65,7 +78,8 @@ def apply_spec(gm: GraphModule, spec: AttentionSpec, kernel: str, fp8: str = "")
         v = _materialize(graph, spec.v, memo)
         operands = [_materialize(graph, r, memo) for r in spec.operands]
         args = (q, k, v, operands, spec.program.dumps(), kernel) + ((fp8,) if fp8 else ())
-        res = graph.call_function(torch.ops.fa3.attention.default, args)
+        target = torch.ops.fa3.attention_infer.default if infer else torch.ops.fa3.attention.default
+        res = graph.call_function(target, args)
         out = graph.call_function(operator.getitem, (res, 0))
         for method, args in spec.output_steps:
             out = graph.call_method(method, (out, *args))
