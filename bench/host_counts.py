@@ -158,6 +158,7 @@ def cache_sizes() -> int:
     from fa3_inductor.kernels import triton_portable as tp
     n = len(launcher._COMPILED) + len(tp._TUNED) + len(tp._SPECS) + len(dispatch._SELECTED_BWD)
     n += sum(len(x) if isinstance(x, list) else 1 for x in dispatch._SELECTED.values())
+    n += len(getattr(dispatch, "_SELECTED_CLASS", ()))
     for plan in getattr(td, "_PLANS", {}).values():
         n += 1 + len(plan.sites) + len(plan.cfgs)
     return n

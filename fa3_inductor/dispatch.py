@@ -102,12 +102,11 @@ _BOUND = 2 ** 31 - 1    # tp.supports: spans and the operand-gradient buffer mus
 
 
 def _kv_key(t, axis: int):
-    """What `supports` sees of k, v (axis 2) or an operand (axis 3: its key axis). A contiguous tensor by its shape
-    with the key length by class — values up to 16 exact, larger ones by bit length and by how many of the low
-    four bits are zero (TMA's 16-byte stride rule at any element size, Triton's divisibility by 16) — its dtype
-    and 16-byte alignment: its strides follow from the shape, and every `supports` looks at strides only where a
-    size exceeds 1, where contiguity fixes them. None where a tensor of that class might reach _BOUND. Anything
-    else exactly."""
+    """What `supports` sees of k, v (axis 2) or an operand (axis 3: its key axis). A contiguous tensor by its other
+    sizes, its key length by class — values up to 16 exact, larger ones by bit length and low four bits (TMA's
+    16-byte stride rule at any element size, Triton's divisibility by 16) — its dtype and 16-byte alignment: its
+    strides follow from the shape, and every `supports` looks at strides only where a size exceeds 1, where
+    contiguity fixes them. None where a tensor of that class might reach _BOUND. Anything else exactly."""
     shape = t.shape
     if not t.is_contiguous():
         return shape, t.stride(), t.dtype, t.data_ptr() % 16 == 0
@@ -115,9 +114,13 @@ def _kv_key(t, axis: int):
     if n <= 16:
         return shape, t.dtype, t.data_ptr() % 16 == 0
     bits = n.bit_length()
-    if t.numel() // n << bits >= _BOUND:
+    if axis == 2:
+        a, b, c = shape[0], shape[1], shape[3]
+    else:
+        a, b, c = shape[0], shape[1], shape[2]
+    if a * b * c << bits >= _BOUND:
         return None
-    return shape[:axis], bits, min((n & -n).bit_length() - 1, 4), shape[axis + 1:], t.dtype, t.data_ptr() % 16 == 0
+    return a, b, c, bits, n & 15, t.dtype, t.data_ptr() % 16 == 0
 
 
 def _select_key(prog, q, k, v, operands, preference, fp8):
@@ -154,20 +157,29 @@ def _exact_key(prog, q, k, v, operands, preference, fp8):
     return key[:6] + (True, launcher.call_key((k, v, *operands)))
 
 
-_SELECTED: dict = {}
+_SELECTED: dict = {}    # exact keys (key[6]): per (program, preference, recipe, device, q's layout), the latest few
 _RECENT = 8     # exact keys remembered per query layout (self- and cross-attention, local and global layers)
+_SELECTED_CLASS: dict = {}  # class keys: one per class, never one per length
 
 
 def select(prog: ScoreProgram, q, k, v, operands, preference: str = "auto",
            fp8: Fp8Recipe | None = None) -> tuple[KernelEntry, list[str]]:
     """Memoised _select: a launch must not pay Python support checks on every call (S=512 prefill was
-    CPU-bound on them). The memo holds, per (program, preference, recipe, device, q's layout), the last few
-    keys (_select_key: k / v lengths by class), most recent first: a cache that grows by a key per generated
-    token (DynamicCache) hits its class, or where its key must be exact replaces its own older entries and
-    leaves the others' (a cross-attention's fixed keys) in place, so nothing grows per token."""
+    CPU-bound on them). Keys by class (_select_key) go in one dict: a cache that grows by a key per generated
+    token (DynamicCache) meets a new class only every few tokens (16 per bit length at most). Exact keys are
+    held per (program, preference, recipe, device, q's layout), the last few, most recent first: a cache too
+    large to class replaces its own older entries and leaves the others' (a cross-attention's fixed keys) in
+    place, so nothing grows per token."""
     key = _select_key(prog, q, k, v, operands, preference, fp8)
     if key is None:
         return _select(prog, q, k, v, operands, preference, fp8)
+    if not key[6]:
+        hit = _SELECTED_CLASS.get(key)
+        if hit is None:
+            if len(_SELECTED_CLASS) > 4096:
+                _SELECTED_CLASS.clear()
+            hit = _SELECTED_CLASS[key] = _select(prog, q, k, v, operands, preference, fp8)
+        return hit
     shape_class = key[:6]
     recent = _SELECTED.get(shape_class)
     if recent is not None:

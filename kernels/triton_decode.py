@@ -106,13 +106,14 @@ class _Plan:
     them. Holds no tensors (a plan outlives its calls; CUDA graph pools check for leaked tensors)."""
 
     __slots__ = ("key", "mod", "block_m", "cap", "quantum", "interpret_cfg", "tune_key", "configs", "cfgs",
-                 "sites", "combine_kwargs", "last", "loose_lengths", "out_strides")
+                 "sites", "combine_kwargs", "last", "loose_lengths", "out_strides", "out_shape", "hk")
 
     def __init__(self, key, q, k, v, operands, prog, splits):
         spec, self.mod, skey, _ = tp._spec_and_module(prog, q, k, v, operands, key[-1] is not None, "decode")
         b, hq, sq, d = q.shape
         self.key = key
         self.block_m = max(16, _next_pow2(spec.G * sq))
+        self.out_shape, self.hk = (b, hq, sq, v.shape[3]), k.shape[1]
         self.cap = split_cap(b, k.shape[1], q.device, splits)
         cuda = q.device.type == "cuda"
         self.quantum = QUANTUM if cuda else INTERPRET_CONFIG[0]
@@ -124,7 +125,7 @@ class _Plan:
         self.configs = _configs(d, q.dtype, self.block_m)
         # sized by the cap, not this length's split count: a growing cache keeps one variant
         self.combine_kwargs = dict(BLOCK_S=max(2, _next_pow2(self.cap)))
-        self.last = self.out_strides = None
+        self.last = self.out_strides = None     # last: the latest settled _Call
         self.cfgs = {}      # (length bucket, split count) -> settled config
         self.sites = {}     # (config, split count, integer classes, alignments) -> _site's tuple
 
@@ -163,82 +164,114 @@ def _site(plan: _Plan, cfg, n_split: int, ints: list, al):
     return hit
 
 
+class _Call:
+    """What a plan's call derives from its layout (`sig`: the inputs' strides, the key length, each operand's key
+    extent and strides) and its pointers' alignment (`al`): the split, the partial buffers' size, every integer
+    launch argument, and the settled launch sites (None until the tuner has settled this length bucket). A
+    call with the previous call's layout (the other layers of a step; every step of a StaticCache) reuses it
+    and only allocates and launches. Holds no tensors."""
+
+    __slots__ = ("sig", "al", "n_split", "chunk", "at", "rows", "op_ints", "tail", "combine_tail", "ints", "hit")
+
+    def __init__(self, plan, sig, al, sq: int, prog: ScoreProgram):
+        qs, ks, vs, sk, ops = sig
+        b, hq, _, dv = plan.out_shape
+        self.sig, self.al = sig, al
+        self.n_split, self.chunk = n_split, chunk = plan.split(sk)
+        if n_split == 1:    # written straight into out / lse: no partial buffers
+            pstrides, lstrides = _NO_PART
+            self.at = self.rows = 0
+        else:
+            # one allocation for both partial buffers, (B, Hq, Sq, splits) lse partials first, then the 16-byte
+            # aligned (B, Hq, Sq, splits, Dv) out partials; the kernels read them only through these strides
+            rows = b * hq * sq * n_split
+            self.at = -(-rows // 4) * 4
+            self.rows = self.at + rows * dv
+            lstrides = (hq * sq * n_split, sq * n_split, n_split, 1)
+            pstrides = (hq * sq * n_split * dv, sq * n_split * dv, n_split * dv, dv, 1)
+        coff = sk - sq if prog.causal == "bottom_right" else 0
+        os_, ls_ = plan.out_strides
+        self.tail = (*qs, *ks, *vs, *os_, *ls_, *pstrides, *lstrides, sq, sk, coff, chunk)
+        self.combine_tail = (*pstrides, *lstrides, *os_, *ls_, n_split)
+        # what the plan and the split count do not fix: the inputs' strides and pointers, the lengths (out, lse
+        # and the partials are fresh contiguous allocations, aligned by the allocator; the partial outputs
+        # start a multiple of 16 bytes into theirs)
+        if ops:
+            full = (b, hq, sq, sk)
+            # each operand read through its strides expanded to (B, Hq, Sq, Sk) (its first three sizes: the
+            # plan key)
+            oi = self.op_ints = [tuple([st if n == f else 0 for n, st, f in zip((*kind[1:4], n3), strides, full)])
+                                 for kind, (n3, strides) in zip(plan.key[8], ops)]
+            self.ints = [*[x[0] for x in oi], *[x[1] for x in oi], *[x[2] for x in oi], *[x[3] for x in oi], *qs,
+                         *ks, *vs, sk, coff, chunk]
+        else:
+            self.op_ints = ()
+            self.ints = [*qs, *ks, *vs, sk, coff, chunk]
+        self.hit = None
+
+
 def forward(q, k, v, operands, prog: ScoreProgram, splits: int | None = None):
     """Returns (out (B, Hq, Sq, Dv) in v.dtype, lse fp32 (B, Hq, Sq)); splits overrides the split count."""
     key = _plan_key(q, k, v, operands, prog, splits)
     plan = _PLANS.get(key)
     b, hq, sq, d = q.shape
-    dv = v.shape[3]
     dev = q.device
     if plan is None:
+        dv = v.shape[3]
         if b * hq * sq == 0:
             return tp._empty((b, hq, sq, dv), v.dtype, dev), tp._empty((b, hq, sq), torch.float32, dev)
         if len(_PLANS) > 4096:
             _PLANS.clear()
         plan = _PLANS[key] = _Plan(key, q, k, v, operands, prog, splits)
-    hk, sk = k.shape[1], k.shape[2]
-    n_split, chunk = plan.split(sk)
-    out = tp._empty((b, hq, sq, dv), v.dtype, dev)
-    lse = tp._empty((b, hq, sq), torch.float32, dev)
+    out = tp._empty(plan.out_shape, v.dtype, dev)
+    lse = tp._empty(plan.out_shape[:3], torch.float32, dev)
     if plan.out_strides is None:        # the plan's first call: the buffers _empty gives, once
         assert out.is_contiguous() and lse.is_contiguous()
         plan.out_strides = (out.stride(), lse.stride())
-    final = n_split == 1
-    if final:   # written straight into out / lse: no partial buffers
+    sk = k.shape[2]
+    sig = (q.stride(), k.stride(), v.stride(), sk,
+           tuple([(t.shape[3], t.stride()) for t in operands]) if operands else ())
+    al = launcher.aligned([q, k, v, *operands])
+    call = plan.last    # the previous call's (other layers, same step; a StaticCache's every step)
+    if call is None or call.sig != sig or call.al != al:
+        call = _Call(plan, sig, al, sq, prog)
+    n_split = call.n_split
+    if n_split == 1:
         part, lpart = out, lse
-        pstrides, lstrides = _NO_PART
     else:
-        # one allocation for both partial buffers, (B, Hq, Sq, splits) lse partials first, then the 16-byte
-        # aligned (B, Hq, Sq, splits, Dv) out partials; the kernels read them only through these strides
-        rows = b * hq * sq * n_split
-        at = -(-rows // 4) * 4
-        lpart = tp._empty((at + rows * dv,), torch.float32, dev)
-        part = lpart[at:]
-        lstrides = (hq * sq * n_split, sq * n_split, n_split, 1)
-        pstrides = (hq * sq * n_split * dv, sq * n_split * dv, n_split * dv, dv, 1)
-    full = (b, hq, sq, sk)
-    op_args = []
-    for t in operands:      # each operand read through its strides expanded to (B, Hq, Sq, Sk)
-        op_args.append(t)
-        op_args += [st if n == f else 0 for n, st, f in zip(t.shape, t.stride(), full)]
-    coff = sk - sq if prog.causal == "bottom_right" else 0
-    qs, ks, vs = q.stride(), k.stride(), v.stride()
-    os_, ls_ = plan.out_strides
-    args = (q, k, v, out, lse, part, lpart, *op_args, *qs, *ks, *vs, *os_, *ls_, *pstrides, *lstrides, sq, sk,
-            coff, chunk)
-    # what the plan and the split count do not fix: the inputs' strides and pointers, the lengths (out, lse and
-    # the partials are fresh contiguous allocations, aligned by the allocator; the partial outputs start a
-    # multiple of 16 bytes into theirs)
-    ints = [*op_args[1::5], *op_args[2::5], *op_args[3::5], *op_args[4::5], *qs, *ks, *vs, sk, coff, chunk]
-    ptrs = [q, k, v, *operands]
-
-    al = launcher.aligned(ptrs)
-    last = plan.last    # the previous call's integer arguments, config and sites (other layers, same step)
-    if last is not None and last[0] == ints and last[2][3] == al:
-        cfg, hit = last[1], last[2]
+        lpart = tp._empty((call.rows,), torch.float32, dev)
+        part = lpart[call.at:]
+    if operands:
+        op_args = []
+        for t, ints in zip(operands, call.op_ints):
+            op_args.append(t)
+            op_args += ints
+        args = (q, k, v, out, lse, part, lpart, *op_args, *call.tail)
     else:
+        args = (q, k, v, out, lse, part, lpart, *call.tail)
+    grid = (n_split, plan.hk, b)
+    hit = call.hit
+    if hit is None:
         cfg = plan.interpret_cfg or plan.cfgs.get((tp._bucket(sk), n_split))
-        hit = None
         if cfg is not None:
-            hit = _site(plan, cfg, n_split, ints, al)
-            plan.last = (ints, cfg, hit)
+            hit = call.hit = _site(plan, cfg, n_split, call.ints, al)
+            plan.last = call
     if hit is not None:
         site, combine, kwargs, _ = hit
-        site(plan.mod.attn_decode, (n_split, hk, b), args, kwargs)
+        site(plan.mod.attn_decode, grid, args, kwargs)
     else:       # not settled for this bucket yet: the tuner runs (or picks) the config
         def launch(cfg):
-            site, _, kwargs, _ = _site(plan, cfg, n_split, ints, al)
-            site(plan.mod.attn_decode, (n_split, hk, b), args, kwargs)
+            site, _, kwargs, _ = _site(plan, cfg, n_split, call.ints, al)
+            site(plan.mod.attn_decode, grid, args, kwargs)
 
         tkey = (plan.tune_key, plan.block_m, tp._bucket(sk), n_split)
         cfg = tp._launch_tuned("decode", tkey, d, q.dtype, dev, launch, configs=plan.configs,
                                interpret_config=INTERPRET_CONFIG)
         if cfg is not None:
             plan.cfgs[(tp._bucket(sk), n_split)] = cfg
-        combine = None if final else _site(plan, cfg or plan.configs[0], n_split, ints, al)[1]
-    if not final:
-        combine(plan.mod.attn_decode_combine, (sq, hq, b),
-                (part, lpart, out, lse, *pstrides, *lstrides, *os_, *ls_, n_split),
+        combine = None if n_split == 1 else _site(plan, cfg or plan.configs[0], n_split, call.ints, al)[1]
+    if n_split != 1:
+        combine(plan.mod.attn_decode_combine, (sq, hq, b), (part, lpart, out, lse, *call.combine_tail),
                 plan.combine_kwargs)
     return out, lse
 

@@ -209,7 +209,8 @@ def test_plan_holds_no_tensors(recorded):
 
 def test_no_cache_grows_over_300_tokens_of_a_dynamic_cache(monkeypatch):
     """The whole op (dispatch, plan, launches) with the launcher's first launch per key leaving a compiled entry
-    as on a GPU: after the first few lengths have shown every specialisation, 300 more add no entry anywhere."""
+    as on a GPU: after the first few lengths have shown every specialisation, 300 more add no entry anywhere but
+    the select memo's classes (dispatch._select_key), at most 16 per bit length of the key length."""
     from fa3_inductor import dispatch
     compiled = {}
 
@@ -224,6 +225,7 @@ def test_no_cache_grows_over_300_tokens_of_a_dynamic_cache(monkeypatch):
     q = torch.randn(b, 1, hq, d).half().transpose(1, 2)
     s = _causal(d).dumps()
     flat = torch.empty(2 * b * hk * 400 * d, dtype=torch.float16)
+    dispatch._SELECTED_CLASS.clear()
 
     def sizes():
         n = len(launcher._COMPILED) + len(tp._TUNED) + len(tp._SPECS) + len(dispatch._SELECTED_BWD)
@@ -239,13 +241,14 @@ def test_no_cache_grows_over_300_tokens_of_a_dynamic_cache(monkeypatch):
         counts.append(sizes())
     assert dispatch.STATS[("forward", "triton-decode")] >= 2 * 360
     assert counts[-1] == counts[59], counts[59:]
+    assert len(dispatch._SELECTED_CLASS) <= 16 * 4      # lengths of 6 to 9 bits
     assert len(compiled) <= 6, len(compiled)       # decode and combine sites of the split counts 1 to 3
 
 
 def test_select_memo_keeps_a_fixed_key_while_another_grows(monkeypatch):
     """dispatch.select's memo per query layout: a DynamicCache's self-attention (a new K / V length every token)
     and a cross-attention (fixed K / V) of the same queries; the fixed one is never selected again, the growing
-    one once per class of its length (bit length, up to 4 low zero bits: tests/test_select_class.py), and the
+    one once per class of its length (bit length, low four bits: tests/test_select_class.py), and the
     memo stays at its bound."""
     from fa3_inductor import dispatch
     runs = []
@@ -256,7 +259,7 @@ def test_select_memo_keeps_a_fixed_key_while_another_grows(monkeypatch):
         return real(*args)
 
     monkeypatch.setattr(dispatch, "_select", counted)
-    dispatch._SELECTED.clear()
+    dispatch._SELECTED.clear(), dispatch._SELECTED_CLASS.clear()
     prog = _causal(32)
     q = torch.randn(1, 4, 1, 32).half()
     cross = torch.randn(1, 2, 77, 32).half()
@@ -267,9 +270,9 @@ def test_select_memo_keeps_a_fixed_key_while_another_grows(monkeypatch):
             assert dispatch.select(prog, q, cross, cross, []) == real(prog, q, cross, cross, [])
     classes, first = set(), []
     for sk in [77] + list(range(100, 140)):     # 101 falls in 77's class
-        c = (sk.bit_length(), min((sk & -sk).bit_length() - 1, 4))
+        c = (sk.bit_length(), sk & 15)
         if c not in classes:
             classes.add(c)
             first.append(sk)
-    assert runs == [100, 77] + first[2:] and len(first) == 10
-    assert sum(len(x) for x in dispatch._SELECTED.values()) <= dispatch._RECENT
+    assert runs == [100, 77] + first[2:] and len(first) == 28
+    assert sum(len(x) for x in dispatch._SELECTED.values()) == 0 and len(dispatch._SELECTED_CLASS) == 28

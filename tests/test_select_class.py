@@ -36,13 +36,12 @@ def path(request, monkeypatch):
 
 
 def _same_class(rng, n):
-    """Another length with n's class: the same bit length and the same number (up to 4) of low zero bits."""
+    """Another length with n's class: the same bit length and the same low four bits."""
     if n <= 16:
         return n
-    tz = min((n & -n).bit_length() - 1, 4)
     while True:
         m = rng.randrange(1 << (n.bit_length() - 1), 1 << n.bit_length())
-        if min((m & -m).bit_length() - 1, 4) == tz:
+        if m & 15 == n & 15:
             return m
 
 
@@ -88,20 +87,21 @@ def test_supports_answers_alike_across_a_class(path):
 def test_lengths_of_another_class_get_another_key(path):
     prog = PROGS[1]
     keys = {dispatch._select_key(prog, *_call(None, prog, 1, 32, 8, 1, sk, 128, 128, torch.float16, 0), "auto",
-                                 None) for sk in (16, 17, 18, 33, 34, 36, 40, 48, 64)}
-    assert len(keys) == 9
+                                 None) for sk in (16, 17, 18, 33, 34, 36, 40, 48, 63, 64, 81)}
+    assert len(keys) == 11
 
 
 def test_memo_hits_once_per_class(path, monkeypatch):
     calls = []
     real = dispatch._select
     monkeypatch.setattr(dispatch, "_select", lambda *a: calls.append(a) or real(*a))
-    dispatch._SELECTED.clear()
+    dispatch._SELECTED_CLASS.clear()
     prog = PROGS[1]
     for sk in range(1000, 1100):      # a DynamicCache, one key longer per call
         dispatch.select(prog, *_call(None, prog, 1, 32, 8, 1, sk, 128, 128, torch.float16, 0))
-    assert len(calls) == 10           # 10 and 11 bits long, 0, 1, 2, 3 or at least 4 low zero bits
-    dispatch._SELECTED.clear()
+    assert len(calls) == 32           # 10 and 11 bits long, 16 values of the low four bits
+    assert len(dispatch._SELECTED_CLASS) == 32
+    dispatch._SELECTED_CLASS.clear()
 
 
 class _Big:
@@ -127,6 +127,7 @@ def test_a_class_that_may_reach_2_31_is_not_classed():
     assert dispatch._kv_key(_Big((1, 8, (1 << 19) + 5, 128)), 2) is not None     # below 2^30 elements
     assert dispatch._kv_key(_Big((1, 8, 1 << 20, 128)), 2) is None               # 20 bits: up to 2^31 - 1024
     assert dispatch._kv_key(_Big((1, 8, 1 << 20, 128), contiguous=False), 2)[1] == (0, 0, 0, 0)   # exact
+    assert dispatch._kv_key(_Big((1, 8, 128, 1 << 20)), 3) is None                   # an operand's key axis
 
 
 def test_a_large_operand_gradient_buffer_keeps_the_key_exact(path):
