@@ -106,6 +106,7 @@ def cases(shape):
     }
 
 
+INFER_PASS = "forward, no_grad: attention_infer"
 LAYERS = 4       # bench/generate.py's Llama (shared/ANCHORS.md): 4 layers call each length
 
 
@@ -219,16 +220,24 @@ def main(argv=None):
     head = common.header("Host work per fa3 call on the H100's path, counted on CPU (launches recorded), "
                          f"{args.backward} backward", torch.device("cpu"))
     rows = []
-    for name, prog, factory in decode_cases(8 + args.calls) if args.only != "prefill" else []:
-        s = prog.dumps()
-        q, k, v, ops = factory()
-        entry = dispatch.select(op.load_program(s), q, k, v, ops)[0].name
-
-        def fn(s=s, factory=factory):
+    infer = hasattr(torch.ops.fa3, "attention_infer")
+    # (pass, op, grad mode): the autograd op as a training graph (or an eager caller) calls it, and the op
+    # without autograd that a graph compiled under no_grad calls (generate(): prefill and decode)
+    forwards = [("forward", lambda: torch.ops.fa3.attention, torch.enable_grad)]
+    if infer:
+        forwards.append((INFER_PASS, lambda: torch.ops.fa3.attention_infer, torch.no_grad))
+    for what, target, grad_mode in forwards if args.only != "prefill" else []:
+        for name, prog, factory in decode_cases(8 + args.calls):
+            s = prog.dumps()
             q, k, v, ops = factory()
-            return torch.ops.fa3.attention(q, k, v, ops, s, "auto", "")
-        rows.append({"case": name, "pass": "forward", "entry": entry, **measure(fn, args.calls)})
-        print(rows[-1], flush=True)
+            entry = dispatch.select(op.load_program(s), q, k, v, ops)[0].name
+
+            def fn(s=s, factory=factory, call=target()):
+                q, k, v, ops = factory()
+                return call(q, k, v, ops, s, "auto", "")
+            with grad_mode():
+                rows.append({"case": name, "pass": what, "entry": entry, **measure(fn, args.calls)})
+            print(rows[-1], flush=True)
     for name, (prog, (q, k, v, ops)) in (cases(shape).items() if args.only != "decode" else ()):
         s = prog.dumps()
         entry = dispatch.select(op.load_program(s), q, k, v, ops)[0].name
@@ -237,11 +246,16 @@ def main(argv=None):
         out.normal_(), lse.zero_()      # launches are recorded, not run: a valid forward's (out, lse)
         b, hq, sq, dv = out.shape
         dout = torch.randn(b, sq, hq, dv).half().transpose(1, 2)
-        for what, fn in (("forward", lambda: torch.ops.fa3.attention(q, k, v, ops, s, "auto", "")),
-                         ("backward", lambda: torch.ops.fa3.attention_backward(dout, q, k, v, ops, out, lse, s,
-                                                                               "auto"))):
-            rows.append({"case": name, "pass": what, "entry": entry if what == "forward" else bwd_entry,
-                         **measure(fn, args.calls)})
+        passes = [("forward", lambda: torch.ops.fa3.attention(q, k, v, ops, s, "auto", ""), torch.enable_grad)]
+        if infer:
+            passes.append((INFER_PASS, lambda: torch.ops.fa3.attention_infer(q, k, v, ops, s, "auto", ""),
+                           torch.no_grad))
+        passes.append(("backward", lambda: torch.ops.fa3.attention_backward(dout, q, k, v, ops, out, lse, s, "auto"),
+                       torch.enable_grad))
+        for what, fn, grad_mode in passes:
+            with grad_mode():
+                rows.append({"case": name, "pass": what, "entry": entry if what != "backward" else bwd_entry,
+                             **measure(fn, args.calls)})
             print(rows[-1], flush=True)
     md = head + ["", f"shape B,H,S,D = {shape}", "",
                  "| case | pass | torch ops | allocations | torch kernels | Triton launches (direct/ordinary) "

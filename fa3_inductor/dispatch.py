@@ -150,11 +150,14 @@ def _select_key(prog, q, k, v, operands, preference, fp8):
 
 
 def _exact_key(prog, q, k, v, operands, preference, fp8):
-    """_select_key with every tensor exact (shapes, strides, dtypes, 16-byte alignment)."""
-    key = _select_key(prog, q, k, v, operands, preference, fp8)
-    if key is None or key[6]:
-        return key
-    return key[:6] + (True, launcher.call_key((k, v, *operands)))
+    """A key with every tensor exact (shapes, strides, dtypes, 16-byte alignment), or None as _select_key."""
+    if isinstance(q, FakeTensor) or (operands and any([isinstance(t, FakeTensor) for t in operands])):
+        return None
+    device = q.device
+    if device.type == "meta":
+        return None
+    interpret = os.environ.get("TRITON_INTERPRET", "0") if device.type == "cpu" else None
+    return (prog, preference, fp8, device, interpret, launcher.call_key((q, k, v, *operands)))
 
 
 _SELECTED: dict = {}    # exact keys (key[6]): per (program, preference, recipe, device, q's layout), the latest few

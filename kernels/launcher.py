@@ -75,20 +75,25 @@ def launch(key, kernel, grid: tuple, args: tuple, kwargs: dict) -> None:
 class Site:
     """One launch of a caller's plan, whose key (see `launch`) the plan already pins: after the first launch
     that could be cached, the compiled kernel is kept here, so a call does not even hash the key. Until then
-    `kernel` (read by the caller at call time) takes the ordinary path. Holds no tensors (a plan outlives its
-    calls; CUDA graph pools check for leaked tensors)."""
+    `kernel` (read by the caller at call time) takes the ordinary path. The key pins the constexprs too, so the
+    trailing parameters' values (kwargs or defaults) are resolved once, at the first cached launch. Holds no
+    tensors (a plan outlives its calls; CUDA graph pools check for leaked tensors)."""
 
-    __slots__ = ("key", "hit")
+    __slots__ = ("key", "hit", "tail")
 
     def __init__(self, key):
-        self.key, self.hit = key, None
+        self.key, self.hit, self.tail = key, None, ()
 
     def __call__(self, kernel, grid: tuple, args: tuple, kwargs: dict) -> None:
         if self.hit is not None:
-            _run(self.hit, grid, args, kwargs)
+            _run(self.hit, grid, args + self.tail if self.tail else args, kwargs)
             return
         launch(self.key, kernel, grid, args, kwargs)
-        self.hit = _COMPILED.get(self.key)
+        hit = _COMPILED.get(self.key)
+        if hit is not None:
+            ck, tail = hit
+            self.tail = tuple([kwargs[n] if n in kwargs else d for n, d in tail])
+            self.hit = (ck, ())
 
 
 def call_key(tensors) -> tuple:

@@ -105,3 +105,19 @@ def test_missing_parameter_without_default_is_not_cached(monkeypatch):
         launcher.launch(("k", 2), kern, (2,), (10, 11), {"OVERLAP": False})   # BLOCK neither passed nor defaulted
         launcher.launch(("k", 3), kern, (2,), (10, 11), {"BLOCK": 64, "UNKNOWN": 1})
     assert kern.slow == 4 and not kern.ck.runs and not launcher._COMPILED
+
+
+def test_a_site_passes_what_launch_passes(monkeypatch):
+    """launcher.Site resolves the trailing parameters once: its cached launches give the C launcher the same
+    argument list as launcher.launch's."""
+    _fake_driver(monkeypatch)
+    monkeypatch.setattr(launcher, "_COMPILED", {})
+    kern = _Kernel()
+    site = launcher.Site(("k", 4))
+    for _ in range(3):
+        site(kern, (2,), (10, 11), {"BLOCK": 64, "num_warps": 4})
+    for _ in range(2):
+        launcher.launch(("k", 4), kern, (2,), (10, 11), {"BLOCK": 64, "num_warps": 4})
+    assert kern.slow == 1 and len(kern.ck.runs) == 4
+    assert all(run == kern.ck.runs[0] for run in kern.ck.runs)
+    assert kern.ck.runs[0][9:] == (10, 11, 64, True, 0)
