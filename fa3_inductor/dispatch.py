@@ -105,19 +105,16 @@ def _kv_key(t, axis: int):
     """What `supports` sees of k, v (axis 2) or an operand (axis 3: its key axis). A contiguous tensor by its other
     sizes, its key length by class — values up to 16 exact, larger ones by bit length and low four bits (TMA's
     16-byte stride rule at any element size, Triton's divisibility by 16) — its dtype and 16-byte alignment: its
-    strides follow from the shape, and every `supports` looks at strides only where a size exceeds 1, where
-    contiguity fixes them. None where a tensor of that class might reach _BOUND. Anything else exactly."""
+    strides follow from the shape wherever a size exceeds 1 (the last one too: it is checked), and `supports`
+    looks at no other stride. None where a tensor of that class might reach _BOUND. Anything else exactly."""
     shape = t.shape
-    if not t.is_contiguous():
+    if len(shape) != 4 or shape[3] <= 1 or not t.is_contiguous():     # (a size-1 last dim: its stride is free)
         return shape, t.stride(), t.dtype, t.data_ptr() % 16 == 0
     n = shape[axis]
     if n <= 16:
         return shape, t.dtype, t.data_ptr() % 16 == 0
     bits = n.bit_length()
-    if axis == 2:
-        a, b, c = shape[0], shape[1], shape[3]
-    else:
-        a, b, c = shape[0], shape[1], shape[2]
+    a, b, c = (shape[0], shape[1], shape[3]) if axis == 2 else (shape[0], shape[1], shape[2])
     if a * b * c << bits >= _BOUND:
         return None
     return a, b, c, bits, n & 15, t.dtype, t.data_ptr() % 16 == 0

@@ -128,6 +128,8 @@ def test_a_class_that_may_reach_2_31_is_not_classed():
     assert dispatch._kv_key(_Big((1, 8, 1 << 20, 128)), 2) is None               # 20 bits: up to 2^31 - 1024
     assert dispatch._kv_key(_Big((1, 8, 1 << 20, 128), contiguous=False), 2)[1] == (0, 0, 0, 0)   # exact
     assert dispatch._kv_key(_Big((1, 8, 128, 1 << 20)), 3) is None                   # an operand's key axis
+    assert dispatch._kv_key(_Big((1, 8, 1000, 1)), 2)[1] == (0, 0, 0, 0)          # a free last stride: exact
+    assert dispatch._kv_key(_Big((8, 1000, 1)), 2)[1] == (0, 0, 0)                 # not 4-D: exact
 
 
 def test_a_large_operand_gradient_buffer_keeps_the_key_exact(path):
