@@ -108,7 +108,7 @@ def _kv_key(t, axis: int):
     strides follow from the shape wherever a size exceeds 1 (the last one too: it is checked), and `supports`
     looks at no other stride. None where a tensor of that class might reach _BOUND. Anything else exactly."""
     shape = t.shape
-    if len(shape) != 4 or shape[3] <= 1 or not t.is_contiguous():     # (a size-1 last dim: its stride is free)
+    if not t.is_contiguous() or len(shape) != 4 or shape[3] <= 1:     # (a size-1 last dim: its stride is free)
         return shape, t.stride(), t.dtype, t.data_ptr() % 16 == 0
     n = shape[axis]
     if n <= 16:
