@@ -98,6 +98,7 @@ def fp8_fallback_reason(passed_over: list[str]) -> str:
     return "; ".join(r for r in passed_over if r.split(":")[0] in fp8_names) or "no FP8 kernel"
 
 
+CLASSED_QUERIES = 16    # queries per head of the calls whose K / V key by class: decode steps
 _BOUND = 2 ** 31 - 1    # tp.supports: spans and the operand-gradient buffer must stay below this
 
 
@@ -122,25 +123,31 @@ def _kv_key(t, axis: int):
 
 def _select_key(prog, q, k, v, operands, preference, fp8):
     """What every entry's `supports` looks at, or None for fake tensors and the meta device (compile time:
-    symbolic sizes, no storage; not memoised): q exactly (shape, strides, dtype, 16-byte alignment); k, v and
-    the operands by _kv_key, so that a contiguous cache growing by a key per call (DynamicCache) keeps hitting
-    one key per class, every `supports` answering alike across a class (tests/test_select_class.py). Where a
-    tensor of the class could reach the 2^31 bounds of the portable kernels, every tensor is exact (key[6]).
+    symbolic sizes, no storage; not memoised): q exactly (shape, strides, dtype, 16-byte alignment); for up to
+    CLASSED_QUERIES queries per head, k, v and the operands by _kv_key, so that a contiguous cache growing by a
+    key per call (DynamicCache) keeps hitting one key per class, every `supports` answering alike across a class
+    (tests/test_select_class.py). Where a tensor of the class could reach the 2^31 bounds of the portable
+    kernels, and for longer queries (a prefill: one call per length), every tensor is exact (key[6]).
     On CPU also TRITON_INTERPRET."""
     if isinstance(q, FakeTensor):
         return None
     device = q.device
     if device.type == "meta":
         return None
+    interpret = os.environ.get("TRITON_INTERPRET", "0") if device.type == "cpu" else None
+    qs = q.shape
+    if len(qs) != 4 or qs[2] > CLASSED_QUERIES:
+        if operands and any([isinstance(t, FakeTensor) for t in operands]):
+            return None
+        exact = launcher.call_key((q, k, v, *operands))
+        return (prog, preference, fp8, device, interpret, exact[0], True, exact[1:])
     rest = []
     for t in operands:
         if isinstance(t, FakeTensor):
             return None
         rest.append(_kv_key(t, 3))
-    interpret = os.environ.get("TRITON_INTERPRET", "0") if device.type == "cpu" else None
-    head = (prog, preference, fp8, device, interpret, (q.shape, q.stride(), q.dtype, q.data_ptr() % 16 == 0))
+    head = (prog, preference, fp8, device, interpret, (qs, q.stride(), q.dtype, q.data_ptr() % 16 == 0))
     kk, vk = _kv_key(k, 2), _kv_key(v, 2)
-    qs = q.shape
     if kk is None or vk is None or None in rest or qs[0] * qs[1] * qs[2] << k.shape[2].bit_length() >= _BOUND:
         return head + (True, launcher.call_key((k, v, *operands)))
     return head + (False, kk, vk, *rest)

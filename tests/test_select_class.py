@@ -3,7 +3,8 @@ key length by class, so that a DynamicCache growing by a key per call hits one m
 every entry's `supports` answers alike for all tensors of a class: checked here against `_select` itself (the
 whole table's answer and reasons), on the CPU path and with the sm_90 entries made to run on CPU tensors (their
 `supports` then runs: Hopper's TMA rules, the decode entry's limits, FP8's). Where a tensor of the class could
-reach the portable kernels' 2^31 bounds, or is not contiguous, the key is exact.
+reach the portable kernels' 2^31 bounds, or is not contiguous, and for more than 16 queries per head (a prefill),
+the key is exact.
 """
 
 from __future__ import annotations
@@ -78,10 +79,13 @@ def test_supports_answers_alike_across_a_class(path):
         two = _call(rng, prog, 1, hq, hk, sq, sk2, d, dv, dtype, shift)
         key1 = dispatch._select_key(prog, *one, "auto", fp8)
         key2 = dispatch._select_key(prog, *two, "auto", fp8)
+        if sq > dispatch.CLASSED_QUERIES:       # a prefill's key is exact
+            assert key1[6] and (key1 == key2) == (sk == sk2)
+            continue
         assert key1 == key2, (sk, sk2)
         seen_classed += sk != sk2 and not key1[6]
         assert dispatch._select(prog, *one, "auto", fp8) == dispatch._select(prog, *two, "auto", fp8), (sk, sk2)
-    assert seen_classed > 50
+    assert seen_classed > 40
 
 
 def test_lengths_of_another_class_get_another_key(path):
@@ -134,8 +138,8 @@ def test_a_class_that_may_reach_2_31_is_not_classed():
 
 def test_a_large_operand_gradient_buffer_keeps_the_key_exact(path):
     prog = PROGS[0]
-    q = torch.empty(1, 4096, 32, 8, dtype=torch.float16).transpose(1, 2)
-    kv = torch.empty(1, 1, 20000, 8, dtype=torch.float16)
-    assert dispatch._select_key(prog, q, kv, kv, [], "auto", None)[6]          # 32·4096·(2^15 - 1) >= 2^31
-    small = torch.empty(1, 1, 2000, 8, dtype=torch.float16)
+    q = torch.empty(64, 16, 128, 8, dtype=torch.float16).transpose(1, 2)         # B·Hq·Sq = 2^17
+    kv = torch.empty(64, 1, 20000, 8, dtype=torch.float16)
+    assert dispatch._select_key(prog, q, kv, kv, [], "auto", None)[6]          # 2^17·(2^15 - 1) >= 2^31
+    small = torch.empty(64, 1, 2000, 8, dtype=torch.float16)
     assert not dispatch._select_key(prog, q, small, small, [], "auto", None)[6]
