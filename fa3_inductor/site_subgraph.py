@@ -18,7 +18,7 @@ import torch
 from torch.fx import Graph, GraphModule, Node
 
 from .patterns.spec import AttentionSpec, SizeOf, TensorRef
-from .rewrite import _has_side_effect, apply_spec, finish
+from .rewrite import _has_side_effect, apply_spec, finish, inference_only
 
 
 @dataclasses.dataclass
@@ -75,6 +75,10 @@ def extract(gm: GraphModule, spec: AttentionSpec, kernel: str, fp8: str = "") ->
         if n in keep:
             outside.setdefault(n, None)
     placeholders = list(outside)
+    examples = [n.meta.get("example_value") for n in placeholders]
+    # the op the rewrite would emit (fa3::attention_infer in a graph compiled without grad mode), where the
+    # measurement runs without grad mode too (no input requires grad: site_choice._measure)
+    infer = inference_only(gm) and not any(isinstance(e, torch.Tensor) and e.requires_grad for e in examples)
 
     def build(rewrite: bool) -> GraphModule:
         graph = Graph()
@@ -95,12 +99,11 @@ def extract(gm: GraphModule, spec: AttentionSpec, kernel: str, fp8: str = "") ->
                 spec, q=_remap_ref(spec.q, env), k=_remap_ref(spec.k, env), v=_remap_ref(spec.v, env),
                 operands=[_remap_ref(r, env) for r in spec.operands], output=env[spec.output],
                 nodes=[env[n] for n in spec.nodes if n in env])
-            finish(sub, [apply_spec(sub, local, kernel, fp8)])
+            finish(sub, [apply_spec(sub, local, kernel, fp8, infer)])
         else:
             sub.recompile()
         return sub
 
-    examples = [n.meta.get("example_value") for n in placeholders]
     return SiteSubgraph(build(False), build(True), examples, [roles.get(n, "other") for n in placeholders],
                         placeholders)
 

@@ -86,3 +86,24 @@ def test_same_results_fake_and_dispatch_as_the_autograd_op(monkeypatch):
     with torch.inference_mode():
         out2, _ = INFER(q, k, v, [bias], s, "auto", "")
     assert torch.equal(out2, ref)
+
+
+def test_the_measured_choice_times_the_op_the_rewrite_emits():
+    """site_subgraph.extract's rewritten site (what site_choice times against Inductor's) calls the op the
+    rewrite would: attention_infer in a graph compiled without grad mode, the autograd op otherwise."""
+    from fa3_inductor.patterns.matcher import find_sites
+    from fa3_inductor.site_subgraph import extract
+    seen = []
+
+    def backend(gm, example_inputs):
+        (spec,), _ = find_sites(gm)
+        sub = extract(gm, spec, "auto")
+        seen.append({n.target for n in sub.rewritten.graph.nodes if n.op == "call_function"})
+        return gm.forward
+
+    for grad in (False, True):
+        torch._dynamo.reset()
+        with torch.set_grad_enabled(grad):
+            torch.compile(f, backend=backend)(*_inputs(requires_grad=grad))
+    assert INFER in seen[0] and AUTOGRAD not in seen[0]
+    assert AUTOGRAD in seen[1] and INFER not in seen[1]
