@@ -168,6 +168,18 @@ def write_results(out_dir: str, stem: str, header_lines: list[str], results: lis
         fh.write("\n".join(md_lines) + "\n")
 
 
+def static_cache(model, batch: int, max_len: int, device):
+    """An initialised transformers StaticCache for `model` (its key/value tensors allocated up front, so the
+    compiled decode graph sees fixed addresses and shapes)."""
+    from transformers import StaticCache
+    cfg = model.config
+    cache = StaticCache(config=cfg, max_cache_len=max_len)
+    cache.early_initialization(batch, cfg.num_key_value_heads,
+                               getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads,
+                               model.dtype, device)
+    return cache
+
+
 def fmt(x, spec=".3g", none="-") -> str:
     return none if x is None else format(x, spec)
 

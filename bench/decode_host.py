@@ -129,12 +129,7 @@ class Variant:
                                       backend=make_backend(name, self.log))
         self.cache = None
         if cache_kind == "static":
-            from transformers import StaticCache
-            cfg = model.config
-            self.cache = StaticCache(config=cfg, max_cache_len=prompt + new)
-            self.cache.early_initialization(ids.shape[0], cfg.num_key_value_heads,
-                                            getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads,
-                                            model.dtype, ids.device)
+            self.cache = common.static_cache(model, ids.shape[0], prompt + new, ids.device)
         self.host_s: list[float] = []
         self.profile: cProfile.Profile | None = None
         self.profiled = 0

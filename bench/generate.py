@@ -72,12 +72,7 @@ class Generator:
         self.counter = None
         self.cache = None
         if cache == "static":
-            from transformers import StaticCache
-            cfg = model.config
-            self.cache = StaticCache(config=cfg, max_cache_len=prompt + new)
-            self.cache.early_initialization(ids.shape[0], cfg.num_key_value_heads,
-                                            getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads,
-                                            model.dtype, ids.device)
+            self.cache = common.static_cache(model, ids.shape[0], prompt + new, ids.device)
         if mode != "eager":
             common.reset_dynamo()
             self.counter = common.counting_backend("inductor" if mode == "inductor" else "fa3")
