@@ -414,7 +414,7 @@ def fp8_schedules(d: int, dv: int, block_n: int | None = None, n_operands: int =
         cands = [Fp8Schedule(False, most, **_FP8_TREE)] + cands
     if bn == 128:       # lsum's ones tile is measured at 128 keys (the 64-key tiles of masked D=256 are not)
         light = Fp8Schedule(False, most, **_FP8_LIGHT)
-        pers = [light._replace(persistent=True)] if max(d, dv) <= 128 and not causal else []
+        pers = [light._replace(persistent=True)] if TUNE_PERSISTENT and max(d, dv) <= 128 and not causal else []
         cands = [light] + pers + cands
     return list(dict.fromkeys(cands))
 
