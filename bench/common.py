@@ -1,5 +1,5 @@
-"""Shared pieces of the model benchmarks (bench/models.py, generate.py, train.py): device and header, timing,
-the time budget, compile counting, fa3 site and dispatch logs, result files.
+"""Shared pieces of the model benchmarks (bench/models.py, generate.py, train.py): device and header, timing (also
+in rotated rounds), the time budget, compile counting, fa3 site and dispatch logs, result files.
 
 Scripts import it as `common` (bench/ is put on sys.path by each script); fa3_inductor must be the installed
 package (the source tree maps kernels/ and patterns/ into it), so run them from outside the tree's root.
@@ -7,6 +7,7 @@ package (the source tree maps kernels/ and patterns/ into it), so run them from 
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import logging
@@ -88,6 +89,43 @@ def time_ms(fn, device, target_ms: float = 400.0, min_reps: int = 3, max_reps: i
     return statistics.median([once() for _ in range(reps)])
 
 
+def own_code(fn, tag: str):
+    """A function calling fn whose code object is new: torch.compile of it keeps its own Dynamo cache entries, so
+    variants compiled side by side in one process never evaluate each other's guards."""
+    ns = {"_fn": fn}
+    exec(compile("def forward(*args, **kwargs):\n    return _fn(*args, **kwargs)\n", f"<bench {tag}>", "exec"), ns)
+    return ns["forward"]
+
+
+def rotated_rounds(variants: list, rounds: int, time_round, budget: "Budget | None" = None) -> int:
+    """Calls time_round(v) for every variant once per round, round r starting at variant r (mod len): the host
+    drifts within a process (bench/decode_host.py: one compiled graph 3.46 then 4.36 ms), so timing one variant
+    after another biases the comparison, while rotated rounds spread the drift over all of them. Rounds after the
+    first are skipped once the budget is spent; returns the rounds run."""
+    for r in range(rounds):
+        if r and budget is not None and budget.left() <= 0:
+            return r
+        k = r % max(1, len(variants))
+        for v in variants[k:] + variants[:k]:
+            time_round(v)
+    return rounds
+
+
+def spread(values: list[float]) -> dict:
+    """Median, min and max of per-round times: the median is the estimate, [min, max] its noise."""
+    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
+
+
+def versus(ms: tuple, base_ms: tuple) -> str:
+    """Whether a (median, min, max) time is resolved against a baseline's: "within noise" where the two [min, max]
+    ranges over rounds overlap, else "faster" / "slower"."""
+    if ms[2] < base_ms[1]:
+        return "faster"
+    if ms[1] > base_ms[2]:
+        return "slower"
+    return "within noise"
+
+
 def reset_dynamo() -> None:
     """Fresh Dynamo caches: every benchmark compiles its own frames (and never hits the cache size limit)."""
     torch._dynamo.reset()
@@ -152,6 +190,23 @@ def dispatch_delta(before: dict) -> dict:
     from fa3_inductor import dispatch
     return {f"{p}:{k}": n - before.get((p, k), 0) for (p, k), n in dispatch.STATS.items()
             if n - before.get((p, k), 0) > 0}
+
+
+class DispatchCount:
+    """Kernel choices (fa3_inductor.dispatch.STATS deltas) summed over the blocks run under counting(): one
+    variant's calls, when variants run interleaved."""
+
+    def __init__(self):
+        self.counts: dict = {}
+
+    @contextlib.contextmanager
+    def counting(self):
+        before = dispatch_snapshot()
+        try:
+            yield
+        finally:
+            for k, n in dispatch_delta(before).items():
+                self.counts[k] = self.counts.get(k, 0) + n
 
 
 def dispatch_snapshot() -> dict:

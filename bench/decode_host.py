@@ -113,19 +113,11 @@ def make_backend(variant: str, log: CodeLog):
     return compile_graph
 
 
-def own_code(fn, tag: str):
-    """A function calling fn whose code object is new: its own Dynamo cache entries."""
-    ns = {"_fn": fn}
-    exec(compile("def forward(*args, **kwargs):\n    return _fn(*args, **kwargs)\n", f"<decode_host {tag}>", "exec"),
-         ns)
-    return ns["forward"]
-
-
 class Variant:
     def __init__(self, name, cache_kind, model, ids, prompt, new):
         self.name, self.cache_kind, self.model, self.ids, self.new = name, cache_kind, model, ids, new
         self.log = CodeLog()
-        self.compiled = torch.compile(own_code(model.forward, f"{name}-{cache_kind}"),
+        self.compiled = torch.compile(common.own_code(model.forward, f"{name}-{cache_kind}"),
                                       backend=make_backend(name, self.log))
         self.cache = None
         if cache_kind == "static":

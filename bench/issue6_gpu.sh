@@ -9,7 +9,8 @@
 #
 # Each stage has a budget (seconds; work that would start later is skipped) and a hard timeout of budget + 40 s;
 # every stage writes its results as it goes, so a stage cut short keeps what it measured.
-# Env: OUT, STAGES (models,generate,train), MODELS, MODELS_STEM, GEN_RUNS, TRAIN_MODELS, *_BUDGET,
+# models and train compile every mode first, then time them in ROUNDS rotated rounds (median [min, max] over rounds).
+# Env: OUT, STAGES (models,generate,train), MODELS, MODELS_STEM, ROUNDS (5), GEN_RUNS, TRAIN_MODELS, *_BUDGET,
 # PYTHON, SKIP_INSTALL=1 (use the installed fa3_inductor as is).
 set -u
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -32,9 +33,10 @@ stage() {   # name budget command...
     echo "=== $name exit ${PIPESTATUS[0]}"
 }
 stage models "${MODELS_BUDGET:-170}" "$PY" "$ROOT/bench/models.py" --models "${MODELS:-llama,llama-s512}" \
-    --stem "${MODELS_STEM:-models}"
+    --stem "${MODELS_STEM:-models}" --rounds "${ROUNDS:-5}"
 stage generate "${GEN_BUDGET:-120}" "$PY" "$ROOT/bench/generate.py" \
     --runs "${GEN_RUNS:-eager-sdpa-dynamic,inductor-sdpa-static-ro,fa3-sdpa-static-ro,inductor-sdpa-dynamic,fa3-sdpa-dynamic}"
-stage train "${TRAIN_BUDGET:-110}" "$PY" "$ROOT/bench/train.py" --models "${TRAIN_MODELS:-llama,bert}"
+stage train "${TRAIN_BUDGET:-110}" "$PY" "$ROOT/bench/train.py" --models "${TRAIN_MODELS:-llama,bert}" \
+    --rounds "${ROUNDS:-5}"
 echo "=== done in $(( $(date +%s) - start ))s; results in $OUT"
 ls -la "$OUT"

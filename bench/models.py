@@ -2,19 +2,28 @@
 vs torch.compile(backend="fa3"), for attn_implementation "eager" and "sdpa".
 
     python bench/models.py [--cpu] [--models llama,llama-s512,bert] [--impls eager,sdpa]
-                           [--modes eager,inductor,fa3] [--budget SECONDS] [--out DIR]
+                           [--modes eager,inductor,fa3] [--rounds 5] [--round-ms MS] [--budget SECONDS] [--out DIR]
 
 Models come from tests/models/zoo.py at its "bench" sizes (GPU: bf16; the first row is the Llama of
 shared/ANCHORS.md, 4 layers, hidden 2048, 16 heads x 128, 8 KV heads, B=2, S=8192; "llama-s512" is the same model
-at S=512, where launch overhead dominates). --cpu: the zoo's "tiny" sizes in fp32 on CPU, a check of the
-script end to end (default models llama, bert; under 2 minutes).
+at S=512, where launch overhead dominates). --cpu: the zoo's "tiny" sizes in fp32 on CPU (one thread), a check of
+the script end to end (default models llama, bert; about a minute).
+
+Timing: the host drifts within a process (bench/decode_host.py), so modes timed one after the other are biased.
+Per model, every (attn_implementation, mode) is compiled first, each through its own code object (its own
+Dynamo cache), and all are held at once: the compiled modes share the model's weights and hold no activations
+(reduce-overhead modes share one CUDA graph pool), so this takes no more memory than one mode at a time. Then
+--rounds rounds each time every variant (a warmup call, then the median of calls filling ~--round-ms) in an
+order rotated per round; a mode's time is the median over rounds, with [min, max] as its noise.
 
 Per (model, attn_implementation, mode): attention sites rewritten / attention calls per forward (fa3), the
 output's error vs the same model run eagerly in fp32 (max |out - ref| / max |ref| over defined positions),
-median ms, graphs compiled and recompiles during timing, and which fa3 kernel ran the forward. Per model:
-speedup of fa3 over the best baseline (fastest of eager / Inductor over both implementations) and over
-Inductor with the same implementation. Writes models[_cpu].json / .md / .png (or --stem) under --out
-(default bench/results). --budget (seconds, default 420) skips what would start after it, so a run fits one device call.
+ms (median [min, max] over rounds), graphs compiled and recompiles during timing, and which fa3 kernel ran the
+forward. Per model: speedup of fa3 (ratio of medians) over the best baseline (fastest of eager / Inductor over
+both implementations) and over Inductor with the same implementation, each marked "within noise" where the two
+[min, max] ranges overlap. Writes models[_cpu].json / .md / .png (or --stem) under --out (default
+bench/results). --budget (seconds, default 420) skips what would start after it (compiles, and rounds after the
+first), so a run fits one device call.
 """
 
 from __future__ import annotations
@@ -75,78 +84,146 @@ def rel_err(out, ref, valid) -> float | None:
     return ((o - r).abs().max() / r.abs().max().clamp_min(1e-6)).item()
 
 
-def run_mode(model, inputs, mode, device, ref, valid) -> dict:
-    common.reset_dynamo()
-    counter = None
-    fn = model
-    if mode != "eager":
-        counter = common.counting_backend("inductor" if mode.startswith("inductor") else "fa3")
-        fn = torch.compile(model, backend=counter, **({"mode": "reduce-overhead"} if mode.endswith("-ro") else {}))
-    rec: dict = {"mode": mode}
-    before = common.dispatch_snapshot()
-    from fa3_inductor import site_choice
-    choice_before = dict(site_choice.STATS)
-    with torch.no_grad(), common.SiteLog() as sites:
-        t0 = time.time()
-        out = fn(**inputs)[0]
-        common.sync(device)
-        rec["first_call_s"] = time.time() - t0
-        rec["err"] = rel_err(out, ref, valid)
-        del out
-        if counter is not None:
-            rec["graphs"] = counter.frame_count
-            rec["sites_rewritten"] = sites.rewritten
-            rec["sites_skipped"] = sites.skipped
-        rec["ms"] = common.time_ms(lambda: fn(**inputs), device)
-        if counter is not None:
-            rec["recompiles"] = counter.frame_count - rec["graphs"]
-    if mode.startswith("fa3"):
-        rec["kernels"] = common.dispatch_delta(before)
-        rec["site_choice"] = {k: v - choice_before.get(k, 0) for k, v in site_choice.STATS.items()
-                              if v - choice_before.get(k, 0)}
-    return rec
+class Variant:
+    """One (attn implementation, mode) of a model: compiled through its own code object (its own Dynamo cache),
+    called once for its error and compile record, then timed once per round, interleaved with the other
+    variants of the model."""
 
+    def __init__(self, base: dict, mode: str, model, inputs, device, ref, valid):
+        self.base, self.mode, self.model, self.inputs, self.device = base, mode, model, inputs, device
+        self.ref, self.valid = ref, valid
+        self.rec: dict = {"mode": mode}
+        self.fn = None
+        self.counter = None
+        self.kernels = common.DispatchCount()   # every call of this variant: compile, warmup and timed
+        self.round_ms: list[float] = []
 
-def run_case(case: str, impl: str, modes, device, size: str, dtype, budget) -> list[dict]:
-    name = case_table()[case][0]
-    model, inputs, n_calls = build(case, impl, size, device)
-    valid = zoo.valid_positions(name, inputs)
-    base = {"model": case, "impl": impl, "shape": shape_of(inputs), "attention_calls": n_calls,
-            "dtype": str(dtype).removeprefix("torch.")}
-    with torch.no_grad():
-        ref = model(**inputs)[0].float()     # eager fp32: the reference every mode is measured against
-    if dtype != torch.float32:
-        model = model.to(dtype)
-        inputs = cast(inputs, dtype)
-    rows = []
-    for mode in modes:
-        if budget.left() <= 0:
-            rows.append({**base, "mode": mode, "skipped": "time budget"})
-            continue
+    def compile(self) -> None:
+        fn = self.model
+        if self.mode != "eager":
+            self.counter = common.counting_backend("inductor" if self.mode.startswith("inductor") else "fa3")
+            fn = torch.compile(common.own_code(self.model, f"models {self.base['impl']} {self.mode}"),
+                               backend=self.counter,
+                               **({"mode": "reduce-overhead"} if self.mode.endswith("-ro") else {}))
+        from fa3_inductor import site_choice
+        choice_before = dict(site_choice.STATS)
+        with torch.no_grad(), common.SiteLog() as sites, self.kernels.counting():
+            t0 = time.time()
+            out = fn(**self.inputs)[0]
+            common.sync(self.device)
+            self.rec["first_call_s"] = time.time() - t0
+            self.rec["err"] = rel_err(out, self.ref, self.valid)
+            del out
+        if self.counter is not None:
+            self.rec["graphs"] = self.counter.frame_count
+            self.rec["sites_rewritten"] = sites.rewritten
+            self.rec["sites_skipped"] = sites.skipped
+        if self.mode.startswith("fa3"):
+            self.rec["site_choice"] = {k: v - choice_before.get(k, 0) for k, v in site_choice.STATS.items()
+                                       if v - choice_before.get(k, 0)}
+        self.fn = fn
+
+    def time_round(self, target_ms: float, max_reps: int) -> None:
+        """One warmup call (the first after another variant ran), then the median of a few timed calls."""
+        if "error" in self.rec:
+            return
         try:
-            rec = run_mode(model, inputs, mode, device, ref, valid)
+            with torch.no_grad(), self.kernels.counting():
+                self.fn(**self.inputs)
+                self.round_ms.append(common.time_ms(lambda: self.fn(**self.inputs), self.device, target_ms=target_ms,
+                                                    max_reps=max_reps))
         except Exception as exc:
             traceback.print_exc()
-            rec = {"mode": mode, "error": repr(exc)[:300]}
-        rows.append({**base, **rec})
-        print(line(rows[-1]), flush=True)
-        common.free(device)
-    del model, ref
+            self.rec["error"] = repr(exc)[:300]
+
+    def record(self) -> dict:
+        rec = dict(self.rec)
+        if self.round_ms and "error" not in rec:
+            sp = common.spread(self.round_ms)
+            rec.update(ms=sp["median"], ms_min=sp["min"], ms_max=sp["max"], ms_rounds=list(self.round_ms))
+            if self.counter is not None:
+                rec["recompiles"] = self.counter.frame_count - rec["graphs"]
+        if self.mode.startswith("fa3") and "err" in rec:
+            rec["kernels"] = dict(self.kernels.counts)
+        return {**self.base, **rec}
+
+    def release(self) -> None:
+        self.fn = self.model = self.inputs = self.ref = None
+
+
+def run_case(case: str, impls, modes, device, size: str, dtype, budget, args) -> list[dict]:
+    """Every (impl, mode) of one model compiled first, all held at once (the compiled modes share the model's
+    weights; reduce-overhead modes share one CUDA graph pool), then timed in args.rounds rotated rounds: the
+    speedups against the best baseline over both implementations compare times taken side by side."""
+    name = case_table()[case][0]
+    common.reset_dynamo()
+    # frames past a graph break are shared by every variant (the same model classes): room for all their entries
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 4 * len(impls) * len(modes))
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    variants: list[Variant] = []
+    rows: list[dict] = []
+    for impl in impls:
+        if budget.left() <= 0:
+            rows.append({"model": case, "impl": impl, "shape": "-", "mode": "eager", "skipped": "time budget"})
+            continue
+        try:
+            model, inputs, n_calls = build(case, impl, size, device)
+            valid = zoo.valid_positions(name, inputs)
+            with torch.no_grad():
+                ref = model(**inputs)[0].float()     # eager fp32: the reference every mode is measured against
+            if dtype != torch.float32:
+                model = model.to(dtype)
+                inputs = cast(inputs, dtype)
+        except Exception as exc:   # building the model failed (missing weights, out of memory)
+            traceback.print_exc()
+            rows.append({"model": case, "impl": impl, "shape": "-", "mode": "eager", "error": repr(exc)[:300]})
+            continue
+        base = {"model": case, "impl": impl, "shape": shape_of(inputs), "attention_calls": n_calls,
+                "dtype": str(dtype).removeprefix("torch.")}
+        for mode in modes:
+            v = Variant(base, mode, model, inputs, device, ref, valid)
+            variants.append(v)
+            if budget.left() <= 0:
+                v.rec["skipped"] = "time budget"
+                continue
+            try:
+                v.compile()
+            except Exception as exc:
+                traceback.print_exc()
+                v.rec["error"] = repr(exc)[:300]
+            print(line(v.record(), compiled=True), flush=True)
+        del model, inputs, ref
+    timed = [v for v in variants if v.fn is not None]
+    done = common.rotated_rounds(timed, args.rounds, lambda v: v.time_round(args.round_ms, args.max_reps), budget)
+    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+    for v in variants:
+        row = v.record()
+        if v.fn is not None:
+            row.update(rounds=done, rounds_asked=args.rounds, peak_gpu_gib=peak)
+        rows.append(row)
+        print(line(row), flush=True)
+        v.release()
     common.free(device)
     return rows
 
 
-def line(r: dict) -> str:
+def line(r: dict, compiled: bool = False) -> str:
     tag = f"{r['model']:11s} {r['impl']:5s} {r['mode']:8s}"
     if "error" in r or "skipped" in r:
         return f"{tag} {r.get('error') or r.get('skipped')}"
     extra = ""
     if r["mode"] != "eager":
-        extra = f" graphs {r['graphs']} recompiles {r['recompiles']} first call {r['first_call_s']:.1f}s"
+        extra = f" graphs {r['graphs']}" + ("" if compiled else f" recompiles {r['recompiles']}") + \
+            f" first call {r['first_call_s']:.1f}s"
     if r["mode"].startswith("fa3"):
-        extra += f" sites {r['sites_rewritten']}/{r['attention_calls']} kernels {r.get('kernels')}"
+        extra += f" sites {r['sites_rewritten']}/{r['attention_calls']}"
+        extra += "" if compiled else f" kernels {r.get('kernels')}"
         extra += f" site choice {measure_note(r.get('site_choice'))}"
-    return f"{tag} {r['ms']:9.3f} ms  err {r['err']:.2e}{extra}"
+    if compiled:
+        return f"{tag} {'first call' if r['mode'] == 'eager' else 'compiled'}  err {r['err']:.2e}{extra}"
+    return (f"{tag} {r['ms']:9.3f} ms [{r['ms_min']:.3f}, {r['ms_max']:.3f}] over {r['rounds']} rounds  "
+            f"err {r['err']:.2e}{extra}")
 
 
 def measure_note(stats: dict | None) -> str:
@@ -157,39 +234,59 @@ def measure_note(stats: dict | None) -> str:
             f"cached" + (f", {stats['failed']} failed" if stats.get("failed") else ""))
 
 
+def timing(r: dict) -> tuple | None:
+    """(median, min, max) ms over rounds of a result row, None where it was not timed."""
+    return (r["ms"], r["ms_min"], r["ms_max"]) if "ms" in r else None
+
+
 def summarize(results: list[dict]) -> list[dict]:
-    """One row per (model, impl): the three modes side by side, speedups of fa3."""
+    """One row per (model, impl): the modes side by side (median [min, max] over rounds), speedups of fa3 from the
+    medians, and whether fa3's spread overlaps the baseline's ("within noise") or not ("faster" / "slower")."""
     rows = []
     by_model: dict = {}
     for r in results:
         by_model.setdefault(r["model"], []).append(r)
     for model, recs in by_model.items():
-        timed = [r for r in recs if "ms" in r]
-        baselines = [r["ms"] for r in timed if not r["mode"].startswith("fa3")]
-        best = min(baselines) if baselines else None
+        baselines = [r for r in recs if "ms" in r and not r["mode"].startswith("fa3")]
+        best = min(baselines, key=lambda r: r["ms"]) if baselines else None
         for impl in dict.fromkeys(r["impl"] for r in recs):
             m = {r["mode"]: r for r in recs if r["impl"] == impl}
             fa3 = m.get("fa3", {})
             ind = m.get("inductor", {})
-            row = {"model": model, "impl": impl, "shape": recs[0]["shape"], "best_baseline_ms": best}
+            row = {"model": model, "impl": impl, "shape": recs[0]["shape"],
+                   "best_baseline_ms": best["ms"] if best else None,
+                   "best_baseline": f"{best['impl']} {best['mode']}" if best else None,
+                   "best_baseline_timing": timing(best) if best else None,
+                   "rounds": next((r["rounds"] for r in m.values() if "rounds" in r), None),
+                   "rounds_asked": next((r["rounds_asked"] for r in m.values() if "rounds_asked" in r), None),
+                   "peak_gpu_gib": next((r["peak_gpu_gib"] for r in m.values() if "peak_gpu_gib" in r), None)}
             for mode in ALL_MODES:
                 row[f"{mode}_ms"] = m.get(mode, {}).get("ms")
+                row[f"{mode}_timing"] = timing(m.get(mode, {}))
                 row[f"{mode}_err"] = m.get(mode, {}).get("err")
             if row["fa3-ro_ms"] and row["inductor-ro_ms"]:
                 row["ro_speedup_vs_inductor_ro"] = row["inductor-ro_ms"] / row["fa3-ro_ms"]
+                row["ro_vs_inductor_ro_resolved"] = common.versus(row["fa3-ro_timing"], row["inductor-ro_timing"])
             if "ms" in fa3:
                 row["sites"] = f"{fa3.get('sites_rewritten')}/{fa3.get('attention_calls')}"
-                row["speedup_vs_best"] = best / fa3["ms"] if best else None
+                row["speedup_vs_best"] = best["ms"] / fa3["ms"] if best else None
+                row["vs_best_resolved"] = common.versus(timing(fa3), timing(best)) if best else None
                 row["speedup_vs_inductor"] = ind["ms"] / fa3["ms"] if "ms" in ind else None
+                row["vs_inductor_resolved"] = common.versus(timing(fa3), timing(ind)) if "ms" in ind else None
                 row["fa3_graphs"] = fa3.get("graphs")
                 row["fa3_recompiles"] = fa3.get("recompiles")
                 row["fa3_kernels"] = fa3.get("kernels")
                 row["fa3_skipped"] = fa3.get("sites_skipped")
                 row["fa3_site_choice"] = fa3.get("site_choice")
-            row["notes"] = "; ".join(f"{k}: {v.get('error') or v.get('skipped')}" for k, v in m.items()
-                                     if "error" in v or "skipped" in v)
+            notes = [f"{k}: {v.get('error') or v.get('skipped')}" for k, v in m.items()
+                     if "error" in v or "skipped" in v]
+            if row["rounds"] is not None and row["rounds"] < row["rounds_asked"]:
+                notes.append(f"{row['rounds']} of {row['rounds_asked']} rounds (time budget)")
             if "ms" in fa3:
-                row["notes"] += ("; " if row["notes"] else "") + "site choice: " + measure_note(fa3.get("site_choice"))
+                notes.append("site choice: " + measure_note(fa3.get("site_choice")))
+            if row["peak_gpu_gib"] is not None:
+                notes.append(f"peak GPU memory {row['peak_gpu_gib']:.1f} GiB (all modes held)")
+            row["notes"] = "; ".join(notes)
             rows.append(row)
     return rows
 
@@ -205,27 +302,40 @@ def skipped_summary(lines: list[str]) -> str:
     return " | ".join(f"{n} site{'s' if n > 1 else ''}: {reason}" for reason, n in counts.items())
 
 
+def spread_cell(t: tuple | None) -> str:
+    return "-" if t is None else f"{t[0]:.2f} [{t[1]:.2f}, {t[2]:.2f}]"
+
+
 def markdown(summary: list[dict], header_lines: list[str]) -> list[str]:
     f = common.fmt
     lines = list(header_lines) + [
-        "", "ms: median prefill forward; err: max |out - eager fp32| / max |eager fp32| over defined positions; "
-        "speedups of fa3 over the fastest baseline (eager or Inductor, either implementation) and over Inductor "
-        "with the same implementation; graphs (recompiles during timing) of the fa3 compile. -ro: both compiled "
-        "with mode=\"reduce-overhead\" (CUDA graphs), where they ran.", "",
-        "| model | impl | shape | sites | eager ms | inductor ms | fa3 ms | fa3 vs best | fa3 vs inductor | "
-        "inductor-ro ms | fa3-ro ms | fa3-ro vs inductor-ro | "
+        "", "ms: prefill forward, median [min, max] over rounds: per model, every (impl, mode) is compiled first and "
+        "held, then each round times every one of them (a warmup call, then the median of a few calls) in an order "
+        "rotated per round, so drift of the host within the process falls on all modes alike. err: max |out - "
+        "eager fp32| / max |eager fp32| over defined positions; speedups of fa3 (ratios of medians) over the "
+        "fastest baseline (eager or Inductor, either implementation: best baseline) and over Inductor with the same "
+        "implementation; resolved: \"within noise\" where fa3's [min, max] overlaps the baseline's, else faster / "
+        "slower; graphs (recompiles during timing) of the fa3 compile. -ro: both compiled with "
+        "mode=\"reduce-overhead\" (CUDA graphs), where they ran.", "",
+        "| model | impl | shape | sites | eager ms | inductor ms | fa3 ms | best baseline | fa3 vs best | resolved | "
+        "fa3 vs inductor | resolved | inductor-ro ms | fa3-ro ms | fa3-ro vs inductor-ro | "
         "err eager | err inductor | err fa3 | graphs (recompiles) | fa3 kernels | notes |",
-        "|" + "---|" * 18]
+        "|" + "---|" * 21]
     for r in summary:
         kern = ", ".join(f"{k}×{v}" for k, v in (r.get("fa3_kernels") or {}).items())
         graphs = f"{r['fa3_graphs']} ({r['fa3_recompiles']})" if r.get("fa3_graphs") is not None else "-"
         skipped = "skipped: " + skipped_summary(r["fa3_skipped"]) if r.get("fa3_skipped") else ""
         notes = "; ".join(x for x in (r["notes"], skipped) if x)
+        best = f"{r['best_baseline']} {spread_cell(r['best_baseline_timing'])}" if r.get("best_baseline") else "-"
+        ro = f(r.get("ro_speedup_vs_inductor_ro"), ".2f")
+        if r.get("ro_vs_inductor_ro_resolved"):
+            ro += f" ({r['ro_vs_inductor_ro_resolved']})"
         lines.append(
-            f"| {r['model']} | {r['impl']} | {r['shape']} | {r.get('sites', '-')} | {f(r['eager_ms'], '.2f')} | "
-            f"{f(r['inductor_ms'], '.2f')} | {f(r['fa3_ms'], '.2f')} | {f(r.get('speedup_vs_best'), '.2f')} | "
-            f"{f(r.get('speedup_vs_inductor'), '.2f')} | {f(r.get('inductor-ro_ms'), '.2f')} | "
-            f"{f(r.get('fa3-ro_ms'), '.2f')} | {f(r.get('ro_speedup_vs_inductor_ro'), '.2f')} | "
+            f"| {r['model']} | {r['impl']} | {r['shape']} | {r.get('sites', '-')} | {spread_cell(r['eager_timing'])} | "
+            f"{spread_cell(r['inductor_timing'])} | {spread_cell(r['fa3_timing'])} | {best} | "
+            f"{f(r.get('speedup_vs_best'), '.2f')} | {r.get('vs_best_resolved') or '-'} | "
+            f"{f(r.get('speedup_vs_inductor'), '.2f')} | {r.get('vs_inductor_resolved') or '-'} | "
+            f"{spread_cell(r.get('inductor-ro_timing'))} | {spread_cell(r.get('fa3-ro_timing'))} | {ro} | "
             f"{f(r['eager_err'], '.1e')} | {f(r['inductor_err'], '.1e')} | "
             f"{f(r['fa3_err'], '.1e')} | {graphs} | {kern or '-'} | {notes or ''} |")
     return lines
@@ -263,6 +373,10 @@ def main(argv=None):
     ap.add_argument("--models", default=None, help=f"comma-separated cases of {[c for c, _, _ in CASES]}")
     ap.add_argument("--impls", default="eager,sdpa")
     ap.add_argument("--modes", default=",".join(MODES), help=f"comma-separated of {ALL_MODES}")
+    ap.add_argument("--rounds", type=int, default=5, help="rotated timing rounds per model (default 5)")
+    ap.add_argument("--round-ms", type=float, default=None,
+                    help="timed calls per mode and round: about this many ms (default 100; --cpu 30)")
+    ap.add_argument("--max-reps", type=int, default=20, help="at most this many timed calls per mode and round")
     ap.add_argument("--budget", type=float, default=420.0, help="seconds; later work is skipped")
     ap.add_argument("--out", default=os.path.join(common.ROOT, "bench", "results"))
     ap.add_argument("--stem", default=None, help="result file names (default models / models_cpu)")
@@ -277,27 +391,27 @@ def main(argv=None):
     modes = [m for m in args.modes.split(",") if m]
     if any(m not in ALL_MODES for m in modes):
         ap.error(f"modes must be among {ALL_MODES}")
+    if args.rounds < 1:
+        ap.error("--rounds must be at least 1")
+    if device.type == "cpu":
+        torch.set_num_threads(1)    # Inductor's OpenMP kernels on a shared 2-core host: barriers stall for ms
+    args.round_ms = args.round_ms or (30.0 if device.type == "cpu" else 100.0)
     budget = common.Budget(args.budget)
-    head = common.header("HF model zoo: prefill", device)
+    head = common.header(f"HF model zoo: prefill, {args.rounds} rotated rounds of ~{args.round_ms:.0f} ms per mode",
+                         device)
     print("\n".join(head), flush=True)
     stem = args.stem or ("models" if device.type == "cuda" else "models_cpu")
     results = []
     for case in cases:
-        for impl in args.impls.split(","):
-            if impl not in zoo.supported_impls(case_table()[case][0]):
-                continue
-            if budget.left() <= 0:
-                results.append({"model": case, "impl": impl, "shape": "-", "mode": "eager", "skipped": "time budget"})
-                continue
-            try:
-                results += run_case(case, impl, modes, device, size, dtype, budget)
-            except Exception as exc:   # building the model failed (missing weights, out of memory)
-                traceback.print_exc()
-                results.append({"model": case, "impl": impl, "shape": "-", "mode": "eager", "error": repr(exc)[:300]})
-            summary = summarize(results)
-            head_now = head + [f"elapsed {budget.elapsed():.0f} s of a {args.budget:.0f} s budget"]
-            common.write_results(args.out, stem, head_now, results, markdown(summary, head_now),
-                                 {"summary": summary})
+        impls = [i for i in args.impls.split(",") if i in zoo.supported_impls(case_table()[case][0])]
+        if budget.left() <= 0:
+            results += [{"model": case, "impl": i, "shape": "-", "mode": "eager", "skipped": "time budget"}
+                        for i in impls]
+        else:
+            results += run_case(case, impls, modes, device, size, dtype, budget, args)
+        summary = summarize(results)
+        head_now = head + [f"elapsed {budget.elapsed():.0f} s of a {args.budget:.0f} s budget"]
+        common.write_results(args.out, stem, head_now, results, markdown(summary, head_now), {"summary": summary})
     summary = summarize(results)
     plot(summary, os.path.join(args.out, f"{stem}.png"))
     print("\n".join(markdown(summary, head + [f"elapsed {budget.elapsed():.0f} s"])))

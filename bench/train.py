@@ -3,13 +3,18 @@ padded batches, bf16 weights, compiled with backend="fa3" vs Inductor; loss and 
 reference, step time, and which kernel ran the attention backward.
 
     python bench/train.py [--cpu] [--models llama,bert] [--impls sdpa,eager] [--modes inductor,fa3]
-                          [--seq N] [--budget SECONDS] [--out DIR]
+                          [--seq N] [--steps N] [--rounds 5] [--round-ms MS] [--budget SECONDS] [--out DIR]
 
 llama: the ANCHORS.md model (4 layers, hidden 2048, 16 heads x 128, 8 KV heads), B=2, S=4096 (--seq), loss =
 causal LM cross-entropy. bert: the zoo's BERT-large-shaped encoder (4 layers, 16 heads x 64), B=16, S=512, rows
 right-padded to random lengths in [S/4, S], loss = a fixed random projection of the last hidden state over real
 tokens. Dropout is set to 0 (active dropout is left to eager/Inductor by design, and would make steps
-incomparable). --cpu: the zoo's tiny models in fp32 (the script end to end).
+incomparable). --cpu: the zoo's tiny models in fp32, one thread (the script end to end).
+
+Timing: every mode gets its own bf16 copy of the model and optimizer, is compiled (its own code object: its own
+Dynamo cache) and takes its first step (the accuracy rule's) before any is timed; then --rounds rounds each time
+every mode (a warmup step, then the median of at least --steps steps filling ~--round-ms) in an order rotated per
+round, since the host drifts within a process (bench/decode_host.py). Step time: median [min, max] over rounds.
 
 Accuracy rule, per model: for the loss and for every parameter's gradient, the error vs fp32 eager of the fa3 step
 (relative: |a - ref| / |ref| for the loss, ||g - g_ref|| / ||g_ref|| per parameter, worst parameter reported,
@@ -97,43 +102,76 @@ def grad_errors(grads: dict, ref: dict) -> tuple[float, str, float]:
     return worst, name, (num ** 0.5) / max(den ** 0.5, 1e-30)
 
 
-def run_mode(mode, model32, batch, loss_fn, dtype, device, ref_loss, ref_grads, steps) -> dict:
-    common.reset_dynamo()
-    model = copy.deepcopy(model32).to(dtype)
-    counter = common.counting_backend("inductor" if mode == "inductor" else "fa3")
-    fn = torch.compile(model, backend=counter) if mode != "eager" else model
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=True)
-    before = common.dispatch_snapshot()
-    rec = {"mode": mode}
-    t0 = time.time()
-    opt.zero_grad(set_to_none=True)
-    loss = loss_fn(fn, batch)
-    loss.backward()
-    common.sync(device)
-    rec["first_step_s"] = time.time() - t0
-    rec["loss"] = loss.item()
-    rec["loss_err"] = abs(rec["loss"] - ref_loss) / max(abs(ref_loss), 1e-12)
-    rec["grad_err_worst"], rec["grad_err_worst_param"], rec["grad_err_all"] = grad_errors(grads_of(model), ref_grads)
-    opt.step()
-    if mode != "eager":
-        rec["graphs"] = counter.frame_count
+class Trainer:
+    """One mode's bf16 copy of the model with its optimizer, compiled through its own code object (its own
+    Dynamo cache); its first step is measured against the fp32 reference, later steps are timed in rounds."""
 
-    def step():
-        opt.zero_grad(set_to_none=True)
-        loss_fn(fn, batch).backward()
-        opt.step()
+    def __init__(self, base: dict, mode: str, model32, batch, loss_fn, dtype, device):
+        self.base, self.mode, self.batch, self.loss_fn, self.device = base, mode, batch, loss_fn, device
+        self.model = copy.deepcopy(model32).to(dtype)
+        self.counter = common.counting_backend("inductor" if mode == "inductor" else "fa3")
+        self.fn = self.model if mode == "eager" else \
+            torch.compile(common.own_code(self.model, f"train {base['model']} {base['impl']} {mode}"),
+                          backend=self.counter)
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=1e-4, foreach=True)
+        self.kernels = common.DispatchCount()   # every step of this mode: first, warmup and timed
+        self.rec: dict = {"mode": mode}
+        self.step_ms: list[float] = []
 
-    rec["step_ms"] = common.time_ms(step, device, target_ms=500, min_reps=steps, max_reps=max(steps, 10))
-    if mode != "eager":
-        rec["recompiles"] = counter.frame_count - rec["graphs"]
-    if mode == "fa3":
-        rec["kernels"] = common.dispatch_delta(before)
-    del model, opt, fn
-    common.free(device)
-    return rec
+    def first_step(self, ref_loss, ref_grads) -> None:
+        rec = self.rec
+        with self.kernels.counting():
+            t0 = time.time()
+            self.opt.zero_grad(set_to_none=True)
+            loss = self.loss_fn(self.fn, self.batch)
+            loss.backward()
+            common.sync(self.device)
+            rec["first_step_s"] = time.time() - t0
+            rec["loss"] = loss.item()
+            rec["loss_err"] = abs(rec["loss"] - ref_loss) / max(abs(ref_loss), 1e-12)
+            rec["grad_err_worst"], rec["grad_err_worst_param"], rec["grad_err_all"] = \
+                grad_errors(grads_of(self.model), ref_grads)
+            self.opt.step()
+        if self.mode != "eager":
+            rec["graphs"] = self.counter.frame_count
+
+    def step(self) -> None:
+        self.opt.zero_grad(set_to_none=True)
+        self.loss_fn(self.fn, self.batch).backward()
+        self.opt.step()
+
+    def time_round(self, target_ms: float, steps: int) -> None:
+        """One warmup step (the first after another mode ran), then the median of at least `steps` steps."""
+        if "error" in self.rec:
+            return
+        try:
+            with self.kernels.counting():
+                self.step()
+                self.step_ms.append(common.time_ms(self.step, self.device, target_ms=target_ms, min_reps=steps,
+                                                   max_reps=max(steps, 10)))
+        except Exception as exc:
+            traceback.print_exc()
+            self.rec["error"] = repr(exc)[:300]
+
+    def record(self) -> dict:
+        rec = dict(self.rec)
+        if self.step_ms and "error" not in rec:
+            sp = common.spread(self.step_ms)
+            rec.update(step_ms=sp["median"], step_ms_min=sp["min"], step_ms_max=sp["max"],
+                       step_ms_rounds=list(self.step_ms))
+            if self.mode != "eager":
+                rec["recompiles"] = self.counter.frame_count - rec["graphs"]
+        if self.mode == "fa3" and "loss" in rec:
+            rec["kernels"] = dict(self.kernels.counts)
+        return {**self.base, **rec}
+
+    def release(self) -> None:
+        self.model = self.opt = self.fn = None
 
 
 def run_case(name, impl, modes, args, device, dtype) -> list[dict]:
+    """Every mode compiled and stepped once first (its own model copy and optimizer, all held), then timed in
+    args.rounds rounds in an order rotated per round: host drift within the process falls on all modes alike."""
     model32, batch, loss_fn = build(name, impl, device.type == "cpu", args.seq, device)
     shape = "x".join(map(str, batch["input_ids"].shape))
     pad = 1.0 - batch["attention_mask"].float().mean().item()
@@ -144,20 +182,41 @@ def run_case(name, impl, modes, args, device, dtype) -> list[dict]:
     ref_loss, ref_grads = ref_loss_t.item(), grads_of(model32)
     model32.zero_grad(set_to_none=True)
     del ref_loss_t
+    common.reset_dynamo()
+    trainers: list[Trainer] = []
     rows = []
     for mode in modes:
         if args.budget_obj.left() <= 0:
             rows.append({**base, "mode": mode, "skipped": "time budget"})
             continue
+        t = None
         try:
-            rec = run_mode(mode, model32, batch, loss_fn, dtype, device, ref_loss, ref_grads, args.steps)
+            t = Trainer(base, mode, model32, batch, loss_fn, dtype, device)
+            t.first_step(ref_loss, ref_grads)
+            trainers.append(t)
         except Exception as exc:
             traceback.print_exc()
-            rec = {"mode": mode, "error": repr(exc)[:300]}
-        rows.append({**base, **rec})
+            rows.append({**base, "mode": mode, "error": repr(exc)[:300]})
+            if t is not None:
+                t.release()
+            common.free(device)
+            continue
+        print(f"{name:6s} {impl:5s} {mode:8s} first step {t.rec['first_step_s']:.1f}s  loss {t.rec['loss']:.5g}",
+              flush=True)
+    if args.on_row:     # the first steps' accuracy survives a stage cut short during the rounds
+        args.on_row(rows + [t.record() for t in trainers])
+    done = common.rotated_rounds(trainers, args.rounds, lambda t: t.time_round(args.round_ms, args.steps),
+                                 args.budget_obj)
+    for t in trainers:
+        row = t.record()
+        if "step_ms" in row:
+            row.update(rounds=done, rounds_asked=args.rounds)
+        rows.append(row)
         print(line(rows[-1]), flush=True)
-        if args.on_row:
-            args.on_row(rows)
+        t.release()
+    rows.sort(key=lambda r: modes.index(r["mode"]))
+    if args.on_row:
+        args.on_row(rows)
     verdict(rows, device)
     del model32, ref_grads
     common.free(device)
@@ -172,7 +231,10 @@ def verdict(rows, device) -> None:
         return
     if ind and "loss_err" in ind:
         fa3["accuracy_ok"] = all(fa3[k] <= 2 * ind[k] + GUARD for k in ("loss_err", "grad_err_worst", "grad_err_all"))
+    if ind and "step_ms" in ind and "step_ms" in fa3:
         fa3["speedup_vs_inductor"] = ind["step_ms"] / fa3["step_ms"]
+        fa3["vs_inductor_resolved"] = common.versus(*((r["step_ms"], r["step_ms_min"], r["step_ms_max"])
+                                                      for r in (fa3, ind)))
     kern = fa3.get("kernels", {})
     if device.type == "cuda":
         # every entry but the reference runs a Triton backward (hopper's is the portable Triton one)
@@ -184,7 +246,8 @@ def line(r) -> str:
     tag = f"{r['model']:6s} {r['impl']:5s} {r['mode']:8s}"
     if "error" in r or "skipped" in r:
         return f"{tag} {r.get('error') or r.get('skipped')}"
-    return (f"{tag} step {r['step_ms']:9.2f} ms  loss {r['loss']:.5g} (err {r['loss_err']:.1e})  grad err worst "
+    return (f"{tag} step {r['step_ms']:9.2f} ms [{r['step_ms_min']:.2f}, {r['step_ms_max']:.2f}] over "
+            f"{r['rounds']} rounds  loss {r['loss']:.5g} (err {r['loss_err']:.1e})  grad err worst "
             f"{r['grad_err_worst']:.1e} ({r['grad_err_worst_param']}) all {r['grad_err_all']:.1e}  "
             f"graphs {r.get('graphs', '-')} recompiles {r.get('recompiles', '-')} kernels {r.get('kernels', '-')}")
 
@@ -192,18 +255,27 @@ def line(r) -> str:
 def markdown(results, head) -> list[str]:
     f = common.fmt
     lines = list(head) + ["", "Errors vs fp32 eager: loss relative, gradients ||g - g_ref|| / ||g_ref|| (worst "
-                          "parameter, and all together). accuracy ok: fa3 within 2x Inductor's error + 1e-3.", "",
-                          "| model | impl | shape | padding | mode | step ms | vs inductor | loss err | grad err worst "
-                          "| grad err all | graphs (recompiles) | kernels | accuracy ok | Triton backward | notes |",
-                          "|" + "---|" * 15]
+                          "parameter, and all together). accuracy ok: fa3 within 2x Inductor's error + 1e-3. step ms: "
+                          "median [min, max] over rounds (every mode compiled first, then timed in an order rotated "
+                          "per round); vs inductor: ratio of medians, resolved: \"within noise\" where the two "
+                          "[min, max] overlap, else faster / slower.", "",
+                          "| model | impl | shape | padding | mode | step ms | vs inductor | resolved | loss err | "
+                          "grad err worst | grad err all | graphs (recompiles) | kernels | accuracy ok | "
+                          "Triton backward | notes |",
+                          "|" + "---|" * 16]
     for r in results:
         kern = ", ".join(f"{k}×{v}" for k, v in (r.get("kernels") or {}).items())
         graphs = f"{r['graphs']} ({r.get('recompiles', '-')})" if "graphs" in r else "-"
+        step = "-" if r.get("step_ms") is None else \
+            f"{r['step_ms']:.2f} [{r['step_ms_min']:.2f}, {r['step_ms_max']:.2f}]"
+        note = r.get("error") or r.get("skipped") or ""
+        if r.get("rounds") is not None and r["rounds"] < r["rounds_asked"]:
+            note = f"{r['rounds']} of {r['rounds_asked']} rounds (time budget)"
         lines.append(f"| {r['model']} | {r['impl']} | {r.get('shape', '-')} | {r.get('padding', '-')} | {r['mode']} | "
-                     f"{f(r.get('step_ms'), '.2f')} | {f(r.get('speedup_vs_inductor'), '.2f')} | "
+                     f"{step} | {f(r.get('speedup_vs_inductor'), '.2f')} | {r.get('vs_inductor_resolved', '-')} | "
                      f"{f(r.get('loss_err'), '.1e')} | {f(r.get('grad_err_worst'), '.1e')} | "
                      f"{f(r.get('grad_err_all'), '.1e')} | {graphs} | {kern or '-'} | {r.get('accuracy_ok', '-')} | "
-                     f"{r.get('triton_backward', '-')} | {r.get('error') or r.get('skipped') or ''} |")
+                     f"{r.get('triton_backward', '-')} | {note} |")
     return lines
 
 
@@ -214,14 +286,24 @@ def main(argv=None):
     ap.add_argument("--impls", default="sdpa")
     ap.add_argument("--modes", default="inductor,fa3")
     ap.add_argument("--seq", type=int, default=None, help="llama sequence length (default 4096)")
-    ap.add_argument("--steps", type=int, default=3, help="at least this many timed steps")
+    ap.add_argument("--steps", type=int, default=3, help="at least this many timed steps per mode and round")
+    ap.add_argument("--rounds", type=int, default=5, help="rotated timing rounds per model (default 5)")
+    ap.add_argument("--round-ms", type=float, default=None,
+                    help="timed steps per mode and round: about this many ms (default 150; --cpu 30)")
     ap.add_argument("--budget", type=float, default=150.0, help="seconds; later work is skipped")
     ap.add_argument("--out", default=os.path.join(common.ROOT, "bench", "results"))
     args = ap.parse_args(argv)
     device = common.pick_device(args.cpu)
     dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
+    if args.rounds < 1:
+        ap.error("--rounds must be at least 1")
+    if device.type == "cpu":
+        torch.set_num_threads(1)    # Inductor's OpenMP kernels on a shared 2-core host: barriers stall for ms
+    args.round_ms = args.round_ms or (30.0 if device.type == "cpu" else 150.0)
+    args.modes = args.modes.split(",")
     args.budget_obj = common.Budget(args.budget)
-    head = common.header("One AdamW training step", device)
+    head = common.header(f"One AdamW training step, {args.rounds} rotated rounds of ~{args.round_ms:.0f} ms "
+                         "per mode", device)
     print("\n".join(head), flush=True)
     stem = "train_cpu" if device.type == "cpu" else "train"
     results = []
@@ -233,7 +315,7 @@ def main(argv=None):
                 results.append({"model": name, "impl": impl, "mode": "-", "skipped": "time budget"})
                 continue
             try:
-                results += run_case(name, impl, args.modes.split(","), args, device, dtype)
+                results += run_case(name, impl, args.modes, args, device, dtype)
             except Exception as exc:
                 traceback.print_exc()
                 results.append({"model": name, "impl": impl, "mode": "-", "error": repr(exc)[:300]})
