@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import hashlib
 import json
 import logging
 import os
@@ -87,6 +88,33 @@ def time_ms(fn, device, target_ms: float = 400.0, min_reps: int = 3, max_reps: i
     first = once()
     reps = max(min_reps, min(max_reps, int(target_ms / max(first, 1e-3))))
     return statistics.median([once() for _ in range(reps)])
+
+
+@contextlib.contextmanager
+def inductor_output_code():
+    """Yields a list that, when the block exits, holds the source of every Inductor output-code module (one with
+    a `call` wrapper) loaded while the block ran, in load order."""
+    from torch._inductor.codecache import PyCodeCache
+    orig, paths, sources = PyCodeCache.load_by_key_path.__func__, [], []
+
+    def load(cls, key, path, *args, **kwargs):
+        paths.append(path)
+        return orig(cls, key, path, *args, **kwargs)
+    PyCodeCache.load_by_key_path = classmethod(load)
+    try:
+        yield sources
+    finally:
+        PyCodeCache.load_by_key_path = classmethod(orig)
+        for path in paths:
+            with open(path) as f:
+                src = f.read()
+            if "def call(" in src:
+                sources.append(src)
+
+
+def code_hash(src: str) -> str:
+    """sha256 of an output-code module without its AOT ID lines (which differ between equal graphs)."""
+    return hashlib.sha256("\n".join(ln for ln in src.splitlines() if "AOT ID" not in ln).encode()).hexdigest()
 
 
 def own_code(fn, tag: str):

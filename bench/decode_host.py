@@ -41,7 +41,6 @@ import argparse
 import cProfile
 import contextlib
 import gc
-import hashlib
 import os
 import pstats
 import statistics
@@ -64,24 +63,9 @@ class CodeLog:
 
     @contextlib.contextmanager
     def recording(self, kind: str):
-        from torch._inductor.codecache import PyCodeCache
-        orig = PyCodeCache.load_by_key_path.__func__
-        seen = []
-
-        def load(cls, key, path, *a, **kw):
-            seen.append(path)
-            return orig(cls, key, path, *a, **kw)
-        PyCodeCache.load_by_key_path = classmethod(load)
-        try:
+        with common.inductor_output_code() as sources:
             yield
-        finally:
-            PyCodeCache.load_by_key_path = classmethod(orig)
-            for path in seen:
-                with open(path) as f:
-                    src = f.read()
-                if "def call(" in src:
-                    body = "\n".join(ln for ln in src.splitlines() if "AOT ID" not in ln)
-                    self.graphs.append((kind, hashlib.sha256(body.encode()).hexdigest()[:12]))
+        self.graphs += [(kind, common.code_hash(src)[:12]) for src in sources]
 
 
 def graph_kind(gm) -> str:

@@ -60,3 +60,20 @@ def assert_close_by_rule(ours, eager, ref64, what="", scale=0.0):
         ours_err = (a - r).abs().max().item()
         eager_err = (e - r).abs().max().item()
         assert ours_err <= 2 * eager_err + guard, f"{what}: error {ours_err:.3g} > 2×eager {eager_err:.3g} + {guard:.3g}"
+
+
+def import_bench(*names: str):
+    """bench/ modules by name (bench/common.py and the scripts), with bench/ on sys.path only while they import:
+    its accuracy.py must not shadow tests/gpu/accuracy.py. What the modules put on sys.path themselves (common:
+    tests/models, for the zoo) stays, as it does when a script runs, so a later import of them works in any
+    test order."""
+    import importlib
+    import os
+    import sys
+    bench = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench")
+    sys.path.insert(0, bench)
+    try:
+        mods = [importlib.import_module(n) for n in names]
+    finally:
+        sys.path.remove(bench)
+    return mods[0] if len(mods) == 1 else mods

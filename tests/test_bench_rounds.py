@@ -5,21 +5,14 @@ attention implementations from medians."""
 
 from __future__ import annotations
 
-import os
-import sys
 
 import pytest
 
 pytest.importorskip("transformers")
 
-# bench/ on sys.path only while importing: its accuracy.py must not shadow tests/gpu/accuracy.py
-_path = list(sys.path)
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
-try:
-    import common  # noqa: E402
-    import models  # noqa: E402
-finally:
-    sys.path[:] = _path
+from helpers import import_bench  # noqa: E402
+
+common, models = import_bench("common", "models")
 
 
 class _Spent:

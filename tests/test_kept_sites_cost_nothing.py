@@ -11,7 +11,6 @@ byte-identical (but for its AOT id) and a decode call must make the same number 
 from __future__ import annotations
 
 import cProfile
-import hashlib
 import logging
 import pstats
 
@@ -21,6 +20,10 @@ import torch
 pytest.importorskip("transformers")
 
 from fa3_inductor import site_choice  # noqa: E402
+
+from helpers import import_bench  # noqa: E402
+
+common = import_bench("common")
 from test_generation import tiny_llama  # noqa: E402
 
 NEW = 3
@@ -31,38 +34,20 @@ class Run:
     ({"prefill" | "decode": hash}) and the Python calls of its decode calls."""
 
     def __init__(self, model, backend):
-        from transformers import StaticCache
         self.model, self.code, self.profile, self.decode_calls = model, {}, None, 0
-        cfg = model.config
-        self.cache = StaticCache(config=cfg, max_cache_len=16)
-        self.cache.early_initialization(1, cfg.num_key_value_heads, cfg.hidden_size // cfg.num_attention_heads,
-                                        torch.float32, torch.device("cpu"))
+        self.cache = common.static_cache(model, 1, 16, torch.device("cpu"))
         # a code object of its own: the other run's frame state (automatic dynamic shapes) does not reach it
-        ns = {"_fn": model.forward}
-        exec(compile("def forward(*a, **kw):\n    return _fn(*a, **kw)\n", f"<{backend}>", "exec"), ns)
-        self.compiled = torch.compile(ns["forward"], backend=self.recording(backend))
+        self.compiled = torch.compile(common.own_code(model.forward, str(backend)), backend=self.recording(backend))
 
     def recording(self, backend):
         def compile_graph(gm, example_inputs):
-            from torch._inductor.codecache import PyCodeCache
             ids = [n for n in gm.graph.nodes if n.op == "placeholder" and "input_ids" in n.name]
             kind = "decode" if ids[0].meta["example_value"].shape[-1] == 1 else "prefill"
-            orig, paths = PyCodeCache.load_by_key_path.__func__, []
-
-            def load(cls, key, path, *a, **kw):
-                paths.append(path)
-                return orig(cls, key, path, *a, **kw)
-            PyCodeCache.load_by_key_path = classmethod(load)
-            try:
-                return backend(gm, example_inputs)
-            finally:
-                PyCodeCache.load_by_key_path = classmethod(orig)
-                for path in paths:
-                    with open(path) as f:
-                        src = f.read()
-                    if "def call(" in src:
-                        body = "\n".join(ln for ln in src.splitlines() if "AOT ID" not in ln)
-                        self.code[kind] = hashlib.sha256(body.encode()).hexdigest()
+            with common.inductor_output_code() as sources:
+                compiled = backend(gm, example_inputs)
+            for src in sources:
+                self.code[kind] = common.code_hash(src)
+            return compiled
         return compile_graph
 
     def forward(self, *args, **kwargs):

@@ -25,6 +25,10 @@ from fa3_inductor.patterns.matcher import find_sites
 from fa3_inductor.site_subgraph import extract
 from fa3_inductor.site_values import real_inputs
 
+from helpers import import_bench  # noqa: E402
+
+common = import_bench("common")
+
 B, S, H, D, BUCKETS = 2, 19, 4, 16, 8
 
 
@@ -51,36 +55,16 @@ def _inputs():
     return (x, *w, emb, buckets, mask)
 
 
-class _OutputCode:
-    """The `call` functions of every module Inductor loads while active."""
-
-    def __enter__(self):
-        from torch._inductor.codecache import PyCodeCache
-        self._cls, self._orig, self.paths = PyCodeCache, PyCodeCache.load_by_key_path.__func__, []
-
-        def load(cls, key, path, *a, **kw):
-            self.paths.append(path)
-            return self._orig(cls, key, path, *a, **kw)
-        PyCodeCache.load_by_key_path = classmethod(load)
-        return self
-
-    def __exit__(self, *exc):
-        self._cls.load_by_key_path = classmethod(self._orig)
-
-    def calls(self) -> list[str]:
-        out = []
-        for p in self.paths:
-            src = open(p).read()
-            if "def call(" in src:
-                out.append(src[src.index("def call("):])
-        return out
+def _calls(sources: list[str]) -> list[str]:
+    """Each output-code module's text from its `call` wrapper on."""
+    return [src[src.index("def call("):] for src in sources]
 
 
 def _compiled(backend: str, args, **options):
     torch._dynamo.reset()
-    with _OutputCode() as cap, torch.no_grad():
+    with common.inductor_output_code() as sources, torch.no_grad():
         out = torch.compile(t5_layer, backend=backend, options=options or None)(*args)
-    (code,) = cap.calls()
+    (code,) = _calls(sources)
     return out, code
 
 
@@ -142,9 +126,9 @@ def test_measured_subgraph_ends_after_the_output_layout_chain():
     codes = {}
     with torch.no_grad():
         for name, g in (("inductor", sub.original), ("fa3", sub.rewritten)):
-            with _OutputCode() as cap:
+            with common.inductor_output_code() as sources:
                 fn = _compile(g, vals, {})
-            (codes[name],) = cap.calls()
+            (codes[name],) = _calls(sources)
             got = fn(*vals)[0]
             codes[name + "_out"] = got
     torch.testing.assert_close(codes["fa3_out"], codes["inductor_out"], rtol=1e-5, atol=1e-5)
