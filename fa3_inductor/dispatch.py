@@ -129,39 +129,36 @@ def _select_key(prog, q, k, v, operands, preference, fp8):
     (tests/test_select_class.py). Where a tensor of the class could reach the 2^31 bounds of the portable
     kernels, and for longer queries (a prefill: one call per length), every tensor is exact (key[6]).
     On CPU also TRITON_INTERPRET."""
-    if isinstance(q, FakeTensor):
+    base = _key_base(prog, q, operands, preference, fp8)
+    if base is None:
         return None
-    device = q.device
-    if device.type == "meta":
-        return None
-    interpret = os.environ.get("TRITON_INTERPRET", "0") if device.type == "cpu" else None
     qs = q.shape
     if len(qs) != 4 or qs[2] > CLASSED_QUERIES:
-        if operands and any([isinstance(t, FakeTensor) for t in operands]):
-            return None
         exact = launcher.call_key((q, k, v, *operands))
-        return (prog, preference, fp8, device, interpret, exact[0], True, exact[1:])
-    rest = []
-    for t in operands:
-        if isinstance(t, FakeTensor):
-            return None
-        rest.append(_kv_key(t, 3))
-    head = (prog, preference, fp8, device, interpret, (qs, q.stride(), q.dtype, q.data_ptr() % 16 == 0))
+        return base + (exact[0], True, exact[1:])
+    head = base + ((qs, q.stride(), q.dtype, q.data_ptr() % 16 == 0),)
+    rest = [_kv_key(t, 3) for t in operands]
     kk, vk = _kv_key(k, 2), _kv_key(v, 2)
     if kk is None or vk is None or None in rest or qs[0] * qs[1] * qs[2] << k.shape[2].bit_length() >= _BOUND:
         return head + (True, launcher.call_key((k, v, *operands)))
     return head + (False, kk, vk, *rest)
 
 
-def _exact_key(prog, q, k, v, operands, preference, fp8):
-    """A key with every tensor exact (shapes, strides, dtypes, 16-byte alignment), or None as _select_key."""
+def _key_base(prog, q, operands, preference, fp8):
+    """(program, preference, recipe, device, TRITON_INTERPRET on CPU): the part of every select key that is not
+    a tensor's layout; None for fake tensors and the meta device (compile time: not memoised)."""
     if isinstance(q, FakeTensor) or (operands and any([isinstance(t, FakeTensor) for t in operands])):
         return None
     device = q.device
     if device.type == "meta":
         return None
-    interpret = os.environ.get("TRITON_INTERPRET", "0") if device.type == "cpu" else None
-    return (prog, preference, fp8, device, interpret, launcher.call_key((q, k, v, *operands)))
+    return (prog, preference, fp8, device, os.environ.get("TRITON_INTERPRET", "0") if device.type == "cpu" else None)
+
+
+def _exact_key(prog, q, k, v, operands, preference, fp8):
+    """A key with every tensor exact (shapes, strides, dtypes, 16-byte alignment), or None as _select_key."""
+    base = _key_base(prog, q, operands, preference, fp8)
+    return None if base is None else base + (launcher.call_key((q, k, v, *operands)),)
 
 
 _SELECTED: dict = {}    # exact keys (key[6]): per (program, preference, recipe, device, q's layout), the latest few
