@@ -70,6 +70,14 @@ from .codegen import LOG2E, Emitter, KernelSpec
 from .templates import P_SCALE
 from .templates_bwd import _and, _ind
 
+# The wait for P·V (and with LSUM P·1, whose tile sum joins l in fp32), at its three places in the key loop
+_PV_WAIT = """            if LSUM:
+                acc, l_tile = warpgroup_mma_wait(0, deps=(o_tok, l_tok))
+                l_acc = l_acc + l_tile
+            else:
+                acc = warpgroup_mma_wait(0, deps=(o_tok,))
+"""
+
 _KERNEL = '''
 @gluon.jit
 def _producer_tile(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, q_empty, k_full, v_full, k_empty, v_empty,
@@ -340,22 +348,12 @@ __P_OP_LATE__        mbarrier.wait(v_full.index(cur), cur_ph)
         s = warpgroup_mma_wait(WAIT_S, deps=(s_tok,))
         mbarrier.arrive(k_empty.index(nxt))   # K is read only by S; its slot refills while PV still runs
         if not OVERLAP:     # PV done before the softmax: P's registers are free while S is live
-            if LSUM:
-                acc, l_tile = warpgroup_mma_wait(0, deps=(o_tok, l_tok))
-                l_acc = l_acc + l_tile
-            else:
-                acc = warpgroup_mma_wait(0, deps=(o_tok,))
-            mbarrier.arrive(v_empty.index(cur))
+__PV_WAIT__            mbarrier.arrive(v_empty.index(cur))
 __FP8_SJ__        kj = gl.expand_dims(start_n + gl.arange(0, BLOCK_N, col_l), 0)
         masked = _tile_masked(start_n, row0, Sk, coff, BLOCK_M, BLOCK_N)
 __STEPJ__
         if OVERLAP and MID:     # PV waited after the row max: O's rescale can issue among the exps
-            if LSUM:
-                acc, l_tile = warpgroup_mma_wait(0, deps=(o_tok, l_tok))
-                l_acc = l_acc + l_tile
-            else:
-                acc = warpgroup_mma_wait(0, deps=(o_tok,))
-            mbarrier.arrive(v_empty.index(cur))
+__PV_WAIT__            mbarrier.arrive(v_empty.index(cur))
         if MID and not LATE:
             acc = acc * gl.expand_dims(gl.convert_layout(__ALPHA__, orow_l), 1)
             if LSUM:
@@ -365,12 +363,7 @@ __STEPJ__
         else:
             p = p_arg
         if OVERLAP and not MID:
-            if LSUM:
-                acc, l_tile = warpgroup_mma_wait(0, deps=(o_tok, l_tok))
-                l_acc = l_acc + l_tile
-            else:
-                acc = warpgroup_mma_wait(0, deps=(o_tok,))
-            mbarrier.arrive(v_empty.index(cur))
+__PV_WAIT__            mbarrier.arrive(v_empty.index(cur))
         if LATE:
             alpha_o = gl.convert_layout(__ALPHA__, orow_l)
             alpha_l = gl.convert_layout(alpha, lrow_l)
@@ -776,7 +769,7 @@ class _HopperGen:
         p_op = f"p_op = gl.convert_layout({p_cast}, p_layout, assert_trivial=True)\n"
         before, after = (p_op, "") if self.fp8 else ("", p_op)
         step0, stepj = self.steps()
-        text = _KERNEL.replace("__STEP0__", step0).replace("__STEPJ__", stepj)
+        text = _KERNEL.replace("__STEP0__", step0).replace("__STEPJ__", stepj).replace("__PV_WAIT__", _PV_WAIT)
         # LATE: FP8's P conversion also moves under S's GEMM (its fp32 P crosses the loop edge instead)
         top = f"        if not LATE:\n            {before}" if before else ""
         late = f"        if LATE:\n            {before}" if before else ""
