@@ -36,12 +36,9 @@ def example_inputs(spec: AttentionSpec):
     """The op's canonical (q, k, v, operands) as the fake values Dynamo recorded, for compile-time dispatch
     questions (the explain report); None when a value is missing."""
     memo: dict = {}
-
-    def value(ref: TensorRef):
-        return _example_value(ref, memo)
-
     try:
-        return value(spec.q), value(spec.k), value(spec.v), [value(r) for r in spec.operands]
+        return (_example_value(spec.q, memo), _example_value(spec.k, memo), _example_value(spec.v, memo),
+                [_example_value(r, memo) for r in spec.operands])
     except LookupError:
         return None
 
@@ -61,11 +58,14 @@ def dense_operand(ref: TensorRef) -> TensorRef:
         t = _example_value(ref, {})
     except LookupError:
         return ref
-    if not isinstance(t, torch.Tensor) or t.dim() == 0 or t.size(-1) <= 1 or t.stride(-1) == 1:
-        return ref
-    if any(st == 0 and n > 1 for n, st in zip(t.shape, t.stride())):
-        return ref
-    return ref.then("contiguous")
+    return ref.then("contiguous") if key_strided(t) else ref
+
+
+def key_strided(t) -> bool:
+    """Whether t is a tensor whose last (key) dim has a non-unit stride and which is no broadcast view: the
+    operands the rewrite makes contiguous (dense_operand) and the measured choice times contiguous."""
+    return (isinstance(t, torch.Tensor) and t.dim() > 0 and t.size(-1) > 1 and t.stride(-1) != 1
+            and not any(st == 0 and n > 1 for n, st in zip(t.shape, t.stride())))
 
 
 def _materialize(graph, ref: TensorRef, memo: dict):

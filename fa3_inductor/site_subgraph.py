@@ -28,7 +28,7 @@ import torch
 from torch.fx import Graph, GraphModule, Node
 
 from .patterns.spec import AttentionSpec, SizeOf, TensorRef
-from .rewrite import _has_side_effect, apply_spec, finish, inference_only
+from .rewrite import _has_side_effect, apply_spec, finish, inference_only, key_strided
 
 
 @dataclasses.dataclass
@@ -82,9 +82,8 @@ def _region(graph: Graph, output: Node, keep: set) -> set:
 def _measured_layout(node: Node, example, role: str):
     """The layout the site's input `node` is timed in: example's, or contiguous for a computed operand whose layout
     Inductor picks (module docstring)."""
-    if (role != "operand" or node.op not in ("call_function", "call_method") or not isinstance(example, torch.Tensor)
-            or example.dim() == 0 or example.size(-1) <= 1 or example.stride(-1) == 1 or example._is_view()
-            or any(st == 0 and n > 1 for n, st in zip(example.shape, example.stride()))):
+    if (role != "operand" or node.op not in ("call_function", "call_method") or not key_strided(example)
+            or example._is_view()):
         return example
     dense = torch.empty(example.shape, dtype=example.dtype, device="meta")
     return dense.requires_grad_(True) if example.requires_grad else dense
