@@ -18,27 +18,54 @@ from . import op as _op  # noqa: F401  (registers torch.ops.fa3.attention)
 from .patterns.spec import AttentionSpec, SizeOf, TensorRef
 
 
+def _example_value(ref: TensorRef, memo: dict):
+    """The fake value Dynamo recorded for ref's node, with ref's steps applied; LookupError when missing."""
+    key = (ref.node, repr(ref.steps))
+    if key not in memo:
+        t = ref.node.meta.get("example_value")
+        if t is None:
+            raise LookupError(ref.node.name)
+        for method, args in ref.steps:
+            args = tuple(_example_value(a.ref, memo).size(a.dim) if isinstance(a, SizeOf) else a for a in args)
+            t = getattr(t, method)(*args)
+        memo[key] = t
+    return memo[key]
+
+
 def example_inputs(spec: AttentionSpec):
     """The op's canonical (q, k, v, operands) as the fake values Dynamo recorded, for compile-time dispatch
     questions (the explain report); None when a value is missing."""
     memo: dict = {}
 
     def value(ref: TensorRef):
-        key = (ref.node, repr(ref.steps))
-        if key not in memo:
-            t = ref.node.meta.get("example_value")
-            if t is None:
-                raise LookupError(ref.node.name)
-            for method, args in ref.steps:
-                args = tuple(value(a.ref).size(a.dim) if isinstance(a, SizeOf) else a for a in args)
-                t = getattr(t, method)(*args)
-            memo[key] = t
-        return memo[key]
+        return _example_value(ref, memo)
 
     try:
         return value(spec.q), value(spec.k), value(spec.v), [value(r) for r in spec.operands]
     except LookupError:
         return None
+
+
+def dense_operand(ref: TensorRef) -> TensorRef:
+    """ref, made to have a unit last stride where its example value lacks one and is not a broadcast view.
+
+    The kernels read an operand along the keys (its last dim); with a larger last stride each read of a key
+    tile gathers one element per memory sector. T5's sdpa spelling builds its position bias as
+    where(mask, values.permute(...), min) from an embedding laid out (Sq, Sk, H): eager strides give the
+    (B, H, Sq, Sk) bias H innermost (last stride H). SDPA's lowering makes Inductor pick a contiguous layout for
+    it, written by the same fused kernel; a custom op gets its input in the stride order of the example value,
+    so without this the fa3 kernel reads the bias H-strided. A `.contiguous()` here is free for a computed
+    operand (Inductor writes the producer's buffer in that layout), one copy for a graph input. A broadcast
+    (stride 0) view is left alone: contiguous() would materialise it."""
+    try:
+        t = _example_value(ref, {})
+    except LookupError:
+        return ref
+    if not isinstance(t, torch.Tensor) or t.dim() == 0 or t.size(-1) <= 1 or t.stride(-1) == 1:
+        return ref
+    if any(st == 0 and n > 1 for n, st in zip(t.shape, t.stride())):
+        return ref
+    return ref.then("contiguous")
 
 
 def _materialize(graph, ref: TensorRef, memo: dict):
@@ -76,7 +103,7 @@ def apply_spec(gm: GraphModule, spec: AttentionSpec, kernel: str, fp8: str = "",
         q = _materialize(graph, spec.q, memo)
         k = _materialize(graph, spec.k, memo)
         v = _materialize(graph, spec.v, memo)
-        operands = [_materialize(graph, r, memo) for r in spec.operands]
+        operands = [_materialize(graph, dense_operand(r), memo) for r in spec.operands]
         args = (q, k, v, operands, spec.program.dumps(), kernel) + ((fp8,) if fp8 else ())
         target = torch.ops.fa3.attention_infer.default if infer else torch.ops.fa3.attention.default
         res = graph.call_function(target, args)
