@@ -6,6 +6,11 @@ uses, never crossing the values the op reads (q, k, v, operands and the graph va
 from) and never taking a node with a side effect (rewrite.finish keeps those). Values the region reads from
 outside become placeholders. A value shared with the rest of the graph (a mask built once for all layers, a
 position bias computed in the first layer) stays outside: the site costs only what its rewrite would save.
+The region also takes the chain of layout-only consumers (transpose / permute / contiguous / reshape / view)
+that reads the output and nothing else, up to the first other use, and the cut-out graphs return its end: what
+such a chain costs depends on the layout the site's output has. SDPA's output is (B, Sq, H, D) in memory, so
+HF's `attn_output.transpose(1, 2).contiguous()` costs nothing after it; after the op's contiguous (B, H, Sq, D)
+output it is a copy of the whole output, which the rewrite pays in the model and the timing must see.
 Node names are canonical (n0, n1, ... in order of use), so sites of one model that differ only in their names
 give the same code, which names the measurement in site_choice's cache.
 """
@@ -28,6 +33,25 @@ class SiteSubgraph:
     inputs: list                    # example values (Dynamo's fake tensors, or constants) of the placeholders
     roles: list[str]                # per placeholder: "q", "k", "v", "operand" or "other"
     sources: list[Node]             # per placeholder: the node of the model's graph whose value it takes
+    returns: Node                   # the node of the model's graph whose value both return (end of the layout tail)
+
+
+_LAYOUT_METHODS = {"transpose", "permute", "contiguous", "reshape", "view", "flatten"}
+_LAYOUT_FUNCTIONS = {torch.transpose, torch.permute, torch.reshape, torch.flatten}
+
+
+def _layout_tail(output: Node) -> list:
+    """The chain of layout-only nodes after output, each its predecessor's only user (may be empty)."""
+    tail, cur = [], output
+    while len(cur.users) == 1:
+        user = next(iter(cur.users))
+        layout = ((user.op == "call_method" and user.target in _LAYOUT_METHODS)
+                  or (user.op == "call_function" and user.target in _LAYOUT_FUNCTIONS))
+        if not layout or user.args[0] is not cur or _has_side_effect(user):
+            break
+        tail.append(user)
+        cur = user
+    return tail
 
 
 def _ref_nodes(ref: TensorRef, out: set) -> None:
@@ -66,7 +90,8 @@ def extract(gm: GraphModule, spec: AttentionSpec, kernel: str, fp8: str = "") ->
     for ref in spec.operands:
         _ref_nodes(ref, keep)
         roles.setdefault(ref.node, "operand")
-    region = _region(gm.graph, spec.output, keep)
+    tail = _layout_tail(spec.output)
+    region = _region(gm.graph, spec.output, keep) | set(tail)
     ordered = [n for n in gm.graph.nodes if n in region]
     # placeholders in the order the site first reads them (not graph order, which differs between layers that
     # compute a shared value first), then the op's inputs the site as written does not read itself
@@ -89,7 +114,7 @@ def extract(gm: GraphModule, spec: AttentionSpec, kernel: str, fp8: str = "") ->
             env[n] = p
         for n in ordered:
             env[n] = graph.node_copy(n, lambda a: env[a])
-        graph.output((env[spec.output],))
+        graph.output((env[tail[-1] if tail else spec.output],))
         for i, n in enumerate(graph.nodes):
             if n.op not in ("placeholder", "output"):
                 n.name = f"n{i}"    # canonical names: the code of equal sites is equal
@@ -105,7 +130,7 @@ def extract(gm: GraphModule, spec: AttentionSpec, kernel: str, fp8: str = "") ->
         return sub
 
     return SiteSubgraph(build(False), build(True), examples, [roles.get(n, "other") for n in placeholders],
-                        placeholders)
+                        placeholders, tail[-1] if tail else spec.output)
 
 
 def signature(sub: SiteSubgraph) -> str:

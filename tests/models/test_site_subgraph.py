@@ -54,7 +54,7 @@ def test_cut_out_site_computes_the_sites_value(name, impl):
             assert set(sub.roles) >= {"q", "k", "v"}
             assert all(n not in spec.nodes for n in sub.sources), "a node of the site became an input"
             vals = [rec.values[n] for n in sub.sources]
-            want = rec.values[spec.output]
+            want = rec.values[sub.returns]
             with torch.no_grad():
                 got = sub.original(*vals)[0]
                 fa3 = sub.rewritten(*vals)[0]
