@@ -11,6 +11,11 @@ that reads the output and nothing else, up to the first other use, and the cut-o
 such a chain costs depends on the layout the site's output has. SDPA's output is (B, Sq, H, D) in memory, so
 HF's `attn_output.transpose(1, 2).contiguous()` costs nothing after it; after the op's contiguous (B, H, Sq, D)
 output it is a copy of the whole output, which the rewrite pays in the model and the timing must see.
+An operand the graph computes (not a view, not an input) with a non-unit last stride is timed laid out contiguous:
+that layout is Inductor's choice in the model's graph, and both SDPA's lowering and the rewrite
+(rewrite.dense_operand) make its producing kernel write it so at no cost. Timed in the example value's layout
+(T5's sdpa position bias: H innermost), both graphs would pay a copy of the whole (B, H, Sq, Sk) bias that the
+model does not.
 Node names are canonical (n0, n1, ... in order of use), so sites of one model that differ only in their names
 give the same code, which names the measurement in site_choice's cache.
 """
@@ -74,6 +79,17 @@ def _region(graph: Graph, output: Node, keep: set) -> set:
     return region
 
 
+def _measured_layout(node: Node, example, role: str):
+    """The layout the site's input `node` is timed in: example's, or contiguous for a computed operand whose layout
+    Inductor picks (module docstring)."""
+    if (role != "operand" or node.op not in ("call_function", "call_method") or not isinstance(example, torch.Tensor)
+            or example.dim() == 0 or example.size(-1) <= 1 or example.stride(-1) == 1 or example._is_view()
+            or any(st == 0 and n > 1 for n, st in zip(example.shape, example.stride()))):
+        return example
+    dense = torch.empty(example.shape, dtype=example.dtype, device="meta")
+    return dense.requires_grad_(True) if example.requires_grad else dense
+
+
 def _remap_ref(ref: TensorRef, env: dict) -> TensorRef:
     steps = [(m, tuple(SizeOf(_remap_ref(a.ref, env), a.dim) if isinstance(a, SizeOf) else a for a in args))
              for m, args in ref.steps]
@@ -100,7 +116,7 @@ def extract(gm: GraphModule, spec: AttentionSpec, kernel: str, fp8: str = "") ->
         if n in keep:
             outside.setdefault(n, None)
     placeholders = list(outside)
-    examples = [n.meta.get("example_value") for n in placeholders]
+    examples = [_measured_layout(n, n.meta.get("example_value"), roles.get(n, "other")) for n in placeholders]
     # the op the rewrite would emit (fa3::attention_infer in a graph compiled without grad mode), where the
     # measurement runs without grad mode too (no input requires grad: site_choice._measure)
     infer = inference_only(gm) and not any(isinstance(e, torch.Tensor) and e.requires_grad for e in examples)

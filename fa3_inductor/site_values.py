@@ -58,7 +58,8 @@ def real_tensor(example: torch.Tensor, role: str, gen, device=None) -> torch.Ten
 
 def real_inputs(examples: list, roles: list[str], seed: int = 0, device=None) -> list:
     """Real values for every placeholder; constants (ints, floats) pass through. device: override (tests)."""
-    dev = device or next((e.device for e in examples if isinstance(e, torch.Tensor)), torch.device("cpu"))
+    dev = device or next((e.device for e in examples if isinstance(e, torch.Tensor) and e.device.type != "meta"),
+                         torch.device("cpu"))     # (site_subgraph gives a relaid-out operand as a meta tensor)
     gen = torch.Generator(device=dev).manual_seed(seed)
     out = []
     for e, role in zip(examples, roles):
