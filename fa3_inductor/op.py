@@ -6,6 +6,9 @@ k (B, Hkv, Sk, D), v (B, Hkv, Sk, Dv) with Hq a multiple of Hkv (grouped-query a
 `program` a serialised ScoreProgram, `kernel` a dispatch preference and `fp8` a serialised FP8 recipe
 ("" = FP8 off; kernels/fp8_recipe.py). It returns (out, lse); lse is the fp32 log-sum-exp per row, kept for
 the backward. The backward of an FP8 forward is the 16-bit backward (see dispatch.py).
+out is laid out (B, Sq, Hq, Dv) in memory (`out_strides`), as SDPA's output is: the models' next step,
+out.transpose(1, 2).contiguous().reshape(B, Sq, -1) into the o-projection, is then a view, where after a
+contiguous (B, Hq, Sq, Dv) output Inductor has to copy the whole output.
 """
 
 from __future__ import annotations
@@ -41,6 +44,23 @@ def _warn_fp8_fallback(entry, passed_over) -> None:
     if why not in _FP8_WARNED:
         _FP8_WARNED.add(why)
         log.warning("fa3: FP8 requested, running the 16-bit %s kernel instead: %s", entry.name, why)
+
+
+def out_strides(b: int, hq: int, sq: int, dv: int) -> tuple:
+    """Strides of the op's out (B, Hq, Sq, Dv): (B, Sq, Hq, Dv) in memory."""
+    return (sq * hq * dv, dv, hq * dv, 1)
+
+
+def _in_out_layout(out: torch.Tensor) -> torch.Tensor:
+    """out with exactly the strides the fake promises. A kernel that wrote (B, Sq, Hq, Dv) order (or a layout with
+    the same memory order, which differs only in strides of size-1 dims: a decode step's contiguous
+    (B, Hq, 1, Dv)) costs nothing; any other layout is copied once."""
+    want = out_strides(*out.shape)
+    if out.stride() == want:
+        return out
+    if out.transpose(1, 2).is_contiguous():
+        return out.as_strided(out.shape, want, out.storage_offset())
+    return torch.empty_strided(out.shape, want, dtype=out.dtype, device=out.device).copy_(out)
 
 
 def check_inputs(q, k, v, operands, prog: ScoreProgram) -> None:
@@ -86,7 +106,7 @@ def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, operands: list[t
     if recipe is not None and not entry.fp8:
         _warn_fp8_fallback(entry, passed_over)
     out, lse = entry.run_forward(q, k, v, operands, prog, recipe)
-    return out.contiguous(), lse.contiguous()   # the fake promises contiguous outputs
+    return _in_out_layout(out), lse.contiguous()     # the layouts the fake promises
 
 
 attention_op = torch.library.custom_op("fa3::attention", mutates_args=())(_forward)
@@ -95,7 +115,7 @@ attention_op = torch.library.custom_op("fa3::attention", mutates_args=())(_forwa
 @attention_op.register_fake
 def _attention_fake(q, k, v, operands, program, kernel, fp8=""):
     b, hq, sq, _ = q.shape
-    out = q.new_empty((b, hq, sq, v.shape[-1]), dtype=v.dtype)
+    out = q.new_empty_strided((b, hq, sq, v.shape[-1]), out_strides(b, hq, sq, v.shape[-1]), dtype=v.dtype)
     lse = q.new_empty((b, hq, sq), dtype=torch.float32)
     return out, lse
 

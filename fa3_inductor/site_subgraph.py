@@ -8,9 +8,9 @@ outside become placeholders. A value shared with the rest of the graph (a mask b
 position bias computed in the first layer) stays outside: the site costs only what its rewrite would save.
 The region also takes the chain of layout-only consumers (transpose / permute / contiguous / reshape / view)
 that reads the output and nothing else, up to the first other use, and the cut-out graphs return its end: what
-such a chain costs depends on the layout the site's output has. SDPA's output is (B, Sq, H, D) in memory, so
-HF's `attn_output.transpose(1, 2).contiguous()` costs nothing after it; after the op's contiguous (B, H, Sq, D)
-output it is a copy of the whole output, which the rewrite pays in the model and the timing must see.
+such a chain costs depends on the layout the site's output has. SDPA's output and the op's are both (B, Sq, H, D)
+in memory (op.out_strides), so HF's `attn_output.transpose(1, 2).contiguous()` costs nothing after either; a
+contiguous (B, H, Sq, D) output would make it a copy of the whole output, which the timing must see.
 An operand the graph computes (not a view, not an input) with a non-unit last stride is timed laid out contiguous:
 that layout is Inductor's choice in the model's graph, and both SDPA's lowering and the rewrite
 (rewrite.dense_operand) make its producing kernel write it so at no cost. Timed in the example value's layout

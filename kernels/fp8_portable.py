@@ -70,7 +70,7 @@ def forward(q, k, v, operands, prog: ScoreProgram, recipe: Fp8Recipe):
     b, hq, sq, d = q.shape
     sk, dv = k.shape[2], v.shape[-1]
     dev = q.device
-    out = tp._empty((b, hq, sq, dv), v.dtype, dev)
+    out = tp.empty_out(b, hq, sq, dv, v.dtype, dev)
     lse = tp._empty((b, hq, sq), torch.float32, dev)
     if out.numel() == 0 and lse.numel() == 0:
         return out, lse

@@ -294,7 +294,7 @@ def _make_plan(key, q, k, v, operands, prog, out, lse, cfg, tiles) -> _Plan:
 
 def _launch_planned(plan: _Plan, q, k, v, operands):
     dev = q.device
-    out = triton_portable._empty(plan.out_shape, v.dtype, dev)
+    out = triton_portable.empty_out(*plan.out_shape, v.dtype, dev)
     lse = triton_portable._empty(plan.out_shape[:3], torch.float32, dev)
     op_args = []
     for t, st in zip(operands, plan.op_strides):
@@ -322,7 +322,7 @@ def forward(q, k, v, operands, prog: ScoreProgram, **variant):
             return _launch_planned(plan, q, k, v, operands)
     b, hq, sq, _ = q.shape
     dv = v.shape[-1]
-    out = triton_portable._empty((b, hq, sq, dv), v.dtype, q.device)
+    out = triton_portable.empty_out(b, hq, sq, dv, v.dtype, q.device)
     lse = triton_portable._empty((b, hq, sq), torch.float32, q.device)
     if out.numel() == 0 and lse.numel() == 0:
         return out, lse
@@ -501,7 +501,7 @@ def forward_fp8(q, k, v, operands, prog: ScoreProgram, recipe, **variant):
     if b * hq * sq * dv == 0 or k.shape[2] == 0:
         from . import fp8_portable
         return fp8_portable.forward(q, k, v, operands, prog, recipe)
-    out = triton_portable._empty((b, hq, sq, dv), v.dtype, q.device)
+    out = triton_portable.empty_out(b, hq, sq, dv, v.dtype, q.device)
     lse = triton_portable._empty((b, hq, sq), torch.float32, q.device)
     q8, k8, v8 = quantize_fp8(q, k, v, recipe, variant.get("block_n"), len(operands))
     if variant:

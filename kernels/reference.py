@@ -151,7 +151,7 @@ def _chunk_rows(q, k) -> int:
 def forward(q, k, v, operands, prog: ScoreProgram):
     """Returns (out in v's dtype, lse fp32 (B, Hq, Sq))."""
     b, hq, sq, _ = q.shape
-    out = torch.empty(b, hq, sq, v.shape[-1], dtype=v.dtype, device=q.device)
+    out = torch.empty(b, sq, hq, v.shape[-1], dtype=v.dtype, device=q.device).transpose(1, 2)   # SDPA's layout
     lse = torch.empty(b, hq, sq, dtype=torch.float32, device=q.device)
     step = _chunk_rows(q, k)
     with torch.no_grad():

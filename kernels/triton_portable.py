@@ -26,6 +26,13 @@ def _empty(shape, dtype, device):
     return torch.empty(shape, dtype=dtype, device=device)
 
 
+def empty_out(b: int, hq: int, sq: int, dv: int, dtype, device):
+    """The attention output (B, Hq, Sq, Dv) laid out (B, Sq, Hq, Dv) in memory, as SDPA lays out its own: models
+    read it back as out.transpose(1, 2).contiguous() into the o-projection, which is then free (a copy of the
+    whole output after a contiguous (B, Hq, Sq, Dv) one). The op (fa3_inductor/op.py) promises this layout."""
+    return _empty((b, sq, hq, dv), dtype, device).transpose(1, 2)
+
+
 def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -295,7 +302,7 @@ def forward(q, k, v, operands, prog: ScoreProgram):
     """Returns (out (B, Hq, Sq, Dv) in v.dtype, lse fp32 (B, Hq, Sq))."""
     b, hq, sq, d = q.shape
     sk, dv = k.shape[2], v.shape[-1]
-    out = _empty((b, hq, sq, dv), v.dtype, q.device)
+    out = empty_out(b, hq, sq, dv, v.dtype, q.device)
     lse = _empty((b, hq, sq), torch.float32, q.device)
     if out.numel() == 0 and lse.numel() == 0:
         return out, lse
