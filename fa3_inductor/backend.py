@@ -55,10 +55,14 @@ def fa3_backend(gm, example_inputs, mode=None, options=None):
     from torch._inductor import list_mode_options
     from torch._inductor.compile_fx import compile_fx
 
+    from . import cache_key
+
     cfg, inductor_options = _config.from_env().with_options(options)
     patches = dict(list_mode_options(mode)) if mode else {}
     patches.update(inductor_options)
-    rewrite_graph(gm, cfg, cuda_graphs=bool(patches.get("triton.cudagraphs")), inductor_options=patches)
+    report = rewrite_graph(gm, cfg, cuda_graphs=bool(patches.get("triton.cudagraphs")), inductor_options=patches)
+    if report.rewritten:    # the cached code of a graph with fa3 ops depends on this package's version
+        patches = cache_key.keyed_patches(patches)
     return compile_fx(gm, example_inputs, config_patches=patches or None)
 
 
