@@ -121,23 +121,32 @@ def test_cuda_graph_capture():
 
 def test_generate_reduce_overhead_static_cache():
     """generate() with the forward compiled by fa3 in reduce-overhead mode (CUDA graphs), StaticCache, fp32 so the
-    greedy tokens are those of eager; prefill on the general kernel, every decode step on the decode kernel."""
+    greedy tokens are those of eager; prefill on the general kernel, every decode step on the decode kernel.
+    The StaticCache is built and initialised up front and passed in (bench/common.static_cache, as bench/generate.py
+    does): with cache_implementation="static" (generate() builds it lazily inside the compiled region) torch 2.11's
+    Inductor alone (backend="inductor") segfaults in its static CUDA launcher on the H100, and without that
+    launcher fails with "Pointer argument must be either uint64 or have data_ptr method" in the cache's
+    index_copy kernel (bench/NOTES.md, session 7) - not a fa3 path."""
     pytest.importorskip("transformers")
     from fa3_inductor import dispatch
     from transformers import LlamaConfig, LlamaForCausalLM
+    from helpers import import_bench
+    common = import_bench("common")
     cfg = LlamaConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=8,
                       num_key_value_heads=2, vocab_size=1000, max_position_embeddings=1024, pad_token_id=0)
     torch.manual_seed(0)
     model = LlamaForCausalLM._from_config(cfg, attn_implementation="sdpa").to(DEV).eval()
     ids = torch.randint(3, 1000, (2, 300), device=DEV)
-    kw = dict(max_new_tokens=20, do_sample=False, pad_token_id=0, cache_implementation="static", disable_compile=True)
+    cache = common.static_cache(model, ids.shape[0], 320, ids.device)
+    kw = dict(max_new_tokens=20, do_sample=False, pad_token_id=0, disable_compile=True)
     with torch.no_grad():
-        ref = model.generate(input_ids=ids, **kw)
+        ref = model.generate(input_ids=ids, past_key_values=cache, **kw)
         torch._dynamo.reset()
         before = dict(dispatch.STATS)
         model.forward = torch.compile(model.forward, backend="fa3", mode="reduce-overhead")
         for _ in range(2):   # the second call replays recorded graphs
-            out = model.generate(input_ids=ids, **kw)
+            cache.reset()
+            out = model.generate(input_ids=ids, past_key_values=cache, **kw)
             assert torch.equal(out, ref), (out[:, 300:].tolist(), ref[:, 300:].tolist())
     ran = {key: n - before.get(key, 0) for key, n in dispatch.STATS.items()}
     assert ran.get(("forward", "triton-decode"), 0) > 0 and ran.get(("forward", "triton"), 0) > 0, ran
