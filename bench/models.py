@@ -2,7 +2,7 @@
 vs torch.compile(backend="fa3"), for attn_implementation "eager" and "sdpa".
 
     python bench/models.py [--cpu] [--models llama,llama-s512,bert] [--impls eager,sdpa]
-                           [--modes eager,inductor,fa3] [--rounds 5] [--round-ms MS] [--budget SECONDS] [--out DIR]
+                           [--modes eager,inductor,fa3[,fa3-fp8]] [--rounds 5] [--round-ms MS] [--budget SECONDS] [--out DIR]
 
 Models come from tests/models/zoo.py at its "bench" sizes (GPU: bf16; the first row is the Llama of
 shared/ANCHORS.md, 4 layers, hidden 2048, 16 heads x 128, 8 KV heads, B=2, S=8192; "llama-s512" is the same model
@@ -19,7 +19,9 @@ order rotated per round; a mode's time is the median over rounds, with [min, max
 Per (model, attn_implementation, mode): attention sites rewritten / attention calls per forward (fa3), the
 output's error vs the same model run eagerly in fp32 (max |out - ref| / max |ref| over defined positions),
 ms (median [min, max] over rounds), graphs compiled and recompiles during timing, and which fa3 kernel ran the
-forward. Per model: speedup of fa3 (ratio of medians) over the best baseline (fastest of eager / Inductor over
+forward. Mode fa3-fp8 (not in the default modes) is the fa3 backend with options={"fp8": True}: issue 5's end-to-end
+FP8 row, its output's error (also as relative RMS) and time beside bf16 fa3 in a table of its own. Per model:
+speedup of fa3 (ratio of medians) over the best baseline (fastest of eager / Inductor over
 both implementations) and over Inductor with the same implementation, each marked "within noise" where the two
 [min, max] ranges overlap. Writes models[_cpu].json / .md / .png (or --stem) under --out (default
 bench/results). --budget (seconds, default 420) skips what would start after it (compiles, and rounds after the
@@ -43,7 +45,9 @@ import zoo  # noqa: E402  (tests/models, put on sys.path by common)
 
 MODES = ("eager", "inductor", "fa3")
 # with CUDA graphs (mode="reduce-overhead"): where host work dominates (S=512) this is how a user runs it
-ALL_MODES = MODES + ("inductor-ro", "fa3-ro")
+ALL_MODES = MODES + ("inductor-ro", "fa3-ro", "fa3-fp8")
+# fa3-fp8: the fa3 backend with options={"fp8": True} (issue 5's end-to-end row: logits error and time vs bf16 fa3)
+FP8_OPTIONS = {"fp8": True}
 # (case, zoo model, sequence length override); GPU order is priority order under the budget
 CASES = [("llama", "llama", None), ("llama-s512", "llama", 512)] + \
         [(m, m, None) for m in zoo.MODELS if m != "llama"]
@@ -84,6 +88,17 @@ def rel_err(out, ref, valid) -> float | None:
     return ((o - r).abs().max() / r.abs().max().clamp_min(1e-6)).item()
 
 
+def rms_err(out, ref, valid) -> float | None:
+    """||out - ref|| / ||ref|| over defined positions: the whole output's error, where the max-based err is set by
+    its single worst position (the FP8 row compares both against bf16)."""
+    o, r = out.float(), ref.float()
+    if valid is not None:
+        o, r = o[valid], r[valid]
+    if not torch.isfinite(o).all():
+        return float("inf")
+    return ((o - r).norm() / r.norm().clamp_min(1e-12)).item()
+
+
 class Variant:
     """One (attn implementation, mode) of a model: compiled through its own code object (its own Dynamo cache),
     called once for its error and compile record, then timed once per round, interleaved with the other
@@ -102,9 +117,11 @@ class Variant:
         fn = self.model
         if self.mode != "eager":
             self.counter = common.counting_backend("inductor" if self.mode.startswith("inductor") else "fa3")
+            kw = {"mode": "reduce-overhead"} if self.mode.endswith("-ro") else {}
+            if self.mode == "fa3-fp8":
+                kw = {"options": dict(FP8_OPTIONS)}
             fn = torch.compile(common.own_code(self.model, f"models {self.base['impl']} {self.mode}"),
-                               backend=self.counter,
-                               **({"mode": "reduce-overhead"} if self.mode.endswith("-ro") else {}))
+                               backend=self.counter, **kw)
         from fa3_inductor import site_choice
         choice_before = dict(site_choice.STATS)
         with torch.no_grad(), common.SiteLog() as sites, self.kernels.counting():
@@ -113,6 +130,7 @@ class Variant:
             common.sync(self.device)
             self.rec["first_call_s"] = time.time() - t0
             self.rec["err"] = rel_err(out, self.ref, self.valid)
+            self.rec["rms_err"] = rms_err(out, self.ref, self.valid)
             del out
         if self.counter is not None:
             self.rec["graphs"] = self.counter.frame_count
@@ -264,6 +282,7 @@ def summarize(results: list[dict]) -> list[dict]:
                 row[f"{mode}_ms"] = m.get(mode, {}).get("ms")
                 row[f"{mode}_timing"] = timing(m.get(mode, {}))
                 row[f"{mode}_err"] = m.get(mode, {}).get("err")
+                row[f"{mode}_rms_err"] = m.get(mode, {}).get("rms_err")
             if row["fa3-ro_ms"] and row["inductor-ro_ms"]:
                 row["ro_speedup_vs_inductor_ro"] = row["inductor-ro_ms"] / row["fa3-ro_ms"]
                 row["ro_vs_inductor_ro_resolved"] = common.versus(row["fa3-ro_timing"], row["inductor-ro_timing"])
@@ -278,6 +297,13 @@ def summarize(results: list[dict]) -> list[dict]:
                 row["fa3_kernels"] = fa3.get("kernels")
                 row["fa3_skipped"] = fa3.get("sites_skipped")
                 row["fa3_site_choice"] = fa3.get("site_choice")
+            fp8 = m.get("fa3-fp8", {})
+            if "ms" in fp8:
+                row["fp8_sites"] = f"{fp8.get('sites_rewritten')}/{fp8.get('attention_calls')}"
+                row["fp8_kernels"] = fp8.get("kernels")
+                if "ms" in fa3:
+                    row["fp8_speedup_vs_fa3"] = fa3["ms"] / fp8["ms"]
+                    row["fp8_vs_fa3_resolved"] = common.versus(timing(fp8), timing(fa3))
             notes = [f"{k}: {v.get('error') or v.get('skipped')}" for k, v in m.items()
                      if "error" in v or "skipped" in v]
             if row["rounds"] is not None and row["rounds"] < row["rounds_asked"]:
@@ -338,6 +364,29 @@ def markdown(summary: list[dict], header_lines: list[str]) -> list[str]:
             f"{spread_cell(r.get('inductor-ro_timing'))} | {spread_cell(r.get('fa3-ro_timing'))} | {ro} | "
             f"{f(r['eager_err'], '.1e')} | {f(r['inductor_err'], '.1e')} | "
             f"{f(r['fa3_err'], '.1e')} | {graphs} | {kern or '-'} | {notes or ''} |")
+    return lines + fp8_markdown(summary)
+
+
+def fp8_markdown(summary: list[dict]) -> list[str]:
+    """FP8 end to end (rows with a timed fa3-fp8 mode): the fa3 backend with options={"fp8": True} beside bf16 fa3
+    in the same rounds, both outputs' errors against eager fp32 (max-based and relative RMS)."""
+    rows = [r for r in summary if r.get("fa3-fp8_timing")]
+    if not rows:
+        return []
+    f = common.fmt
+    lines = ["", "FP8 end to end: fa3-fp8 is torch.compile(backend=\"fa3\", options={\"fp8\": True}) (block scales + "
+             "Hadamard, the default recipe), timed in the same rotated rounds as the modes above; err: max-based as "
+             "above, rms: ||out - eager fp32|| / ||eager fp32||.", "",
+             "| model | impl | shape | fp8 sites | fa3 ms | fa3-fp8 ms | fp8 vs fa3 | resolved | err fa3 | err fa3-fp8 | "
+             "rms fa3 | rms fa3-fp8 | rms inductor | fa3-fp8 kernels |", "|" + "---|" * 14]
+    for r in rows:
+        kern = ", ".join(f"{k}×{v}" for k, v in (r.get("fp8_kernels") or {}).items())
+        lines.append(
+            f"| {r['model']} | {r['impl']} | {r['shape']} | {r.get('fp8_sites', '-')} | "
+            f"{spread_cell(r.get('fa3_timing'))} | {spread_cell(r['fa3-fp8_timing'])} | "
+            f"{f(r.get('fp8_speedup_vs_fa3'), '.2f')} | {r.get('fp8_vs_fa3_resolved') or '-'} | "
+            f"{f(r.get('fa3_err'), '.1e')} | {f(r.get('fa3-fp8_err'), '.1e')} | {f(r.get('fa3_rms_err'), '.1e')} | "
+            f"{f(r.get('fa3-fp8_rms_err'), '.1e')} | {f(r.get('inductor_rms_err'), '.1e')} | {kern or '-'} |")
     return lines
 
 

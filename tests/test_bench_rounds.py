@@ -63,3 +63,28 @@ def test_summary_best_baseline_and_noise():
     assert by_impl["sdpa"]["vs_best_resolved"] == "within noise"
     lines = models.markdown(models.summarize(rows), ["# t"])
     assert any("| m | sdpa |" in ln and "3.40 [3.30, 3.70]" in ln and "within noise" in ln for ln in lines)
+
+
+def test_summary_fp8_row_is_not_a_baseline():
+    fp8 = {**_row("sdpa", "fa3-fp8", 2.0, 1.9, 2.1), "rms_err": 0.02, "kernels": {"forward:hopper_fp8": 4}}
+    rows = [_row("sdpa", "eager", 5.0, 4.9, 5.2), _row("sdpa", "inductor", 3.5, 3.2, 3.6),
+            {**_row("sdpa", "fa3", 3.0, 2.9, 3.1), "rms_err": 0.004}, fp8]
+    (r,) = models.summarize(rows)
+    assert r["best_baseline"] == "sdpa inductor"          # an fa3 mode never counts as a baseline
+    assert r["speedup_vs_best"] == pytest.approx(3.5 / 3.0)
+    assert r["fp8_speedup_vs_fa3"] == pytest.approx(3.0 / 2.0) and r["fp8_vs_fa3_resolved"] == "faster"
+    assert r["fa3-fp8_rms_err"] == 0.02 and r["fa3_rms_err"] == 0.004
+    lines = models.markdown([r], ["# t"])
+    fp8_rows = [ln for ln in lines if ln.startswith("| m | sdpa |") and "hopper_fp8×4" in ln]
+    assert len(fp8_rows) == 1 and "1.50 | faster" in fp8_rows[0] and "2.0e-02" in fp8_rows[0]
+    # without a timed fa3-fp8 mode the FP8 table is absent
+    assert not any("FP8 end to end" in ln for ln in models.markdown(models.summarize(rows[:3]), ["# t"]))
+
+
+def test_rms_err_ignores_undefined_positions():
+    import torch
+    ref = torch.tensor([[3.0, 4.0], [1e9, 1e9]])
+    out = torch.tensor([[3.0, 4.5], [0.0, 0.0]])
+    valid = torch.tensor([True, False])
+    assert models.rms_err(out, ref, valid) == pytest.approx(0.5 / 5.0)
+    assert models.rms_err(torch.full_like(ref, float("nan")), ref, None) == float("inf")
