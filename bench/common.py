@@ -267,6 +267,11 @@ def fmt(x, spec=".3g", none="-") -> str:
     return none if x is None else format(x, spec)
 
 
+def kernels_cell(counts: dict | None) -> str:
+    """A DispatchCount's counts as a table cell: "forward:hopper×80, backward:hopper×4" ("-" where none ran)."""
+    return ", ".join(f"{k}×{v}" for k, v in (counts or {}).items()) or "-"
+
+
 def free(device) -> None:
     import gc
     gc.collect()

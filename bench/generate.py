@@ -209,14 +209,14 @@ def markdown(results, kernel_rows, head) -> list[str]:
                           "| run | cache | compile mode | prefill ms | decode ms/token | decode tok/s | end-to-end tok/s | "
                           "graphs (recompiles) | sites | equal prefix | fa3 kernels | notes |", "|" + "---|" * 12]
     for r in results:
-        kern = ", ".join(f"{k}×{v}" for k, v in (r.get("kernels") or {}).items())
+        kern = common.kernels_cell(r.get("kernels"))
         graphs = f"{r['graphs']} ({r.get('recompiles', '-')})" if "graphs" in r else "-"
         sites = f"{r['sites_rewritten']}" + (f", {len(r['sites_skipped'])} skipped" if r.get("sites_skipped") else "") \
             if r.get("mode") == "fa3" and "sites_rewritten" in r else "-"
         lines.append(f"| {r['run']} | {r.get('cache', '-')} | {r.get('compile_mode', '-')} | {f(r.get('prefill_ms'), '.1f')} | "
                      f"{f(r.get('decode_ms_per_token'), '.2f')} | {f(r.get('decode_tok_s'), '.0f')} | "
                      f"{f(r.get('e2e_tok_s'), '.0f')} | {graphs} | {sites} | {r.get('tokens_equal_prefix', '-')} | "
-                     f"{kern or '-'} | {r.get('error') or r.get('skipped') or ''} |")
+                     f"{kern} | {r.get('error') or r.get('skipped') or ''} |")
     if kernel_rows:
         lines += ["", f"## split-KV decode kernel alone (bytes = K + V + q + out (+ mask); copy ceiling "
                       f"{COPY_CEILING_TBS} TB/s)", "",

@@ -348,7 +348,7 @@ def markdown(summary: list[dict], header_lines: list[str]) -> list[str]:
         "err eager | err inductor | err fa3 | graphs (recompiles) | fa3 kernels | notes |",
         "|" + "---|" * 21]
     for r in summary:
-        kern = ", ".join(f"{k}×{v}" for k, v in (r.get("fa3_kernels") or {}).items())
+        kern = common.kernels_cell(r.get("fa3_kernels"))
         graphs = f"{r['fa3_graphs']} ({r['fa3_recompiles']})" if r.get("fa3_graphs") is not None else "-"
         skipped = "skipped: " + skipped_summary(r["fa3_skipped"]) if r.get("fa3_skipped") else ""
         notes = "; ".join(x for x in (r["notes"], skipped) if x)
@@ -363,7 +363,7 @@ def markdown(summary: list[dict], header_lines: list[str]) -> list[str]:
             f"{f(r.get('speedup_vs_inductor'), '.2f')} | {r.get('vs_inductor_resolved') or '-'} | "
             f"{spread_cell(r.get('inductor-ro_timing'))} | {spread_cell(r.get('fa3-ro_timing'))} | {ro} | "
             f"{f(r['eager_err'], '.1e')} | {f(r['inductor_err'], '.1e')} | "
-            f"{f(r['fa3_err'], '.1e')} | {graphs} | {kern or '-'} | {notes or ''} |")
+            f"{f(r['fa3_err'], '.1e')} | {graphs} | {kern} | {notes or ''} |")
     return lines + fp8_markdown(summary)
 
 
@@ -380,13 +380,13 @@ def fp8_markdown(summary: list[dict]) -> list[str]:
              "| model | impl | shape | fp8 sites | fa3 ms | fa3-fp8 ms | fp8 vs fa3 | resolved | err fa3 | err fa3-fp8 | "
              "rms fa3 | rms fa3-fp8 | rms inductor | fa3-fp8 kernels |", "|" + "---|" * 14]
     for r in rows:
-        kern = ", ".join(f"{k}×{v}" for k, v in (r.get("fp8_kernels") or {}).items())
+        kern = common.kernels_cell(r.get("fp8_kernels"))
         lines.append(
             f"| {r['model']} | {r['impl']} | {r['shape']} | {r.get('fp8_sites', '-')} | "
             f"{spread_cell(r.get('fa3_timing'))} | {spread_cell(r['fa3-fp8_timing'])} | "
             f"{f(r.get('fp8_speedup_vs_fa3'), '.2f')} | {r.get('fp8_vs_fa3_resolved') or '-'} | "
             f"{f(r.get('fa3_err'), '.1e')} | {f(r.get('fa3-fp8_err'), '.1e')} | {f(r.get('fa3_rms_err'), '.1e')} | "
-            f"{f(r.get('fa3-fp8_rms_err'), '.1e')} | {f(r.get('inductor_rms_err'), '.1e')} | {kern or '-'} |")
+            f"{f(r.get('fa3-fp8_rms_err'), '.1e')} | {f(r.get('inductor_rms_err'), '.1e')} | {kern} |")
     return lines
 
 

@@ -264,7 +264,7 @@ def markdown(results, head) -> list[str]:
                           "Triton backward | notes |",
                           "|" + "---|" * 16]
     for r in results:
-        kern = ", ".join(f"{k}×{v}" for k, v in (r.get("kernels") or {}).items())
+        kern = common.kernels_cell(r.get("kernels"))
         graphs = f"{r['graphs']} ({r.get('recompiles', '-')})" if "graphs" in r else "-"
         step = "-" if r.get("step_ms") is None else \
             f"{r['step_ms']:.2f} [{r['step_ms_min']:.2f}, {r['step_ms_max']:.2f}]"
@@ -274,7 +274,7 @@ def markdown(results, head) -> list[str]:
         lines.append(f"| {r['model']} | {r['impl']} | {r.get('shape', '-')} | {r.get('padding', '-')} | {r['mode']} | "
                      f"{step} | {f(r.get('speedup_vs_inductor'), '.2f')} | {r.get('vs_inductor_resolved', '-')} | "
                      f"{f(r.get('loss_err'), '.1e')} | {f(r.get('grad_err_worst'), '.1e')} | "
-                     f"{f(r.get('grad_err_all'), '.1e')} | {graphs} | {kern or '-'} | {r.get('accuracy_ok', '-')} | "
+                     f"{f(r.get('grad_err_all'), '.1e')} | {graphs} | {kern} | {r.get('accuracy_ok', '-')} | "
                      f"{r.get('triton_backward', '-')} | {note} |")
     return lines
 
