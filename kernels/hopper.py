@@ -251,6 +251,20 @@ def schedules(d: int, dv: int, persistent: bool | None = None, causal: bool = Fa
     return cands
 
 
+# The portable forward (triton_portable.forward_into: the same (out, lse), which the backward reads alike) is the
+# 16-bit tuner's last candidate at head dims up to 64: H100, bench/results/kernels.md at 33879c6, D=64 S=1k causal
+# it ran 291 TFLOPS to the warp-specialized kernel's 261 (the other D=64 points: 0.89-0.92x of it); at D >= 96 the
+# warp-specialized forward led every grid point by 26-50%, so those sites spend no tuning time on it. A call key
+# settled on it plans the portable call.
+PORTABLE = "portable"
+PORTABLE_MAX_D = 64
+
+
+def candidates(d: int, dv: int, causal: bool) -> list:
+    """The forward tuner's list: schedules(), then PORTABLE where it may win."""
+    return schedules(d, dv, causal=causal) + ([PORTABLE] if max(d, dv) <= PORTABLE_MAX_D else [])
+
+
 @dataclasses.dataclass(frozen=True)
 class _Plan:
     """What a call key pins of one launch (the tuned schedule, grid, constexprs and every integer argument), so
@@ -318,6 +332,8 @@ def forward(q, k, v, operands, prog: ScoreProgram, **variant):
     if not variant:     # a plan exists only for shapes that passed the checks below
         key = ("hopper", prog, q.device.index, launcher.call_key((q, k, v, *operands)))
         plan = _PLANS.get(key)
+        if plan is PORTABLE:
+            return triton_portable.forward(q, k, v, operands, prog)
         if plan is not None:
             return _launch_planned(plan, q, k, v, operands)
     b, hq, sq, _ = q.shape
@@ -336,17 +352,21 @@ def forward(q, k, v, operands, prog: ScoreProgram, **variant):
     tiles = tile_args(q, k, operands, prog, config(d, dv)[0])
 
     def launch(cfg):
+        if cfg == PORTABLE:
+            triton_portable.forward_into(q, k, v, operands, prog, out, lse)
+            return
         kernel, grid, args, kwargs = launch_args(q, k, v, operands, prog, out, lse, tiles=tiles, **cfg._asdict())
         kernel[grid](*args, **kwargs)
 
     tkey = (_spec_and_module(prog, q, k, v, operands)[0], triton_portable._bucket(sq),
             triton_portable._bucket(k.shape[2]))
     cfg = triton_portable._launch_tuned("hopper_fwd", tkey, d, q.dtype, q.device, launch,
-                                         schedules(d, dv, causal=prog.causal != "none"))
+                                         candidates(d, dv, prog.causal != "none"))
     if cfg is not None:
         if len(_PLANS) > 4096:
             _PLANS.clear()
-        _PLANS[key] = _make_plan(key, q, k, v, operands, prog, out, lse, cfg, tiles)
+        _PLANS[key] = PORTABLE if cfg == PORTABLE else _make_plan(key, q, k, v, operands, prog, out, lse, cfg,
+                                                                   tiles)
     return _filled(out, lse, v, prog)
 
 

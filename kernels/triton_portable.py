@@ -300,12 +300,23 @@ def _tune_key(key, sq, sk):
 
 def forward(q, k, v, operands, prog: ScoreProgram):
     """Returns (out (B, Hq, Sq, Dv) in v.dtype, lse fp32 (B, Hq, Sq))."""
-    b, hq, sq, d = q.shape
-    sk, dv = k.shape[2], v.shape[-1]
-    out = empty_out(b, hq, sq, dv, v.dtype, q.device)
+    b, hq, sq, _ = q.shape
+    out = empty_out(b, hq, sq, v.shape[-1], v.dtype, q.device)
     lse = _empty((b, hq, sq), torch.float32, q.device)
     if out.numel() == 0 and lse.numel() == 0:
         return out, lse
+    forward_into(q, k, v, operands, prog, out, lse)
+    if prog.empty_row == "uniform":     # the kernel leaves rows with no visible key at 0
+        out = uniform_fill(out, lse, v)
+    return out, lse
+
+
+def forward_into(q, k, v, operands, prog: ScoreProgram, out, lse) -> None:
+    """The forward kernel (tuned) into out / lse as forward allocates them, rows with no visible key left at 0
+    where prog.empty_row is "uniform" (the caller fills them): the Hopper forward's tuner times it as a
+    candidate (hopper.PORTABLE)."""
+    b, hq, sq, d = q.shape
+    sk = k.shape[2]
     spec, mod, op_args, coff, skey, hf = _prepare(q, k, v, operands, prog)
     base = ("fwd", prog, q.device.index, launcher.call_key((q, k, v, *operands)))
 
@@ -318,9 +329,6 @@ def forward(q, k, v, operands, prog: ScoreProgram):
                         dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages))
 
     _launch_tuned("fwd", _tune_key(skey, sq, sk), d, q.dtype, q.device, launch)
-    if prog.empty_row == "uniform":     # the kernel leaves rows with no visible key at 0
-        out = uniform_fill(out, lse, v)
-    return out, lse
 
 
 # attn_bwd_uniform (BLOCK_M, BLOCK_N, num_warps): never tuned (it updates dq/dk/dv in place, so a timing loop

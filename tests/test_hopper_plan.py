@@ -137,6 +137,45 @@ def test_planned_call_launches_what_the_first_call_did(recorded, name):
     assert runs[2] == runs[0]
 
 
+def test_portable_candidate_only_at_small_head_dims():
+    assert hopper.candidates(64, 64, causal=True)[-1] == hopper.PORTABLE
+    assert hopper.candidates(64, 64, causal=False)[:-1] == hopper.schedules(64, 64, causal=False)
+    for d in (96, 128, 256):
+        assert hopper.PORTABLE not in hopper.candidates(d, d, causal=True)
+
+
+@pytest.mark.parametrize("name", ["key-padding-uniform", "causal-no-operand", "dense-additive"])
+def test_forward_settled_on_portable_plans_the_portable_call(recorded, monkeypatch, name):
+    """The tuner settled on the portable candidate (as on the H100 at D=64 S=1k causal): the first call launches
+    the portable forward into the call's out / lse (plus the Hopper path's tile-list pre-pass, computed before
+    tuning), and later calls under its key launch just what triton_portable.forward launches, through the plan."""
+    def settled(kind, key, d, dtype, device, launch, configs=None, interpret_config=None):
+        configs = configs or tp._CONFIGS[kind](d, dtype)
+        cfg = hopper.PORTABLE if kind == "hopper_fwd" else configs[0]
+        assert cfg in configs
+        launch(cfg)
+        return cfg
+
+    monkeypatch.setattr(tp, "_launch_tuned", settled)
+    qshape, kshape, layout, make_ops, prog = CASES[name]
+    runs, portable_runs = [], []
+    for seed in range(3):
+        q, k, v = (_fresh(s, layout, seed=3 * seed + i) for i, s in enumerate((qshape, kshape, kshape)))
+        ops = make_ops()
+        recorded.clear()
+        out, lse = hopper.forward(q, k, v, ops, prog)
+        runs.append(_roles(list(recorded), (q, k, v, *ops), (out, lse)))
+        recorded.clear()
+        out2, lse2 = tp.forward(q, k, v, ops, prog)
+        portable_runs.append(_roles(list(recorded), (q, k, v, *ops), (out2, lse2)))
+        assert out.shape == out2.shape and out.stride() == out2.stride() and lse.shape == lse2.shape
+    assert [p for key, p in hopper._PLANS.items() if key[1] == prog] == [hopper.PORTABLE]
+    fwd = tp._prepare(q, k, v, ops, prog)[1].attn_fwd
+    assert runs[1] == runs[2] == portable_runs[1] and runs[1][0][0] == id(fwd)
+    n_pre = 1 if hopper._tile_lists(q, k, ops, prog, hopper.config(q.shape[-1], v.shape[-1])[0]) else 0
+    assert len(runs[0]) == len(runs[1]) + n_pre and runs[0][n_pre:] == runs[1]
+
+
 def test_plan_holds_no_tensors(recorded):
     """A plan outlives its calls: it must not keep their tensors (memory; CUDA graph pools check for leaks)."""
     qshape, kshape, layout, make_ops, prog = CASES["key-padding-uniform"]

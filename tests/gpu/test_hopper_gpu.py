@@ -430,6 +430,30 @@ def test_persistent_repeated_launches_and_graph_capture(_poisoned_outputs):
     assert torch.equal(cap, hopper.forward(q, k, v, [], prog, persistent=True, pingpong=True, stages=2)[0])
 
 
+@pytest.mark.parametrize("causal", ["none", "top_left"])
+def test_portable_candidate_through_the_tuner(monkeypatch, causal):
+    """A call key the tuner settles on the portable candidate (hopper.PORTABLE, D <= 64) gives the portable
+    forward's numbers bit for bit, on the tuning call and through its plan, with the padded rows' rule applied
+    once (uniform fill)."""
+    monkeypatch.setattr(triton_portable, "_AUTOTUNE", True)
+    monkeypatch.setattr(hopper, "candidates", lambda d, dv, causal: [hopper.PORTABLE])
+    hopper._PLANS.clear()
+    gen = torch.Generator(device=DEV).manual_seed(79)
+    q = randn(2, 8, 700, 64, gen=gen)
+    k, v = (randn(2, 4, 700, 64, gen=gen) for _ in range(2))
+    keep = torch.ones(2, 1, 1, 700, dtype=torch.bool, device=DEV)
+    keep[1, ..., 300:] = False
+    prog = ScoreProgram(("where", ("operand", 0), ("mul", S, C(0.125)), C(-math.inf)), 1, causal=causal,
+                        empty_row="uniform")
+    want, want_lse = triton_portable.forward(q, k, v, [keep], prog)
+    first, first_lse = hopper.forward(q, k, v, [keep], prog)
+    planned, planned_lse = hopper.forward(q, k, v, [keep], prog)
+    assert list(hopper._PLANS.values()) == [hopper.PORTABLE]
+    for got, got_lse in ((first, first_lse), (planned, planned_lse)):
+        assert torch.equal(got, want) and torch.equal(got_lse, want_lse)
+    hopper._PLANS.clear()
+
+
 def test_persistent_through_the_tuner(monkeypatch):
     """With the switch on, the tuner times the persistent candidates beside the default ones, and whatever it
     settles on (and the plan it pins) gives the default schedule's numbers."""
