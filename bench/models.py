@@ -79,24 +79,24 @@ def cast(inputs: dict, dtype) -> dict:
     return {k: (v.to(dtype) if isinstance(v, torch.Tensor) and v.is_floating_point() else v) for k, v in inputs.items()}
 
 
-def rel_err(out, ref, valid) -> float | None:
+def _defined(out, ref, valid):
+    """(out, ref) in fp32 at the defined positions, or None where out is not finite there."""
     o, r = out.float(), ref.float()
     if valid is not None:
         o, r = o[valid], r[valid]
-    if not torch.isfinite(o).all():
-        return float("inf")
-    return ((o - r).abs().max() / r.abs().max().clamp_min(1e-6)).item()
+    return (o, r) if torch.isfinite(o).all() else None
+
+
+def rel_err(out, ref, valid) -> float | None:
+    d = _defined(out, ref, valid)
+    return float("inf") if d is None else ((d[0] - d[1]).abs().max() / d[1].abs().max().clamp_min(1e-6)).item()
 
 
 def rms_err(out, ref, valid) -> float | None:
     """||out - ref|| / ||ref|| over defined positions: the whole output's error, where the max-based err is set by
     its single worst position (the FP8 row compares both against bf16)."""
-    o, r = out.float(), ref.float()
-    if valid is not None:
-        o, r = o[valid], r[valid]
-    if not torch.isfinite(o).all():
-        return float("inf")
-    return ((o - r).norm() / r.norm().clamp_min(1e-12)).item()
+    d = _defined(out, ref, valid)
+    return float("inf") if d is None else ((d[0] - d[1]).norm() / d[1].norm().clamp_min(1e-12)).item()
 
 
 class Variant:
