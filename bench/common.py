@@ -90,6 +90,46 @@ def time_ms(fn, device, target_ms: float = 400.0, min_reps: int = 3, max_reps: i
     return statistics.median([once() for _ in range(reps)])
 
 
+def cold_copies(nbytes: int, device, at_least: int = 2, cap: int = 16) -> int:
+    """How many copies of a call's inputs (nbytes each) to cycle through so that none is still in L2 when its
+    turn comes back: together at least 4x the L2 cache."""
+    l2 = getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 50 << 20) if device.type == "cuda" \
+        else 0
+    return max(at_least, min(cap, -(-4 * l2 // max(1, nbytes))))
+
+
+def graph_ms(fns, device, rep_ms: float = 30.0, replays: int = 10) -> float:
+    """Median ms per call of fns called round-robin inside one CUDA graph: GPU time alone (no host launch cost, as
+    under mode="reduce-overhead"), each fn reading its own copy of the inputs (cold_copies) so that L2 holds
+    none of them. Each fn must have been called (compiled, tuned) before."""
+    stream = torch.cuda.Stream(device)
+    stream.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(stream):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for f in fns:
+            f()
+        end.record()
+        end.synchronize()
+        n = max(len(fns), int(rep_ms / max(start.elapsed_time(end) / len(fns), 1e-4)))
+        n = -(-n // len(fns)) * len(fns)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, stream=stream):
+            for i in range(n):
+                fns[i % len(fns)]()
+        graph.replay()      # first replay uploads the graph
+        times = []
+        for _ in range(replays):
+            start.record()
+            graph.replay()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / n)
+    torch.cuda.current_stream(device).wait_stream(stream)
+    del graph
+    return statistics.median(times)
+
+
 @contextlib.contextmanager
 def inductor_output_code():
     """Yields a list that, when the block exits, holds the source of every Inductor output-code module (one with

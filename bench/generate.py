@@ -2,8 +2,8 @@
 plain eager, DynamicCache and StaticCache, default and reduce-overhead (CUDA graphs) modes; then the split-KV
 decode kernel alone: achieved memory bandwidth against the 3.0 TB/s copy ceiling of shared/ANCHORS.md.
 
-    python bench/generate.py [--cpu] [--prompt 4096] [--new 256] [--batch 1] [--runs NAME,...]
-                             [--no-kernel] [--budget SECONDS] [--out DIR]
+    python bench/generate.py [--cpu] [--prompt 4096] [--new 256] [--batch 1] [--runs NAME,...] [--rounds 3]
+                             [--reps 3] [--no-kernel] [--budget SECONDS] [--out DIR]
 
 Model: the Llama of shared/ANCHORS.md (4 layers, hidden 2048, 16 heads x 128, 8 KV heads, bf16, random
 weights); --cpu: a 2-layer tiny Llama in fp32, prompt 24 -> 8 tokens (checks the script end to end).
@@ -11,8 +11,14 @@ Greedy decoding, exactly --new tokens (min_new_tokens). A StaticCache is allocat
 reset before each call, so shapes and addresses stay fixed (what CUDA graphs need); the forward is compiled
 with torch.compile(model.forward, ...) and transformers' own auto-compile is disabled.
 
-Per run: end-to-end tokens/s, prefill ms (a 1-token generate), decode ms/token and tokens/s
-((new - 1) tokens over the time beyond the 1-token call), graphs compiled, recompiles during the timed calls,
+Every run is compiled and warmed first, all held at once (runs of one attention implementation share the model's
+weights; each compiled forward has its own code object, hence its own Dynamo cache), then timed in --rounds
+rotated rounds (bench/common.rotated_rounds): the host drifts within a process by 15% and more, which decided
+earlier fa3-vs-Inductor decode comparisons made one run after the other.
+
+Per run: end-to-end tokens/s, prefill ms (a 1-token generate), decode ms/token (median [min, max] over rounds)
+and tokens/s ((new - 1) tokens over the time beyond the 1-token call), the verdict against Inductor with the
+same cache and compile mode, graphs compiled, recompiles during the timed calls,
 fa3 kernels used, and how many leading generated tokens equal the eager+sdpa run's (bf16 near-ties may
 differ legitimately). Writes generate[_cpu].json / .md under --out.
 """
@@ -20,6 +26,7 @@ differ legitimately). Writes generate[_cpu].json / .md under --out.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import sys
 import time
@@ -29,6 +36,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+import triton.testing  # noqa: E402
 
 COPY_CEILING_TBS = 3.0
 
@@ -63,32 +71,36 @@ def llama(impl: str, big: bool, device, dtype):
 
 
 class Generator:
-    """One model + one run configuration: generate(n) with fixed inputs, the cache policy and compile mode."""
+    """One run configuration over a model shared with the other runs of its attention implementation: its own
+    compiled forward (a code object of its own, so runs compiled side by side keep separate Dynamo caches), its
+    own StaticCache where it has one; generate(n) installs the run's forward for the call only."""
 
-    def __init__(self, model, ids, run, prompt, new):
+    def __init__(self, model, ids, run, prompt, new, name):
         mode, impl, cache, cmode = run
         self.model, self.ids, self.cache_kind = model, ids, cache
         self.eager_forward = model.forward
+        self.fn = self.eager_forward
         self.counter = None
         self.cache = None
         if cache == "static":
             self.cache = common.static_cache(model, ids.shape[0], prompt + new, ids.device)
         if mode != "eager":
-            common.reset_dynamo()
             self.counter = common.counting_backend("inductor" if mode == "inductor" else "fa3")
             kw = {"mode": cmode} if cmode else {}
-            model.forward = torch.compile(self.eager_forward, backend=self.counter, **kw)
+            self.fn = torch.compile(common.own_code(self.eager_forward, f"generate {name}"), backend=self.counter,
+                                    **kw)
 
     def __call__(self, n: int):
         kw = dict(max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0, disable_compile=True)
         if self.cache is not None:
             self.cache.reset()
             kw["past_key_values"] = self.cache
-        with torch.no_grad():
-            return self.model.generate(input_ids=self.ids, attention_mask=torch.ones_like(self.ids), **kw)
-
-    def close(self):
-        self.model.forward = self.eager_forward
+        self.model.forward = self.fn
+        try:
+            with torch.no_grad():
+                return self.model.generate(input_ids=self.ids, attention_mask=torch.ones_like(self.ids), **kw)
+        finally:
+            self.model.forward = self.eager_forward
 
 
 def time_call(fn, device, reps: int) -> float:
@@ -103,44 +115,79 @@ def time_call(fn, device, reps: int) -> float:
     return times[len(times) // 2] * 1e3
 
 
-def run_one(name, models, ids, args, device, ref_tokens) -> dict:
-    run = RUNS[name]
-    mode, impl, cache, cmode = run
-    model = models[impl]
-    rec = {"run": name, "mode": mode, "impl": impl, "cache": cache, "compile_mode": cmode or "default",
-           "batch": ids.shape[0], "prompt": ids.shape[1], "new": args.new}
-    gen = Generator(model, ids, run, args.prompt, args.new)
-    before = common.dispatch_snapshot()
-    try:
-        with common.SiteLog() as sites:
+class Run:
+    """One generate() configuration: compiled and checked once (warmup), then timed once per rotated round."""
+
+    def __init__(self, name, model, ids, args, device):
+        mode, impl, cache, cmode = RUNS[name]
+        self.name, self.args, self.device, self.ids = name, args, device, ids
+        self.rec = {"run": name, "mode": mode, "impl": impl, "cache": cache, "compile_mode": cmode or "default",
+                    "batch": ids.shape[0], "prompt": ids.shape[1], "new": args.new}
+        self.gen = Generator(model, ids, RUNS[name], args.prompt, args.new, name)
+        self.kernels = common.DispatchCount()
+        self.full_ms: list[float] = []
+        self.one_ms: list[float] = []
+        self.tokens = None
+
+    def warm(self, ref_tokens) -> None:
+        """Compiles the prefill and decode graphs (CUDA graphs record on a second call) and checks the tokens."""
+        with common.SiteLog() as sites, self.kernels.counting():
             t0 = time.time()
-            out = gen(args.new)          # compiles the prefill and the decode graphs
-            gen(1)
-            out = gen(args.new)          # CUDA graphs record on a second call
-            rec["warmup_s"] = time.time() - t0
-        if gen.counter is not None:
-            rec["graphs"] = gen.counter.frame_count
-            rec["sites_rewritten"] = sites.rewritten
-            rec["sites_skipped"] = sites.skipped
-        full_ms = time_call(lambda: gen(args.new), device, args.reps)
-        one_ms = time_call(lambda: gen(1), device, args.reps)
-        if gen.counter is not None:
-            rec["recompiles"] = gen.counter.frame_count - rec["graphs"]
-        b, new = ids.shape[0], args.new
-        rec.update(total_ms=full_ms, prefill_ms=one_ms, e2e_tok_s=b * new / full_ms * 1e3,
-                   decode_ms_per_token=(full_ms - one_ms) / max(1, new - 1),
-                   decode_tok_s=b * (new - 1) / max(1e-6, full_ms - one_ms) * 1e3)
-        tokens = out[:, ids.shape[1]:].cpu()
-        rec["tokens_head"] = tokens[0, :8].tolist()
+            out = self.gen(self.args.new)
+            self.gen(1)
+            out = self.gen(self.args.new)
+            self.rec["warmup_s"] = time.time() - t0
+        if self.gen.counter is not None:
+            self.rec["graphs"] = self.gen.counter.frame_count
+            self.rec["sites_rewritten"] = sites.rewritten
+            self.rec["sites_skipped"] = sites.skipped
+        self.tokens = out[:, self.ids.shape[1]:].cpu()
+        self.rec["tokens_head"] = self.tokens[0, :8].tolist()
         if ref_tokens is not None:
-            same = (tokens == ref_tokens).all(0).long()
-            rec["tokens_equal_prefix"] = int(same.cumprod(0).sum())
-        if mode == "fa3":
-            rec["kernels"] = common.dispatch_delta(before)
-        rec["_tokens"] = tokens
-    finally:
-        gen.close()
-    return rec
+            same = (self.tokens == ref_tokens).all(0).long()
+            self.rec["tokens_equal_prefix"] = int(same.cumprod(0).sum())
+
+    def time_round(self) -> None:
+        """The median of --reps calls of generate(new) and of generate(1), this round."""
+        if "error" in self.rec:
+            return
+        try:
+            with self.kernels.counting():
+                self.gen(1)     # the first call after another run: its caches and graphs back in place
+                self.full_ms.append(time_call(lambda: self.gen(self.args.new), self.device, self.args.reps))
+                self.one_ms.append(time_call(lambda: self.gen(1), self.device, self.args.reps))
+        except Exception as exc:
+            traceback.print_exc()
+            self.rec["error"] = repr(exc)[:300]
+
+    def record(self) -> dict:
+        rec = dict(self.rec)
+        if self.full_ms and "error" not in rec:
+            b, new = self.ids.shape[0], self.args.new
+            decode = [(f - o) / max(1, new - 1) for f, o in zip(self.full_ms, self.one_ms)]
+            full, one, dec = common.spread(self.full_ms), common.spread(self.one_ms), common.spread(decode)
+            rec.update(total_ms=full["median"], prefill_ms=one["median"], e2e_tok_s=b * new / full["median"] * 1e3,
+                       decode_ms_per_token=dec["median"], decode_ms_min=dec["min"], decode_ms_max=dec["max"],
+                       decode_tok_s=b / max(1e-9, dec["median"]) * 1e3, rounds=len(self.full_ms),
+                       decode_ms_rounds=decode)
+            if self.gen.counter is not None:
+                rec["recompiles"] = self.gen.counter.frame_count - rec["graphs"]
+        if rec["mode"] == "fa3" and "error" not in rec:
+            rec["kernels"] = dict(self.kernels.counts)
+        return rec
+
+
+def decode_verdicts(results: list[dict]) -> None:
+    """Each fa3 run's decode time against Inductor's with the same cache and compile mode: "faster" / "slower"
+    where the [min, max] ranges over rounds are apart, "within noise" where they overlap."""
+    by = {(r.get("mode"), r.get("impl"), r.get("cache"), r.get("compile_mode")): r for r in results}
+    for r in results:
+        base = by.get(("inductor", r.get("impl"), r.get("cache"), r.get("compile_mode")))
+        if r.get("mode") != "fa3" or base is None or "decode_ms_min" not in r or "decode_ms_min" not in base:
+            continue
+        span = lambda x: (x["decode_ms_per_token"], x["decode_ms_min"], x["decode_ms_max"])  # noqa: E731
+        r["vs_inductor"] = f"{base['decode_ms_per_token'] / r['decode_ms_per_token']:.2f}x, " + \
+            common.versus(span(r), span(base))
 
 
 # --- the decode kernel alone -------------------------------------------------------------------------------
@@ -155,15 +202,23 @@ CPU_KERNEL_SHAPES = [(1, 4, 2, 1, 100, 32, False), (1, 4, 2, 1, 100, 32, True)]
 
 
 def kernel_bench(device, cpu: bool) -> list[dict]:
+    """Per shape: the error against SDPA, then on a GPU the decode kernels' time (attn_decode + combine) and
+    SDPA's, each as GPU time in a CUDA graph over copies of the cache that L2 cannot hold (what a decode step
+    under reduce-overhead pays) and as the median of back-to-back calls with launch cost (triton do_bench, L2
+    flushed: what default mode pays). Split counts: the default, and 2x / 4x it where the cap allows."""
     from fa3_inductor.kernels import triton_decode as td
     from fa3_inductor.kernels.program import ScoreProgram
     rows = []
     dtype = torch.float16 if cpu else torch.bfloat16   # the CPU interpreter computes bf16 dots wrongly
     for b, hq, hk, sq, sk, d, masked in (CPU_KERNEL_SHAPES if cpu else KERNEL_SHAPES):
         g = torch.Generator(device=device).manual_seed(0)
-        q = torch.randn(b, hq, sq, d, device=device, dtype=dtype, generator=g)
-        k = torch.randn(b, hk, sk, d, device=device, dtype=dtype, generator=g)
-        v = torch.randn(b, hk, sk, d, device=device, dtype=dtype, generator=g)
+        nbytes = (2 * b * hk * sk * d + 2 * b * hq * sq * d) * torch.finfo(dtype).bits // 8 + \
+            (b * sq * sk if masked else 0)
+        n_copy = 1 if cpu else common.cold_copies(nbytes, device)
+        qs = [torch.randn(b, hq, sq, d, device=device, dtype=dtype, generator=g) for _ in range(n_copy)]
+        ks = [torch.randn(b, hk, sk, d, device=device, dtype=dtype, generator=g) for _ in range(n_copy)]
+        vs = [torch.randn(b, hk, sk, d, device=device, dtype=dtype, generator=g) for _ in range(n_copy)]
+        q, k, v = qs[0], ks[0], vs[0]
         ops, expr = [], ("mul", ("score",), ("const", d ** -0.5))
         mask = None
         if masked:
@@ -172,30 +227,43 @@ def kernel_bench(device, cpu: bool) -> list[dict]:
             ops, expr = [mask], ("where", ("operand", 0), expr, ("const", float("-inf")))
         prog = ScoreProgram(expr, n_operands=len(ops), causal="none" if masked else "bottom_right",
                             empty_row="zero" if masked else "nan")
-        row = {"B": b, "Hq": hq, "Hkv": hk, "Sq": sq, "Sk": sk, "D": d, "mask": masked}
         visible = mask if masked else torch.ones(sq, sk, dtype=torch.bool, device=device).tril(sk - sq)
-        try:
-            out, _ = td.forward(q, k, v, ops, prog)
-            grp = hq // hk
-            ref = F.scaled_dot_product_attention(q, k.repeat_interleave(grp, 1), v.repeat_interleave(grp, 1),
-                                                 attn_mask=visible)
-            row["max_err_vs_sdpa"] = (out.float() - ref.float()).abs().max().item()
-            nbytes = (k.numel() + v.numel() + q.numel() + out.numel()) * k.element_size() + \
-                (mask.numel() if masked else 0)
-            row["bytes"] = nbytes
-            if not cpu:
-                row["ms"] = common.time_ms(lambda: td.forward(q, k, v, ops, prog), device, target_ms=200)
-                row["tb_s"] = nbytes / row["ms"] / 1e9
-                row["pct_of_copy"] = 100 * row["tb_s"] / COPY_CEILING_TBS
-                sd = lambda: F.scaled_dot_product_attention(  # noqa: E731
-                    q, k, v, attn_mask=visible if (masked or sq > 1) else None, enable_gqa=True)
-                row["sdpa_ms"] = common.time_ms(sd, device, target_ms=200)
-                row["splits"] = td.split_plan(b, hk, sk, device)[0]
-        except Exception as exc:
-            traceback.print_exc()
-            row["error"] = repr(exc)[:300]
-        rows.append(row)
-        print("decode kernel", row, flush=True)
+        default_splits = td.split_plan(b, hk, sk, device)[0]
+        sweep = [None] if cpu else [None] + [s for s in (2 * default_splits, 4 * default_splits)
+                                             if s <= td.MAX_SPLITS and s * td.QUANTUM <= sk]
+        for splits in sweep:
+            row = {"B": b, "Hq": hq, "Hkv": hk, "Sq": sq, "Sk": sk, "D": d, "mask": masked, "bytes": nbytes,
+                   "splits": td.split_plan(b, hk, sk, device, splits)[0], "copies": n_copy}
+            try:
+                out, _ = td.forward(q, k, v, ops, prog, splits)
+                grp = hq // hk
+                ref = F.scaled_dot_product_attention(q, k.repeat_interleave(grp, 1), v.repeat_interleave(grp, 1),
+                                                     attn_mask=visible)
+                row["max_err_vs_sdpa"] = (out.float() - ref.float()).abs().max().item()
+                if not cpu:
+                    fns = [functools.partial(td.forward, qc, kc, vc, ops, prog, splits)
+                           for qc, kc, vc in zip(qs, ks, vs)]
+                    for f in fns:
+                        f()
+                    row["graph_us"] = 1e3 * common.graph_ms(fns, device)
+                    row["tb_s"] = nbytes / row["graph_us"] / 1e6
+                    row["pct_of_copy"] = 100 * row["tb_s"] / COPY_CEILING_TBS
+                    row["stream_us"] = 1e3 * triton.testing.do_bench(fns[0], return_mode="median")
+                    if splits is None:
+                        sd = [functools.partial(F.scaled_dot_product_attention, qc, kc, vc,
+                                                attn_mask=visible if (masked or sq > 1) else None, enable_gqa=True)
+                              for qc, kc, vc in zip(qs, ks, vs)]
+                        for f in sd:
+                            f()
+                        row["sdpa_graph_us"] = 1e3 * common.graph_ms(sd, device)
+                        row["sdpa_stream_us"] = 1e3 * triton.testing.do_bench(sd[0], return_mode="median")
+            except Exception as exc:
+                traceback.print_exc()
+                row["error"] = repr(exc)[:300]
+            rows.append(row)
+            print("decode kernel", row, flush=True)
+        del qs, ks, vs, q, k, v
+        common.free(device)
     return rows
 
 
@@ -204,29 +272,43 @@ def kernel_bench(device, cpu: bool) -> list[dict]:
 def markdown(results, kernel_rows, head) -> list[str]:
     f = common.fmt
     lines = list(head) + ["", "## generate()", "",
-                          "Greedy, exactly `new` tokens. decode: (new - 1) tokens over the time beyond a 1-token call. "
-                          "equal prefix: leading generated tokens equal to eager+sdpa's (bf16 near-ties may differ).", "",
-                          "| run | cache | compile mode | prefill ms | decode ms/token | decode tok/s | end-to-end tok/s | "
-                          "graphs (recompiles) | sites | equal prefix | fa3 kernels | notes |", "|" + "---|" * 12]
+                          "Greedy, exactly `new` tokens. Every run is compiled and warmed first, then timed in rotated "
+                          "rounds (each round: every run, the order rotated). decode: (new - 1) tokens over the time "
+                          "beyond a 1-token call, median [min, max] over rounds; vs Inductor: Inductor's decode time "
+                          "with the same cache and compile mode over this run's, and whether the [min, max] ranges "
+                          "are apart. equal prefix: leading generated tokens equal to eager+sdpa's (bf16 near-ties "
+                          "may differ).", "",
+                          "| run | cache | compile mode | prefill ms | decode ms/token [min, max] | decode tok/s | "
+                          "vs Inductor | end-to-end tok/s | graphs (recompiles) | sites | equal prefix | fa3 kernels | "
+                          "notes |", "|" + "---|" * 13]
     for r in results:
         kern = common.kernels_cell(r.get("kernels"))
         graphs = f"{r['graphs']} ({r.get('recompiles', '-')})" if "graphs" in r else "-"
         sites = f"{r['sites_rewritten']}" + (f", {len(r['sites_skipped'])} skipped" if r.get("sites_skipped") else "") \
             if r.get("mode") == "fa3" and "sites_rewritten" in r else "-"
+        dec = f(r.get("decode_ms_per_token"), ".3f")
+        if "decode_ms_min" in r:
+            dec += f" [{r['decode_ms_min']:.3f}, {r['decode_ms_max']:.3f}]"
         lines.append(f"| {r['run']} | {r.get('cache', '-')} | {r.get('compile_mode', '-')} | {f(r.get('prefill_ms'), '.1f')} | "
-                     f"{f(r.get('decode_ms_per_token'), '.2f')} | {f(r.get('decode_tok_s'), '.0f')} | "
+                     f"{dec} | {f(r.get('decode_tok_s'), '.0f')} | {r.get('vs_inductor', '-')} | "
                      f"{f(r.get('e2e_tok_s'), '.0f')} | {graphs} | {sites} | {r.get('tokens_equal_prefix', '-')} | "
                      f"{kern} | {r.get('error') or r.get('skipped') or ''} |")
     if kernel_rows:
-        lines += ["", f"## split-KV decode kernel alone (bytes = K + V + q + out (+ mask); copy ceiling "
-                      f"{COPY_CEILING_TBS} TB/s)", "",
-                  "| B | Hq/Hkv | Sq | Sk | D | mask | splits | ms | TB/s | % of copy | SDPA ms | max err vs SDPA | "
-                  "error |", "|" + "---|" * 13]
+        lines += ["", f"## split-KV decode kernel alone (attn_decode + combine; bytes = K + V + q + out (+ mask); copy "
+                      f"ceiling {COPY_CEILING_TBS} TB/s)", "",
+                  "graph us: GPU time per call inside a CUDA graph, cycling through `copies` copies of the inputs "
+                  "(together >= 4x L2, so every call reads HBM); TB/s and % of copy from it. stream us: median of "
+                  "back-to-back calls (triton do_bench, L2 flushed), launch cost included. SDPA: "
+                  "F.scaled_dot_product_attention(enable_gqa=True) timed the same way.", "",
+                  "| B | Hq/Hkv | Sq | Sk | D | mask | splits | copies | graph us | TB/s | % of copy | SDPA graph us | "
+                  "stream us | SDPA stream us | max err vs SDPA | error |", "|" + "---|" * 16]
         for r in kernel_rows:
             lines.append(f"| {r['B']} | {r['Hq']}/{r['Hkv']} | {r['Sq']} | {r['Sk']} | {r['D']} | {r['mask']} | "
-                         f"{r.get('splits', '-')} | {f(r.get('ms'), '.4f')} | {f(r.get('tb_s'), '.2f')} | "
-                         f"{f(r.get('pct_of_copy'), '.0f')} | {f(r.get('sdpa_ms'), '.4f')} | "
-                         f"{f(r.get('max_err_vs_sdpa'), '.2e')} | {r.get('error', '')}".rstrip() + " |")
+                         f"{r.get('splits', '-')} | {r.get('copies', '-')} | {f(r.get('graph_us'), '.1f')} | "
+                         f"{f(r.get('tb_s'), '.2f')} | {f(r.get('pct_of_copy'), '.0f')} | "
+                         f"{f(r.get('sdpa_graph_us'), '.1f')} | {f(r.get('stream_us'), '.1f')} | "
+                         f"{f(r.get('sdpa_stream_us'), '.1f')} | {f(r.get('max_err_vs_sdpa'), '.2e')} | "
+                         f"{r.get('error', '')}".rstrip() + " |")
     return lines
 
 
@@ -236,7 +318,8 @@ def main(argv=None):
     ap.add_argument("--prompt", type=int, default=None, help="prompt length (default 4096; --cpu 24)")
     ap.add_argument("--new", type=int, default=None, help="generated tokens (default 256; --cpu 8)")
     ap.add_argument("--batch", type=int, default=1)
-    ap.add_argument("--reps", type=int, default=None, help="timed calls per measurement (default 3; --cpu 1)")
+    ap.add_argument("--reps", type=int, default=None, help="timed calls per measurement and round (default 3; --cpu 1)")
+    ap.add_argument("--rounds", type=int, default=None, help="rotated timing rounds (default 3; --cpu 1)")
     ap.add_argument("--runs", default=None, help=f"comma-separated of {list(RUNS)}")
     ap.add_argument("--no-kernel", action="store_true", help="skip the decode kernel bandwidth table")
     ap.add_argument("--budget", type=float, default=240.0, help="seconds; later runs are skipped")
@@ -247,6 +330,7 @@ def main(argv=None):
     args.prompt = args.prompt or (24 if cpu else 4096)
     args.new = args.new or (8 if cpu else 256)
     args.reps = args.reps or (1 if cpu else 3)
+    args.rounds = args.rounds or (1 if cpu else 3)
     names = args.runs.split(",") if args.runs else list(RUNS)
     bad = [n for n in names if n not in RUNS]
     if bad:
@@ -257,33 +341,48 @@ def main(argv=None):
                          f"{'tiny Llama fp32' if cpu else 'ANCHORS Llama bf16'}", device)
     print("\n".join(head), flush=True)
     stem = "generate_cpu" if cpu else "generate"
+    common.reset_dynamo()
+    # frames past a graph break (generate()'s helpers, the model's modules) are shared by every run
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 8 * len(RUNS))
     models = {}
     g = torch.Generator().manual_seed(1234)
     vocab = 128 if cpu else 32000
     ids = torch.randint(3, vocab, (args.batch, args.prompt), generator=g).to(device)
-    results, ref_tokens = [], None
+    runs, results, ref_tokens = [], [], None
     for name in [REFERENCE_RUN] + [n for n in names if n != REFERENCE_RUN]:
-        if name not in names and name != REFERENCE_RUN:
-            continue
         if budget.left() <= 0:
-            results.append({"run": name, "skipped": "time budget"})
+            if name in names:
+                results.append({"run": name, "skipped": "time budget"})
             continue
         impl = RUNS[name][1]
         if impl not in models:   # seeded: the same weights for every implementation
             models[impl] = llama(impl, not cpu, device, dtype)
+        run = None
         try:
-            rec = run_one(name, models, ids, args, device, ref_tokens)
+            run = Run(name, models[impl], ids, args, device)
+            run.warm(ref_tokens)
             if name == REFERENCE_RUN:
-                ref_tokens = rec["_tokens"]
+                ref_tokens = run.tokens
+            runs.append(run)
         except Exception as exc:
             traceback.print_exc()
-            rec = {"run": name, "error": repr(exc)[:300]}
-        rec.pop("_tokens", None)
-        if name in names:
-            results.append(rec)
-        print(name, {k: v for k, v in rec.items() if k not in ("sites_skipped",)}, flush=True)
-        common.free(device)
-        common.write_results(args.out, stem, head, results, markdown(results, [], head))
+            if name in names:
+                results.append({"run": name, "error": repr(exc)[:300]})
+            run = None
+        if run is not None:
+            print(name, "compiled", {k: v for k, v in run.rec.items() if k != "sites_skipped"}, flush=True)
+    timed = [r for r in runs if r.name in names]    # the reference run is there for its tokens when not asked for
+    done = common.rotated_rounds(timed, args.rounds, Run.time_round, budget)
+    for run in timed:
+        results.append(run.record())
+        print(run.name, {k: v for k, v in results[-1].items() if k != "sites_skipped"}, flush=True)
+    results.sort(key=lambda r: list(RUNS).index(r["run"]))
+    decode_verdicts(results)
+    head = head + [f"{done} rotated rounds of {args.reps} timed calls per run (asked {args.rounds})"]
+    runs.clear()
+    timed.clear()
+    common.free(device)
+    common.write_results(args.out, stem, head, results, markdown(results, [], head))
     kernel_rows = []
     if not args.no_kernel:
         from fa3_inductor.kernels import triton_portable

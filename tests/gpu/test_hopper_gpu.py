@@ -28,7 +28,7 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(
 
 @pytest.fixture(autouse=True)
 def _no_tuning(monkeypatch):
-    """Each test then compiles one schedule, not every candidate; bench/kernels.py exercises the tuner."""
+    """Each test then compiles one schedule, not every candidate; bench/kernel_grid.py exercises the tuner."""
     from fa3_inductor.kernels import triton_portable
     monkeypatch.setattr(triton_portable, "_AUTOTUNE", False)
 

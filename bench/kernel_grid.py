@@ -3,7 +3,7 @@ sm_90; `portable` = the portable Triton kernels) beside cuDNN, FlashAttention-2 
 FlexAttention and FlashAttention-3 (through JAX, the wheel flash-attn3-jax, module `flash_attn3_jax`, when carried), on the FA3 paper's grid
 (16k tokens, B = 16384 / S, H = 2048 / D, bf16), plus the HF Llama masked form against Inductor.
 
-    python bench/kernels.py [--quick] [--grid pass=fwd,D=128,S=4096,causal=1] [--out DIR] [--budget SECONDS]
+    python bench/kernel_grid.py [--quick] [--grid pass=fwd,D=128,S=4096,causal=1] [--out DIR] [--budget SECONDS]
 
 Every point first checks our output (and gradients, for fwd+bwd) against SDPA and prints the max error.
 Writes kernels.json, kernels.md and kernels.png under --out (default bench/results) and prints a short table.
