@@ -33,14 +33,14 @@ def _tile_dim(d: int) -> int:
     return 1 << (d - 1).bit_length()
 
 
-def config(d: int, dv: int, dtype_bytes: int = 2, block_n: int | None = None) -> tuple[int, int]:
+def config(d: int, dv: int, dtype_bytes: int = 2, block_n: int | None = None, block_n2: int = 0) -> tuple[int, int]:
     # FP8 (dtype_bytes=1): the output tile (16-bit) cannot alias Q, so it is counted separately
     """(BLOCK_N, STAGES): 128-key tiles up to head dim 128, else 64 (or block_n); as many K/V stages as fit
-    (2..4)."""
+    (2..4; block_n2: the second part of key-split blocks, in the same stages)."""
     d, dv = _tile_dim(d), _tile_dim(dv)
     block_n = block_n or (128 if max(d, dv) <= 128 else 64)
     fixed = 2 * BLOCK_M * d * dtype_bytes + (0 if d == dv and dtype_bytes == 2 else 2 * BLOCK_M * dv * 2)
-    per_stage = block_n * (d + dv) * dtype_bytes
+    per_stage = (block_n + block_n2) * (d + dv) * dtype_bytes
     stages = min(4, (SMEM_LIMIT - fixed) // per_stage)
     return block_n, stages
 
@@ -193,31 +193,39 @@ def tile_args(q, k, operands, prog: ScoreProgram, block_n: int) -> list:
 
 
 def launch_args(q, k, v, operands, prog: ScoreProgram, out, lse, pingpong: bool = True, block_n=None,
-                stages=None, tiles=None, persistent: bool = False):
+                stages=None, tiles=None, persistent: bool = False, block_n2: int = 0):
     """(kernel, grid, args, kwargs) of one launch; also used by tests to compile and read the PTX.
     tiles: tile_args(...) computed once per call (recomputed when None). persistent: one CTA per SM walking the
-    (query block, head, batch) work tiles (templates_hopper's PERSISTENT), with its own O buffer where it fits."""
+    (query block, head, batch) work tiles (templates_hopper's PERSISTENT), with its own O buffer where it fits.
+    block_n2: key-split blocks of block_n + block_n2 keys (templates_hopper's BLOCK_N2; not with tile lists)."""
     b, hq, sq, d = q.shape
     sk, dv = k.shape[2], v.shape[-1]
-    bn, st = config(d, dv)
-    bn, st = block_n or bn, stages or st
+    bn, st = config(d, dv, 2, block_n, block_n2)
+    st = stages or st
     full = (b, hq, sq, sk)
     op_args = []
     for t in operands:
         op_args += [t] + [int(s) for s in t.expand(*full).stride()]
     if tiles is None:
         tiles = tile_args(q, k, operands, prog, bn)
+    if block_n2 and tiles:
+        raise ValueError("key-split blocks (block_n2) do not walk the mask pre-pass's tile lists")
     coff = 0 if prog.causal != "bottom_right" else sk - sq
     mod = _spec_and_module(prog, q, k, v, operands)[1]
     if persistent:
         grid = persistent_grid(q.device, b, hq, sq)
     else:
         grid = (triton_portable.triton_cdiv(sq, 2 * BLOCK_M), hq, b)
-    args = (_desc(q, BLOCK_M), _desc(k, bn), _desc(v, bn), _desc(out, BLOCK_M), lse, *op_args, *tiles,
+    kd, vd = _desc(k, bn), _desc(v, bn)
+    # the second part's boxes; without key-split blocks the kernel never reads these arguments
+    k2d, v2d = (_desc(k, block_n2), _desc(v, block_n2)) if block_n2 else (kd, vd)
+    args = (_desc(q, BLOCK_M), kd, vd, _desc(out, BLOCK_M), k2d, v2d, lse, *op_args, *tiles,
             *lse.stride(), sq, sk, coff, b, hq)
     kwargs = dict(BLOCK_M=BLOCK_M, BLOCK_N=bn, STAGES=st, PINGPONG=pingpong, num_warps=4)
     if persistent:      # (absent otherwise: the default kernel's compile key stays what it was)
-        kwargs.update(PERSISTENT=True, SEP_O=separate_o(d, dv, bn, st))
+        kwargs.update(PERSISTENT=True, SEP_O=separate_o(d, dv, bn + block_n2, st))
+    if block_n2:
+        kwargs["BLOCK_N2"] = block_n2
     return mod.attn_fwd_ws, grid, args, kwargs
 
 
@@ -226,6 +234,7 @@ class Schedule(NamedTuple):
     pingpong: bool
     stages: int
     persistent: bool = False
+    block_n2: int = 0       # key-split blocks: BLOCK_N + block_n2 keys per key block
 
 
 # The persistent schedule (templates_hopper PERSISTENT) joins the tuner's candidates for non-causal programs
@@ -260,9 +269,23 @@ PORTABLE = "portable"
 PORTABLE_MAX_D = 64
 
 
-def candidates(d: int, dv: int, causal: bool) -> list:
-    """The forward tuner's list: schedules(), then PORTABLE where it may win."""
-    return schedules(d, dv, causal=causal) + ([PORTABLE] if max(d, dv) <= PORTABLE_MAX_D else [])
+# Key-split blocks (templates_hopper BLOCK_N2: 128 + 32 keys per key block at head dim 128, two S and two PV
+# products per block, one row max and rescale; toward FA3's 176-key tiles, which Gluon's power-of-two tensors
+# cannot hold in one accumulator). Cross-compiled for sm_90a (bench/fp8_sass.py): 128 + 32 has no spill and the
+# static softmax model gives ~1% fewer cycles per key (the per-block waits and ping-pong turns it amortises are
+# not in that model); 128 + 64 spills (21 local ops per block). Not yet timed on the H100, so the tuner tries it
+# only with FA3_HOPPER_KSPLIT=1 (bench/fwd_schedules.py times it pinned).
+TUNE_KSPLIT = os.environ.get("FA3_HOPPER_KSPLIT", "0") == "1"
+KSPLIT_N2 = 32
+
+
+def candidates(d: int, dv: int, causal: bool, tiles: bool = False) -> list:
+    """The forward tuner's list: schedules(), key-split blocks where switched on (head dim 128, no tile lists:
+    those are per 128-key block), then PORTABLE where it may win."""
+    cands = schedules(d, dv, causal=causal)
+    if TUNE_KSPLIT and not tiles and _tile_dim(max(d, dv)) == 128:
+        cands += [Schedule(pp, 2, block_n2=KSPLIT_N2) for pp in (True, False)]
+    return cands + ([PORTABLE] if max(d, dv) <= PORTABLE_MAX_D else [])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -298,7 +321,7 @@ def _make_plan(key, q, k, v, operands, prog, out, lse, cfg, tiles) -> _Plan:
     full = (q.shape[0], q.shape[1], q.shape[2], k.shape[2])
     op_strides = tuple(tuple(int(x) for x in t.expand(*full).stride()) for t in operands)
     # the templates must not keep this call's tensors alive (memory; CUDA graph pools check for such leaks)
-    descs = tuple(_rebase(d, None) for d in args[:4])
+    descs = tuple(_rebase(d, None) for d in args[:6])
     found = _tile_lists(q, k, operands, prog, kwargs["BLOCK_N"])
     pre = None if found is None else (found[0], found[1], _tile_ints(found[1]))
     fill = uniform_fill.UniformFill(out, lse, v) if prog.empty_row == "uniform" else None
@@ -317,8 +340,9 @@ def _launch_planned(plan: _Plan, q, k, v, operands):
     if plan.tiles is not None:
         n, lists, ints = plan.tiles
         op_args += [*lists(operands[n]), *ints]
-    dq, dk, dv, do = plan.descs
-    args = (_rebase(dq, q), _rebase(dk, k), _rebase(dv, v), _rebase(do, out), lse, *op_args, *plan.tail)
+    dq, dk, dv, do, dk2, dv2 = plan.descs
+    args = (_rebase(dq, q), _rebase(dk, k), _rebase(dv, v), _rebase(do, out), _rebase(dk2, k), _rebase(dv2, v), lse,
+            *op_args, *plan.tail)
     plan.site(plan.kernel, plan.grid, args, plan.kwargs)
     if plan.fill is not None:
         plan.fill(out, lse, v)
@@ -361,7 +385,7 @@ def forward(q, k, v, operands, prog: ScoreProgram, **variant):
     tkey = (_spec_and_module(prog, q, k, v, operands)[0], triton_portable._bucket(sq),
             triton_portable._bucket(k.shape[2]))
     cfg = triton_portable._launch_tuned("hopper_fwd", tkey, d, q.dtype, q.device, launch,
-                                         candidates(d, dv, prog.causal != "none"))
+                                         candidates(d, dv, prog.causal != "none", tiles=bool(tiles)))
     if cfg is not None:
         if len(_PLANS) > 4096:
             _PLANS.clear()
@@ -503,7 +527,9 @@ def fp8_launch_args(q8, k8, v8, operands, prog: ScoreProgram, out, lse, pingpong
     scales = []
     for s in (q8.scale, k8.scale, v8.scale):
         scales += [s.stride(0) if s.shape[0] > 1 else 0, s.stride(1) if s.shape[1] > 1 else 0]
-    args = (_desc(qd, BLOCK_M), _desc(kd, bn), _desc(vt, dv, bn), _desc(out, BLOCK_M), lse, q8.scale, k8.scale,
+    kdesc, vdesc = _desc(kd, bn), _desc(vt, dv, bn)
+    # (no key-split blocks in FP8: the second part's descriptors are placeholders the kernel never reads)
+    args = (_desc(qd, BLOCK_M), kdesc, vdesc, _desc(out, BLOCK_M), kdesc, vdesc, lse, q8.scale, k8.scale,
             v8.scale, *scales, *op_args, *tiles, *lse.stride(), sq, sk, coff, b, hq)
     kwargs = dict(BLOCK_M=BLOCK_M, BLOCK_N=bn, STAGES=st, PINGPONG=pingpong, OVERLAP=overlap, EMU=emu, TREE=tree,
                   LATE=late, LSUM=lsum, MID=mid, JOIN=join, num_warps=4)

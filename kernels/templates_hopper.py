@@ -80,24 +80,32 @@ _PV_WAIT = """            if LSUM:
 
 _KERNEL = '''
 @gluon.jit
-def _producer_tile(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, q_empty, k_full, v_full, k_empty, v_empty,
-                   off_b, off_h, off_hk, m0, lo, n_tiles, kv, t, __TLA__
-                   BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, PERSISTENT: gl.constexpr):
+def _producer_tile(q_desc, k_desc, v_desc, k2_desc, v2_desc, q_smem, k_smem, v_smem, k2_smem, v2_smem, q_bar, q_empty,
+                   k_full, v_full, k_empty, v_empty, off_b, off_h, off_hk, m0, lo, n_tiles, kv, t, __TLA__
+                   BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, PERSISTENT: gl.constexpr,
+                   BLOCK_N2: gl.constexpr):
     """The loads of one work tile: its two Q tiles and its n_tiles key blocks through the ring, from the CTA's
     kv-th key block on (slot kv % STAGES; the ring's phases run on across a persistent CTA's tiles); t: the
-    CTA's earlier work tiles (q_bar / q_empty phases)."""
+    CTA's earlier work tiles (q_bar / q_empty phases). With BLOCK_N2, a key block is BLOCK_N + BLOCK_N2 keys in
+    two TMA boxes per operand (boxes are powers of two) completing on the same barrier."""
+    NT: gl.constexpr = BLOCK_N + BLOCK_N2
     if not PERSISTENT:
         for w in gl.static_range(2):
             mbarrier.expect(q_bar.index(w), q_desc.block_type.nbytes)
             tma.async_copy_global_to_shared(q_desc, [off_b, off_h, m0 + w * BLOCK_M, 0], q_bar.index(w),
                                             q_smem.index(w))
     for i in range(n_tiles):
-        start_n = _tile_start(i, lo, __TLA__BLOCK_N)
+        start_n = _tile_start(i, lo, __TLA__NT)
         st = (kv + i) % STAGES
         ph = ((kv + i) // STAGES) & 1
         # a fresh barrier passes a wait on parity 1, so the first STAGES loads do not wait
         mbarrier.wait(k_empty.index(st), ph ^ 1)
-        mbarrier.expect(k_full.index(st), k_desc.block_type.nbytes)
+        if BLOCK_N2 > 0:
+            mbarrier.expect(k_full.index(st), k_desc.block_type.nbytes + k2_desc.block_type.nbytes)
+            tma.async_copy_global_to_shared(k2_desc, [off_b, off_hk, start_n + BLOCK_N, 0], k_full.index(st),
+                                            k2_smem.index(st))
+        else:
+            mbarrier.expect(k_full.index(st), k_desc.block_type.nbytes)
         tma.async_copy_global_to_shared(k_desc, [off_b, off_hk, start_n, 0], k_full.index(st), k_smem.index(st))
         if PERSISTENT:
             if i == 0:
@@ -109,28 +117,37 @@ def _producer_tile(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, q_empt
                     tma.async_copy_global_to_shared(q_desc, [off_b, off_h, m0 + w * BLOCK_M, 0], q_bar.index(w),
                                                     q_smem.index(w))
         mbarrier.wait(v_empty.index(st), ph ^ 1)
-        mbarrier.expect(v_full.index(st), v_desc.block_type.nbytes)
+        if BLOCK_N2 > 0:     # 16-bit only: V's rows are keys
+            mbarrier.expect(v_full.index(st), v_desc.block_type.nbytes + v2_desc.block_type.nbytes)
+            tma.async_copy_global_to_shared(v2_desc, [off_b, off_hk, start_n + BLOCK_N, 0], v_full.index(st),
+                                            v2_smem.index(st))
+        else:
+            mbarrier.expect(v_full.index(st), v_desc.block_type.nbytes)
         tma.async_copy_global_to_shared(v_desc, __V_COORD__, v_full.index(st), v_smem.index(st))
 
 
 @gluon.jit
-def _producer(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, q_empty, k_full, v_full, k_empty, v_empty,
-              off_b, off_h, off_hk, m0, lo, n_tiles, __TLX__n_b, n_h, Sq, Sk, coff,
-              BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, PERSISTENT: gl.constexpr):
+def _producer(q_desc, k_desc, v_desc, k2_desc, v2_desc, q_smem, k_smem, v_smem, k2_smem, v2_smem, q_bar, q_empty,
+              k_full, v_full, k_empty, v_empty, off_b, off_h, off_hk, m0, lo, n_tiles, __TLX__n_b, n_h, Sq, Sk, coff,
+              BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, PERSISTENT: gl.constexpr,
+              BLOCK_N2: gl.constexpr):
+    NT: gl.constexpr = BLOCK_N + BLOCK_N2
     if PERSISTENT:
         n_m = gl.cdiv(Sq, 2 * BLOCK_M)
         kv = 0
         t = 0
         for tile in range(gl.program_id(0), n_m * n_h * n_b, gl.num_programs(0)):
             w_m, w_h, w_b = _work(tile, n_m, n_h, n_b)
-            w_hk, w_m0, w_lo, w_n__TLW_RET__ = _tile_range(w_m, w_h, w_b, Sk, coff, __TLP__BLOCK_M, BLOCK_N)
-            _producer_tile(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, q_empty, k_full, v_full, k_empty,
-                           v_empty, w_b, w_h, w_hk, w_m0, w_lo, w_n, kv, t, __TLAW__BLOCK_M, BLOCK_N, STAGES, True)
+            w_hk, w_m0, w_lo, w_n__TLW_RET__ = _tile_range(w_m, w_h, w_b, Sk, coff, __TLP__BLOCK_M, NT)
+            _producer_tile(q_desc, k_desc, v_desc, k2_desc, v2_desc, q_smem, k_smem, v_smem, k2_smem, v2_smem, q_bar,
+                           q_empty, k_full, v_full, k_empty, v_empty, w_b, w_h, w_hk, w_m0, w_lo, w_n, kv, t,
+                           __TLAW__BLOCK_M, BLOCK_N, STAGES, True, BLOCK_N2)
             kv += w_n
             t += 1
     else:
-        _producer_tile(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, q_empty, k_full, v_full, k_empty,
-                       v_empty, off_b, off_h, off_hk, m0, lo, n_tiles, 0, 0, __TLA__BLOCK_M, BLOCK_N, STAGES, False)
+        _producer_tile(q_desc, k_desc, v_desc, k2_desc, v2_desc, q_smem, k_smem, v_smem, k2_smem, v2_smem, q_bar,
+                       q_empty, k_full, v_full, k_empty, v_empty, off_b, off_h, off_hk, m0, lo, n_tiles, 0, 0,
+                       __TLA__BLOCK_M, BLOCK_N, STAGES, False, BLOCK_N2)
 
 
 @gluon.jit
@@ -156,10 +173,9 @@ __N_TILES__
 
 
 @gluon.jit
-def _softmax_step(s, m_i, qk, qi, kj, Sq, Sk, coff, __OPS_ARGS__MASKED: gl.constexpr, NEUTRAL: gl.constexpr,
-                  EMU: gl.constexpr, TREE: gl.constexpr, SPLIT: gl.constexpr):
-    """(p, m_new, alpha) of one tile; with SPLIT the exponent of p instead of p (the caller takes the exp2
-    after the masked / unmasked branches join, where ptxas may schedule it among other work)."""
+def _scores(s, qi, kj, Sq, Sk, coff, __OPS_ARGS__MASKED: gl.constexpr, NEUTRAL: gl.constexpr):
+    """x of one tile of scores: the chain (or the raw scores, where the scale folds into the softmax), hidden
+    positions at -inf where the tile may have some."""
     if NEUTRAL:
         x = _score_neutral(s, qi, kj, Sq, Sk, __OPS_ARGS__)
     elif MASKED:
@@ -168,6 +184,34 @@ def _softmax_step(s, m_i, qk, qi, kj, Sq, Sk, coff, __OPS_ARGS__MASKED: gl.const
         x = _score_full(s, qi, kj, Sq, Sk, __OPS_ARGS__)
     if MASKED:
         x = gl.where(__VISIBLE__, x, float("-inf"))
+    return x
+
+
+@gluon.jit
+def _softmax_step2(s, s2, m_i, qk, qi, qi2, kj, kj2, Sq, Sk, coff, __OPS_ARGS__MASKED: gl.constexpr,
+                   NEUTRAL: gl.constexpr):
+    """(p, p2, m_new, alpha) of a key block in two parts (BLOCK_N + BLOCK_N2 keys, s and s2; qi2 / kj2: s2's
+    rows and keys): one row max and one rescale for both. Rows sit on the same threads in both accumulators,
+    so the row vectors move between their layouts without data movement."""
+    row2_l: gl.constexpr = gl.SliceLayout(1, s2.type.layout)
+    x = _scores(s, qi, kj, Sq, Sk, coff, __OPS_ARGS__MASKED, NEUTRAL)
+    x2 = _scores(s2, qi2, kj2, Sq, Sk, coff, __OPS_ARGS__MASKED, NEUTRAL)
+    m_new = gl.maximum(m_i, gl.maximum(__ROWMAX_X__, gl.convert_layout(__ROWMAX_X2__, m_i.type.layout,
+                                                                       assert_trivial=True)))
+    m_use = gl.where(m_new == float("-inf"), 0.0, m_new)
+    m_use2 = gl.convert_layout(m_use, row2_l, assert_trivial=True)
+    alpha = gl.exp2(__ALPHA_EXP__)
+    p = gl.exp2(__P_EXP_X__)
+    p2 = gl.exp2(__P_EXP_X2__)
+    return p, p2, m_new, alpha
+
+
+@gluon.jit
+def _softmax_step(s, m_i, qk, qi, kj, Sq, Sk, coff, __OPS_ARGS__MASKED: gl.constexpr, NEUTRAL: gl.constexpr,
+                  EMU: gl.constexpr, TREE: gl.constexpr, SPLIT: gl.constexpr):
+    """(p, m_new, alpha) of one tile; with SPLIT the exponent of p instead of p (the caller takes the exp2
+    after the masked / unmasked branches join, where ptxas may schedule it among other work)."""
+    x = _scores(s, qi, kj, Sq, Sk, coff, __OPS_ARGS__MASKED, NEUTRAL)
     if TREE:
         m_new = gl.maximum(m_i, gl.convert_layout(_tree_max(x), m_i.type.layout, assert_trivial=True)__ROWSCALE__)
     else:
@@ -259,15 +303,21 @@ __TILE_MASKED__    return masked
 
 
 @gluon.jit
-def _consumer_tile(q_smem, k_smem, v_smem, o_smem, o4, ones_smem, q_bar, q_empty, k_full, v_full, k_empty, v_empty,
-                   turn, o_desc, LSE, slb, slh, slm, off_b, off_h, m0, lo, n_tiles, kv, t, turn_ph, __TLA__Sq, Sk,
-                   coff, __FP8P____OPS_PARAMS__WG: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
-                   HEAD_DV: gl.constexpr, STAGES: gl.constexpr, PINGPONG: gl.constexpr, OVERLAP: gl.constexpr,
-                   EMU: gl.constexpr, TREE: gl.constexpr, LATE: gl.constexpr, LSUM: gl.constexpr, MID: gl.constexpr,
-                   JOIN: gl.constexpr, PERSISTENT: gl.constexpr, O_ALIAS: gl.constexpr):
+def _consumer_tile(q_smem, k_smem, v_smem, k2_smem, v2_smem, o_smem, o4, ones_smem, q_bar, q_empty, k_full, v_full,
+                   k_empty, v_empty, turn, o_desc, LSE, slb, slh, slm, off_b, off_h, m0, lo, n_tiles, kv, t, turn_ph,
+                   __TLA__Sq, Sk, coff, __FP8P____OPS_PARAMS__WG: gl.constexpr, BLOCK_M: gl.constexpr,
+                   BLOCK_N: gl.constexpr, HEAD_DV: gl.constexpr, STAGES: gl.constexpr, PINGPONG: gl.constexpr,
+                   OVERLAP: gl.constexpr, EMU: gl.constexpr, TREE: gl.constexpr, LATE: gl.constexpr,
+                   LSUM: gl.constexpr, MID: gl.constexpr, JOIN: gl.constexpr, PERSISTENT: gl.constexpr,
+                   O_ALIAS: gl.constexpr, BLOCK_N2: gl.constexpr):
     """One work tile of consumer WG: its rows of query block m0, key blocks from the CTA's kv-th on (the ring's
-    phases run on across a persistent CTA's tiles, as do the ping-pong turns: turn_ph in, the next one out)."""
+    phases run on across a persistent CTA's tiles, as do the ping-pong turns: turn_ph in, the next one out).
+    BLOCK_N2 > 0 (16-bit, default softmax knobs): each key block is BLOCK_N + BLOCK_N2 keys, two S products
+    (s, s2) and two PV products chained on one accumulator, one row max / rescale for both."""
     SPLIT: gl.constexpr = MID or JOIN
+    NT: gl.constexpr = BLOCK_N + BLOCK_N2       # keys per key block
+    gl.static_assert(BLOCK_N2 == 0 or not (SPLIT or LATE or LSUM or EMU > 0 or TREE),
+                     "key-split blocks take the default softmax")
     dtype: gl.constexpr = q_smem.dtype
     out_dtype: gl.constexpr = o_smem.dtype
     KI: gl.constexpr = 256 // dtype.primitive_bitwidth       # wgmma K per instruction: 16 (16-bit), 32 (fp8)
@@ -285,10 +335,19 @@ def _consumer_tile(q_smem, k_smem, v_smem, o_smem, o4, ones_smem, q_bar, q_empty
     lp_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=l_layout,
                                                   k_width=32 // dtype.primitive_bitwidth)
     lrow_l: gl.constexpr = gl.SliceLayout(1, l_layout)
-    WAIT_S: gl.constexpr = 2 if LSUM else 1     # groups issued after S: PV (and P·1)
+    # the second part of a key-split block (a valid layout even when there is none)
+    N2L: gl.constexpr = BLOCK_N2 if BLOCK_N2 > 0 else 8
+    s2_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, N2L, KI])
+    row2_l: gl.constexpr = gl.SliceLayout(1, s2_layout)
+    col2_l: gl.constexpr = gl.SliceLayout(0, s2_layout)
+    # groups issued after S (and S2): PV (and P·1, or P2·V2)
+    WAIT_S: gl.constexpr = 2 if (LSUM or BLOCK_N2 > 0) else 1
 __OPS_BASES__
     row0 = m0 + WG * BLOCK_M
     qi = gl.expand_dims(row0 + gl.arange(0, BLOCK_M, row_l), 1)
+    if BLOCK_N2 > 0:
+        qi2 = gl.expand_dims(row0 + gl.arange(0, BLOCK_M, row2_l), 1)
+        zero_s2 = gl.zeros([BLOCK_M, BLOCK_N2], gl.float32, s2_layout)
     q = q_smem.index(WG)
     mbarrier.wait(q_bar.index(WG), t & 1)
 __FP8_Q__
@@ -308,11 +367,16 @@ __FP8_LOAD0__    mbarrier.wait(k_full.index(i % STAGES), (i // STAGES) & 1)
         mbarrier.wait(turn.index(WG), turn_ph)
         turn_ph ^= 1
     s_tok = warpgroup_mma(q, k_smem.index(i % STAGES).permute((1, 0)), zero_s, use_acc=False, is_async=True)
+    if BLOCK_N2 > 0:
+        s2_tok = warpgroup_mma(q, k2_smem.index(i % STAGES).permute((1, 0)), zero_s2, use_acc=False, is_async=True)
     if PINGPONG:
         mbarrier.arrive(turn.index(1 - WG))
-    s = warpgroup_mma_wait(0, deps=(s_tok,))
+    if BLOCK_N2 > 0:
+        s, s2 = warpgroup_mma_wait(0, deps=(s_tok, s2_tok))
+    else:
+        s = warpgroup_mma_wait(0, deps=(s_tok,))
     mbarrier.arrive(k_empty.index(i % STAGES))
-__FP8_S0__    kj = gl.expand_dims(_tile_start(0, lo, __TLA__BLOCK_N) + gl.arange(0, BLOCK_N, col_l), 0)
+__FP8_S0__    kj = gl.expand_dims(_tile_start(0, lo, __TLA__NT) + gl.arange(0, BLOCK_N, col_l), 0)
 __STEP0__
     if SPLIT:
         p = _exp2_mix(p_arg, EMU)
@@ -320,11 +384,14 @@ __STEP0__
         p = p_arg
     if not LSUM:
         l_i = _row_sum(p, m_i, TREE)
+        if BLOCK_N2 > 0:
+            l_i = l_i + gl.convert_layout(gl.sum(p2, 1), row_l, assert_trivial=True)
     alpha_o = gl.full([BLOCK_M], 1.0, gl.float32, orow_l)    # LATE: O's pending rescale
     alpha_l = gl.full([BLOCK_M], 1.0, gl.float32, lrow_l)
-__P_OP_PRO__
+__P_OP_PRO__    if BLOCK_N2 > 0:
+        p2_op = gl.convert_layout(p2.to(dtype), p_layout, assert_trivial=True)
     for j in range(1, n_tiles):
-        start_n = _tile_start(j, lo, __TLA__BLOCK_N)
+        start_n = _tile_start(j, lo, __TLA__NT)
         cur = i % STAGES
         cur_ph = (i // STAGES) & 1
         nxt = (i + 1) % STAGES
@@ -334,23 +401,30 @@ __FP8_LOADJ____P_OP_TOP__        mbarrier.wait(k_full.index(nxt), nxt_ph)
             mbarrier.wait(turn.index(WG), turn_ph)
             turn_ph ^= 1
         s_tok = warpgroup_mma(q, k_smem.index(nxt).permute((1, 0)), zero_s, use_acc=False, is_async=True)
+        if BLOCK_N2 > 0:
+            s2_tok = warpgroup_mma(q, k2_smem.index(nxt).permute((1, 0)), zero_s2, use_acc=False, is_async=True)
         if LATE:    # under S's GEMM rather than between the softmax and its issue
             acc = acc * gl.expand_dims(alpha_o, 1)
             if LSUM:
                 l_acc = l_acc * gl.expand_dims(alpha_l, 1)
 __P_OP_LATE__        mbarrier.wait(v_full.index(cur), cur_ph)
         o_tok = warpgroup_mma(p_op, v_smem.index(cur)__VT__, acc, is_async=True)
+        if BLOCK_N2 > 0:
+            o_tok = warpgroup_mma(p2_op, v2_smem.index(cur), o_tok, is_async=True)
         if LSUM:
             l_tok = warpgroup_mma(gl.convert_layout(p_op, lp_layout, assert_trivial=True),
                                   ones_smem.permute((1, 0)), zero_l, use_acc=False, is_async=True)
         if PINGPONG:
             mbarrier.arrive(turn.index(1 - WG))
-        s = warpgroup_mma_wait(WAIT_S, deps=(s_tok,))
+        if BLOCK_N2 > 0:
+            s, s2 = warpgroup_mma_wait(WAIT_S, deps=(s_tok, s2_tok))
+        else:
+            s = warpgroup_mma_wait(WAIT_S, deps=(s_tok,))
         mbarrier.arrive(k_empty.index(nxt))   # K is read only by S; its slot refills while PV still runs
         if not OVERLAP:     # PV done before the softmax: P's registers are free while S is live
 __PV_WAIT__            mbarrier.arrive(v_empty.index(cur))
 __FP8_SJ__        kj = gl.expand_dims(start_n + gl.arange(0, BLOCK_N, col_l), 0)
-        masked = _tile_masked(start_n, row0, Sk, coff, BLOCK_M, BLOCK_N)
+        masked = _tile_masked(start_n, row0, Sk, coff, BLOCK_M, NT)
 __STEPJ__
         if OVERLAP and MID:     # PV waited after the row max: O's rescale can issue among the exps
 __PV_WAIT__            mbarrier.arrive(v_empty.index(cur))
@@ -373,8 +447,12 @@ __PV_WAIT__            mbarrier.arrive(v_empty.index(cur))
                 l_acc = l_acc * gl.expand_dims(gl.convert_layout(alpha, lrow_l), 1)
         if not LSUM:
             l_i = l_i * alpha + _row_sum(p, m_i, TREE)
+            if BLOCK_N2 > 0:
+                l_i = l_i + gl.convert_layout(gl.sum(p2, 1), row_l, assert_trivial=True)
         m_i = m_new
-__P_OP_END__        i += 1
+__P_OP_END__        if BLOCK_N2 > 0:
+            p2_op = gl.convert_layout(p2.to(dtype), p_layout, assert_trivial=True)
+        i += 1
 
     if PERSISTENT and not O_ALIAS:
         mbarrier.arrive(q_empty.index(WG))     # Q is read by S only: the next tile's Q may load
@@ -391,6 +469,8 @@ __P_OP_LAST__    mbarrier.wait(v_full.index(cur), cur_ph)
         if LSUM:
             l_acc = l_acc * gl.expand_dims(alpha_l, 1)
     o_tok = warpgroup_mma(p_op, v_smem.index(cur)__VT__, acc, is_async=True)
+    if BLOCK_N2 > 0:
+        o_tok = warpgroup_mma(p2_op, v2_smem.index(cur), o_tok, is_async=True)
     if LSUM:
         l_tok = warpgroup_mma(gl.convert_layout(p_op, lp_layout, assert_trivial=True), ones_smem.permute((1, 0)),
                               zero_l, use_acc=False, is_async=True)
@@ -427,12 +507,13 @@ __EMPTY_ROWS__
 
 
 @gluon.jit
-def _consumer(q_smem, k_smem, v_smem, o_smem, o4, ones_smem, q_bar, q_empty, k_full, v_full, k_empty, v_empty, turn,
-              o_desc, LSE, slb, slh, slm, off_b, off_h, m0, lo, n_tiles, __TLX__n_b, n_h, Sq, Sk, coff,
+def _consumer(q_smem, k_smem, v_smem, k2_smem, v2_smem, o_smem, o4, ones_smem, q_bar, q_empty, k_full, v_full, k_empty,
+              v_empty, turn, o_desc, LSE, slb, slh, slm, off_b, off_h, m0, lo, n_tiles, __TLX__n_b, n_h, Sq, Sk, coff,
               __FP8P____OPS_PARAMS__WG: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
               HEAD_DV: gl.constexpr, STAGES: gl.constexpr, PINGPONG: gl.constexpr, OVERLAP: gl.constexpr,
               EMU: gl.constexpr, TREE: gl.constexpr, LATE: gl.constexpr, LSUM: gl.constexpr, MID: gl.constexpr,
-              JOIN: gl.constexpr, PERSISTENT: gl.constexpr, O_ALIAS: gl.constexpr):
+              JOIN: gl.constexpr, PERSISTENT: gl.constexpr, O_ALIAS: gl.constexpr, BLOCK_N2: gl.constexpr):
+    NT: gl.constexpr = BLOCK_N + BLOCK_N2
     # consumer 0 takes the first turn
     if PERSISTENT:
         n_m = gl.cdiv(Sq, 2 * BLOCK_M)
@@ -441,29 +522,30 @@ def _consumer(q_smem, k_smem, v_smem, o_smem, o4, ones_smem, q_bar, q_empty, k_f
         turn_ph = 1 - WG
         for tile in range(gl.program_id(0), n_m * n_h * n_b, gl.num_programs(0)):
             w_m, w_h, w_b = _work(tile, n_m, n_h, n_b)
-            w_hk, w_m0, w_lo, w_n__TLW_RET__ = _tile_range(w_m, w_h, w_b, Sk, coff, __TLP__BLOCK_M, BLOCK_N)
-            turn_ph = _consumer_tile(q_smem, k_smem, v_smem, o_smem, o4, ones_smem, q_bar, q_empty, k_full, v_full,
-                                     k_empty, v_empty, turn, o_desc, LSE, slb, slh, slm, w_b, w_h, w_m0, w_lo, w_n,
-                                     kv, t, turn_ph, __TLAW__Sq, Sk, coff, __FP8P____OPS_PARAMS__WG, BLOCK_M, BLOCK_N,
-                                     HEAD_DV, STAGES, PINGPONG, OVERLAP, EMU, TREE, LATE, LSUM, MID, JOIN, True,
-                                     O_ALIAS)
+            w_hk, w_m0, w_lo, w_n__TLW_RET__ = _tile_range(w_m, w_h, w_b, Sk, coff, __TLP__BLOCK_M, NT)
+            turn_ph = _consumer_tile(q_smem, k_smem, v_smem, k2_smem, v2_smem, o_smem, o4, ones_smem, q_bar, q_empty,
+                                     k_full, v_full, k_empty, v_empty, turn, o_desc, LSE, slb, slh, slm, w_b, w_h,
+                                     w_m0, w_lo, w_n, kv, t, turn_ph, __TLAW__Sq, Sk, coff, __FP8P____OPS_PARAMS__WG,
+                                     BLOCK_M, BLOCK_N, HEAD_DV, STAGES, PINGPONG, OVERLAP, EMU, TREE, LATE, LSUM, MID,
+                                     JOIN, True, O_ALIAS, BLOCK_N2)
             kv += w_n
             t += 1
         if not O_ALIAS:
             tma.store_wait(0)
     else:
-        _consumer_tile(q_smem, k_smem, v_smem, o_smem, o4, ones_smem, q_bar, q_empty, k_full, v_full, k_empty,
-                       v_empty, turn, o_desc, LSE, slb, slh, slm, off_b, off_h, m0, lo, n_tiles, 0, 0, 1 - WG,
+        _consumer_tile(q_smem, k_smem, v_smem, k2_smem, v2_smem, o_smem, o4, ones_smem, q_bar, q_empty, k_full, v_full,
+                       k_empty, v_empty, turn, o_desc, LSE, slb, slh, slm, off_b, off_h, m0, lo, n_tiles, 0, 0, 1 - WG,
                        __TLA__Sq, Sk, coff, __FP8P____OPS_PARAMS__WG, BLOCK_M, BLOCK_N, HEAD_DV, STAGES, PINGPONG,
-                       OVERLAP, EMU, TREE, LATE, LSUM, MID, JOIN, False, O_ALIAS)
+                       OVERLAP, EMU, TREE, LATE, LSUM, MID, JOIN, False, O_ALIAS, BLOCK_N2)
 
 
 @gluon.jit(do_not_specialize=["Sq", "Sk", "coff", "slb", "slh", "n_b", "n_h"])
-def attn_fwd_ws(q_desc, k_desc, v_desc, o_desc, LSE, __FP8P____OPS_KPARAMS____TLP__slb, slh, slm, Sq, Sk, coff, n_b, n_h,
-                BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, PINGPONG: gl.constexpr,
-                OVERLAP: gl.constexpr = True, EMU: gl.constexpr = 0, TREE: gl.constexpr = False,
+def attn_fwd_ws(q_desc, k_desc, v_desc, o_desc, k2_desc, v2_desc, LSE, __FP8P____OPS_KPARAMS____TLP__slb, slh, slm, Sq, Sk,
+                coff, n_b, n_h, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
+                PINGPONG: gl.constexpr, OVERLAP: gl.constexpr = True, EMU: gl.constexpr = 0, TREE: gl.constexpr = False,
                 LATE: gl.constexpr = False, LSUM: gl.constexpr = False, MID: gl.constexpr = False,
-                JOIN: gl.constexpr = False, PERSISTENT: gl.constexpr = False, SEP_O: gl.constexpr = False):
+                JOIN: gl.constexpr = False, PERSISTENT: gl.constexpr = False, SEP_O: gl.constexpr = False,
+                BLOCK_N2: gl.constexpr = 0):
     HEAD_D: gl.constexpr = q_desc.block_type.shape[3]
     HEAD_DV: gl.constexpr = o_desc.block_type.shape[3]
     dtype: gl.constexpr = q_desc.dtype
@@ -480,7 +562,8 @@ __TL_ZERO__    else:
         off_h = gl.program_id(1)
         off_b = gl.program_id(2)
 __CAUSAL_ORDER__
-        off_hk, m0, lo, n_tiles__TL_RET__ = _tile_range(pid_m, off_h, off_b, Sk, coff, __TLP__BLOCK_M, BLOCK_N)
+        off_hk, m0, lo, n_tiles__TL_RET__ = _tile_range(pid_m, off_h, off_b, Sk, coff, __TLP__BLOCK_M,
+                                                        BLOCK_N + BLOCK_N2)
 
     q_l: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, HEAD_D], dtype)
     k_l: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, HEAD_D], dtype)
@@ -490,6 +573,13 @@ __CAUSAL_ORDER__
     q_smem = gl.allocate_shared_memory(dtype, [2, 1, 1, BLOCK_M, HEAD_D], q_desc.layout)
     k_smem = gl.allocate_shared_memory(dtype, [STAGES, 1, 1, BLOCK_N, HEAD_D], k_desc.layout)
     v_smem = gl.allocate_shared_memory(dtype, [STAGES, 1, 1] + __V_TILE__, v_desc.layout)
+    # key-split blocks (16-bit): the second part's K / V ring, filled on the same barriers as the first
+    if BLOCK_N2 > 0:
+        k2_smem = gl.allocate_shared_memory(dtype, [STAGES, 1, 1, BLOCK_N2, HEAD_D], k2_desc.layout)
+        v2_smem = gl.allocate_shared_memory(dtype, [STAGES, 1, 1, BLOCK_N2, HEAD_DV], v2_desc.layout)
+    else:
+        k2_smem = k_smem
+        v2_smem = v_smem
     # SEP_O: a buffer of its own even where O could go out through Q's, so that a persistent CTA's next Q
     # loads while this tile's O is still being stored
     O_ALIAS: gl.constexpr = HEAD_D == HEAD_DV and dtype == out_dtype and not SEP_O
@@ -537,18 +627,26 @@ __CAUSAL_ORDER__
     k2 = k_smem._reinterpret(dtype, [STAGES, BLOCK_N, HEAD_D], k_l)
     v2 = v_smem._reinterpret(dtype, [STAGES] + __V_TILE__, v_l)
     o2 = o_smem._reinterpret(out_dtype, [2, BLOCK_M, HEAD_DV], o_l)
+    if BLOCK_N2 > 0:
+        kb2 = k2_smem._reinterpret(dtype, [STAGES, BLOCK_N2, HEAD_D],
+                                   gl.NVMMASharedLayout.get_default_for([BLOCK_N2, HEAD_D], dtype))
+        vb2 = v2_smem._reinterpret(dtype, [STAGES, BLOCK_N2, HEAD_DV],
+                                   gl.NVMMASharedLayout.get_default_for([BLOCK_N2, HEAD_DV], dtype))
+    else:
+        kb2 = k2
+        vb2 = v2
     gl.warp_specialize([
-        (_consumer, (q2, k2, v2, o2, o_smem, ones_smem, q_bar, q_empty, k_full, v_full, k_empty, v_empty, turn, o_desc,
-                     LSE, slb, slh, slm, off_b, off_h, m0, lo, n_tiles, __TLX__n_b, n_h, Sq, Sk, coff,
+        (_consumer, (q2, k2, v2, kb2, vb2, o2, o_smem, ones_smem, q_bar, q_empty, k_full, v_full, k_empty, v_empty, turn,
+                     o_desc, LSE, slb, slh, slm, off_b, off_h, m0, lo, n_tiles, __TLX__n_b, n_h, Sq, Sk, coff,
                      __FP8P____OPS_KARGS__0, BLOCK_M, BLOCK_N, HEAD_DV, STAGES, PINGPONG, OVERLAP, EMU, TREE, LATE, LSUM,
-                     MID, JOIN, PERSISTENT, O_ALIAS)),
-        (_consumer, (q2, k2, v2, o2, o_smem, ones_smem, q_bar, q_empty, k_full, v_full, k_empty, v_empty, turn, o_desc,
-                     LSE, slb, slh, slm, off_b, off_h, m0, lo, n_tiles, __TLX__n_b, n_h, Sq, Sk, coff,
+                     MID, JOIN, PERSISTENT, O_ALIAS, BLOCK_N2)),
+        (_consumer, (q2, k2, v2, kb2, vb2, o2, o_smem, ones_smem, q_bar, q_empty, k_full, v_full, k_empty, v_empty, turn,
+                     o_desc, LSE, slb, slh, slm, off_b, off_h, m0, lo, n_tiles, __TLX__n_b, n_h, Sq, Sk, coff,
                      __FP8P____OPS_KARGS__1, BLOCK_M, BLOCK_N, HEAD_DV, STAGES, PINGPONG, OVERLAP, EMU, TREE, LATE, LSUM,
-                     MID, JOIN, PERSISTENT, O_ALIAS)),
-        (_producer, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, q_empty, k_full, v_full, k_empty, v_empty,
-                     off_b, off_h, off_hk, m0, lo, n_tiles, __TLX__n_b, n_h, Sq, Sk, coff, BLOCK_M, BLOCK_N, STAGES,
-                     PERSISTENT)),
+                     MID, JOIN, PERSISTENT, O_ALIAS, BLOCK_N2)),
+        (_producer, (q_desc, k_desc, v_desc, k2_desc, v2_desc, q_smem, k_smem, v_smem, k2_smem, v2_smem, q_bar, q_empty,
+                     k_full, v_full, k_empty, v_empty, off_b, off_h, off_hk, m0, lo, n_tiles, __TLX__n_b, n_h, Sq, Sk,
+                     coff, BLOCK_M, BLOCK_N, STAGES, PERSISTENT, BLOCK_N2)),
     ], [4, 1], [240, 24])
 '''
 
@@ -651,8 +749,21 @@ class _HopperGen:
             step0 = "    " + call.format(lhs=p0, masked="True", neutral="False")
             stepj = ("        if masked:\n            " + call.format(lhs=pj, masked="True", neutral="False")
                      + "\n        else:\n            " + call.format(lhs=pj, masked="False", neutral="False"))
-            return step0, stepj
-        step0 = ("    if _tile_neutral(0, __TLA__):\n        " + call.format(lhs=p0, masked="True", neutral="True")
+            # key-split blocks: both parts in one step (tile lists are per BLOCK_N block: none here)
+            call2 = ("{lhs} = _softmax_step2(s, s2, m_i, qk, qi, qi2, kj, kj2, Sq, Sk, coff, __OPS_ARGS__{masked}, "
+                     "False)")
+            kj2 = "kj2 = gl.expand_dims({start} + BLOCK_N + gl.arange(0, BLOCK_N2, col2_l), 0)"
+            two0 = ["        " + kj2.format(start="_tile_start(0, lo, __TLA__NT)"),
+                    "        " + call2.format(lhs="p_arg, p2, m_i, alpha", masked="True")]
+            twoj = ["            " + kj2.format(start="start_n"),
+                    "            if masked:",
+                    "                " + call2.format(lhs="p_arg, p2, m_new, alpha", masked="True"),
+                    "            else:",
+                    "                " + call2.format(lhs="p_arg, p2, m_new, alpha", masked="False")]
+            return (_split_or(step0, two0, "    "), _split_or(stepj, twoj, "        "))
+        # tile lists are per BLOCK_N block: the launch side never pairs them with key-split blocks
+        step0 = ("    gl.static_assert(BLOCK_N2 == 0, 'tile lists with key-split blocks')\n"
+                 "    if _tile_neutral(0, __TLA__):\n        " + call.format(lhs=p0, masked="True", neutral="True")
                  + "\n    else:\n        " + call.format(lhs=p0, masked="True", neutral="False"))
         rows = []
         for neutral, head in (("True", "        if _tile_neutral(j, __TLA__):"), ("False", "        else:")):
@@ -770,6 +881,16 @@ class _HopperGen:
         before, after = (p_op, "") if self.fp8 else ("", p_op)
         step0, stepj = self.steps()
         text = _KERNEL.replace("__STEP0__", step0).replace("__STEPJ__", stepj).replace("__PV_WAIT__", _PV_WAIT)
+        if self.fold:
+            rowmax_of = lambda x: f"gl.max({x}, 1) * qk"  # noqa: E731
+            p_exp_of = lambda x, m: f"{x} * qk - gl.expand_dims({m}{f' - {poff!r}.0' if poff else ''}, 1)"  # noqa: E731
+        else:
+            rowmax_of = lambda x: f"gl.max({x}, 1)"  # noqa: E731
+            p_exp_of = lambda x, m: (f"({x} - gl.expand_dims({m}, 1)) * {LOG2E!r}"  # noqa: E731
+                                     + (f" + {poff!r}.0" if poff else ""))
+        for token, value in [("__ROWMAX_X__", rowmax_of("x")), ("__ROWMAX_X2__", rowmax_of("x2")),
+                             ("__P_EXP_X__", p_exp_of("x", "m_use")), ("__P_EXP_X2__", p_exp_of("x2", "m_use2"))]:
+            text = text.replace(token, value)
         # LATE: FP8's P conversion also moves under S's GEMM (its fp32 P crosses the loop edge instead)
         top = f"        if not LATE:\n            {before}" if before else ""
         late = f"        if LATE:\n            {before}" if before else ""
@@ -797,6 +918,13 @@ class _HopperGen:
         fns = (self.score_fn("_score_masked", True, self.prog.expr) + self.score_fn("_score_full", False, self.prog.expr)
                + self.score_fn("_score_neutral", False, neutral) + self.tile_fns())
         return _HEAD + "\n".join(fns) + text
+
+
+def _split_or(one: str, two: list[str], indent: str) -> str:
+    """A step's text for both block shapes: the key-split step (lines at indent + 4) when BLOCK_N2 > 0, else the
+    one-part step (re-indented by 4)."""
+    one = "\n".join(("    " + ln) if ln.strip() else ln for ln in one.split("\n"))
+    return f"{indent}if BLOCK_N2 > 0:\n" + "\n".join(two) + f"\n{indent}else:\n" + one
 
 
 def exp2_mix() -> str:

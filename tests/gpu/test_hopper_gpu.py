@@ -436,7 +436,7 @@ def test_portable_candidate_through_the_tuner(monkeypatch, causal):
     forward's numbers bit for bit, on the tuning call and through its plan, with the padded rows' rule applied
     once (uniform fill)."""
     monkeypatch.setattr(triton_portable, "_AUTOTUNE", True)
-    monkeypatch.setattr(hopper, "candidates", lambda d, dv, causal: [hopper.PORTABLE])
+    monkeypatch.setattr(hopper, "candidates", lambda d, dv, causal, tiles=False: [hopper.PORTABLE])
     hopper._PLANS.clear()
     gen = torch.Generator(device=DEV).manual_seed(79)
     q = randn(2, 8, 700, 64, gen=gen)
@@ -470,4 +470,75 @@ def test_persistent_through_the_tuner(monkeypatch):
     want, _ = hopper.forward(q, k, v, [], prog, pingpong=True, stages=2)
     torch.testing.assert_close(first.float(), want.float(), atol=2e-2, rtol=0)
     torch.testing.assert_close(planned, first, atol=0, rtol=0)
+    hopper._PLANS.clear()
+
+
+# --- key-split key blocks (templates_hopper BLOCK_N2; a tuner candidate only with hopper.TUNE_KSPLIT) ---------------
+
+def _ksplit(**pin):
+    """hopper as attend_and_check takes it, with the forward pinned to key-split blocks."""
+    import functools
+    import types
+    fwd = functools.partial(hopper.forward, **pin)
+    return types.SimpleNamespace(supports=hopper.supports, forward=fwd, backward=hopper.backward)
+
+
+KSPLIT_CASES = [
+    # causal, window, (B, Hq, Hk), (Sq, Sk), chain ("scale" or "softcap-bias"), pinned (block_n2, pingpong, persistent)
+    ("none", None, (2, 8, 8), (1000, 1000), "scale", (32, True, False)),     # ragged: the last block is partial
+    ("none", None, (2, 8, 2), (700, 2100), "scale", (32, False, False)),
+    ("top_left", None, (2, 16, 4), (2000, 2000), "scale", (32, True, False)),  # diagonal blocks of 160 keys
+    ("bottom_right", 300, (1, 8, 2), (900, 1700), "scale", (32, True, False)),
+    ("bottom_right", None, (1, 8, 8), (1, 4100), "scale", (32, True, False)),  # one query row
+    ("none", None, (2, 4, 4), (1031, 1031), "softcap-bias", (32, True, False)),
+    ("none", None, (3, 16, 4), (2049, 2049), "scale", (32, True, True)),     # persistent, own O buffer
+    ("top_left", None, (2, 8, 8), (1500, 1500), "scale", (64, True, False)),  # 128 + 64: spills, still right
+]
+
+
+@pytest.mark.parametrize("causal,window,heads,lengths,chain,pin", KSPLIT_CASES,
+                         ids=[f"{c[0]}-w{c[1]}-{'x'.join(map(str, c[2]))}-{c[3][0]}x{c[3][1]}-{c[4]}-n{c[5][0]}"
+                              f"{'-pp' if c[5][1] else '-nopp'}{'-persistent' if c[5][2] else ''}"
+                              for c in KSPLIT_CASES])
+def test_ksplit_accuracy(_poisoned_outputs, causal, window, heads, lengths, chain, pin):
+    """Key-split blocks by the 2x rule on NaN-poisoned outputs (ragged lengths, a partial last block, causal
+    diagonals and windows across the 128 / 32 boundary, GQA, a score chain with an operand), and within a bf16
+    rounding of the plain 128-key schedule."""
+    b, hq, hk = heads
+    sq, sk = lengths
+    d = 128
+    gen = torch.Generator(device=DEV).manual_seed(sq + sk + hq)
+    q = randn(b, hq, sq, d, gen=gen)
+    k, v = (randn(b, hk, sk, d, gen=gen) for _ in range(2))
+    ops, expr = [], ("mul", S, C(d ** -0.5))
+    if chain == "softcap-bias":
+        ops = [randn(1, hq, 1, sk, gen=gen)]
+        expr = ("mul", ("tanh", ("mul", ("add", expr, ("operand", 0)), C(1 / 30.0))), C(30.0))
+    prog = ScoreProgram(expr, n_operands=len(ops), causal=causal, window=window, empty_row="zero")
+    n2, pingpong, persistent = pin
+    kw = dict(block_n2=n2, pingpong=pingpong, stages=2, persistent=persistent)
+    attend_and_check(q, k, v, ops, prog, backward=False, kernel=_ksplit(**kw))
+    out_s, lse_s = hopper.forward(q, k, v, ops, prog, **kw)
+    out_d, lse_d = hopper.forward(q, k, v, ops, prog, pingpong=pingpong, stages=2)
+    assert not out_s.isnan().any()
+    torch.testing.assert_close(out_s.float(), out_d.float(), atol=2e-2, rtol=0)
+    torch.testing.assert_close(lse_s, lse_d, atol=1e-4, rtol=0)
+
+
+def test_ksplit_through_the_tuner(monkeypatch):
+    """With the switch on, the tuner times the key-split candidates beside the others, and whatever it settles on
+    (and the plan it pins, which rebases both K / V boxes on each call's tensors) gives the plain schedule's
+    numbers, call after call on new tensors."""
+    monkeypatch.setattr(triton_portable, "_AUTOTUNE", True)
+    monkeypatch.setattr(hopper, "TUNE_KSPLIT", True)
+    hopper._PLANS.clear()
+    prog = ScoreProgram(("mul", S, C(128 ** -0.5)), causal="bottom_right")
+    assert any(getattr(c, "block_n2", 0) for c in hopper.candidates(128, 128, True))
+    for seed in range(3):
+        gen = torch.Generator(device=DEV).manual_seed(90 + seed)
+        q = randn(2, 16, 1800, 128, gen=gen)
+        k, v = (randn(2, 4, 1800, 128, gen=gen) for _ in range(2))
+        got, _ = hopper.forward(q, k, v, [], prog)
+        want, _ = hopper.forward(q, k, v, [], prog, pingpong=True, stages=2)
+        torch.testing.assert_close(got.float(), want.float(), atol=2e-2, rtol=0)
     hopper._PLANS.clear()
