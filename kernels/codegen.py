@@ -145,8 +145,12 @@ class Emitter:
     op_base(n): name of operand n's (b, h)-offset base pointer; op_stride(n, dim): its stride name.
     """
 
-    def __init__(self, spec: KernelSpec, score: str, qi: str, kj: str, row_mask, col_mask, prefix="e", ns="tl"):
+    def __init__(self, spec: KernelSpec, score: str, qi: str, kj: str, row_mask, col_mask, prefix="e", ns="tl",
+                 op_value=None, pred=None):
         self.spec = spec
+        # op_value(n): the name of operand n's tile already loaded (raw dtype), used instead of a load;
+        # pred: text of a scalar predicate every operand load also takes (loads of a tile that needs none)
+        self.op_value, self.pred = op_value, pred
         self.ns = ns            # "tl" (triton.language) or "gl" (Gluon; tensors carry layouts)
         self.score, self.qi, self.kj = score, qi, kj
         self.row_mask, self.col_mask = row_mask, col_mask
@@ -245,20 +249,27 @@ class Emitter:
                        False, full)
         raise ValueError(f"cannot emit {op!r}")
 
-    def _load_operand(self, n: int) -> Val:
-        ospec = self.spec.operands[n]
-        _, _, bm, bn = ospec.bcast
+    def raw_load(self, n: int) -> str:
+        """Name of a new value: operand n's tile loaded in its own dtype (bounds predicates as configured)."""
+        _, _, bm, bn = self.spec.operands[n].bcast
         ptr = f"OP{n}b"
         if not bm:
             ptr += f" + {self.qi}.to({self.ns}.int64) * st{n}_m"
         if not bn:
             ptr += f" + {self.kj} * st{n}_n"
         masks = [m for m, skip in ((self.row_mask, bm), (self.col_mask, bn)) if m and not skip]
+        if self.pred and self.pred not in masks and not any(self.pred in m for m in masks):
+            masks.append(self.pred)
         mask = f", mask={' & '.join(masks)}, other=0" if masks else ""
-        load = f"{self.ns}.load({ptr}{mask})"
+        return self._new(f"{self.ns}.load({ptr}{mask})")
+
+    def _load_operand(self, n: int) -> Val:
+        ospec = self.spec.operands[n]
+        _, _, bm, bn = ospec.bcast
+        raw = self.op_value(n) if self.op_value is not None else self.raw_load(n)
         if ospec.kind == "bool":
-            return Val(self._new(load), "bool", False, not (bm or bn))
-        return Val(self._new(f"{load}.to({self.ns}.float32)"), "float", False, not (bm or bn))
+            return Val(raw, "bool", False, not (bm or bn))
+        return Val(self._new(f"{raw}.to({self.ns}.float32)"), "float", False, not (bm or bn))
 
     def full_float(self, v: Val) -> str:
         """Text of v as a full-shaped fp32 tile."""

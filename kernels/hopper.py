@@ -193,11 +193,13 @@ def tile_args(q, k, operands, prog: ScoreProgram, block_n: int) -> list:
 
 
 def launch_args(q, k, v, operands, prog: ScoreProgram, out, lse, pingpong: bool = True, block_n=None,
-                stages=None, tiles=None, persistent: bool = False, block_n2: int = 0):
+                stages=None, tiles=None, persistent: bool = False, block_n2: int = 0, prefetch: bool = False):
     """(kernel, grid, args, kwargs) of one launch; also used by tests to compile and read the PTX.
     tiles: tile_args(...) computed once per call (recomputed when None). persistent: one CTA per SM walking the
     (query block, head, batch) work tiles (templates_hopper's PERSISTENT), with its own O buffer where it fits.
-    block_n2: key-split blocks of block_n + block_n2 keys (templates_hopper's BLOCK_N2; not with tile lists)."""
+    block_n2: key-split blocks of block_n + block_n2 keys (templates_hopper's BLOCK_N2; not with tile lists).
+    prefetch: score operands loaded at the top of each key block, ahead of its K wait and S product
+    (templates_hopper's PREFETCH; only where the program has operands)."""
     b, hq, sq, d = q.shape
     sk, dv = k.shape[2], v.shape[-1]
     bn, st = config(d, dv, 2, block_n, block_n2)
@@ -226,6 +228,8 @@ def launch_args(q, k, v, operands, prog: ScoreProgram, out, lse, pingpong: bool 
         kwargs.update(PERSISTENT=True, SEP_O=separate_o(d, dv, bn + block_n2, st))
     if block_n2:
         kwargs["BLOCK_N2"] = block_n2
+    if prefetch and operands:
+        kwargs["PREFETCH"] = True
     return mod.attn_fwd_ws, grid, args, kwargs
 
 
@@ -235,6 +239,7 @@ class Schedule(NamedTuple):
     stages: int
     persistent: bool = False
     block_n2: int = 0       # key-split blocks: BLOCK_N + block_n2 keys per key block
+    prefetch: bool = False  # score operands loaded ahead of each key block's S product
 
 
 # The persistent schedule (templates_hopper PERSISTENT) joins the tuner's candidates for non-causal programs
@@ -278,13 +283,28 @@ PORTABLE_MAX_D = 64
 TUNE_KSPLIT = os.environ.get("FA3_HOPPER_KSPLIT", "0") == "1"
 KSPLIT_N2 = 32
 
+# Operand prefetch (templates_hopper PREFETCH: a key block's score operands loaded at the top of the block, ahead of
+# its K wait and S product, so that their latency runs under the GEMMs). Cross-compiled for sm_90a at T5's
+# self-attention (dense (1, H, S, S) bias, D=64): the plain kernel issues the block's 32 bias loads per thread only
+# once S is done, so every block waits a global-load latency (~2-4x the 512-cycle D=64 GEMM) ahead of its softmax
+# (T5-sdpa, H100: 329 us per call vs Inductor's 174); prefetched, the loop holds the values across the GEMMs at the
+# cost of 8-14 spilled registers per block. At head dim 128 the plain kernel already spills with dense operands
+# and prefetching doubles it, as it does with two operands (428 against 10 per block): one operand at head dims
+# <= 64 only. Not yet timed on the H100: the tuner tries it only with FA3_HOPPER_PREFETCH=1.
+TUNE_PREFETCH = os.environ.get("FA3_HOPPER_PREFETCH", "0") == "1"
+PREFETCH_MAX_D = 64
 
-def candidates(d: int, dv: int, causal: bool, tiles: bool = False) -> list:
+
+def candidates(d: int, dv: int, causal: bool, tiles: bool = False, operands: int = 0) -> list:
     """The forward tuner's list: schedules(), key-split blocks where switched on (head dim 128, no tile lists:
-    those are per 128-key block), then PORTABLE where it may win."""
-    cands = schedules(d, dv, causal=causal)
+    those are per 128-key block), the same schedules with operand prefetch where switched on (programs with one
+    score operand, head dims <= 64), then PORTABLE where it may win."""
+    base = schedules(d, dv, causal=causal)
+    cands = list(base)
     if TUNE_KSPLIT and not tiles and _tile_dim(max(d, dv)) == 128:
         cands += [Schedule(pp, 2, block_n2=KSPLIT_N2) for pp in (True, False)]
+    if TUNE_PREFETCH and operands == 1 and max(d, dv) <= PREFETCH_MAX_D:
+        cands += [c._replace(prefetch=True) for c in base]
     return cands + ([PORTABLE] if max(d, dv) <= PORTABLE_MAX_D else [])
 
 
@@ -385,7 +405,8 @@ def forward(q, k, v, operands, prog: ScoreProgram, **variant):
     tkey = (_spec_and_module(prog, q, k, v, operands)[0], triton_portable._bucket(sq),
             triton_portable._bucket(k.shape[2]))
     cfg = triton_portable._launch_tuned("hopper_fwd", tkey, d, q.dtype, q.device, launch,
-                                         candidates(d, dv, prog.causal != "none", tiles=bool(tiles)))
+                                         candidates(d, dv, prog.causal != "none", tiles=bool(tiles),
+                                                    operands=len(operands)))
     if cfg is not None:
         if len(_PLANS) > 4096:
             _PLANS.clear()

@@ -207,11 +207,30 @@ def _softmax_step2(s, s2, m_i, qk, qi, qi2, kj, kj2, Sq, Sk, coff, __OPS_ARGS__M
 
 
 @gluon.jit
-def _softmax_step(s, m_i, qk, qi, kj, Sq, Sk, coff, __OPS_ARGS__MASKED: gl.constexpr, NEUTRAL: gl.constexpr,
-                  EMU: gl.constexpr, TREE: gl.constexpr, SPLIT: gl.constexpr):
+def _vscores(s, qi, kj, Sq, Sk, coff, __OPS_ARGS____OPV_PARAMS__MASKED: gl.constexpr, NEUTRAL: gl.constexpr):
+    """_scores on operand values loaded ahead (PREFETCH: _ops_masked / _ops_full at the top of the key block)."""
+    if NEUTRAL:
+        x = _score_neutral(s, qi, kj, Sq, Sk, __OPS_ARGS__)
+    elif MASKED:
+        x = _vscore_masked(s, qi, kj, Sq, Sk, __OPV_PARAMS__)
+    else:
+        x = _vscore_full(s, qi, kj, Sq, Sk, __OPV_PARAMS__)
+    if MASKED:
+        x = gl.where(__VISIBLE__, x, float("-inf"))
+    return x
+
+
+@gluon.jit
+def _softmax_step(s, m_i, qk, qi, kj, Sq, Sk, coff, __OPS_ARGS____OPV_PARAMS__MASKED: gl.constexpr,
+                  NEUTRAL: gl.constexpr, EMU: gl.constexpr, TREE: gl.constexpr, SPLIT: gl.constexpr,
+                  PREFETCH: gl.constexpr):
     """(p, m_new, alpha) of one tile; with SPLIT the exponent of p instead of p (the caller takes the exp2
-    after the masked / unmasked branches join, where ptxas may schedule it among other work)."""
-    x = _scores(s, qi, kj, Sq, Sk, coff, __OPS_ARGS__MASKED, NEUTRAL)
+    after the masked / unmasked branches join, where ptxas may schedule it among other work). PREFETCH: the
+    operands arrive as values (OPV...) loaded at the top of the key block, not as pointers."""
+    if PREFETCH:
+        x = _vscores(s, qi, kj, Sq, Sk, coff, __OPS_ARGS____OPV_PARAMS__MASKED, NEUTRAL)
+    else:
+        x = _scores(s, qi, kj, Sq, Sk, coff, __OPS_ARGS__MASKED, NEUTRAL)
     if TREE:
         m_new = gl.maximum(m_i, gl.convert_layout(_tree_max(x), m_i.type.layout, assert_trivial=True)__ROWSCALE__)
     else:
@@ -309,14 +328,14 @@ def _consumer_tile(q_smem, k_smem, v_smem, k2_smem, v2_smem, o_smem, o4, ones_sm
                    BLOCK_N: gl.constexpr, HEAD_DV: gl.constexpr, STAGES: gl.constexpr, PINGPONG: gl.constexpr,
                    OVERLAP: gl.constexpr, EMU: gl.constexpr, TREE: gl.constexpr, LATE: gl.constexpr,
                    LSUM: gl.constexpr, MID: gl.constexpr, JOIN: gl.constexpr, PERSISTENT: gl.constexpr,
-                   O_ALIAS: gl.constexpr, BLOCK_N2: gl.constexpr):
+                   O_ALIAS: gl.constexpr, BLOCK_N2: gl.constexpr, PREFETCH: gl.constexpr):
     """One work tile of consumer WG: its rows of query block m0, key blocks from the CTA's kv-th on (the ring's
     phases run on across a persistent CTA's tiles, as do the ping-pong turns: turn_ph in, the next one out).
     BLOCK_N2 > 0 (16-bit, default softmax knobs): each key block is BLOCK_N + BLOCK_N2 keys, two S products
     (s, s2) and two PV products chained on one accumulator, one row max / rescale for both."""
     SPLIT: gl.constexpr = MID or JOIN
     NT: gl.constexpr = BLOCK_N + BLOCK_N2       # keys per key block
-    gl.static_assert(BLOCK_N2 == 0 or not (SPLIT or LATE or LSUM or EMU > 0 or TREE),
+    gl.static_assert(BLOCK_N2 == 0 or not (SPLIT or LATE or LSUM or EMU > 0 or TREE or PREFETCH),
                      "key-split blocks take the default softmax")
     dtype: gl.constexpr = q_smem.dtype
     out_dtype: gl.constexpr = o_smem.dtype
@@ -362,7 +381,7 @@ __FP8_Q__
 __QK0__    i = kv
 
     # prologue: S_0 and its softmax
-__FP8_LOAD0__    mbarrier.wait(k_full.index(i % STAGES), (i // STAGES) & 1)
+__PREFETCH0____FP8_LOAD0__    mbarrier.wait(k_full.index(i % STAGES), (i // STAGES) & 1)
     if PINGPONG:
         mbarrier.wait(turn.index(WG), turn_ph)
         turn_ph ^= 1
@@ -396,7 +415,7 @@ __P_OP_PRO__    if BLOCK_N2 > 0:
         cur_ph = (i // STAGES) & 1
         nxt = (i + 1) % STAGES
         nxt_ph = ((i + 1) // STAGES) & 1
-__FP8_LOADJ____P_OP_TOP__        mbarrier.wait(k_full.index(nxt), nxt_ph)
+__PREFETCHJ____FP8_LOADJ____P_OP_TOP__        mbarrier.wait(k_full.index(nxt), nxt_ph)
         if PINGPONG:
             mbarrier.wait(turn.index(WG), turn_ph)
             turn_ph ^= 1
@@ -512,7 +531,8 @@ def _consumer(q_smem, k_smem, v_smem, k2_smem, v2_smem, o_smem, o4, ones_smem, q
               __FP8P____OPS_PARAMS__WG: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
               HEAD_DV: gl.constexpr, STAGES: gl.constexpr, PINGPONG: gl.constexpr, OVERLAP: gl.constexpr,
               EMU: gl.constexpr, TREE: gl.constexpr, LATE: gl.constexpr, LSUM: gl.constexpr, MID: gl.constexpr,
-              JOIN: gl.constexpr, PERSISTENT: gl.constexpr, O_ALIAS: gl.constexpr, BLOCK_N2: gl.constexpr):
+              JOIN: gl.constexpr, PERSISTENT: gl.constexpr, O_ALIAS: gl.constexpr, BLOCK_N2: gl.constexpr,
+              PREFETCH: gl.constexpr):
     NT: gl.constexpr = BLOCK_N + BLOCK_N2
     # consumer 0 takes the first turn
     if PERSISTENT:
@@ -527,7 +547,7 @@ def _consumer(q_smem, k_smem, v_smem, k2_smem, v2_smem, o_smem, o4, ones_smem, q
                                      k_full, v_full, k_empty, v_empty, turn, o_desc, LSE, slb, slh, slm, w_b, w_h,
                                      w_m0, w_lo, w_n, kv, t, turn_ph, __TLAW__Sq, Sk, coff, __FP8P____OPS_PARAMS__WG,
                                      BLOCK_M, BLOCK_N, HEAD_DV, STAGES, PINGPONG, OVERLAP, EMU, TREE, LATE, LSUM, MID,
-                                     JOIN, True, O_ALIAS, BLOCK_N2)
+                                     JOIN, True, O_ALIAS, BLOCK_N2, PREFETCH)
             kv += w_n
             t += 1
         if not O_ALIAS:
@@ -536,7 +556,7 @@ def _consumer(q_smem, k_smem, v_smem, k2_smem, v2_smem, o_smem, o4, ones_smem, q
         _consumer_tile(q_smem, k_smem, v_smem, k2_smem, v2_smem, o_smem, o4, ones_smem, q_bar, q_empty, k_full, v_full,
                        k_empty, v_empty, turn, o_desc, LSE, slb, slh, slm, off_b, off_h, m0, lo, n_tiles, 0, 0, 1 - WG,
                        __TLA__Sq, Sk, coff, __FP8P____OPS_PARAMS__WG, BLOCK_M, BLOCK_N, HEAD_DV, STAGES, PINGPONG,
-                       OVERLAP, EMU, TREE, LATE, LSUM, MID, JOIN, False, O_ALIAS, BLOCK_N2)
+                       OVERLAP, EMU, TREE, LATE, LSUM, MID, JOIN, False, O_ALIAS, BLOCK_N2, PREFETCH)
 
 
 @gluon.jit(do_not_specialize=["Sq", "Sk", "coff", "slb", "slh", "n_b", "n_h"])
@@ -545,7 +565,7 @@ def attn_fwd_ws(q_desc, k_desc, v_desc, o_desc, k2_desc, v2_desc, LSE, __FP8P___
                 PINGPONG: gl.constexpr, OVERLAP: gl.constexpr = True, EMU: gl.constexpr = 0, TREE: gl.constexpr = False,
                 LATE: gl.constexpr = False, LSUM: gl.constexpr = False, MID: gl.constexpr = False,
                 JOIN: gl.constexpr = False, PERSISTENT: gl.constexpr = False, SEP_O: gl.constexpr = False,
-                BLOCK_N2: gl.constexpr = 0):
+                BLOCK_N2: gl.constexpr = 0, PREFETCH: gl.constexpr = False):
     HEAD_D: gl.constexpr = q_desc.block_type.shape[3]
     HEAD_DV: gl.constexpr = o_desc.block_type.shape[3]
     dtype: gl.constexpr = q_desc.dtype
@@ -639,11 +659,11 @@ __CAUSAL_ORDER__
         (_consumer, (q2, k2, v2, kb2, vb2, o2, o_smem, ones_smem, q_bar, q_empty, k_full, v_full, k_empty, v_empty, turn,
                      o_desc, LSE, slb, slh, slm, off_b, off_h, m0, lo, n_tiles, __TLX__n_b, n_h, Sq, Sk, coff,
                      __FP8P____OPS_KARGS__0, BLOCK_M, BLOCK_N, HEAD_DV, STAGES, PINGPONG, OVERLAP, EMU, TREE, LATE, LSUM,
-                     MID, JOIN, PERSISTENT, O_ALIAS, BLOCK_N2)),
+                     MID, JOIN, PERSISTENT, O_ALIAS, BLOCK_N2, PREFETCH)),
         (_consumer, (q2, k2, v2, kb2, vb2, o2, o_smem, ones_smem, q_bar, q_empty, k_full, v_full, k_empty, v_empty, turn,
                      o_desc, LSE, slb, slh, slm, off_b, off_h, m0, lo, n_tiles, __TLX__n_b, n_h, Sq, Sk, coff,
                      __FP8P____OPS_KARGS__1, BLOCK_M, BLOCK_N, HEAD_DV, STAGES, PINGPONG, OVERLAP, EMU, TREE, LATE, LSUM,
-                     MID, JOIN, PERSISTENT, O_ALIAS, BLOCK_N2)),
+                     MID, JOIN, PERSISTENT, O_ALIAS, BLOCK_N2, PREFETCH)),
         (_producer, (q_desc, k_desc, v_desc, k2_desc, v2_desc, q_smem, k_smem, v_smem, k2_smem, v2_smem, q_bar, q_empty,
                      k_full, v_full, k_empty, v_empty, off_b, off_h, off_hk, m0, lo, n_tiles, __TLX__n_b, n_h, Sq, Sk,
                      coff, BLOCK_M, BLOCK_N, STAGES, PERSISTENT, BLOCK_N2)),
@@ -742,11 +762,17 @@ class _HopperGen:
     def steps(self) -> tuple[str, str]:
         """The softmax-step calls of the prologue (tile 0, always masked) and of tile j: with tile lists, a
         neutral tile takes the operand-free variant (a runtime branch); without, there is no such branch."""
-        call = ("{lhs} = _softmax_step(s, m_i, qk, qi, kj, Sq, Sk, coff, __OPS_ARGS__{masked}, {neutral}, EMU, TREE, "
-                "SPLIT)")
+        # operand values of PREFETCH: the prologue's (OPP...) and the key loop's (OPV...), never the same names, so
+        # the loop carries none of them
+        opp = "".join(f"OPP{n}, " for n in range(self.nops))
+        opv = "".join(f"OPV{n}, " for n in range(self.nops))
+        call = ("{lhs} = _softmax_step(s, m_i, qk, qi, kj, Sq, Sk, coff, __OPS_ARGS__{opv}{masked}, {neutral}, EMU, "
+                "TREE, SPLIT, PREFETCH)")
         p0, pj = "p_arg, m_i, alpha", "p_arg, m_new, alpha"
+        call0 = call.replace("{opv}", opp).format
+        call = call.replace("{opv}", opv)
         if self.tiles is None:
-            step0 = "    " + call.format(lhs=p0, masked="True", neutral="False")
+            step0 = "    " + call0(lhs=p0, masked="True", neutral="False")
             stepj = ("        if masked:\n            " + call.format(lhs=pj, masked="True", neutral="False")
                      + "\n        else:\n            " + call.format(lhs=pj, masked="False", neutral="False"))
             # key-split blocks: both parts in one step (tile lists are per BLOCK_N block: none here)
@@ -763,8 +789,8 @@ class _HopperGen:
             return (_split_or(step0, two0, "    "), _split_or(stepj, twoj, "        "))
         # tile lists are per BLOCK_N block: the launch side never pairs them with key-split blocks
         step0 = ("    gl.static_assert(BLOCK_N2 == 0, 'tile lists with key-split blocks')\n"
-                 "    if _tile_neutral(0, __TLA__):\n        " + call.format(lhs=p0, masked="True", neutral="True")
-                 + "\n    else:\n        " + call.format(lhs=p0, masked="True", neutral="False"))
+                 "    if _tile_neutral(0, __TLA__):\n        " + call0(lhs=p0, masked="True", neutral="True")
+                 + "\n    else:\n        " + call0(lhs=p0, masked="True", neutral="False"))
         rows = []
         for neutral, head in (("True", "        if _tile_neutral(j, __TLA__):"), ("False", "        else:")):
             rows += [head, "            if masked:",
@@ -772,6 +798,59 @@ class _HopperGen:
                      "            else:",
                      "                " + call.format(lhs=pj, masked="False", neutral=neutral)]
         return step0, "\n".join(rows)
+
+    def value_score_fns(self) -> list[str]:
+        """PREFETCH: _vscore_masked / _vscore_full, the score chain on operand values loaded ahead (raw dtype; the
+        fp32 conversion happens here, at use), and _ops_masked / _ops_full, the loads themselves: the same
+        addresses and bounds predicates as the pointer variants, predicated off for neutral tiles (tile lists),
+        which use no operand."""
+        out = []
+        names = [f"OPV{n}" for n in range(self.nops)]
+        live = " & live" if self.tiles is not None else ""
+        for masked in (True, False):
+            suffix = "masked" if masked else "full"
+            em = Emitter(self.spec, "s", "qi", "kj", None, None, ns="gl", op_value=lambda n: f"OPV{n}")
+            if self.fold:
+                body = ["x = s"]
+            else:
+                root = em.emit(self.prog.expr)
+                body = em.lines + [f"x = {em.full_float(root)}"]
+            out += ["@gluon.jit", f"def _vscore_{suffix}(s, qi, kj, Sq, Sk, {''.join(n + ', ' for n in names)}):",
+                    _ind(body + ["return x"]), "", ""]
+            em = Emitter(self.spec, "s", "qi", "kj", f"(qi < Sq){live}", "(kj < Sk)" if masked else None, ns="gl",
+                         pred=live.removeprefix(" & ") or None)
+            loads = [em.raw_load(n) for n in range(self.nops)]
+            params = "".join(f"OP{n}b, st{n}_m, st{n}_n, " for n in range(self.nops))
+            out += ["@gluon.jit", f"def _ops_{suffix}(qi, kj, Sq, Sk, live, {params}):",
+                    _ind(em.lines + [f"return {', '.join(loads)}" if loads else "return 0"]), "", ""]
+        return out
+
+    def prefetch(self) -> tuple[str, str]:
+        """PREFETCH's loads of the prologue's tile (always masked) and of key block j, issued before the block's K
+        wait and S product so that their latency runs under the GEMMs instead of ahead of the softmax; without
+        PREFETCH the names are placeholders the steps never read."""
+        if not self.nops:
+            return "", ""
+        params = "".join(f"OP{n}b, st{n}_m, st{n}_n, " for n in range(self.nops))
+        pp = ", ".join(f"OPP{n}" for n in range(self.nops))
+        pv = ", ".join(f"OPV{n}" for n in range(self.nops))
+        zero = lambda names: ", ".join("0" for _ in names.split(", "))  # noqa: E731
+        live0 = "_tile_neutral(0, __TLA__) == False" if self.tiles is not None else "True"
+        livej = "_tile_neutral(j, __TLA__) == False" if self.tiles is not None else "True"
+        pro = ["    if PREFETCH:",
+               "        pkj = gl.expand_dims(_tile_start(0, lo, __TLA__NT) + gl.arange(0, BLOCK_N, col_l), 0)",
+               f"        {pp} = _ops_masked(qi, pkj, Sq, Sk, {live0}, {params})",
+               "    else:",
+               f"        {pp} = {zero(pp)}"]
+        loop = ["        if PREFETCH:",
+                "            pkj = gl.expand_dims(start_n + gl.arange(0, BLOCK_N, col_l), 0)",
+                "            if _tile_masked(start_n, row0, Sk, coff, BLOCK_M, NT):",
+                f"                {pv} = _ops_masked(qi, pkj, Sq, Sk, {livej}, {params})",
+                "            else:",
+                f"                {pv} = _ops_full(qi, pkj, Sq, Sk, {livej}, {params})",
+                "        else:",
+                f"            {pv} = {zero(pv)}"]
+        return "\n".join(pro) + "\n", "\n".join(loop) + "\n"
 
     def tile_fns(self) -> list[str]:
         """Which key blocks a CTA visits: a range, or the pre-pass's list (mask_tiles.py) with each tile's class."""
@@ -881,6 +960,9 @@ class _HopperGen:
         before, after = (p_op, "") if self.fp8 else ("", p_op)
         step0, stepj = self.steps()
         text = _KERNEL.replace("__STEP0__", step0).replace("__STEPJ__", stepj).replace("__PV_WAIT__", _PV_WAIT)
+        pre0, prej = self.prefetch()
+        text = (text.replace("__PREFETCH0__", pre0).replace("__PREFETCHJ__", prej)
+                .replace("__OPV_PARAMS__", "".join(f"OPV{n}, " for n in range(self.nops))))
         if self.fold:
             rowmax_of = lambda x: f"gl.max({x}, 1) * qk"  # noqa: E731
             p_exp_of = lambda x, m: f"{x} * qk - gl.expand_dims({m}{f' - {poff!r}.0' if poff else ''}, 1)"  # noqa: E731
@@ -916,7 +998,7 @@ class _HopperGen:
             text = text.replace(token, value)
         neutral = self.prog.expr if self.tiles is None else mask_tiles.neutral_program_expr(self.prog, *self.tiles)
         fns = (self.score_fn("_score_masked", True, self.prog.expr) + self.score_fn("_score_full", False, self.prog.expr)
-               + self.score_fn("_score_neutral", False, neutral) + self.tile_fns())
+               + self.score_fn("_score_neutral", False, neutral) + self.value_score_fns() + self.tile_fns())
         return _HEAD + "\n".join(fns) + text
 
 

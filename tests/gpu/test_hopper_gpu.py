@@ -345,12 +345,17 @@ def _poisoned_outputs(monkeypatch):
     monkeypatch.setattr(triton_portable, "_empty", poisoned)
 
 
-def _persistent(**pin):
-    """hopper as attend_and_check takes it, with the forward pinned to the persistent schedule."""
+def _pinned(**pin):
+    """hopper as attend_and_check takes it, with the forward pinned to one schedule (launch_args's keywords)."""
     import functools
     import types
-    fwd = functools.partial(hopper.forward, persistent=True, **pin)
+    fwd = functools.partial(hopper.forward, **pin)
     return types.SimpleNamespace(supports=hopper.supports, forward=fwd, backward=hopper.backward)
+
+
+def _persistent(**pin):
+    """hopper with the forward pinned to the persistent schedule."""
+    return _pinned(persistent=True, **pin)
 
 
 def _sms() -> int:
@@ -436,7 +441,7 @@ def test_portable_candidate_through_the_tuner(monkeypatch, causal):
     forward's numbers bit for bit, on the tuning call and through its plan, with the padded rows' rule applied
     once (uniform fill)."""
     monkeypatch.setattr(triton_portable, "_AUTOTUNE", True)
-    monkeypatch.setattr(hopper, "candidates", lambda d, dv, causal, tiles=False: [hopper.PORTABLE])
+    monkeypatch.setattr(hopper, "candidates", lambda d, dv, causal, tiles=False, operands=False: [hopper.PORTABLE])
     hopper._PLANS.clear()
     gen = torch.Generator(device=DEV).manual_seed(79)
     q = randn(2, 8, 700, 64, gen=gen)
@@ -475,14 +480,6 @@ def test_persistent_through_the_tuner(monkeypatch):
 
 # --- key-split key blocks (templates_hopper BLOCK_N2; a tuner candidate only with hopper.TUNE_KSPLIT) ---------------
 
-def _ksplit(**pin):
-    """hopper as attend_and_check takes it, with the forward pinned to key-split blocks."""
-    import functools
-    import types
-    fwd = functools.partial(hopper.forward, **pin)
-    return types.SimpleNamespace(supports=hopper.supports, forward=fwd, backward=hopper.backward)
-
-
 KSPLIT_CASES = [
     # causal, window, (B, Hq, Hk), (Sq, Sk), chain ("scale" or "softcap-bias"), pinned (block_n2, pingpong, persistent)
     ("none", None, (2, 8, 8), (1000, 1000), "scale", (32, True, False)),     # ragged: the last block is partial
@@ -517,7 +514,7 @@ def test_ksplit_accuracy(_poisoned_outputs, causal, window, heads, lengths, chai
     prog = ScoreProgram(expr, n_operands=len(ops), causal=causal, window=window, empty_row="zero")
     n2, pingpong, persistent = pin
     kw = dict(block_n2=n2, pingpong=pingpong, stages=2, persistent=persistent)
-    attend_and_check(q, k, v, ops, prog, backward=False, kernel=_ksplit(**kw))
+    attend_and_check(q, k, v, ops, prog, backward=False, kernel=_pinned(**kw))
     out_s, lse_s = hopper.forward(q, k, v, ops, prog, **kw)
     out_d, lse_d = hopper.forward(q, k, v, ops, prog, pingpong=pingpong, stages=2)
     assert not out_s.isnan().any()
@@ -541,4 +538,68 @@ def test_ksplit_through_the_tuner(monkeypatch):
         got, _ = hopper.forward(q, k, v, [], prog)
         want, _ = hopper.forward(q, k, v, [], prog, pingpong=True, stages=2)
         torch.testing.assert_close(got.float(), want.float(), atol=2e-2, rtol=0)
+    hopper._PLANS.clear()
+
+
+# --- operand prefetch (templates_hopper PREFETCH; a tuner candidate only with hopper.TUNE_PREFETCH) ----------------
+
+PREFETCH_CASES = [
+    # name, causal, (B, Hq, Hk), (Sq, Sk), d
+    ("t5-bias", "none", (2, 16, 16), (1000, 1000), 64),        # T5's self-attention: dense bias, no scale
+    ("scaled-fp32-bias", "none", (2, 8, 2), (700, 1300), 64),
+    ("keypad-tile-lists", "none", (2, 8, 8), (1031, 1031), 64),
+    ("dense-bool-causal", "bottom_right", (1, 8, 4), (900, 1500), 64),
+    ("t5-bias", "none", (1, 8, 8), (600, 600), 128),            # pinned at 128 too (the tuner does not offer it)
+]
+
+
+def _prefetch_case(name, b, hq, sq, sk, gen):
+    if name == "t5-bias":
+        return [randn(1, hq, sq, sk, gen=gen)], ("add", S, ("operand", 0)), "zero"
+    if name == "scaled-fp32-bias":
+        return [torch.randn(b, hq, sq, sk, generator=gen, device=DEV)], ("add", ("mul", S, C(0.125)), ("operand", 0)), \
+            "zero"
+    if name == "keypad-tile-lists":
+        keys = torch.ones(b, 1, 1, sk, dtype=torch.bool, device=DEV)
+        keys[-1, ..., sk // 3:] = False
+        return [keys], ("where", ("operand", 0), ("mul", S, C(0.125)), C(-math.inf)), "zero"
+    mask = torch.rand(b, 1, sq, sk, generator=gen, device=DEV) > 0.2
+    return [mask], ("where", ("operand", 0), ("mul", S, C(0.125)), C(-math.inf)), "zero"
+
+
+@pytest.mark.parametrize("name,causal,heads,lengths,d", PREFETCH_CASES,
+                         ids=[f"{c[0]}-{c[1]}-{'x'.join(map(str, c[2]))}-{c[3][0]}x{c[3][1]}-d{c[4]}"
+                              for c in PREFETCH_CASES])
+def test_prefetch_accuracy(_poisoned_outputs, name, causal, heads, lengths, d):
+    """Operands loaded ahead of each key block's S product: the 2x rule on NaN-poisoned outputs, and the plain
+    schedule's numbers bit for bit (the same loads and arithmetic, issued earlier)."""
+    b, hq, hk = heads
+    sq, sk = lengths
+    gen = torch.Generator(device=DEV).manual_seed(sq + sk + d)
+    q = randn(b, hq, sq, d, gen=gen)
+    k, v = (randn(b, hk, sk, d, gen=gen) for _ in range(2))
+    ops, expr, rule = _prefetch_case(name, b, hq, sq, sk, gen)
+    prog = ScoreProgram(expr, n_operands=len(ops), causal=causal, empty_row=rule)
+    attend_and_check(q, k, v, ops, prog, backward=False, kernel=_pinned(prefetch=True, pingpong=True, stages=2))
+    got, got_lse = hopper.forward(q, k, v, ops, prog, prefetch=True, pingpong=True, stages=2)
+    want, want_lse = hopper.forward(q, k, v, ops, prog, pingpong=True, stages=2)
+    assert torch.equal(got, want) and torch.equal(got_lse, want_lse)
+
+
+def test_prefetch_through_the_tuner(monkeypatch):
+    """With the switch on, the tuner times the prefetching candidates beside the plain ones for a one-operand
+    program at head dim 64; whatever it settles on gives the plain schedule's numbers, through the plan too."""
+    monkeypatch.setattr(triton_portable, "_AUTOTUNE", True)
+    monkeypatch.setattr(hopper, "TUNE_PREFETCH", True)
+    hopper._PLANS.clear()
+    gen = torch.Generator(device=DEV).manual_seed(91)
+    q, k, v = (randn(2, 16, 1024, 64, gen=gen) for _ in range(3))
+    bias = randn(1, 16, 1024, 1024, gen=gen)
+    prog = ScoreProgram(("add", S, ("operand", 0)), n_operands=1)
+    assert any(getattr(c, "prefetch", False) for c in hopper.candidates(64, 64, False, operands=1))
+    first, _ = hopper.forward(q, k, v, [bias], prog)
+    planned, _ = hopper.forward(q, k, v, [bias], prog)
+    want, _ = hopper.forward(q, k, v, [bias], prog, pingpong=True, stages=2)
+    torch.testing.assert_close(first.float(), want.float(), atol=2e-2, rtol=0)
+    torch.testing.assert_close(planned, first, atol=0, rtol=0)
     hopper._PLANS.clear()

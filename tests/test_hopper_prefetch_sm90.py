@@ -1,0 +1,115 @@
+"""Operand prefetch of the Hopper forward (templates_hopper PREFETCH: a key block's score operands loaded at the top
+of the block, ahead of its K wait and S product) without a GPU: it compiles for sm_90a with Triton's bundled ptxas
+for dense float biases (T5's position bias, a scaled chain with an fp32 bias), key-padding masks walked through
+tile lists and dense bool masks with a causal structure; in the key loop the operand loads come before the S
+product's wgmma (after it without the knob); at head dim 64 it spills at most 16 local-memory operations per
+block more than the plain kernel (T5's bias: 14 against 0; a dense bool mask with causal diagonals: 24 against 10,
+its masked diagonal blocks load byte by byte); the kernel without the knob is unchanged; the tuner offers it only behind FA3_HOPPER_PREFETCH, for
+programs with one operand at head dims <= 64. Whether it computes the right numbers: tests/gpu/test_hopper_gpu.py
+(`-k prefetch`); the score chain itself is the Emitter's, which the interpreter suites run."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from fa3_inductor.kernels import hopper
+from fa3_inductor.kernels.program import ScoreProgram
+
+try:
+    from sm90_cross_compile import compile_sm90, main_loop_path, sass_facts, sass_text
+    import triton.experimental.gluon  # noqa: F401
+    _HAVE = True
+except Exception:   # pragma: no cover - depends on the Triton build
+    _HAVE = False
+
+from test_hopper_codegen import _placeholder_tiles  # noqa: E402  (tests/ is on sys.path)
+
+S = ("score",)
+GLUON = pytest.mark.skipif(not _HAVE, reason="Triton without Gluon / NVIDIA backend")
+
+
+def _where(d, causal="none"):
+    return ScoreProgram(("where", ("operand", 0), ("mul", S, ("const", d ** -0.5)), ("const", -math.inf)),
+                        n_operands=1, causal=causal)
+
+
+# name: (program, operand factory (b, h, s) -> tensors)
+VARIANTS = {
+    "t5-bias": (ScoreProgram(("add", S, ("operand", 0)), n_operands=1),
+                lambda b, h, s: [torch.randn(1, h, s, s).to(torch.bfloat16)]),
+    "scaled-fp32-bias": (ScoreProgram(("add", ("mul", S, ("const", 0.125)), ("operand", 0)), n_operands=1),
+                         lambda b, h, s: [torch.randn(b, h, s, s)]),
+    "keypad-tile-lists": (_where(64), lambda b, h, s: [torch.rand(b, 1, 1, s) > 0.3]),
+    "dense-bool-causal": (_where(64, "top_left"), lambda b, h, s: [torch.rand(b, 1, s, s) > 0.3]),
+}
+
+
+def _launch(name, prefetch, b=2, h=8, s=640, d=64):
+    prog, make = VARIANTS[name]
+    q, k, v = (torch.randn(b, h, s, d).to(torch.bfloat16) for _ in range(3))
+    ops = make(b, h, s)
+    out, lse = torch.empty(b, h, s, d, dtype=q.dtype), torch.empty(b, h, s)
+    return hopper.launch_args(q, k, v, ops, prog, out, lse, tiles=_placeholder_tiles(q, k, ops, prog),
+                              prefetch=prefetch)
+
+
+def _loads_around_s(sass: str) -> tuple[int, int]:
+    """Global loads in one trip of the key loop before / after its first wgmma (the S product)."""
+    path = main_loop_path(sass)
+    first = next(i for i, (_, text) in enumerate(path) if "HGMMA" in text)
+    return (sum("LDG" in text for _, text in path[:first]), sum("LDG" in text for _, text in path[first:]))
+
+
+@GLUON
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_prefetch_compiles_and_loads_ahead(name):
+    kernel, grid, args, kwargs = _launch(name, True)
+    assert kwargs["PREFETCH"]
+    compiled = compile_sm90(kernel, *args, **kwargs)
+    ptx = compiled.asm["ptx"]
+    for instr in ("wgmma.mma_async", "cp.async.bulk.tensor", "mbarrier.try_wait", "setmaxnreg"):
+        assert instr in ptx, f"{name}: {instr} missing"
+    sass = sass_text(compiled)
+    facts = sass_facts(compiled)
+    kwargs.pop("PREFETCH")
+    plain = compile_sm90(kernel, *args, **kwargs)
+    before, after = _loads_around_s(sass)
+    p_before, p_after = _loads_around_s(sass_text(plain))
+    print(name, facts, "loads before / after S:", (before, after), "plain:", (p_before, p_after), sass_facts(plain))
+    # the operand loads moved ahead of the S product (at most a tile-list read stays on either side)
+    assert before >= p_after - 1 and after <= 1 and p_before <= 1, ((before, after), (p_before, p_after))
+    assert facts["loop_local_ops"] <= sass_facts(plain)["loop_local_ops"] + 16, facts
+    assert facts["shared"] <= 232448, facts
+
+
+@GLUON
+def test_plain_kernel_unchanged_by_the_knob():
+    kernel, grid, args, kwargs = _launch("t5-bias", False)
+    assert "PREFETCH" not in kwargs
+    assert sass_text(compile_sm90(kernel, *args, **kwargs)) == \
+        sass_text(compile_sm90(kernel, *args, **kwargs, PREFETCH=False))
+
+
+def test_no_prefetch_without_operands():
+    q, k, v = (torch.randn(1, 2, 256, 64).to(torch.bfloat16) for _ in range(3))
+    prog = ScoreProgram(("mul", S, ("const", 0.125)))
+    *_, kwargs = hopper.launch_args(q, k, v, [], prog, torch.empty_like(q), torch.empty(1, 2, 256), prefetch=True)
+    assert "PREFETCH" not in kwargs
+
+
+def test_tuner_candidates_only_behind_the_switch(monkeypatch):
+    monkeypatch.setattr(hopper, "TUNE_PREFETCH", False)
+    assert not any(getattr(c, "prefetch", False) for c in hopper.candidates(64, 64, False, operands=1))
+    monkeypatch.setattr(hopper, "TUNE_PREFETCH", True)
+    cands = hopper.candidates(64, 64, True, operands=1)
+    base = hopper.schedules(64, 64, causal=True)
+    assert [c for c in cands if getattr(c, "prefetch", False)] == [c._replace(prefetch=True) for c in base]
+    assert cands[:len(base)] == base                  # the plain schedules stay first
+    assert not any(getattr(c, "prefetch", False) for c in hopper.candidates(64, 64, False, operands=0))
+    # two operands (a dense bias and a key-padding mask): prefetched, the key loop spilled 428 local-memory operations
+    # per block against the plain kernel's 10
+    assert not any(getattr(c, "prefetch", False) for c in hopper.candidates(64, 64, False, operands=2))
+    assert not any(getattr(c, "prefetch", False) for c in hopper.candidates(128, 128, False, operands=1))
