@@ -193,13 +193,15 @@ def tile_args(q, k, operands, prog: ScoreProgram, block_n: int) -> list:
 
 
 def launch_args(q, k, v, operands, prog: ScoreProgram, out, lse, pingpong: bool = True, block_n=None,
-                stages=None, tiles=None, persistent: bool = False, block_n2: int = 0, prefetch: bool = False):
+                stages=None, tiles=None, persistent: bool = False, block_n2: int = 0, prefetch: bool = False,
+                overlap: bool = True):
     """(kernel, grid, args, kwargs) of one launch; also used by tests to compile and read the PTX.
     tiles: tile_args(...) computed once per call (recomputed when None). persistent: one CTA per SM walking the
     (query block, head, batch) work tiles (templates_hopper's PERSISTENT), with its own O buffer where it fits.
     block_n2: key-split blocks of block_n + block_n2 keys (templates_hopper's BLOCK_N2; not with tile lists).
     prefetch: score operands loaded at the top of each key block, ahead of its K wait and S product
-    (templates_hopper's PREFETCH; only where the program has operands)."""
+    (templates_hopper's PREFETCH; only where the program has operands). overlap=False: P·V waited before the
+    softmax (templates_hopper's OVERLAP), so P's registers are free while S is live."""
     b, hq, sq, d = q.shape
     sk, dv = k.shape[2], v.shape[-1]
     bn, st = config(d, dv, 2, block_n, block_n2)
@@ -230,6 +232,8 @@ def launch_args(q, k, v, operands, prog: ScoreProgram, out, lse, pingpong: bool 
         kwargs["BLOCK_N2"] = block_n2
     if prefetch and operands:
         kwargs["PREFETCH"] = True
+    if not overlap:
+        kwargs["OVERLAP"] = False
     return mod.attn_fwd_ws, grid, args, kwargs
 
 
@@ -240,6 +244,7 @@ class Schedule(NamedTuple):
     persistent: bool = False
     block_n2: int = 0       # key-split blocks: BLOCK_N + block_n2 keys per key block
     prefetch: bool = False  # score operands loaded ahead of each key block's S product
+    overlap: bool = True    # False: P·V waited before the softmax (P's registers free while S is live)
 
 
 # The persistent schedule (templates_hopper PERSISTENT) joins the tuner's candidates for non-causal programs
@@ -283,28 +288,34 @@ PORTABLE_MAX_D = 64
 TUNE_KSPLIT = os.environ.get("FA3_HOPPER_KSPLIT", "0") == "1"
 KSPLIT_N2 = 32
 
-# Operand prefetch (templates_hopper PREFETCH: a key block's score operands loaded at the top of the block, ahead of
-# its K wait and S product, so that their latency runs under the GEMMs). Cross-compiled for sm_90a at T5's
-# self-attention (dense (1, H, S, S) bias, D=64): the plain kernel issues the block's 32 bias loads per thread only
-# once S is done, so every block waits a global-load latency (~2-4x the 512-cycle D=64 GEMM) ahead of its softmax
-# (T5-sdpa, H100: 329 us per call vs Inductor's 174); prefetched, the loop holds the values across the GEMMs at the
-# cost of 8-14 spilled registers per block. At head dim 128 the plain kernel already spills with dense operands
-# and prefetching doubles it, as it does with two operands (428 against 10 per block): one operand at head dims
-# <= 64 only. Not yet timed on the H100: the tuner tries it only with FA3_HOPPER_PREFETCH=1.
-TUNE_PREFETCH = os.environ.get("FA3_HOPPER_PREFETCH", "0") == "1"
-PREFETCH_MAX_D = 64
+# Schedules for programs with score operands (biases, masks), cross-compiled for sm_90a (tests/test_hopper_prefetch_sm90.py,
+# bench/NOTES.md session 8); not yet timed on the H100, so the tuner tries them only with
+# FA3_HOPPER_OPERAND_SCHEDULES=1:
+# - operand prefetch (templates_hopper PREFETCH: a key block's operands loaded at the top of the block, ahead of its
+#   K wait and S product, so that their latency runs under the GEMMs). The plain kernel issues a block's operand
+#   loads (32 per thread for T5's dense bias at D=64) only once S is done, so every block waits a global-load
+#   latency (~2-4x the 512-cycle D=64 GEMM) ahead of its softmax (T5-sdpa, H100: 329 us per call vs Inductor's
+#   174). Prefetched, the loop holds the values across the GEMMs: 13-14 spilled operations per block with a dense
+#   operand at D=64 (0 plain), none with a key-padding mask at any head dim, 440+ with a dense one at D >= 128, and
+#   428 with two operands: one operand, dense only at head dims <= 64.
+# - P·V waited before the softmax (OVERLAP=False): with a dense operand at head dim 128 the plain kernel spills 184
+#   operations per block (a dense bool mask with causal diagonals: 112-118), without the overlap none.
+TUNE_OPERAND_SCHEDULES = os.environ.get("FA3_HOPPER_OPERAND_SCHEDULES", "0") == "1"
+PREFETCH_DENSE_MAX_D = 64
 
 
-def candidates(d: int, dv: int, causal: bool, tiles: bool = False, operands: int = 0) -> list:
+def candidates(d: int, dv: int, causal: bool, tiles: bool = False, operands: int = 0, dense: bool = False) -> list:
     """The forward tuner's list: schedules(), key-split blocks where switched on (head dim 128, no tile lists:
-    those are per 128-key block), the same schedules with operand prefetch where switched on (programs with one
-    score operand, head dims <= 64), then PORTABLE where it may win."""
+    those are per 128-key block), the operand schedules where switched on (operands: the program's score operand
+    count; dense: one of them varies over both queries and keys), then PORTABLE where it may win."""
     base = schedules(d, dv, causal=causal)
     cands = list(base)
     if TUNE_KSPLIT and not tiles and _tile_dim(max(d, dv)) == 128:
         cands += [Schedule(pp, 2, block_n2=KSPLIT_N2) for pp in (True, False)]
-    if TUNE_PREFETCH and operands == 1 and max(d, dv) <= PREFETCH_MAX_D:
+    if TUNE_OPERAND_SCHEDULES and operands == 1 and (max(d, dv) <= PREFETCH_DENSE_MAX_D or not dense):
         cands += [c._replace(prefetch=True) for c in base]
+    if TUNE_OPERAND_SCHEDULES and dense and max(d, dv) > PREFETCH_DENSE_MAX_D:
+        cands += [c._replace(overlap=False) for c in base]
     return cands + ([PORTABLE] if max(d, dv) <= PORTABLE_MAX_D else [])
 
 
@@ -406,7 +417,8 @@ def forward(q, k, v, operands, prog: ScoreProgram, **variant):
             triton_portable._bucket(k.shape[2]))
     cfg = triton_portable._launch_tuned("hopper_fwd", tkey, d, q.dtype, q.device, launch,
                                          candidates(d, dv, prog.causal != "none", tiles=bool(tiles),
-                                                    operands=len(operands)))
+                                                    operands=len(operands),
+                                                    dense=any(t.shape[2] > 1 and t.shape[3] > 1 for t in operands)))
     if cfg is not None:
         if len(_PLANS) > 4096:
             _PLANS.clear()

@@ -1,12 +1,15 @@
-"""Operand prefetch of the Hopper forward (templates_hopper PREFETCH: a key block's score operands loaded at the top
-of the block, ahead of its K wait and S product) without a GPU: it compiles for sm_90a with Triton's bundled ptxas
-for dense float biases (T5's position bias, a scaled chain with an fp32 bias), key-padding masks walked through
-tile lists and dense bool masks with a causal structure; in the key loop the operand loads come before the S
-product's wgmma (after it without the knob); at head dim 64 it spills at most 16 local-memory operations per
-block more than the plain kernel (T5's bias: 14 against 0; a dense bool mask with causal diagonals: 24 against 10,
-its masked diagonal blocks load byte by byte); the kernel without the knob is unchanged; the tuner offers it only behind FA3_HOPPER_PREFETCH, for
-programs with one operand at head dims <= 64. Whether it computes the right numbers: tests/gpu/test_hopper_gpu.py
-(`-k prefetch`); the score chain itself is the Emitter's, which the interpreter suites run."""
+"""Schedules of the Hopper forward for programs with score operands, without a GPU. Operand prefetch (templates_hopper
+PREFETCH: a key block's score operands loaded at the top of the block, ahead of its K wait and S product) compiles
+for sm_90a with Triton's bundled ptxas for dense float biases (T5's position bias, a scaled chain with an fp32
+bias), key-padding masks walked through tile lists and dense bool masks with a causal structure; in the key loop
+the operand loads come before the S product's wgmma (after it without the knob); at head dim 64 it spills at most
+16 local-memory operations per block more than the plain kernel (T5's bias: 14 against 0; a dense bool mask with
+causal diagonals: 24 against 10, its masked diagonal blocks load byte by byte); the kernel without the knob is
+unchanged. At head dim 128 with a dense operand, the schedule without the PV overlap (OVERLAP=False) spills nothing
+where the plain one spills 100+ operations per block. The tuner offers both only behind
+FA3_HOPPER_OPERAND_SCHEDULES (prefetch for one operand, a dense one only at head dims <= 64; no-overlap for dense
+operands above). Whether they compute the right numbers: tests/gpu/test_hopper_gpu.py (`-k "prefetch or
+overlap"`); the score chain itself is the Emitter's, which the interpreter suites run."""
 
 from __future__ import annotations
 
@@ -101,15 +104,46 @@ def test_no_prefetch_without_operands():
 
 
 def test_tuner_candidates_only_behind_the_switch(monkeypatch):
-    monkeypatch.setattr(hopper, "TUNE_PREFETCH", False)
-    assert not any(getattr(c, "prefetch", False) for c in hopper.candidates(64, 64, False, operands=1))
-    monkeypatch.setattr(hopper, "TUNE_PREFETCH", True)
-    cands = hopper.candidates(64, 64, True, operands=1)
+    flag = lambda cands, key: [c for c in cands if getattr(c, key, hopper.Schedule._field_defaults[key]) != hopper.Schedule._field_defaults[key]]  # noqa: E731
+    monkeypatch.setattr(hopper, "TUNE_OPERAND_SCHEDULES", False)
+    for d in (64, 128):
+        cands = hopper.candidates(d, d, False, operands=1, dense=True)
+        assert not flag(cands, "prefetch") and not flag(cands, "overlap")
+    monkeypatch.setattr(hopper, "TUNE_OPERAND_SCHEDULES", True)
     base = hopper.schedules(64, 64, causal=True)
-    assert [c for c in cands if getattr(c, "prefetch", False)] == [c._replace(prefetch=True) for c in base]
+    cands = hopper.candidates(64, 64, True, operands=1, dense=True)
+    assert flag(cands, "prefetch") == [c._replace(prefetch=True) for c in base] and not flag(cands, "overlap")
     assert cands[:len(base)] == base                  # the plain schedules stay first
-    assert not any(getattr(c, "prefetch", False) for c in hopper.candidates(64, 64, False, operands=0))
+    assert not flag(hopper.candidates(64, 64, False, operands=0), "prefetch")
     # two operands (a dense bias and a key-padding mask): prefetched, the key loop spilled 428 local-memory operations
     # per block against the plain kernel's 10
-    assert not any(getattr(c, "prefetch", False) for c in hopper.candidates(64, 64, False, operands=2))
-    assert not any(getattr(c, "prefetch", False) for c in hopper.candidates(128, 128, False, operands=1))
+    assert not flag(hopper.candidates(64, 64, False, operands=2, dense=True), "prefetch")
+    # head dim 128: prefetch for a key-padding mask (no spills), the no-overlap schedules for a dense operand
+    base = hopper.schedules(128, 128)
+    assert flag(hopper.candidates(128, 128, False, operands=1, dense=False), "prefetch") == \
+        [c._replace(prefetch=True) for c in base]
+    dense = hopper.candidates(128, 128, False, operands=1, dense=True)
+    assert not flag(dense, "prefetch") and flag(dense, "overlap") == [c._replace(overlap=False) for c in base]
+
+
+@GLUON
+@pytest.mark.parametrize("case", ["float-bias-tile-lists", "bool-mask-causal"])
+def test_no_overlap_removes_the_dense_operand_spills_at_d128(case):
+    """A dense operand at head dim 128 (an additive bias walked through tile lists; a bool mask with causal
+    diagonals): the plain (overlapped) kernel spills in its key loop, the schedule that waits for P·V before the
+    softmax (launch_args overlap=False) does not."""
+    b, h, s, d = 2, 16, 640, 128
+    q, k, v = (torch.randn(b, h, s, d).to(torch.bfloat16) for _ in range(3))
+    if case == "float-bias-tile-lists":
+        ops, prog = [torch.randn(1, h, s, s).to(torch.bfloat16)], ScoreProgram(("add", S, ("operand", 0)), 1)
+    else:
+        ops, prog = [torch.rand(b, 1, s, s) > 0.3], _where(d, "top_left")
+    out, lse = torch.empty(b, h, s, d, dtype=q.dtype), torch.empty(b, h, s)
+    facts = {}
+    for overlap in (True, False):
+        kernel, grid, args, kwargs = hopper.launch_args(q, k, v, ops, prog, out, lse,
+                                                        tiles=_placeholder_tiles(q, k, ops, prog), overlap=overlap)
+        assert kwargs.get("OVERLAP", True) == overlap
+        facts[overlap] = sass_facts(compile_sm90(kernel, *args, **kwargs))
+    print(case, facts)
+    assert facts[True]["loop_local_ops"] > 100 and facts[False]["loop_local_ops"] <= 5, facts

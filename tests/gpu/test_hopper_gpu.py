@@ -441,7 +441,7 @@ def test_portable_candidate_through_the_tuner(monkeypatch, causal):
     forward's numbers bit for bit, on the tuning call and through its plan, with the padded rows' rule applied
     once (uniform fill)."""
     monkeypatch.setattr(triton_portable, "_AUTOTUNE", True)
-    monkeypatch.setattr(hopper, "candidates", lambda d, dv, causal, tiles=False, operands=False: [hopper.PORTABLE])
+    monkeypatch.setattr(hopper, "candidates", lambda d, dv, causal, tiles=False, operands=0, dense=False: [hopper.PORTABLE])
     hopper._PLANS.clear()
     gen = torch.Generator(device=DEV).manual_seed(79)
     q = randn(2, 8, 700, 64, gen=gen)
@@ -541,7 +541,7 @@ def test_ksplit_through_the_tuner(monkeypatch):
     hopper._PLANS.clear()
 
 
-# --- operand prefetch (templates_hopper PREFETCH; a tuner candidate only with hopper.TUNE_PREFETCH) ----------------
+# --- operand prefetch (templates_hopper PREFETCH; a tuner candidate only with hopper.TUNE_OPERAND_SCHEDULES) ------
 
 PREFETCH_CASES = [
     # name, causal, (B, Hq, Hk), (Sq, Sk), d
@@ -590,16 +590,37 @@ def test_prefetch_through_the_tuner(monkeypatch):
     """With the switch on, the tuner times the prefetching candidates beside the plain ones for a one-operand
     program at head dim 64; whatever it settles on gives the plain schedule's numbers, through the plan too."""
     monkeypatch.setattr(triton_portable, "_AUTOTUNE", True)
-    monkeypatch.setattr(hopper, "TUNE_PREFETCH", True)
+    monkeypatch.setattr(hopper, "TUNE_OPERAND_SCHEDULES", True)
     hopper._PLANS.clear()
     gen = torch.Generator(device=DEV).manual_seed(91)
     q, k, v = (randn(2, 16, 1024, 64, gen=gen) for _ in range(3))
     bias = randn(1, 16, 1024, 1024, gen=gen)
     prog = ScoreProgram(("add", S, ("operand", 0)), n_operands=1)
-    assert any(getattr(c, "prefetch", False) for c in hopper.candidates(64, 64, False, operands=1))
+    assert any(getattr(c, "prefetch", False) for c in hopper.candidates(64, 64, False, operands=1, dense=True))
     first, _ = hopper.forward(q, k, v, [bias], prog)
     planned, _ = hopper.forward(q, k, v, [bias], prog)
     want, _ = hopper.forward(q, k, v, [bias], prog, pingpong=True, stages=2)
     torch.testing.assert_close(first.float(), want.float(), atol=2e-2, rtol=0)
     torch.testing.assert_close(planned, first, atol=0, rtol=0)
     hopper._PLANS.clear()
+
+
+@pytest.mark.parametrize("case", ["float-bias-tile-lists", "bool-mask-causal"])
+def test_no_overlap_dense_operand_accuracy(_poisoned_outputs, case):
+    """The schedule without the PV overlap (launch_args overlap=False, the operand schedules' choice for dense operands
+    at head dim 128): the 2x rule on NaN-poisoned outputs, and the overlapped schedule's numbers within a rounding."""
+    b, hq, hk, sq, sk, d = 2, 8, 4, 900, 1300, 128
+    gen = torch.Generator(device=DEV).manual_seed(sq + sk + len(case))
+    q = randn(b, hq, sq, d, gen=gen)
+    k, v = (randn(b, hk, sk, d, gen=gen) for _ in range(2))
+    if case == "float-bias-tile-lists":
+        ops, expr, causal = [randn(1, hq, sq, sk, gen=gen)], ("add", ("mul", S, C(d ** -0.5)), ("operand", 0)), "none"
+    else:
+        ops = [torch.rand(b, 1, sq, sk, generator=gen, device=DEV) > 0.2]
+        expr, causal = ("where", ("operand", 0), ("mul", S, C(d ** -0.5)), C(-math.inf)), "bottom_right"
+    prog = ScoreProgram(expr, n_operands=1, causal=causal, empty_row="zero")
+    attend_and_check(q, k, v, ops, prog, backward=False, kernel=_pinned(overlap=False, pingpong=True, stages=2))
+    got, got_lse = hopper.forward(q, k, v, ops, prog, overlap=False, pingpong=True, stages=2)
+    want, want_lse = hopper.forward(q, k, v, ops, prog, pingpong=True, stages=2)
+    torch.testing.assert_close(got.float(), want.float(), atol=1e-2, rtol=0)
+    torch.testing.assert_close(got_lse, want_lse, atol=1e-5, rtol=0)
