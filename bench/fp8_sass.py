@@ -43,6 +43,8 @@ from fa3_inductor.kernels.program import ScoreProgram  # noqa: E402
 # (dtype, D, causal, variant kwargs); {} is the default schedule
 VARIANTS = [
     ("bf16", 128, False, {}), ("bf16", 256, False, {"pingpong": False, "stages": 2}),
+    # key-split key blocks (templates_hopper BLOCK_N2): 128 + 32 / 128 + 64 keys per block at D=128
+    ("bf16", 128, False, {"block_n2": 32, "stages": 2}), ("bf16", 128, False, {"block_n2": 64, "stages": 2}),
     ("fp8", 64, False, {}),
     ("fp8", 128, False, {}), ("fp8", 128, True, {}),
     ("fp8", 128, False, {"block_n": 256, "pingpong": True}),
@@ -101,10 +103,11 @@ def row(dtype, d, causal, kw) -> dict:
     facts = sass_facts(compiled)
     sass = sass_text(compiled)
     mix = main_loop_mix(sass) or {}
-    bn = kwargs["BLOCK_N"]
+    bn = kwargs["BLOCK_N"] + kwargs.get("BLOCK_N2", 0)      # keys per key block (one loop trip)
     soft = "".join(f" {k}" for k in ("tree", "lsum", "late", "join", "mid") if kwargs.get(k.upper()))
     soft += f" emu{kwargs['EMU']}" if kwargs.get("EMU") else ""
-    name = (f"{dtype} D{d}{' causal' if causal else ''} N{bn} {'pp' if kwargs['PINGPONG'] else 'nopp'} "
+    keys = f"{kwargs['BLOCK_N']}+{kwargs['BLOCK_N2']}" if kwargs.get("BLOCK_N2") else f"{bn}"
+    name = (f"{dtype} D{d}{' causal' if causal else ''} N{keys} {'pp' if kwargs['PINGPONG'] else 'nopp'} "
             f"st{kwargs['STAGES']}{'' if kwargs.get('OVERLAP', True) else ' no-overlap'}{soft}"
             f"{' (default)' if not kw else ''}")
     g = mix.get
@@ -163,7 +166,11 @@ def main(argv=None):
         print(rows[-1], flush=True)
     qrows = [quant_row(kern, d, rot, not rot)
              for kern in ("tile", "general") for d in (128, 256) for rot in (True, False)]
+    import datetime
+    import triton
+    from common import git_commit
     lines = ["# Hopper forward cross-compiled for sm_90a: cubin facts and one main-loop trip (consumer 0, unmasked)",
+             f"{datetime.date.today()}, commit {git_commit()}; CPU, Triton {triton.__version__}'s bundled ptxas (no GPU)",
              "", "| " + " | ".join(COLS) + " |", "|" + "---|" * len(COLS)]
     lines += ["| " + " | ".join(str(r[c]) for c in COLS) + " |" for r in rows]
     lines += ["", "## Quantize kernels (one 128-row tile of bf16 per program)", "",

@@ -1,16 +1,21 @@
 """Hopper 16-bit forward: schedule families against the default one, each candidate pinned.
 
-    python bench/fwd_schedules.py [--families persistent,ksplit] [--out DIR] [--stem NAME] [--budget SECONDS]
-                                  [--d 64,128,256] [--s 1024,...] [--causal 0,1]      (one H100, < 4 minutes)
+    python bench/fwd_schedules.py [--families persistent,ksplit] [--program scale] [--out DIR] [--stem NAME]
+                                  [--budget SECONDS] [--d 64,128,256] [--s 1024,...] [--causal 0,1]
+                                  (one H100, < 4 minutes)
 
 Grid (FA3 convention: 16k tokens, H·D = 2048, FLOPs 4·B·H·S²·D, halved if causal): D = 64 / 128 / 256,
 S = 1k .. 16k, non-causal and causal (top-left), bf16 N(0, 1) inputs. Per cell, every candidate of a family is
 timed pinned (triton.testing.do_bench, median) and the family's best reported: "default" is the best of
 hopper.schedules' non-persistent candidates (what the tuner picks among today); "persistent" the same candidates on
 persistent CTAs (templates_hopper PERSISTENT, grid min(#SMs, work tiles)); "ksplit" / "ksplit64" key-split key
-blocks of 128 + 32 / 128 + 64 keys (templates_hopper BLOCK_N2, two stages, ping-pong or not; head dim 128 only).
-Each output is checked against the default's (max |diff|; NaN-poisoned output first, so a skipped work tile or key
-block shows).
+blocks of 128 + 32 / 128 + 64 keys (templates_hopper BLOCK_N2, two stages, ping-pong or not; head dim 128 only);
+"prefetch" / "nooverlap" the default's candidates with the score operand loaded ahead of each key block's S product
+(PREFETCH) / with P·V waited before the softmax (OVERLAP=False): the operand schedules. --program: the score program
+(scale: D^-0.5 alone; t5-bias: scores plus a dense (1, H, S, S) bf16 bias, T5's self-attention; keypad: a (B, 1, 1,
+S) key-padding bool mask, a third of the last batch's keys hidden; dense-mask: a (B, 1, S, S) bool mask); with an
+operand, SDPA with the same attn_mask (what Inductor runs for such a site) is timed in the same cell. Each output is
+checked against the default's (max |diff|; NaN-poisoned output first, so a skipped work tile or key block shows).
 
 Writes <stem>.json and <stem>.md under --out (default bench/results; stem default fwd_schedules; the persistent
 comparison of session 6 is fwd_persist.md).
@@ -36,6 +41,7 @@ def main() -> int:
     ap.add_argument("--out", default=os.path.join(common.ROOT, "bench", "results"))
     ap.add_argument("--stem", default="fwd_schedules")
     ap.add_argument("--families", default="persistent,ksplit", help=f"besides default: of {list(FAMILIES)}")
+    ap.add_argument("--program", default="scale", choices=list(PROGRAMS))
     ap.add_argument("--budget", type=float, default=210.0, help="seconds; later cells are skipped")
     ap.add_argument("--d", default="64,128,256")
     ap.add_argument("--s", default="1024,2048,4096,8192,16384")
@@ -68,8 +74,8 @@ def main() -> int:
                 if time.time() - t0 > args.budget:
                     skipped.append((d, s, causal))
                     continue
-                prog = ScoreProgram(("mul", ("score",), ("const", d ** -0.5)), causal="top_left" if causal else "none")
-                cell = {"D": d, "S": s, "B": b, "H": h, "causal": causal,
+                prog, ops = PROGRAMS[args.program](ScoreProgram, d, b, h, s, "top_left" if causal else "none", gen)
+                cell = {"D": d, "S": s, "B": b, "H": h, "causal": causal, "program": args.program,
                         "flops": 4 * b * h * s * s * d / (2 if causal else 1),
                         "work_tiles": b * h * -(-s // (2 * hopper.BLOCK_M)), "sms": sms, "runs": []}
                 want = None
@@ -79,7 +85,7 @@ def main() -> int:
                         try:
                             out = torch.full((b, h, s, d), float("nan"), device="cuda", dtype=q.dtype)
                             lse = torch.empty(b, h, s, device="cuda")
-                            kern, grid, kargs, kw = hopper.launch_args(q, k, v, [], prog, out, lse, **pin)
+                            kern, grid, kargs, kw = hopper.launch_args(q, k, v, ops, prog, out, lse, **pin)
                             kern[grid](*kargs, **kw)
                             torch.cuda.synchronize()
                             if want is None:
@@ -92,6 +98,17 @@ def main() -> int:
                             rec["error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
                         cell["runs"].append(rec)
                         print(d, s, causal, rec, flush=True)
+                if ops:     # the peer Inductor runs for such a site: SDPA with the same mask / bias (causal merged in)
+                    mask = ops[0]
+                    if causal:
+                        tri = torch.ones(s, s, dtype=torch.bool, device="cuda").tril()
+                        mask = mask & tri if mask.dtype == torch.bool else mask.masked_fill(~tri, float("-inf"))
+                    sd = lambda: torch.nn.functional.scaled_dot_product_attention(  # noqa: E731
+                        q, k, v, attn_mask=mask, is_causal=False, scale=1.0 if args.program == "t5-bias" else None)
+                    try:
+                        cell["sdpa_ms"] = bench(sd)
+                    except Exception as exc:
+                        cell["sdpa_error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
                 cells.append(cell)
             del q, k, v
             torch.cuda.empty_cache()
@@ -121,6 +138,43 @@ FAMILIES = {
 }
 
 
+def _operand_pins(key):
+    def pins(hopper, d):
+        return [dict(p, **{key: key == "prefetch"}) for p in _plain(hopper, d)]
+    return pins
+
+
+def _scale_only(SP, d, b, h, s, causal, gen):
+    return SP(("mul", ("score",), ("const", d ** -0.5)), causal=causal), []
+
+
+def _t5_bias(SP, d, b, h, s, causal, gen):
+    bias = torch.randn(1, h, s, s, device="cuda", generator=gen, dtype=torch.bfloat16)
+    return SP(("add", ("score",), ("operand", 0)), n_operands=1, causal=causal), [bias]
+
+
+def _bool_mask(shape):
+    def make(SP, d, b, h, s, causal, gen):
+        full = [b, 1, s, s]
+        keep = torch.rand(*[full[i] if shape[i] else 1 for i in range(4)], device="cuda", generator=gen) > 0.2 \
+            if shape[2] else torch.ones(b, 1, 1, s, dtype=torch.bool, device="cuda")
+        if not shape[2]:
+            keep[-1, ..., s - s // 3:] = False
+        expr = ("where", ("operand", 0), ("mul", ("score",), ("const", d ** -0.5)), ("const", float("-inf")))
+        return SP(expr, n_operands=1, causal=causal, empty_row="zero"), [keep]
+    return make
+
+
+# --program -> (ScoreProgram class, d, b, h, s, causal, generator) -> (program, operands)
+PROGRAMS = {
+    "scale": _scale_only,
+    "t5-bias": _t5_bias,
+    "keypad": _bool_mask((1, 0, 0, 1)),
+    "dense-mask": _bool_mask((1, 0, 1, 1)),
+}
+FAMILIES.update({"prefetch": _operand_pins("prefetch"), "nooverlap": _operand_pins("overlap")})
+
+
 def _best(cell, family):
     runs = [r for r in cell["runs"] if r["family"] == family and "ms" in r and not r["nan"]]
     return min(runs, key=lambda r: r["ms"]) if runs else None
@@ -139,9 +193,9 @@ def write(out_dir, stem, families, cells, skipped, elapsed, triton_version):
              f"torch {torch.__version__}, triton {triton_version}; bf16, 16k tokens, H·D = 2048; FA3 FLOP convention; "
              f"TFLOPS (ms), median of triton.testing.do_bench; best pinned candidate of each family; speedup: "
              f"default ms / family ms; elapsed {elapsed:.0f} s", "",
-             "| D | S | causal | work tiles / SMs | default | " + " | ".join(f"{f} | speedup" for f in others)
-             + " | max abs diff vs default | errors / NaN |", "|---|---|---|---|---|" + "---|---|" * len(others)
-             + "---|---|"]
+             "| D | S | causal | program | work tiles / SMs | default | " + " | ".join(f"{f} | speedup" for f in others)
+             + " | SDPA (same mask / bias) | max abs diff vs default | errors / NaN |",
+             "|---|---|---|---|---|---|" + "---|---|" * len(others) + "---|---|---|"]
     for c in cells:
         fl = c["flops"]
         dft = _best(c, "default")
@@ -153,8 +207,9 @@ def write(out_dir, stem, families, cells, skipped, elapsed, triton_version):
             cols.append(f"{dft['ms'] / r['ms']:.3f}" if dft and r else "-")
         diff = max((r["max_diff"] for r in c["runs"] if r["family"] != "default" and "max_diff" in r),
                    default=float("nan"))
-        lines.append(f"| {c['D']} | {c['S']} | {c['causal']} | {c['work_tiles']} / {c['sms']} | " + " | ".join(cols)
-                     + f" | {diff:.3g} | {'; '.join(bad)} |")
+        sdpa = f"{tf(fl, c['sdpa_ms']):.0f} ({c['sdpa_ms']:.3g})" if "sdpa_ms" in c else c.get("sdpa_error", "-")
+        lines.append(f"| {c['D']} | {c['S']} | {c['causal']} | {c.get('program', 'scale')} | {c['work_tiles']} / "
+                     f"{c['sms']} | " + " | ".join(cols) + f" | {sdpa} | {diff:.3g} | {'; '.join(bad)} |")
     if skipped:
         lines += ["", f"Skipped (time budget): {skipped}"]
     os.makedirs(out_dir, exist_ok=True)

@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# What CPU-only sessions built and could only cross-compile, checked and timed on one H100 in priority order (two
+# device calls of under 10 minutes: STAGES=tests,operands then STAGES=ksplit,decode; bench/NOTES.md session 8 says
+# what each stage decides):
+#   tests     the GPU tests of the switched-off schedules (key-split blocks, operand prefetch, no-overlap for dense
+#             operands) and of the portable forward as a tuner candidate           -> gpu_tests_pending.log
+#   operands  T5's dense bias at D=64 (prefetch) and dense masks at D=128 (no-overlap) pinned beside the default
+#             schedules and SDPA with the same bias / mask                       -> fwd_operands_t5.md, _mask.md
+#   ksplit    key-split blocks (128 + 32 / 128 + 64 keys) at D=128 beside the default schedules -> fwd_ksplit.md
+#   decode    the decode kernel alone as GPU time in CUDA graphs, and generate() reduce-overhead fa3 vs Inductor in
+#             rotated rounds                                                       -> generate.md
+#
+#   STAGES=tests,operands FA3_COMMIT=<sha> bash bench/pending_gpu.sh
+#   STAGES=ksplit,decode SKIP_INSTALL=0 bash bench/pending_gpu.sh     # (a fresh machine: install again)
+#
+# Each stage has a budget (seconds; work that would start later is skipped) and a hard timeout of budget + 40 s, and
+# writes its results as it goes. Env: OUT, STAGES, *_BUDGET, PYTHON, SKIP_INSTALL=1.
+set -u
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+OUT=${OUT:-$ROOT/bench/results}
+PY=${PYTHON:-python}
+STAGES=${STAGES:-tests,operands,ksplit,decode}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+export TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-/tmp/inductor-pending}
+export FA3_COMMIT=${FA3_COMMIT:-$(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo unknown)}
+if [ "${SKIP_INSTALL:-0}" != "1" ]; then
+    "$PY" -m pip install -q --no-deps --no-build-isolation "$ROOT" || exit 1
+fi
+cd /tmp   # the source tree's fa3_inductor/ would shadow the installed package
+start=$(date +%s)
+stage() {   # name budget command...
+    local name=$1 budget=$2; shift 2
+    case ",$STAGES," in *",$name,"*) ;; *) return 0 ;; esac
+    echo "=== $name (budget ${budget}s, at $(( $(date +%s) - start ))s)"
+    timeout $(( budget + 40 )) "$@" 2>&1 | grep -v "Warning\|warnings.warn" | tee -a "$OUT/pending_gpu.log"
+    echo "=== $name exit ${PIPESTATUS[0]}"
+}
+stage tests "${TESTS_BUDGET:-150}" "$PY" -m pytest -q "$ROOT/tests/gpu/test_hopper_gpu.py" \
+    -k "ksplit or prefetch or overlap or portable_candidate" -p no:cacheprovider --junitxml "$OUT/gpu_tests_pending.xml"
+stage operands "${OPERANDS_BUDGET:-110}" "$PY" "$ROOT/bench/fwd_schedules.py" --program t5-bias --families prefetch \
+    --d 64 --s 1024,4096 --causal 0 --budget "${OPERANDS_BUDGET:-110}" --out "$OUT" --stem fwd_operands_t5
+stage operands "${OPERANDS_BUDGET:-110}" "$PY" "$ROOT/bench/fwd_schedules.py" --program dense-mask \
+    --families nooverlap,prefetch --d 64,128 --s 1024,4096 --causal 0,1 --budget "${OPERANDS_BUDGET:-110}" \
+    --out "$OUT" --stem fwd_operands_mask
+stage ksplit "${KSPLIT_BUDGET:-120}" "$PY" "$ROOT/bench/fwd_schedules.py" --families ksplit,ksplit64 --d 128 \
+    --s 1024,4096,16384 --causal 0,1 --budget "${KSPLIT_BUDGET:-120}" --out "$OUT" --stem fwd_ksplit
+stage decode "${DECODE_BUDGET:-150}" "$PY" "$ROOT/bench/generate.py" \
+    --runs inductor-sdpa-static-ro,fa3-sdpa-static-ro,inductor-sdpa-dynamic,fa3-sdpa-dynamic --rounds 3 --reps 2 \
+    --budget "${DECODE_BUDGET:-150}" --out "$OUT"
+echo "=== done in $(( $(date +%s) - start ))s; results in $OUT"
+ls -la "$OUT"
