@@ -12,31 +12,15 @@
 # models and train compile every mode first, then time them in ROUNDS rotated rounds (median [min, max] over rounds).
 # Env: OUT, STAGES (models,generate,train), MODELS, MODELS_STEM, ROUNDS (5), GEN_RUNS, TRAIN_MODELS, *_BUDGET,
 # PYTHON, SKIP_INSTALL=1 (use the installed fa3_inductor as is).
-set -u
-ROOT=$(cd "$(dirname "$0")/.." && pwd)
-OUT=${OUT:-$ROOT/bench/results}
-PY=${PYTHON:-python}
+TAG=issue6
 STAGES=${STAGES:-models,generate,train}
-mkdir -p "$OUT"
-export TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-/tmp/inductor-issue6}
-export FA3_COMMIT=${FA3_COMMIT:-$(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo unknown)}
-if [ "${SKIP_INSTALL:-0}" != "1" ]; then
-    "$PY" -m pip install -q --no-deps --no-build-isolation "$ROOT" || exit 1
-fi
-cd /tmp   # the source tree's fa3_inductor/ would shadow the installed package
-start=$(date +%s)
-stage() {   # name budget command...
-    local name=$1 budget=$2; shift 2
-    case ",$STAGES," in *",$name,"*) ;; *) return 0 ;; esac
-    echo "=== $name (budget ${budget}s, at $(( $(date +%s) - start ))s)"
-    timeout $(( budget + 40 )) "$@" --budget "$budget" --out "$OUT" 2>&1 | grep -v "Warning\|warnings.warn"
-    echo "=== $name exit ${PIPESTATUS[0]}"
-}
+source "$(dirname "$0")/device_stages.sh"
 stage models "${MODELS_BUDGET:-170}" "$PY" "$ROOT/bench/models.py" --models "${MODELS:-llama,llama-s512}" \
-    --stem "${MODELS_STEM:-models}" --rounds "${ROUNDS:-5}"
+    --stem "${MODELS_STEM:-models}" --rounds "${ROUNDS:-5}" --budget "${MODELS_BUDGET:-170}" --out "$OUT"
 stage generate "${GEN_BUDGET:-120}" "$PY" "$ROOT/bench/generate.py" \
-    --runs "${GEN_RUNS:-eager-sdpa-dynamic,inductor-sdpa-static-ro,fa3-sdpa-static-ro,inductor-sdpa-dynamic,fa3-sdpa-dynamic}"
+    --runs "${GEN_RUNS:-eager-sdpa-dynamic,inductor-sdpa-static-ro,fa3-sdpa-static-ro,inductor-sdpa-dynamic,fa3-sdpa-dynamic}" \
+    --budget "${GEN_BUDGET:-120}" --out "$OUT"
 stage train "${TRAIN_BUDGET:-110}" "$PY" "$ROOT/bench/train.py" --models "${TRAIN_MODELS:-llama,bert}" \
-    --rounds "${ROUNDS:-5}"
+    --rounds "${ROUNDS:-5}" --budget "${TRAIN_BUDGET:-110}" --out "$OUT"
 echo "=== done in $(( $(date +%s) - start ))s; results in $OUT"
 ls -la "$OUT"

@@ -13,29 +13,12 @@
 #   STAGES=tests,operands FA3_COMMIT=<sha> bash bench/pending_gpu.sh
 #   STAGES=ksplit,decode SKIP_INSTALL=0 bash bench/pending_gpu.sh     # (a fresh machine: install again)
 #
-# Each stage has a budget (seconds; work that would start later is skipped) and a hard timeout of budget + 40 s, and
-# writes its results as it goes. Env: OUT, STAGES, *_BUDGET, PYTHON, SKIP_INSTALL=1.
-set -u
-ROOT=$(cd "$(dirname "$0")/.." && pwd)
-OUT=${OUT:-$ROOT/bench/results}
-PY=${PYTHON:-python}
+# Each stage has a budget (seconds; work that would start later is skipped) and a hard timeout of budget + 40 s
+# (bench/device_stages.sh), and writes its results as it goes; the output also goes to $OUT/pending_gpu.log.
+# Env: OUT, STAGES, *_BUDGET, PYTHON, SKIP_INSTALL=1.
+TAG=pending_gpu
 STAGES=${STAGES:-tests,operands,ksplit,decode}
-mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1
-export TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-/tmp/inductor-pending}
-export FA3_COMMIT=${FA3_COMMIT:-$(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo unknown)}
-if [ "${SKIP_INSTALL:-0}" != "1" ]; then
-    "$PY" -m pip install -q --no-deps --no-build-isolation "$ROOT" || exit 1
-fi
-cd /tmp   # the source tree's fa3_inductor/ would shadow the installed package
-start=$(date +%s)
-stage() {   # name budget command...
-    local name=$1 budget=$2; shift 2
-    case ",$STAGES," in *",$name,"*) ;; *) return 0 ;; esac
-    echo "=== $name (budget ${budget}s, at $(( $(date +%s) - start ))s)"
-    timeout $(( budget + 40 )) "$@" 2>&1 | grep -v "Warning\|warnings.warn" | tee -a "$OUT/pending_gpu.log"
-    echo "=== $name exit ${PIPESTATUS[0]}"
-}
+source "$(dirname "$0")/device_stages.sh"
 stage tests "${TESTS_BUDGET:-150}" "$PY" -m pytest -q "$ROOT/tests/gpu/test_hopper_gpu.py" \
     -k "ksplit or prefetch or overlap or portable_candidate" -p no:cacheprovider --junitxml "$OUT/gpu_tests_pending.xml"
 stage operands "${OPERANDS_BUDGET:-110}" "$PY" "$ROOT/bench/fwd_schedules.py" --program t5-bias --families prefetch \

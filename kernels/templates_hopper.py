@@ -173,15 +173,23 @@ __N_TILES__
 
 
 @gluon.jit
-def _scores(s, qi, kj, Sq, Sk, coff, __OPS_ARGS__MASKED: gl.constexpr, NEUTRAL: gl.constexpr):
+def _scores(s, qi, kj, Sq, Sk, coff, __OPS_ARGS____OPV_PARAMS__MASKED: gl.constexpr, NEUTRAL: gl.constexpr,
+            PREFETCH: gl.constexpr):
     """x of one tile of scores: the chain (or the raw scores, where the scale folds into the softmax), hidden
-    positions at -inf where the tile may have some."""
+    positions at -inf where the tile may have some. PREFETCH: the operands arrive as values (OPV...) loaded at the
+    top of the key block (_ops_masked / _ops_full), not as pointers."""
     if NEUTRAL:
         x = _score_neutral(s, qi, kj, Sq, Sk, __OPS_ARGS__)
     elif MASKED:
-        x = _score_masked(s, qi, kj, Sq, Sk, __OPS_ARGS__)
+        if PREFETCH:
+            x = _vscore_masked(s, qi, kj, Sq, Sk, __OPV_PARAMS__)
+        else:
+            x = _score_masked(s, qi, kj, Sq, Sk, __OPS_ARGS__)
     else:
-        x = _score_full(s, qi, kj, Sq, Sk, __OPS_ARGS__)
+        if PREFETCH:
+            x = _vscore_full(s, qi, kj, Sq, Sk, __OPV_PARAMS__)
+        else:
+            x = _score_full(s, qi, kj, Sq, Sk, __OPS_ARGS__)
     if MASKED:
         x = gl.where(__VISIBLE__, x, float("-inf"))
     return x
@@ -194,8 +202,8 @@ def _softmax_step2(s, s2, m_i, qk, qi, qi2, kj, kj2, Sq, Sk, coff, __OPS_ARGS__M
     rows and keys): one row max and one rescale for both. Rows sit on the same threads in both accumulators,
     so the row vectors move between their layouts without data movement."""
     row2_l: gl.constexpr = gl.SliceLayout(1, s2.type.layout)
-    x = _scores(s, qi, kj, Sq, Sk, coff, __OPS_ARGS__MASKED, NEUTRAL)
-    x2 = _scores(s2, qi2, kj2, Sq, Sk, coff, __OPS_ARGS__MASKED, NEUTRAL)
+    x = _scores(s, qi, kj, Sq, Sk, coff, __OPS_ARGS____OPV_ZEROS__MASKED, NEUTRAL, False)
+    x2 = _scores(s2, qi2, kj2, Sq, Sk, coff, __OPS_ARGS____OPV_ZEROS__MASKED, NEUTRAL, False)
     m_new = gl.maximum(m_i, gl.maximum(__ROWMAX_X__, gl.convert_layout(__ROWMAX_X2__, m_i.type.layout,
                                                                        assert_trivial=True)))
     m_use = gl.where(m_new == float("-inf"), 0.0, m_new)
@@ -207,30 +215,13 @@ def _softmax_step2(s, s2, m_i, qk, qi, qi2, kj, kj2, Sq, Sk, coff, __OPS_ARGS__M
 
 
 @gluon.jit
-def _vscores(s, qi, kj, Sq, Sk, coff, __OPS_ARGS____OPV_PARAMS__MASKED: gl.constexpr, NEUTRAL: gl.constexpr):
-    """_scores on operand values loaded ahead (PREFETCH: _ops_masked / _ops_full at the top of the key block)."""
-    if NEUTRAL:
-        x = _score_neutral(s, qi, kj, Sq, Sk, __OPS_ARGS__)
-    elif MASKED:
-        x = _vscore_masked(s, qi, kj, Sq, Sk, __OPV_PARAMS__)
-    else:
-        x = _vscore_full(s, qi, kj, Sq, Sk, __OPV_PARAMS__)
-    if MASKED:
-        x = gl.where(__VISIBLE__, x, float("-inf"))
-    return x
-
-
-@gluon.jit
 def _softmax_step(s, m_i, qk, qi, kj, Sq, Sk, coff, __OPS_ARGS____OPV_PARAMS__MASKED: gl.constexpr,
                   NEUTRAL: gl.constexpr, EMU: gl.constexpr, TREE: gl.constexpr, SPLIT: gl.constexpr,
                   PREFETCH: gl.constexpr):
     """(p, m_new, alpha) of one tile; with SPLIT the exponent of p instead of p (the caller takes the exp2
     after the masked / unmasked branches join, where ptxas may schedule it among other work). PREFETCH: the
     operands arrive as values (OPV...) loaded at the top of the key block, not as pointers."""
-    if PREFETCH:
-        x = _vscores(s, qi, kj, Sq, Sk, coff, __OPS_ARGS____OPV_PARAMS__MASKED, NEUTRAL)
-    else:
-        x = _scores(s, qi, kj, Sq, Sk, coff, __OPS_ARGS__MASKED, NEUTRAL)
+    x = _scores(s, qi, kj, Sq, Sk, coff, __OPS_ARGS____OPV_PARAMS__MASKED, NEUTRAL, PREFETCH)
     if TREE:
         m_new = gl.maximum(m_i, gl.convert_layout(_tree_max(x), m_i.type.layout, assert_trivial=True)__ROWSCALE__)
     else:
@@ -962,7 +953,8 @@ class _HopperGen:
         text = _KERNEL.replace("__STEP0__", step0).replace("__STEPJ__", stepj).replace("__PV_WAIT__", _PV_WAIT)
         pre0, prej = self.prefetch()
         text = (text.replace("__PREFETCH0__", pre0).replace("__PREFETCHJ__", prej)
-                .replace("__OPV_PARAMS__", "".join(f"OPV{n}, " for n in range(self.nops))))
+                .replace("__OPV_PARAMS__", "".join(f"OPV{n}, " for n in range(self.nops)))
+                .replace("__OPV_ZEROS__", "0, " * self.nops))
         if self.fold:
             rowmax_of = lambda x: f"gl.max({x}, 1) * qk"  # noqa: E731
             p_exp_of = lambda x, m: f"{x} * qk - gl.expand_dims({m}{f' - {poff!r}.0' if poff else ''}, 1)"  # noqa: E731
