@@ -12,7 +12,7 @@ persistent CTAs (templates_hopper PERSISTENT, grid min(#SMs, work tiles)); "kspl
 blocks of 128 + 32 / 128 + 64 keys (templates_hopper BLOCK_N2, two stages, ping-pong or not; head dim 128 only);
 "prefetch" / "nooverlap" the default's candidates with the score operand loaded ahead of each key block's S product
 (PREFETCH) / with P·V waited before the softmax (OVERLAP=False): the operand schedules. --program: the score program
-(scale: D^-0.5 alone; t5-bias: scores plus a dense (1, H, S, S) bf16 bias, T5's self-attention; keypad: a (B, 1, 1,
+(scale: D^-0.5 alone; t5-bias: scores plus a dense (B, H, S, S) bf16 bias, T5's self-attention; keypad: a (B, 1, 1,
 S) key-padding bool mask, a third of the last batch's keys hidden; dense-mask: a (B, 1, S, S) bool mask); with an
 operand, SDPA with the same attn_mask (what Inductor runs for such a site) is timed in the same cell. Each output is
 checked against the default's (max |diff|; NaN-poisoned output first, so a skipped work tile or key block shows).
@@ -149,7 +149,8 @@ def _scale_only(SP, d, b, h, s, causal, gen):
 
 
 def _t5_bias(SP, d, b, h, s, causal, gen):
-    bias = torch.randn(1, h, s, s, device="cuda", generator=gen, dtype=torch.bfloat16)
+    # per batch, as the zoo's T5 hands it over (its position bias with the padding mask added: (B, H, S, S))
+    bias = torch.randn(b, h, s, s, device="cuda", generator=gen, dtype=torch.bfloat16)
     return SP(("add", ("score",), ("operand", 0)), n_operands=1, causal=causal), [bias]
 
 

@@ -288,8 +288,8 @@ PORTABLE_MAX_D = 64
 TUNE_KSPLIT = os.environ.get("FA3_HOPPER_KSPLIT", "0") == "1"
 KSPLIT_N2 = 32
 
-# Schedules for programs with score operands (biases, masks), cross-compiled for sm_90a (tests/test_hopper_prefetch_sm90.py,
-# bench/NOTES.md session 8); not yet timed on the H100, so the tuner tries them only with
+# Schedules for programs with score operands (biases, masks), cross-compiled for sm_90a
+# (tests/test_hopper_prefetch_sm90.py, bench/NOTES.md session 8); not yet timed on the H100, so the tuner tries them only with
 # FA3_HOPPER_OPERAND_SCHEDULES=1:
 # - operand prefetch (templates_hopper PREFETCH: a key block's operands loaded at the top of the block, ahead of its
 #   K wait and S product, so that their latency runs under the GEMMs). The plain kernel issues a block's operand

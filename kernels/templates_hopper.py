@@ -30,6 +30,17 @@ Q as soon as q_empty[w] says consumer w is done with its Q buffer: after its las
 own (SEP_O, where shared memory allows: hopper.separate_o; the next tile's epilogue waits for the previous O
 store to have read it), after its O store has read the buffer when O goes out through Q's.
 
+BLOCK_N2 (a constexpr, 0 by default; hopper.launch_args(block_n2=...), 16-bit only): key-split key blocks of
+BLOCK_N + BLOCK_N2 keys (Gluon's tensors are powers of two, so FA3's 176-key tile becomes 128 + 32): the producer
+fills each ring slot with two TMA boxes per operand completing on the slot's one barrier; a consumer issues two S
+products (s, s2), takes one row max and one rescale for both, and chains two P·V products on its accumulator.
+
+PREFETCH (a constexpr, off by default; hopper.launch_args(prefetch=True), programs with score operands): a key
+block's operands are loaded at the top of the block (_ops_masked / _ops_full), before its K wait and S product, so
+their global-load latency runs under the GEMMs; the chain then reads the values (_vscore_*). Without it the loads
+issue once S is done, ahead of the softmax. OVERLAP=False (above) is the other operand schedule: P's registers are
+free while S is live, which keeps dense operands at head dim 128 out of local memory.
+
 The score chain (scale, biases, masks, soft-capping) is the same ScoreProgram the portable kernel compiles,
 emitted by codegen.Emitter in Gluon spelling. A positive pure scale is folded into the exponent: the row max is
 taken on the raw scores and scaled once per row (m in log2 units), and p = exp2(s·qk - m) is one FFMA and

@@ -134,7 +134,7 @@ def test_ksplit_plan_rebases_both_boxes(recorded, monkeypatch, layout):  # noqa:
     """A tuner settled on a key-split candidate: its plan launches what the first call launched, with the second
     part's K / V descriptors on this call's K / V (not the first call's)."""
     monkeypatch.setattr(hopper, "candidates",
-                        lambda d, dv, causal, tiles=False, operands=0, dense=False: [hopper.Schedule(True, 2, block_n2=32)])
+                        lambda d, dv, causal, **kw: [hopper.Schedule(True, 2, block_n2=32)])
     prog = _scaled(128, "bottom_right")
     runs = []
     for seed in range(3):

@@ -42,7 +42,7 @@ def _where(d, causal="none"):
 # name: (program, operand factory (b, h, s) -> tensors)
 VARIANTS = {
     "t5-bias": (ScoreProgram(("add", S, ("operand", 0)), n_operands=1),
-                lambda b, h, s: [torch.randn(1, h, s, s).to(torch.bfloat16)]),
+                lambda b, h, s: [torch.randn(b, h, s, s).to(torch.bfloat16)]),     # per batch, as the zoo's T5
     "scaled-fp32-bias": (ScoreProgram(("add", ("mul", S, ("const", 0.125)), ("operand", 0)), n_operands=1),
                          lambda b, h, s: [torch.randn(b, h, s, s)]),
     "keypad-tile-lists": (_where(64), lambda b, h, s: [torch.rand(b, 1, 1, s) > 0.3]),
@@ -104,7 +104,10 @@ def test_no_prefetch_without_operands():
 
 
 def test_tuner_candidates_only_behind_the_switch(monkeypatch):
-    flag = lambda cands, key: [c for c in cands if getattr(c, key, hopper.Schedule._field_defaults[key]) != hopper.Schedule._field_defaults[key]]  # noqa: E731
+    def flag(cands, key):     # the candidates whose `key` is not the default schedule's
+        default = hopper.Schedule._field_defaults[key]
+        return [c for c in cands if getattr(c, key, default) != default]
+
     monkeypatch.setattr(hopper, "TUNE_OPERAND_SCHEDULES", False)
     for d in (64, 128):
         cands = hopper.candidates(d, d, False, operands=1, dense=True)

@@ -441,7 +441,7 @@ def test_portable_candidate_through_the_tuner(monkeypatch, causal):
     forward's numbers bit for bit, on the tuning call and through its plan, with the padded rows' rule applied
     once (uniform fill)."""
     monkeypatch.setattr(triton_portable, "_AUTOTUNE", True)
-    monkeypatch.setattr(hopper, "candidates", lambda d, dv, causal, tiles=False, operands=0, dense=False: [hopper.PORTABLE])
+    monkeypatch.setattr(hopper, "candidates", lambda d, dv, causal, **kw: [hopper.PORTABLE])
     hopper._PLANS.clear()
     gen = torch.Generator(device=DEV).manual_seed(79)
     q = randn(2, 8, 700, 64, gen=gen)
@@ -555,7 +555,7 @@ PREFETCH_CASES = [
 
 def _prefetch_case(name, b, hq, sq, sk, gen):
     if name == "t5-bias":
-        return [randn(1, hq, sq, sk, gen=gen)], ("add", S, ("operand", 0)), "zero"
+        return [randn(b, hq, sq, sk, gen=gen)], ("add", S, ("operand", 0)), "zero"     # per batch, as the zoo's T5
     if name == "scaled-fp32-bias":
         return [torch.randn(b, hq, sq, sk, generator=gen, device=DEV)], ("add", ("mul", S, C(0.125)), ("operand", 0)), \
             "zero"
