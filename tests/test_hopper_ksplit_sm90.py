@@ -16,17 +16,10 @@ import torch
 from fa3_inductor.kernels import hopper
 from fa3_inductor.kernels.program import ScoreProgram
 
-try:
-    from sm90_cross_compile import compile_sm90, sass_facts, sass_text
-    import triton.experimental.gluon  # noqa: F401
-    _HAVE = True
-except Exception:   # pragma: no cover - depends on the Triton build
-    _HAVE = False
-
+from gluon_guard import GLUON, sm90  # noqa: E402  (tests/ is on sys.path)
 from test_hopper_codegen import _placeholder_tiles  # noqa: E402  (tests/ is on sys.path)
 
 S = ("score",)
-GLUON = pytest.mark.skipif(not _HAVE, reason="Triton without Gluon / NVIDIA backend")
 
 
 def _scaled(d, causal="none", window=None):
@@ -70,15 +63,15 @@ def test_ksplit_compiles_for_sm90(name):
     assert kwargs["BLOCK_N2"] == n2 and kwargs["BLOCK_N"] == 128 and kwargs["STAGES"] == 2
     # the second part's boxes: n2 rows of K and V
     assert [tuple(a.block_shape) for a in args[4:6]] == [(1, 1, n2, 128)] * 2
-    compiled = compile_sm90(kernel, *args, **kwargs)
+    compiled = sm90.compile_sm90(kernel, *args, **kwargs)
     ptx = compiled.asm["ptx"]
     for instr in ("wgmma.mma_async", "cp.async.bulk.tensor", "mbarrier.try_wait", "setmaxnreg"):
         assert instr in ptx, f"{name}: {instr} missing"
     # four TMA loads per key block (K, K2, V, V2) where the plain kernel has two
-    facts = sass_facts(compiled)
+    facts = sm90.sass_facts(compiled)
     base_kw = {key: val for key, val in kwargs.items() if key != "BLOCK_N2"}
     base_args = args[:4] + args[1:3] + args[6:]
-    base = sass_facts(compile_sm90(kernel, *base_args, **base_kw))
+    base = sm90.sass_facts(sm90.compile_sm90(kernel, *base_args, **base_kw))
     print(name, facts, "plain:", base)
     assert facts["hgmma"] > base["hgmma"] > 0, (facts, base)
     assert facts["shared"] <= 232448, facts
@@ -92,8 +85,8 @@ def test_plain_kernel_unchanged_by_the_knob():
     prog, q, k, v, ops, out, lse, _ = _case("n32-causal-gqa")
     kernel, grid, args, kwargs = hopper.launch_args(q, k, v, ops, prog, out, lse)
     assert "BLOCK_N2" not in kwargs and args[4] is args[1] and args[5] is args[2]
-    assert sass_text(compile_sm90(kernel, *args, **kwargs)) == \
-        sass_text(compile_sm90(kernel, *args, **kwargs, BLOCK_N2=0))
+    assert sm90.sass_text(sm90.compile_sm90(kernel, *args, **kwargs)) == \
+        sm90.sass_text(sm90.compile_sm90(kernel, *args, **kwargs, BLOCK_N2=0))
 
 
 def test_stages_count_both_parts():
@@ -128,7 +121,7 @@ def test_tuner_candidates_only_behind_the_switch(monkeypatch):
 from test_hopper_plan import _fresh, _roles, recorded  # noqa: E402,F401  (the recording fixture)
 
 
-@pytest.mark.skipif(not _HAVE, reason="Triton without Gluon")
+@GLUON
 @pytest.mark.parametrize("layout", ["bhsd", "bshd"])
 def test_ksplit_plan_rebases_both_boxes(recorded, monkeypatch, layout):  # noqa: F811
     """A tuner settled on a key-split candidate: its plan launches what the first call launched, with the second

@@ -21,17 +21,10 @@ import torch
 from fa3_inductor.kernels import hopper
 from fa3_inductor.kernels.program import ScoreProgram
 
-try:
-    from sm90_cross_compile import compile_sm90, main_loop_path, sass_facts, sass_text
-    import triton.experimental.gluon  # noqa: F401
-    _HAVE = True
-except Exception:   # pragma: no cover - depends on the Triton build
-    _HAVE = False
-
+from gluon_guard import GLUON, sm90  # noqa: E402  (tests/ is on sys.path)
 from test_hopper_codegen import _placeholder_tiles  # noqa: E402  (tests/ is on sys.path)
 
 S = ("score",)
-GLUON = pytest.mark.skipif(not _HAVE, reason="Triton without Gluon / NVIDIA backend")
 
 
 def _where(d, causal="none"):
@@ -61,7 +54,7 @@ def _launch(name, prefetch, b=2, h=8, s=640, d=64):
 
 def _loads_around_s(sass: str) -> tuple[int, int]:
     """Global loads in one trip of the key loop before / after its first wgmma (the S product)."""
-    path = main_loop_path(sass)
+    path = sm90.main_loop_path(sass)
     first = next(i for i, (_, text) in enumerate(path) if "HGMMA" in text)
     return (sum("LDG" in text for _, text in path[:first]), sum("LDG" in text for _, text in path[first:]))
 
@@ -71,20 +64,21 @@ def _loads_around_s(sass: str) -> tuple[int, int]:
 def test_prefetch_compiles_and_loads_ahead(name):
     kernel, grid, args, kwargs = _launch(name, True)
     assert kwargs["PREFETCH"]
-    compiled = compile_sm90(kernel, *args, **kwargs)
+    compiled = sm90.compile_sm90(kernel, *args, **kwargs)
     ptx = compiled.asm["ptx"]
     for instr in ("wgmma.mma_async", "cp.async.bulk.tensor", "mbarrier.try_wait", "setmaxnreg"):
         assert instr in ptx, f"{name}: {instr} missing"
-    sass = sass_text(compiled)
-    facts = sass_facts(compiled)
+    sass = sm90.sass_text(compiled)
+    facts = sm90.sass_facts(compiled)
     kwargs.pop("PREFETCH")
-    plain = compile_sm90(kernel, *args, **kwargs)
+    plain = sm90.compile_sm90(kernel, *args, **kwargs)
     before, after = _loads_around_s(sass)
-    p_before, p_after = _loads_around_s(sass_text(plain))
-    print(name, facts, "loads before / after S:", (before, after), "plain:", (p_before, p_after), sass_facts(plain))
+    p_before, p_after = _loads_around_s(sm90.sass_text(plain))
+    print(name, facts, "loads before / after S:", (before, after), "plain:", (p_before, p_after),
+          sm90.sass_facts(plain))
     # the operand loads moved ahead of the S product (at most a tile-list read stays on either side)
     assert before >= p_after - 1 and after <= 1 and p_before <= 1, ((before, after), (p_before, p_after))
-    assert facts["loop_local_ops"] <= sass_facts(plain)["loop_local_ops"] + 16, facts
+    assert facts["loop_local_ops"] <= sm90.sass_facts(plain)["loop_local_ops"] + 16, facts
     assert facts["shared"] <= 232448, facts
 
 
@@ -92,8 +86,8 @@ def test_prefetch_compiles_and_loads_ahead(name):
 def test_plain_kernel_unchanged_by_the_knob():
     kernel, grid, args, kwargs = _launch("t5-bias", False)
     assert "PREFETCH" not in kwargs
-    assert sass_text(compile_sm90(kernel, *args, **kwargs)) == \
-        sass_text(compile_sm90(kernel, *args, **kwargs, PREFETCH=False))
+    assert sm90.sass_text(sm90.compile_sm90(kernel, *args, **kwargs)) == \
+        sm90.sass_text(sm90.compile_sm90(kernel, *args, **kwargs, PREFETCH=False))
 
 
 def test_no_prefetch_without_operands():
@@ -147,6 +141,6 @@ def test_no_overlap_removes_the_dense_operand_spills_at_d128(case):
         kernel, grid, args, kwargs = hopper.launch_args(q, k, v, ops, prog, out, lse,
                                                         tiles=_placeholder_tiles(q, k, ops, prog), overlap=overlap)
         assert kwargs.get("OVERLAP", True) == overlap
-        facts[overlap] = sass_facts(compile_sm90(kernel, *args, **kwargs))
+        facts[overlap] = sm90.sass_facts(sm90.compile_sm90(kernel, *args, **kwargs))
     print(case, facts)
     assert facts[True]["loop_local_ops"] > 100 and facts[False]["loop_local_ops"] <= 5, facts
