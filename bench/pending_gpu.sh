@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# What CPU-only sessions built and could only cross-compile, checked and timed on one H100 in priority order (two
-# device calls of under 10 minutes: STAGES=tests,operands then STAGES=ksplit,decode,s512; bench/NOTES.md session 8 says
-# what each stage decides):
+# What CPU-only sessions built and could only cross-compile, checked and timed on one H100 in priority order (three
+# device calls of under 10 minutes each: STAGES=tests, then STAGES=operands,ksplit, then STAGES=decode,s512; the
+# tests compile some 40 Gluon kernels; bench/NOTES.md session 8 says what each stage decides):
 #   tests     the GPU tests of the switched-off schedules (key-split blocks, operand prefetch, no-overlap for dense
-#             operands) and of the portable forward as a tuner candidate           -> gpu_tests_pending.log
+#             operands) and of the portable forward as a tuner candidate -> gpu_tests_pending.xml
 #   operands  T5's dense bias at D=64 (prefetch) and dense masks at D=128 (no-overlap) pinned beside the default
 #             schedules and SDPA with the same bias / mask                       -> fwd_operands_t5.md, _mask.md
 #   ksplit    key-split blocks (128 + 32 / 128 + 64 keys) at D=128 beside the default schedules -> fwd_ksplit.md
@@ -12,8 +12,9 @@
 #   s512      the ANCHORS Llama at S=512 under reduce-overhead, fa3 vs Inductor (0.89x at 9625683, before the op's
 #             output took SDPA's layout)                                           -> models_s512_ro.md
 #
-#   STAGES=tests,operands FA3_COMMIT=<sha> bash bench/pending_gpu.sh
-#   STAGES=ksplit,decode,s512 bash bench/pending_gpu.sh                # (a fresh machine: it installs again)
+#   STAGES=tests FA3_COMMIT=<sha> bash bench/pending_gpu.sh
+#   STAGES=operands,ksplit FA3_COMMIT=<sha> bash bench/pending_gpu.sh
+#   STAGES=decode,s512 FA3_COMMIT=<sha> bash bench/pending_gpu.sh
 #
 # Each stage has a budget (seconds; work that would start later is skipped) and a hard timeout of budget + 40 s
 # (bench/device_stages.sh), and writes its results as it goes; the output also goes to $OUT/pending_gpu.log.
@@ -21,7 +22,7 @@
 TAG=pending_gpu
 STAGES=${STAGES:-tests,operands,ksplit,decode,s512}
 source "$(dirname "$0")/device_stages.sh"
-stage tests "${TESTS_BUDGET:-150}" "$PY" -m pytest -q "$ROOT/tests/gpu/test_hopper_gpu.py" \
+stage tests "${TESTS_BUDGET:-480}" "$PY" -m pytest -q "$ROOT/tests/gpu/test_hopper_gpu.py" \
     -k "ksplit or prefetch or overlap or portable_candidate" -p no:cacheprovider --junitxml "$OUT/gpu_tests_pending.xml"
 stage operands "${OPERANDS_BUDGET:-110}" "$PY" "$ROOT/bench/fwd_schedules.py" --program t5-bias --families prefetch \
     --d 64 --s 1024,4096 --causal 0 --budget "${OPERANDS_BUDGET:-110}" --out "$OUT" --stem fwd_operands_t5
