@@ -154,12 +154,14 @@ def _t5_bias(SP, d, b, h, s, causal, gen):
     return SP(("add", ("score",), ("operand", 0)), n_operands=1, causal=causal), [bias]
 
 
-def _bool_mask(shape):
+def _bool_mask(dense: bool):
+    """A (B, 1, S, S) mask, a fifth of it hidden at random (dense), or a (B, 1, 1, S) key padding hiding the last
+    third of the last batch's keys."""
     def make(SP, d, b, h, s, causal, gen):
-        full = [b, 1, s, s]
-        keep = torch.rand(*[full[i] if shape[i] else 1 for i in range(4)], device="cuda", generator=gen) > 0.2 \
-            if shape[2] else torch.ones(b, 1, 1, s, dtype=torch.bool, device="cuda")
-        if not shape[2]:
+        if dense:
+            keep = torch.rand(b, 1, s, s, device="cuda", generator=gen) > 0.2
+        else:
+            keep = torch.ones(b, 1, 1, s, dtype=torch.bool, device="cuda")
             keep[-1, ..., s - s // 3:] = False
         expr = ("where", ("operand", 0), ("mul", ("score",), ("const", d ** -0.5)), ("const", float("-inf")))
         return SP(expr, n_operands=1, causal=causal, empty_row="zero"), [keep]
@@ -170,8 +172,8 @@ def _bool_mask(shape):
 PROGRAMS = {
     "scale": _scale_only,
     "t5-bias": _t5_bias,
-    "keypad": _bool_mask((1, 0, 0, 1)),
-    "dense-mask": _bool_mask((1, 0, 1, 1)),
+    "keypad": _bool_mask(False),
+    "dense-mask": _bool_mask(True),
 }
 FAMILIES.update({"prefetch": _operand_pins("prefetch"), "nooverlap": _operand_pins("overlap")})
 

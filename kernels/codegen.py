@@ -258,7 +258,7 @@ class Emitter:
         if not bn:
             ptr += f" + {self.kj} * st{n}_n"
         masks = [m for m, skip in ((self.row_mask, bm), (self.col_mask, bn)) if m and not skip]
-        if self.pred and self.pred not in masks and not any(self.pred in m for m in masks):
+        if self.pred and not any(self.pred in m for m in masks):     # (a row mask may carry it already)
             masks.append(self.pred)
         mask = f", mask={' & '.join(masks)}, other=0" if masks else ""
         return self._new(f"{self.ns}.load({ptr}{mask})")

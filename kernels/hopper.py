@@ -329,7 +329,7 @@ class _Plan:
     out_shape: tuple      # (B, Hq, Sq, Dv); lse is its first three
     grid: tuple
     kwargs: dict
-    descs: tuple          # validated descriptors of the first call (q, k, v, out): box, layout, geometry
+    descs: tuple          # validated descriptors of the first call (q, k, v, out[, k2, v2 with key-split blocks])
     op_strides: tuple     # per operand: its strides expanded to (B, Hq, Sq, Sk)
     tiles: tuple | None   # (mask operand index, mask_tiles.TileLists, the lists' integer arguments)
     fill: object          # uniform_fill.UniformFill for empty_row="uniform", else None
@@ -352,7 +352,8 @@ def _make_plan(key, q, k, v, operands, prog, out, lse, cfg, tiles) -> _Plan:
     full = (q.shape[0], q.shape[1], q.shape[2], k.shape[2])
     op_strides = tuple(tuple(int(x) for x in t.expand(*full).stride()) for t in operands)
     # the templates must not keep this call's tensors alive (memory; CUDA graph pools check for such leaks)
-    descs = tuple(_rebase(d, None) for d in args[:6])
+    # (without key-split blocks the second-part arguments are the K / V descriptors themselves)
+    descs = tuple(_rebase(d, None) for d in args[:6 if kwargs.get("BLOCK_N2") else 4])
     found = _tile_lists(q, k, operands, prog, kwargs["BLOCK_N"])
     pre = None if found is None else (found[0], found[1], _tile_ints(found[1]))
     fill = uniform_fill.UniformFill(out, lse, v) if prog.empty_row == "uniform" else None
@@ -371,9 +372,10 @@ def _launch_planned(plan: _Plan, q, k, v, operands):
     if plan.tiles is not None:
         n, lists, ints = plan.tiles
         op_args += [*lists(operands[n]), *ints]
-    dq, dk, dv, do, dk2, dv2 = plan.descs
-    args = (_rebase(dq, q), _rebase(dk, k), _rebase(dv, v), _rebase(do, out), _rebase(dk2, k), _rebase(dv2, v), lse,
-            *op_args, *plan.tail)
+    dq, dk, dv, do = plan.descs[:4]
+    kd, vd = _rebase(dk, k), _rebase(dv, v)
+    k2d, v2d = (_rebase(plan.descs[4], k), _rebase(plan.descs[5], v)) if len(plan.descs) == 6 else (kd, vd)
+    args = (_rebase(dq, q), kd, vd, _rebase(do, out), k2d, v2d, lse, *op_args, *plan.tail)
     plan.site(plan.kernel, plan.grid, args, plan.kwargs)
     if plan.fill is not None:
         plan.fill(out, lse, v)
